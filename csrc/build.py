@@ -1,0 +1,25 @@
+"""cffi build script for the uswap C core (uswap._core).
+
+The declarations (cdef.h) and the implementation (uswap_core.c) are separate
+files; this script only wires them together.  setup.py names it in
+``cffi_modules``.
+"""
+
+import pathlib
+
+import cffi
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+ffi = cffi.FFI()
+ffi.cdef((HERE / "cdef.h").read_text())
+ffi.set_source(
+    "uswap._core",
+    '#define _GNU_SOURCE\n#include <fcntl.h>\n#include "uswap_core.h"\n',
+    sources=[str((HERE / "uswap_core.c").relative_to(HERE.parent))],
+    include_dirs=[str(HERE.relative_to(HERE.parent))],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+)
+
+if __name__ == "__main__":
+    ffi.compile(verbose=True)

@@ -1,0 +1,121 @@
+/*
+ * uswap C core: the few things Python should not do itself.
+ *
+ *   - the userfaultfd ioctls (our own binding; there is no package for it),
+ *   - aligned buffers, page copies, zero-page detection and crc32c,
+ *   - full-length pread/pwrite, FIEMAP and inode flags for the swap store.
+ *
+ * Convention: every function that can fail returns a negative errno and
+ * leaves errno alone; the Python layer turns that into OSError.
+ */
+#ifndef USWAP_CORE_H
+#define USWAP_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <linux/userfaultfd.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
+
+/*
+ * Debian 12 ships Linux 6.1 headers; the kernel we run on is newer.  Define
+ * what the headers lack, guarded so newer headers win.  Values are the
+ * kernel's uapi (include/uapi/linux/userfaultfd.h).
+ */
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1 << 16)
+#endif
+#ifndef UFFDIO_CONTINUE_MODE_WP
+#define UFFDIO_CONTINUE_MODE_WP ((__u64)1 << 1)
+#endif
+
+#ifndef UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+struct uffdio_poison {
+	struct uffdio_range range;
+#define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1 << 0)
+	__u64 mode;
+	__s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+
+#ifndef UFFDIO_MOVE
+#define _UFFDIO_MOVE (0x05)
+struct uffdio_move {
+	__u64 dst;
+	__u64 src;
+	__u64 len;
+#define UFFDIO_MOVE_MODE_DONTWAKE ((__u64)1 << 0)
+#define UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES ((__u64)1 << 1)
+	__u64 mode;
+	__s64 move;
+};
+#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
+#endif
+
+#ifndef FS_NOCOW_FL
+#define FS_NOCOW_FL 0x00800000
+#endif
+
+/* One userfaultfd message, flattened so that cffi needs no packed unions. */
+struct uswap_uffd_event {
+	uint8_t event;      /* UFFD_EVENT_* */
+	uint64_t flags;     /* pagefault: UFFD_PAGEFAULT_FLAG_* */
+	uint64_t address;   /* pagefault: faulting address; remove: start; remap: from */
+	uint64_t arg2;      /* remove: end; remap: to; fork: the child's uffd */
+	uint64_t arg3;      /* remap: len */
+	uint32_t ptid;      /* pagefault with UFFD_FEATURE_THREAD_ID */
+};
+
+/* One FIEMAP extent, as the store checks need it. */
+struct uswap_extent {
+	uint64_t logical;
+	uint64_t physical;
+	uint64_t length;
+	uint32_t flags;     /* FIEMAP_EXTENT_* */
+};
+
+/* userfaultfd */
+int uswap_uffd_open(int flags);
+int uswap_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
+int uswap_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
+int uswap_uffd_unregister(int fd, uint64_t start, uint64_t len);
+int uswap_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *copied);
+int uswap_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *zeroed);
+int uswap_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *mapped);
+int uswap_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *updated);
+int uswap_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *moved);
+int uswap_uffd_wake(int fd, uint64_t start, uint64_t len);
+int uswap_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+int uswap_uffd_read_events(int fd, struct uswap_uffd_event *out, int max);
+
+/* pages */
+void *uswap_alloc_aligned(size_t align, size_t size);
+void uswap_free(void *p);
+void uswap_page_copy(void *dst, const void *src, size_t len);
+int uswap_is_zero(const void *p, size_t len);
+uint32_t uswap_crc32c(uint32_t crc, const void *p, size_t len);
+int uswap_crc32c_hardware(void);
+
+/* store I/O */
+int64_t uswap_pread_full(int fd, void *buf, size_t len, int64_t off);
+int64_t uswap_pwrite_full(int fd, const void *buf, size_t len, int64_t off);
+int uswap_fiemap(int fd, uint64_t start, uint64_t len, uint32_t flags,
+		 struct uswap_extent *out, unsigned int max);
+int uswap_get_inode_flags(int fd, uint32_t *flags);
+int uswap_set_inode_flags(int fd, uint32_t flags);
+int uswap_dio_alignment(int fd, uint32_t *mem_align, uint32_t *offset_align);
+int uswap_fs_magic(int fd, int64_t *magic);
+
+#endif
