@@ -1,0 +1,150 @@
+"""Layer 2: an open store: exclusive lock, O_DIRECT slot I/O, checksums."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from uswap.core import PAGE_SIZE, AlignedBuffer
+from uswap.store.mkswap import mkswap
+from uswap.store.swapfile import ChecksumError, StoreBusy, SwapStore, lock_holder
+
+SLOTS = 64
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    path = str(tmp_path / "store")
+    mkswap(path, (SLOTS + 1) * PAGE_SIZE)
+    return path
+
+
+def fill(buf: AlignedBuffer, pages: int, tag: int) -> None:
+    for i in range(pages):
+        buf.page(i)[:] = bytes([(tag + i) % 251]) * PAGE_SIZE
+
+
+def test_contiguous_slots_round_trip(store_path):
+    with SwapStore.open(store_path) as store:
+        assert store.slot_count == SLOTS
+        out = AlignedBuffer(8 * PAGE_SIZE)
+        fill(out, 8, 10)
+        store.write_slots(5, 8, out)
+        back = AlignedBuffer(10 * PAGE_SIZE)
+        store.read_slots(5, 8, back, buf_page=2)
+        assert bytes(back.view[2 * PAGE_SIZE:]) == bytes(out.view)
+        store.read_slots(9, 1, back)  # any sub-range of what was written
+        assert bytes(back.page(0)) == bytes(out.page(4))
+
+
+def test_data_lands_at_slot_offsets(store_path):
+    with SwapStore.open(store_path) as store:
+        buf = AlignedBuffer(PAGE_SIZE)
+        buf.view[:4] = b"SLOT"
+        store.write_slots(SLOTS - 1, 1, buf)
+    with open(store_path, "rb") as f:
+        f.seek(SLOTS * PAGE_SIZE)  # header page + 63 slots
+        assert f.read(4) == b"SLOT"
+
+
+def test_flipped_bit_on_disk_is_caught(store_path):
+    """Negative control: corrupt a slot behind the store's back."""
+    with SwapStore.open(store_path) as store:
+        buf = AlignedBuffer(4 * PAGE_SIZE)
+        fill(buf, 4, 1)
+        store.write_slots(20, 4, buf)
+        with open(store_path, "r+b") as f:
+            offset = (22 + 1) * PAGE_SIZE + 777
+            f.seek(offset)
+            byte = f.read(1)[0]
+            f.seek(offset)
+            f.write(bytes([byte ^ 0x04]))
+            f.flush()
+            os.fsync(f.fileno())  # O_DIRECT reads see written-back data
+        back = AlignedBuffer(4 * PAGE_SIZE)
+        with pytest.raises(ChecksumError) as info:
+            store.read_slots(20, 4, back)
+        assert info.value.errno == errno.EBADMSG
+        assert info.value.slot == 22
+        assert "checksum mismatch in slot 22" in str(info.value)
+        store.read_slots(20, 2, back)  # the healthy neighbours still read
+
+
+def test_rewrite_replaces_checksum(store_path):
+    with SwapStore.open(store_path) as store:
+        buf = AlignedBuffer(PAGE_SIZE)
+        fill(buf, 1, 1)
+        store.write_slots(3, 1, buf)
+        fill(buf, 1, 2)
+        store.write_slots(3, 1, buf)
+        back = AlignedBuffer(PAGE_SIZE)
+        store.read_slots(3, 1, back)
+        assert bytes(back.view) == bytes(buf.view)
+
+
+@pytest.mark.parametrize("first,count", [(-1, 1), (SLOTS, 1), (SLOTS - 2, 3), (0, 0)])
+def test_slots_outside_the_store_are_refused(store_path, first, count):
+    with SwapStore.open(store_path) as store:
+        buf = AlignedBuffer(4 * PAGE_SIZE)
+        with pytest.raises(ValueError, match="outside the store"):
+            store.write_slots(first, count, buf)
+    assert os.path.getsize(store_path) == (SLOTS + 1) * PAGE_SIZE  # never extended
+
+
+def test_buffer_too_small_is_refused(store_path):
+    with SwapStore.open(store_path) as store:
+        with pytest.raises(ValueError, match="cannot hold"):
+            store.write_slots(0, 2, AlignedBuffer(PAGE_SIZE))
+
+
+def test_unwritten_and_discarded_slots_cannot_be_read(store_path):
+    with SwapStore.open(store_path) as store:
+        buf = AlignedBuffer(PAGE_SIZE)
+        with pytest.raises(ValueError, match="nothing written"):
+            store.read_slots(0, 1, buf)
+        store.write_slots(0, 1, buf)
+        store.read_slots(0, 1, buf)
+        store.discard_slots(0, 1)
+        with pytest.raises(ValueError, match="nothing written"):
+            store.read_slots(0, 1, buf)
+
+
+def test_second_user_in_this_process_is_refused(store_path):
+    with SwapStore.open(store_path):
+        with pytest.raises(StoreBusy) as info:
+            SwapStore.open(store_path)
+        assert f"in use by PID {os.getpid()}" in str(info.value)
+        assert info.value.errno == errno.EBUSY
+    SwapStore.open(store_path).close()  # free again once closed
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from uswap.store.swapfile import SwapStore
+    store = SwapStore.open(sys.argv[1])
+    print("locked", flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_second_user_in_another_process_is_named(store_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, store_path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert lock_holder(store_path) == holder.pid
+        with pytest.raises(StoreBusy, match=f"in use by PID {holder.pid}"):
+            SwapStore.open(store_path)
+        with pytest.raises(StoreBusy):
+            mkswap(store_path, 8 * PAGE_SIZE)  # no re-mkswap under a user either
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+        holder.stdout.close()
+    with SwapStore.open(store_path) as store:
+        assert store.slot_count == SLOTS  # mkswap did not touch it

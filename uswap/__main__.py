@@ -1,0 +1,5 @@
+import sys
+
+from uswap.cli import main
+
+sys.exit(main())
