@@ -106,8 +106,12 @@ def check_store(path: str) -> CheckReport:
         os.close(fd)
 
 
-def check_fd(fd: int, path: str, *, direct: bool) -> CheckReport:
-    """Run the checks on an open file; ``direct`` says it was opened O_DIRECT."""
+def check_fd(fd: int, path: str, *, direct: bool, page_size: int = PAGE_SIZE) -> CheckReport:
+    """Run the checks on an open file; ``direct`` says it was opened O_DIRECT.
+
+    ``page_size`` is the page size the store must have: this system's, except
+    for mkswap building a store for another system (mkswap -p).
+    """
     report = CheckReport(path)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -116,11 +120,13 @@ def check_fd(fd: int, path: str, *, direct: bool) -> CheckReport:
     report.size = st.st_size
     report.fs_name = fs_name(fd)
     _check_filesystem(fd, report, direct)
-    _check_header(fd, report, direct)
+    # Extents before the header: an O_DIRECT read writes back dirty page
+    # cache first, which would turn delalloc extents into real ones unseen.
     if report.fs_name == "nfs":
-        _check_nfs_allocation(st, report)
+        check_nfs_allocation(report, st.st_blocks * 512)
     else:
         _check_extents(fd, report)
+    _check_header(fd, report, direct, page_size)
     if report.fs_name == "btrfs":
         _check_btrfs_attributes(fd, report)
     if st.st_mode & 0o077:
@@ -154,8 +160,8 @@ def _check_filesystem(fd: int, report: CheckReport, direct: bool) -> None:
         report.note("filesystem", f"{name}, O_DIRECT alignment {off[0]} (memory {mem[0]})")
 
 
-def _check_header(fd: int, report: CheckReport, direct: bool) -> None:
-    minimum = 2 * PAGE_SIZE
+def _check_header(fd: int, report: CheckReport, direct: bool, page_size: int) -> None:
+    minimum = 2 * page_size
     if report.size < minimum:
         report.refuse("file", f"{report.size} bytes is smaller than the header page plus one slot "
                               f"({minimum} bytes)")
@@ -176,9 +182,9 @@ def _check_header(fd: int, report: CheckReport, direct: bool) -> None:
         report.refuse("header", str(e))
         return
     report.header = header
-    if header.page_size != PAGE_SIZE:
+    if header.page_size != page_size:
         report.refuse("header", f"store page size {header.page_size} does not match this system's "
-                                f"{PAGE_SIZE}-byte pages")
+                                f"{page_size}-byte pages")
         return
     if report.size < header.file_size:
         report.refuse("file", f"file is {report.size} bytes, shorter than its header's {header.slot_count} "
@@ -191,11 +197,11 @@ def _check_header(fd: int, report: CheckReport, direct: bool) -> None:
         report.note("file", f"{report.size - header.file_size} bytes past the last slot are not used")
 
 
-def _check_nfs_allocation(st: os.stat_result, report: CheckReport) -> None:
-    # NFS has no FIEMAP.  The kernel's nfs_swap_activate only asks that the
-    # allocated blocks cover the file size (no holes the server would fill).
-    if st.st_blocks * 512 < st.st_size:
-        report.refuse("extents", f"has holes: {st.st_blocks * 512} bytes allocated for {st.st_size} "
+def check_nfs_allocation(report: CheckReport, allocated: int) -> None:
+    """NFS has no FIEMAP.  The kernel's nfs_swap_activate only asks that the
+    allocated bytes (st_blocks * 512) cover the file size: no holes."""
+    if allocated < report.size:
+        report.refuse("extents", f"has holes: {allocated} bytes allocated for {report.size} "
                                  "(NFS rule of the kernel's nfs_swap_activate)")
     else:
         report.note("extents", "NFS has no FIEMAP: checked, as the kernel's nfs_swap_activate does, that the "
@@ -276,6 +282,7 @@ def _check_extents(fd: int, report: CheckReport) -> None:
                                      "blocks cannot be ruled out")
             return
         raise
+    # Alignment to this system's page: that is the unit of every transfer here.
     problems = extent_problems(extents, report.size, PAGE_SIZE)
     for text in problems:
         report.refuse("extents", text)

@@ -88,6 +88,13 @@ def mkswap(path: str, size: int, *, page_size: int = PAGE_SIZE, force: bool = Fa
     if not os.path.isdir(parent):
         raise StoreError(errno.ENOENT, f"directory {parent} does not exist", path)
     _refuse_existing(path, force)
+    dirfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        name = fs_name(dirfd)
+    finally:
+        os.close(dirfd)
+    if name in MEMORY_FILESYSTEMS:
+        raise StoreError(errno.EINVAL, f"{name} keeps files in memory: swapping to it frees nothing", path)
     vfs = os.statvfs(parent)
     free = vfs.f_bavail * vfs.f_frsize
     if free < size:
@@ -105,14 +112,11 @@ def mkswap(path: str, size: int, *, page_size: int = PAGE_SIZE, force: bool = Fa
         raise
     try:
         os.fchmod(fd, 0o600)  # whatever the umask: swapped memory is secret
-        name = fs_name(fd)
-        if name in MEMORY_FILESYSTEMS:
-            raise StoreError(errno.EINVAL, f"{name} keeps files in memory: swapping to it frees nothing", path)
         if name == "btrfs":
             _set_nocow(fd)
         _fill(fd, header, progress)
         os.fsync(fd)
-        report = check_fd(fd, path, direct=True)
+        report = check_fd(fd, path, direct=True, page_size=page_size)
         if not report.usable:
             raise StoreUnusable(report)
         os.rename(tmp, path)
