@@ -21,7 +21,8 @@ from uswap.core import PAGE_SIZE
 from uswap.store.checks import CheckReport, check_nfs_allocation, check_store, extent_problems, fs_name
 from uswap.store.header import StoreHeader
 from uswap.store.mkswap import mkswap
-from uswap.store.swapfile import StoreError, StoreUnusable, SwapStore
+from uswap.store.lock import StoreError, StoreUnusable
+from uswap.store.swapfile import SwapStore
 
 SLOTS = 63
 SIZE = (SLOTS + 1) * PAGE_SIZE

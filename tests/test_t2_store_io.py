@@ -12,7 +12,8 @@ import pytest
 
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.store.mkswap import mkswap
-from uswap.store.swapfile import ChecksumError, StoreBusy, SwapStore, lock_holder
+from uswap.store.lock import StoreBusy, lock_holder
+from uswap.store.swapfile import ChecksumError, SwapStore
 
 SLOTS = 64
 

@@ -15,7 +15,8 @@ import time
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.store.checks import check_store
 from uswap.store.mkswap import mkswap
-from uswap.store.swapfile import SwapStore, StoreUnusable
+from uswap.store.lock import StoreUnusable
+from uswap.store.swapfile import SwapStore
 from uswap.units import format_size, parse_size
 
 DEFAULT_STORE = "/var/tmp/uswap/store"

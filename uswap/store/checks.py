@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer, check
 from uswap.store.header import HeaderError, StoreHeader
+from uswap.store.lock import probe_lock
 from uswap.units import format_size
 
 # statfs f_type values (include/uapi/linux/magic.h)
@@ -90,7 +91,11 @@ def fs_name(fd: int) -> str:
 
 
 def check_store(path: str) -> CheckReport:
-    """Open ``path`` read-only and run every activation check."""
+    """Open ``path`` read-only and run every activation check.
+
+    A store that another process holds is refused too: the question answered
+    is "can I use this now?".
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
         direct = True
@@ -101,7 +106,11 @@ def check_store(path: str) -> CheckReport:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         direct = False
     try:
-        return check_fd(fd, path, direct=direct)
+        report = check_fd(fd, path, direct=direct)
+        holder = probe_lock(fd, path)
+        if holder is not None:
+            report.refuse("file", f"in use by {f'PID {holder}' if holder else 'another process'}")
+        return report
     finally:
         os.close(fd)
 

@@ -21,7 +21,7 @@ from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer, check
 from uswap.store.checks import MEMORY_FILESYSTEMS, check_fd, fs_name
 from uswap.store.header import HeaderError, StoreHeader
-from uswap.store.swapfile import StoreError, StoreUnusable, take_lock
+from uswap.store.lock import StoreError, StoreUnusable, take_lock
 from uswap.units import format_size
 
 CHUNK = 4 << 20  # bytes of zeros per write while filling

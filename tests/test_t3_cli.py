@@ -1,0 +1,213 @@
+"""Layer 3: the command line, as a user meets it.
+
+Bad input gets one line naming the problem, a non-zero exit, and leaves what
+was on disk exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+from conftest import need_root, uswap
+from uswap.core import PAGE_SIZE
+
+
+def digest(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert lines, result
+    return lines[-1]
+
+
+def test_mkswap_then_check(tmp_path):
+    path = tmp_path / "store"
+    made = uswap("mkswap", str(path), "--size", "1M")
+    assert made.returncode == 0, made.stderr
+    assert "255 slots of 4K" in made.stdout and "UUID=" in made.stdout
+    checked = uswap("check", str(path))
+    assert checked.returncode == 0, checked.stdout
+    assert checked.stdout.rstrip().endswith("usable")
+
+
+@pytest.mark.parametrize("size,message", [
+    ("4097", "size 4097 is not a whole number of 4K pages"),
+    ("4K", "leaves no room for one slot after the header page"),
+    ("100T", "not enough free space: need 100T"),
+])
+def test_mkswap_bad_sizes(tmp_path, size, message):
+    r = uswap("mkswap", str(tmp_path / "store"), "--size", size)
+    assert r.returncode == 1
+    assert message in error_line(r)
+    assert error_line(r).startswith("uswap mkswap: error:")
+    assert os.listdir(tmp_path) == []
+
+
+def test_mkswap_unparsable_size(tmp_path):
+    r = uswap("mkswap", str(tmp_path / "store"), "--size", "lots")
+    assert r.returncode == 2
+    assert "not a size: 'lots'" in r.stderr
+
+
+def test_mkswap_missing_directory(tmp_path):
+    r = uswap("mkswap", str(tmp_path / "no" / "store"), "--size", "1M")
+    assert r.returncode == 1
+    assert f"directory {tmp_path / 'no'} does not exist" in error_line(r)
+
+
+def test_mkswap_keeps_an_existing_file_unless_forced(tmp_path):
+    path = tmp_path / "precious"
+    path.write_bytes(os.urandom(3 * PAGE_SIZE))
+    before = digest(path)
+    r = uswap("mkswap", str(path), "--size", "1M")
+    assert r.returncode == 1
+    assert "exists and is not a uswap store; use --force to overwrite it" in error_line(r)
+    assert digest(path) == before
+    forced = uswap("mkswap", str(path), "--size", "1M", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert uswap("check", str(path)).returncode == 0
+    assert os.listdir(tmp_path) == ["precious"]
+
+
+def test_mkswap_replaces_an_idle_store(tmp_path):
+    path = tmp_path / "store"
+    assert uswap("mkswap", str(path), "--size", "1M").returncode == 0
+    r = uswap("mkswap", str(path), "--size", "2M")
+    assert r.returncode == 0, r.stderr
+    assert "511 slots" in r.stdout
+
+
+def test_mkswap_refuses_a_directory(tmp_path):
+    (tmp_path / "d").mkdir()
+    r = uswap("mkswap", str(tmp_path / "d"), "--size", "1M", "--force")
+    assert r.returncode == 1
+    assert "exists and is not a regular file" in error_line(r)
+
+
+def test_mkswap_on_tmpfs(loopfs):
+    mnt = loopfs.mount_memory("tmpfs")
+    r = uswap("mkswap", os.path.join(mnt, "store"), "--size", "1M")
+    assert r.returncode == 1
+    assert "tmpfs keeps files in memory" in error_line(r)
+    assert os.listdir(mnt) == []
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from uswap.store.swapfile import SwapStore
+    store = SwapStore.open(sys.argv[1])
+    print("locked", flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_store_in_use(tmp_path):
+    path = tmp_path / "store"
+    assert uswap("mkswap", str(path), "--size", "1M").returncode == 0
+    before = digest(path)
+    with subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            r = uswap("mkswap", str(path), "--size", "1M")
+            assert r.returncode == 1
+            assert f"store is in use by PID {holder.pid}" in error_line(r)
+            c = uswap("check", str(path))
+            assert c.returncode == 1
+            assert f"in use by PID {holder.pid}" in c.stdout
+        finally:
+            holder.stdin.close()
+    assert digest(path) == before
+
+
+def test_check_missing_file(tmp_path):
+    r = uswap("check", str(tmp_path / "nothing"))
+    assert r.returncode == 1
+    assert "No such file or directory" in error_line(r)
+
+
+def test_check_refusal_exit_code_and_reasons(tmp_path):
+    path = tmp_path / "store"
+    path.write_bytes(bytes(4 * PAGE_SIZE))
+    os.sync()
+    r = uswap("check", str(path))
+    assert r.returncode == 1
+    assert "REFUSED" in r.stdout and "bad magic" in r.stdout
+    assert "not usable (1 problem(s))" in r.stdout
+
+
+def run_cli_as_nobody(*args: str) -> tuple[int, str]:
+    """cli.main in a forked child with uid/gid 65534 (the interpreter under
+    /root is not executable for nobody); returns (exit status, stderr)."""
+    from uswap import cli
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(r)
+            sys.stderr = open(w, "w")  # pytest has replaced sys.stderr
+            os.setgid(65534)
+            os.setuid(65534)
+            status = cli.main(list(args))
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
+
+
+def test_check_unreadable_file_as_other_user():
+    need_root()
+    workdir = tempfile.mkdtemp(dir="/var/tmp", prefix="uswap-test-")
+    try:
+        os.chmod(workdir, 0o755)
+        path = os.path.join(workdir, "store")
+        assert uswap("mkswap", path, "--size", "1M").returncode == 0
+        status, err = run_cli_as_nobody("check", path)
+        assert status == 1
+        assert f"uswap check: error: {path}: Permission denied" in err
+        status, err = run_cli_as_nobody("mkswap", path, "--size", "1M", "--force")
+        assert status == 1
+        assert "Permission denied" in err
+        assert uswap("check", path).returncode == 0  # untouched
+    finally:
+        shutil.rmtree(workdir)
+
+
+def test_interrupted_mkswap_leaves_nothing(tmp_path):
+    path = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "uswap", "mkswap", str(path), "--size", "4G"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait until it is writing
+            names = os.listdir(tmp_path)
+            if names and os.path.getsize(tmp_path / names[0]) > 0:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert os.listdir(tmp_path) == []
