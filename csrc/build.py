@@ -1,7 +1,8 @@
 """cffi build script for the uswap C core (uswap._core).
 
-The declarations (cdef.h) and the implementation (uswap_core.c) are separate
-files; this script only wires them together.  setup.py names it in
+The constants (cdef.h), the declarations (uswap_core.h) and the
+implementation (uswap_core.c) are separate files; this script only wires them
+together.  setup.py names it in
 ``cffi_modules``.
 """
 
@@ -11,8 +12,16 @@ import cffi
 
 HERE = pathlib.Path(__file__).resolve().parent
 
+
+
+def core_declarations() -> str:
+    """The structs and prototypes of uswap_core.h, between its CDEF markers."""
+    header = (HERE / "uswap_core.h").read_text()
+    return header.split("/* CDEF-BEGIN */", 1)[1].split("/* CDEF-END */", 1)[0]
+
+
 ffi = cffi.FFI()
-ffi.cdef((HERE / "cdef.h").read_text())
+ffi.cdef((HERE / "cdef.h").read_text() + core_declarations())
 ffi.set_source(
     "uswap._core",
     '#define _GNU_SOURCE\n#include <fcntl.h>\n#include "uswap_core.h"\n',

@@ -1,5 +1,6 @@
-/* cffi declarations of the C core (uswap_core.h).  Constants are declared
- * "..." so that the compiler fills in the values from the kernel headers. */
+/* cffi declarations of the C core's constants, declared "..." so that the
+ * compiler fills in the values from the kernel headers.  The structs and
+ * functions come from uswap_core.h (between CDEF-BEGIN and CDEF-END). */
 
 #define UFFD_API ...
 #define UFFD_USER_MODE_ONLY ...
@@ -64,48 +65,3 @@
 #define FS_NOCOW_FL ...
 #define FS_COMPR_FL ...
 #define FS_IMMUTABLE_FL ...
-
-struct uswap_uffd_event {
-    uint8_t event;
-    uint64_t flags;
-    uint64_t address;
-    uint64_t arg2;
-    uint64_t arg3;
-    uint32_t ptid;
-};
-
-struct uswap_extent {
-    uint64_t logical;
-    uint64_t physical;
-    uint64_t length;
-    uint32_t flags;
-};
-
-int uswap_uffd_open(int flags);
-int uswap_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
-int uswap_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
-int uswap_uffd_unregister(int fd, uint64_t start, uint64_t len);
-int uswap_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
-int uswap_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
-int uswap_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
-int uswap_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
-int uswap_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
-int uswap_uffd_wake(int fd, uint64_t start, uint64_t len);
-int uswap_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
-int uswap_uffd_read_events(int fd, struct uswap_uffd_event *out, int max);
-
-void *uswap_alloc_aligned(size_t align, size_t size);
-void uswap_free(void *p);
-void uswap_page_copy(void *dst, const void *src, size_t len);
-int uswap_is_zero(const void *p, size_t len);
-uint32_t uswap_crc32c(uint32_t crc, const void *p, size_t len);
-int uswap_crc32c_hardware(void);
-
-int64_t uswap_pread_full(int fd, void *buf, size_t len, int64_t off);
-int64_t uswap_pwrite_full(int fd, const void *buf, size_t len, int64_t off);
-int uswap_fiemap(int fd, uint64_t start, uint64_t len, uint32_t flags,
-                 struct uswap_extent *out, unsigned int max);
-int uswap_get_inode_flags(int fd, uint32_t *flags);
-int uswap_set_inode_flags(int fd, uint32_t flags);
-int uswap_dio_alignment(int fd, uint32_t *mem_align, uint32_t *offset_align);
-int uswap_fs_magic(int fd, int64_t *magic);

@@ -68,6 +68,12 @@ struct uffdio_move {
 #define FS_NOCOW_FL 0x00800000
 #endif
 
+/*
+ * Everything from here to CDEF-END is also read by build.py as cffi
+ * declarations: keep it plain C (no macros, no includes).
+ */
+/* CDEF-BEGIN */
+
 /* One userfaultfd message, flattened so that cffi needs no packed unions. */
 struct uswap_uffd_event {
 	uint8_t event;      /* UFFD_EVENT_* */
@@ -117,5 +123,7 @@ int uswap_get_inode_flags(int fd, uint32_t *flags);
 int uswap_set_inode_flags(int fd, uint32_t flags);
 int uswap_dio_alignment(int fd, uint32_t *mem_align, uint32_t *offset_align);
 int uswap_fs_magic(int fd, int64_t *magic);
+
+/* CDEF-END */
 
 #endif
