@@ -24,9 +24,9 @@ ffi = cffi.FFI()
 ffi.cdef((HERE / "cdef.h").read_text() + core_declarations())
 ffi.set_source(
     "uswap._core",
-    '#define _GNU_SOURCE\n#include <fcntl.h>\n#include "uswap_core.h"\n',
-    sources=[str((HERE / "uswap_core.c").relative_to(HERE.parent))],
-    include_dirs=[str(HERE.relative_to(HERE.parent))],
+    '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap.h"\n',
+    sources=["csrc/uswap_core.c", "csrc/uswap_client.c"],
+    include_dirs=["csrc", "uswap/include"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -385,4 +386,16 @@ int uswap_fs_magic(int fd, int64_t *magic)
 		return NEG_ERRNO();
 	*magic = (int64_t)(uint64_t)(unsigned long)st.f_type;
 	return 0;
+}
+
+/* Drop [offset, offset+length) from a file (a memfd: the pages go back to the
+ * system, and the next access through a registered mapping is a MISSING fault). */
+int uswap_punch_hole(int fd, int64_t offset, int64_t length)
+{
+	return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) < 0 ? NEG_ERRNO() : 0;
+}
+
+int uswap_mlockall(void)
+{
+	return mlockall(MCL_CURRENT | MCL_FUTURE) < 0 ? NEG_ERRNO() : 0;
 }

@@ -123,6 +123,8 @@ int uswap_get_inode_flags(int fd, uint32_t *flags);
 int uswap_set_inode_flags(int fd, uint32_t flags);
 int uswap_dio_alignment(int fd, uint32_t *mem_align, uint32_t *offset_align);
 int uswap_fs_magic(int fd, int64_t *magic);
+int uswap_punch_hole(int fd, int64_t offset, int64_t length);
+int uswap_mlockall(void);
 
 /* CDEF-END */
 

@@ -1,0 +1,5 @@
+"""uswap: userspace swap over userfaultfd."""
+
+from uswap.client import Region
+
+__all__ = ["Region"]

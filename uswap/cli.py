@@ -8,19 +8,19 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-import time
 
-from uswap.core import PAGE_SIZE, AlignedBuffer
+from uswap.core import PAGE_SIZE
 from uswap.store.checks import check_store
 from uswap.store.mkswap import mkswap
 from uswap.store.lock import StoreUnusable
-from uswap.store.swapfile import SwapStore
 from uswap.units import format_size, parse_size
 
 DEFAULT_STORE = "/var/tmp/uswap/store"
-DEFAULT_STORE_SIZE = 256 << 20
+DEFAULT_STORE_SIZE = 1 << 30
+DEFAULT_BUDGET = 256 << 20
 
 
 class UsageError(Exception):
@@ -59,39 +59,59 @@ def cmd_check(args) -> int:
     return 0 if report.usable else 1
 
 
-def cmd_demo(args) -> int:
-    """Create (if needed) and check the default store, then round-trip pages through it."""
-    path = args.store
+def ensure_store(path: str, size: int = DEFAULT_STORE_SIZE) -> None:
+    """Create the store with mkswap semantics if nothing is there yet."""
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        print(f"creating default store {path} ({format_size(DEFAULT_STORE_SIZE)})")
-        mkswap(path, DEFAULT_STORE_SIZE, progress=_progress("writing"))
-    report = check_store(path)
-    print(report.render())
-    if not report.usable:
-        return 1
-    with SwapStore.open(path) as store:
-        batch = 32
-        pages = min(store.slot_count - store.slot_count % batch, 16384)
-        buf = AlignedBuffer(batch * PAGE_SIZE)
-        seed = os.urandom(8)
-        t0 = time.perf_counter()
-        for first in range(0, pages, batch):
-            for i in range(batch):
-                buf.page(i)[:16] = seed + (first + i).to_bytes(8, "little")
-            store.write_slots(first, batch, buf)
-        t1 = time.perf_counter()
-        for first in range(0, pages, batch):
-            store.read_slots(first, batch, buf)
-            for i in range(batch):
-                if bytes(buf.page(i)[:16]) != seed + (first + i).to_bytes(8, "little"):
-                    print(f"slot {first + i}: wrong data read back", file=sys.stderr)
-                    return 1
-        t2 = time.perf_counter()
-    mib = pages * PAGE_SIZE / (1 << 20)
-    print(f"round trip: {pages} pages in batches of {batch} (O_DIRECT, crc32c checked): "
-          f"write {mib / (t1 - t0):.0f} MiB/s, read {mib / (t2 - t1):.0f} MiB/s, 0 mismatches")
+        print(f"creating store {path} ({format_size(size)})", file=sys.stderr)
+        mkswap(path, size, progress=_progress("writing"))
+
+
+def cmd_daemon(args) -> int:
+    import logging
+
+    import trio
+
+    from uswap.daemon.main import lock_memory, make_daemon, serve_until_signalled
+    from uswap.protocol import default_socket_path
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="uswap daemon[%(process)d]: %(levelname)s %(message)s")
+    ensure_store(args.store)
+    daemon = make_daemon(store_path=args.store, socket_path=args.socket or default_socket_path(),
+                         budget=args.resident, io_mode=args.io, readahead=args.readahead)
+    lock_memory()
+    try:
+        trio.run(serve_until_signalled, daemon)
+    finally:
+        daemon.store.close()
     return 0
+
+
+def cmd_status(args) -> int:
+    from uswap.daemon.status import fetch_status, render_status
+    status = fetch_status(args.socket)
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
+
+
+def cmd_config(args) -> int:
+    package = os.path.dirname(os.path.abspath(__file__))
+    flags = []
+    if args.cflags:
+        flags.append(f"-I{os.path.join(package, 'include')}")
+    if args.libs:
+        lib = os.path.join(package, "lib")
+        flags += [f"-L{lib}", f"-Wl,-rpath,{lib}", "-luswap"]
+    if not flags:
+        raise ValueError("say --cflags, --libs or both")
+    print(" ".join(flags))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from uswap.demo import run_demo
+    ensure_store(args.store)
+    return run_demo(store_path=args.store, budget=args.resident, size=args.size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("demo", help="create, check and exercise the default store")
+    p = sub.add_parser("daemon", help="serve client regions (foreground; SIGTERM/SIGINT stop it)")
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"store path (default {DEFAULT_STORE}, created if missing)")
+    p.add_argument("--socket", default=None, help="socket path (default: /run/uswap/uswap.sock for root, "
+                                                  "$XDG_RUNTIME_DIR/uswap.sock otherwise)")
+    p.add_argument("--resident", type=_size, default=DEFAULT_BUDGET, help="resident budget (default 256M)")
+    p.add_argument("--io", choices=("sync", "async"), default="async", help="slot I/O mode (default async)")
+    p.add_argument("--readahead", type=int, default=8, help="swap-in window in pages (default 8, 1 = off)")
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("status", help="show a running daemon's store and regions")
+    p.add_argument("--socket", default=None)
+    p.add_argument("--json", action="store_true", help="machine-readable (keys in docs/DESIGN.md)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("config", help="compiler flags for C clients: cc prog.c $(uswap config --cflags --libs)")
+    p.add_argument("--cflags", action="store_true")
+    p.add_argument("--libs", action="store_true")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("demo", help="start a daemon on the default store and run a workload 4x its budget")
     p.add_argument("--store", default=DEFAULT_STORE, help=f"store path (default {DEFAULT_STORE})")
+    p.add_argument("--resident", type=_size, default=64 << 20, help="the daemon's budget (default 64M)")
+    p.add_argument("--size", type=_size, default=None, help="workload size (default 4x the budget)")
     p.set_defaults(func=cmd_demo)
     return parser
 

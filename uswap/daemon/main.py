@@ -1,0 +1,51 @@
+"""Setting the daemon up and running it until a signal (the CLI calls trio.run on this)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from uswap._core import lib
+from uswap.daemon.server import Daemon
+from uswap.store.swapfile import SwapStore
+
+log = logging.getLogger("uswap.daemon")
+
+
+def lock_memory() -> None:
+    """mlockall: the daemon is the swap path.  If its own pages could be
+    swapped out (by kernel swap, or by being charged to a memcg under
+    pressure), serving one fault could wait on another, and reclaim could wait
+    on the memory it is trying to free."""
+    ret = lib.uswap_mlockall()
+    if ret < 0:
+        log.warning("mlockall failed (errno %d): the daemon's memory can be swapped out; "
+                    "raise RLIMIT_MEMLOCK or run as root", -ret)
+
+
+def make_daemon(*, store_path: str, socket_path: str, budget: int, io_mode: str, readahead: int) -> Daemon:
+    store = SwapStore.open(store_path)
+    try:
+        return Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead)
+    except BaseException:
+        store.close()
+        raise
+
+
+async def serve_until_signalled(daemon: Daemon) -> None:
+    """SIGTERM/SIGINT: stop gracefully (detach every region); a second one: stop now."""
+    async with trio.open_nursery() as nursery:
+        async def watch_signals():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    if daemon.stopping:
+                        log.warning("second %s: stopping now", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    daemon.request_stop()
+        nursery.start_soon(watch_signals)
+        await daemon.serve()
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,51 @@
+"""Asking a daemon for its status, and showing it the way swapon --show would."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from uswap.protocol import MAX_PACKET, OP_STATUS, Reply, Request, default_socket_path
+from uswap.units import format_size
+
+
+def fetch_status(socket_path: str | None = None, timeout: float = 10.0) -> dict:
+    path = socket_path or default_socket_path()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            raise OSError(e.errno, f"no uswap daemon answers: {e.strerror}", path) from None
+        sock.send(Request(OP_STATUS).pack())
+        reply = Reply.unpack(sock.recv(MAX_PACKET))
+    if reply.status:
+        raise OSError(reply.status, reply.text)
+    return json.loads(reply.text)
+
+
+def _pages(n: int, page: int) -> str:
+    return format_size(n * page)
+
+
+def render_status(status: dict) -> str:
+    d = status["daemon"]
+    ps = d["page_size"]
+    lines = [
+        f"{'STORE':<28} {'SIZE':>7} {'USED':>7} {'RESIDENT':>8} {'BUDGET':>7} {'PSWPIN':>8} {'PSWPOUT':>8} "
+        f"{'WB':>4} {'RERR':>5} {'WERR':>5}  HEALTH",
+        f"{d['store']:<28} {_pages(d['slots_total'], ps):>7} {_pages(d['slots_used'], ps):>7} "
+        f"{_pages(d['resident_pages'], ps):>8} {_pages(d['budget_pages'], ps):>7} {d['pswpin']:>8} "
+        f"{d['pswpout']:>8} {d['writeback_pages']:>4} {d['read_errors']:>5} {d['write_errors']:>5}  "
+        f"{d['store_health']}",
+    ]
+    if status["regions"]:
+        lines.append("")
+        lines.append(f"{'REGION':>6} {'PID':>7} {'SIZE':>7} {'RESIDENT':>8} {'SWAPPED':>8} {'PSWPIN':>8} "
+                     f"{'PSWPOUT':>8} {'FAULTS':>8} {'RERR':>5} {'WERR':>5} {'POISONED':>8}")
+        for r in status["regions"]:
+            lines.append(f"{r['id']:>6} {r['pid']:>7} {_pages(r['size_pages'], ps):>7} "
+                         f"{_pages(r['resident_pages'], ps):>8} {_pages(r['swapped_pages'], ps):>8} "
+                         f"{r['pswpin']:>8} {r['pswpout']:>8} {r['faults']:>8} {r['read_errors']:>5} "
+                         f"{r['write_errors']:>5} {r['poisoned']:>8}")
+    return "\n".join(lines)
