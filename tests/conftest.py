@@ -99,3 +99,104 @@ def loopfs(tmp_path):
         yield fs
     finally:
         fs.cleanup()
+
+
+# -- the daemon ------------------------------------------------------------------------
+
+class DaemonProcess:
+    """A `uswap daemon` subprocess on its own store and socket."""
+
+    def __init__(self, workdir, name: str, *, store: str | None = None, store_size: str = "64M",
+                 resident: str = "4M", io: str = "async", readahead: int = 8):
+        self.workdir = workdir
+        self.store = store or str(workdir / f"{name}.store")
+        self.socket = str(workdir / f"{name}.sock")
+        self.log_path = workdir / f"{name}.log"
+        self.args = ["--store", self.store, "--socket", self.socket, "--resident", resident, "--io", io,
+                     "--readahead", str(readahead)]
+        self.store_size = store_size
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "DaemonProcess":
+        import time
+        if not os.path.exists(self.store):
+            r = uswap("mkswap", self.store, "--size", self.store_size)
+            assert r.returncode == 0, r.stderr
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "uswap", "daemon", *self.args],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            if self.answers():
+                return self
+            time.sleep(0.02)
+        raise AssertionError(f"daemon did not come up:\n{self.log()}")
+
+    def answers(self) -> bool:
+        import socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            try:
+                s.connect(self.socket)
+            except OSError:
+                return False
+        return True
+
+    def status(self) -> dict:
+        from uswap.daemon.status import fetch_status
+        return fetch_status(self.socket)
+
+    def env(self, **extra) -> dict:
+        return dict(os.environ, USWAP_SOCKET=self.socket, **extra)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, sig=None, timeout: float = 30) -> int:
+        import signal
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"daemon ignored {sig or 'SIGTERM'}:\n{self.log()}")
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def uswapd(tmp_path):
+    """Factory for daemons; every one is stopped (SIGTERM, then SIGKILL) at teardown,
+    and a traceback in its log fails the test."""
+    made: list[DaemonProcess] = []
+
+    def start(name: str = "d", **kw) -> DaemonProcess:
+        need(os.path.exists("/dev/userfaultfd") or os.geteuid() == 0, "no userfaultfd access")
+        daemon = DaemonProcess(tmp_path, name, **kw)
+        made.append(daemon)
+        return daemon.start()
+    yield start
+    problems = []
+    for daemon in made:
+        try:
+            daemon.stop()
+        except AssertionError as e:
+            problems.append(str(e))
+        if "Traceback" in daemon.log():
+            problems.append(f"traceback in the daemon's log:\n{daemon.log()}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="session")
+def hog(tmp_path_factory):
+    """The integrity hog (examples/hog.c), built against libuswap."""
+    out = tmp_path_factory.mktemp("bin") / "hog"
+    flags = uswap("config", "--cflags", "--libs").stdout.split()
+    source = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "hog.c")
+    run("cc", "-O2", "-Wall", "-Werror", "-pthread", source, *flags, "-o", str(out))
+    return str(out)

@@ -125,9 +125,11 @@ class Region:
             return
         state = self.state[page]
         if state == SWAPPED:
-            await self.swap_in(page)
+            await self.swap_in(page, write=event.is_write)
         elif state == ABSENT:
             await self.zero_fill(page)
+        elif state == POISONED:
+            self._install_poison(page)  # the marker was not there yet: the thread retried
         else:
             # Already resident (another thread's fault got there first), or
             # poisoned (the marker answers by itself): let the thread retry.
@@ -174,7 +176,7 @@ class Region:
             count += 1
         return first, count
 
-    async def swap_in(self, page: int) -> None:
+    async def swap_in(self, page: int, *, write: bool = False) -> None:
         await self.daemon.reclaimer.throttle()
         if self.closed or self.state[page] != SWAPPED:
             return
@@ -183,7 +185,7 @@ class Region:
             if count == 1 or not await self._read_with_retries(page, 1):
                 return self._poison(page)  # (a bad neighbour must not take the faulting page down)
             first, count = page, 1
-        self._install(first, count, page)
+        self._install(first, count, page, dirty=write)
 
     async def _read_with_retries(self, first: int, count: int) -> bool:
         slot = self.swap_map[first]
@@ -200,28 +202,39 @@ class Region:
                 return False
         return False
 
-    def _install(self, first: int, count: int, faulting: int) -> None:
-        """UFFDIO_COPY the run in write-protected: the pages start clean, keeping their slots.
+    def _install(self, first: int, count: int, faulting: int, *, dirty: bool) -> None:
+        """UFFDIO_COPY the run in.
+
+        After a read fault the pages go in write-protected and keep their
+        slots (clean, like the kernel's swap cache): evicting them again costs
+        no write.  After a write fault they go in writable and their slots are
+        freed at once, as the kernel does for the faulting page of a write
+        fault; uswap extends that to the readahead pages, because a write
+        fault here is a round trip through the daemon (tens of µs) where the
+        kernel's is a page-table update, and a written neighbour is likely.
 
         Only this region's fault loop changes SWAPPED pages, and it was
         waiting on this very read: the run is still SWAPPED, slots unchanged.
         """
         if self.closed:
             return
-        self._copy_run(first, count, 0)
+        self._copy_run(first, count, 0, CopyMode.NONE if dirty else CopyMode.WP)
         for p in range(first, first + count):
-            self.set_state(p, CLEAN)
+            if dirty:
+                self.daemon.release_slot(self.swap_map[p])
+                self.swap_map[p] = -1
+            self.set_state(p, DIRTY if dirty else CLEAN)
             self.daemon.reclaimer.add(self, p, referenced=(p == faulting))
         self.stats.pswpin += count
         self.daemon.stats.pswpin += count
 
-    def _copy_run(self, page: int, count: int, buf_page: int) -> None:
+    def _copy_run(self, page: int, count: int, buf_page: int, mode: CopyMode) -> None:
         src = self._buf.address + buf_page * PAGE_SIZE
         done = 0
         while done < count * PAGE_SIZE:
             try:
                 done += self._ioctl(self.uffd.copy, self.address(page) + done, src + done,
-                                    count * PAGE_SIZE - done, CopyMode.WP)
+                                    count * PAGE_SIZE - done, mode)
             except PartialFill as e:
                 done += e.done
 
@@ -234,6 +247,13 @@ class Region:
         self.stats.poisoned += 1
         log.error("region %d (pid %d): page %#x poisoned: slot %d unreadable", self.id, self.pid,
                   self.address(page), slot)
+        self._install_poison(page)
+
+    def _install_poison(self, page: int) -> None:
+        # An evicted page may keep a uffd-wp marker in the client's page table
+        # (shmem keeps write protection across the hole punch).  UFFDIO_POISON
+        # wants an empty entry (EEXIST otherwise), so resolve the marker first.
+        self._ioctl(self.uffd.write_protect, self.address(page), PAGE_SIZE, False)
         self._ioctl(self.uffd.poison, self.address(page), PAGE_SIZE)
 
     # -- first write to a clean page --------------------------------------------------

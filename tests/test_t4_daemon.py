@@ -1,0 +1,336 @@
+"""Layer 4: the daemon with real clients, real userfaultfd, real O_DIRECT stores.
+
+Budgets are small (4 MiB) and regions 4x larger, so every test pages for real
+in a few seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import run, uswap
+from uswap.core import PAGE_SIZE
+from uswap.protocol import OP_MAP, OP_STATUS, REQUEST, Reply, Request
+
+pytestmark = pytest.mark.kernel
+
+MiB = 1 << 20
+
+
+def run_hog(hog: str, daemon, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([hog, *args], capture_output=True, text=True, env=daemon.env(), timeout=timeout)
+
+
+@pytest.mark.parametrize("io", ["sync", "async"])
+def test_integrity_hog_four_processes_at_4x_budget(uswapd, hog, io):
+    daemon = uswapd(io=io, resident="4M")
+    r = run_hog(hog, daemon, "-s", "4", "-p", "4", "-r", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" 0 mismatches") == 4, r.stdout
+    d = daemon.status()["daemon"]
+    assert d["pswpout"] > 0 and d["pswpin"] > 0
+    assert d["read_errors"] == d["write_errors"] == 0
+    assert d["slots_used"] == 0 and d["mapped_pages"] == 0  # every region gave its slots back
+
+
+def test_threads_fault_the_same_region(uswapd, hog):
+    daemon = uswapd(resident="4M")
+    r = run_hog(hog, daemon, "-s", "16", "-t", "4", "-r", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " 0 mismatches" in r.stdout
+
+
+NUMPY_CLIENT = textwrap.dedent("""
+    import numpy, sys, uswap
+    words = int(sys.argv[1]) // 8
+    with uswap.Region(words * 8) as region:
+        a = numpy.frombuffer(region.buffer, dtype=numpy.uint64)
+        a[:] = numpy.arange(words, dtype=numpy.uint64) * 3
+        for _ in range(3):
+            a[::512] += 1          # one word per page: writes to clean pages
+        expect = numpy.arange(words, dtype=numpy.uint64) * 3
+        expect[::512] += 3
+        bad = int((a != expect).sum())
+        del a
+    print(f"mismatches {bad}")
+""")
+
+
+def test_numpy_client_larger_than_budget(uswapd):
+    daemon = uswapd(resident="4M")
+    r = subprocess.run([sys.executable, "-c", NUMPY_CLIENT, str(16 * MiB)], capture_output=True, text=True,
+                       env=daemon.env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "mismatches 0"
+    d = daemon.status()["daemon"]
+    assert d["pswpout"] >= (16 - 4) * MiB // PAGE_SIZE
+
+
+def test_numpy_example(uswapd):
+    daemon = uswapd(resident="4M")
+    example = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "numpy_region.py")
+    r = subprocess.run([sys.executable, example, "--size", "16M"], capture_output=True, text=True,
+                       env=daemon.env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "0 mismatches" in r.stdout
+
+
+HOLDER = textwrap.dedent("""
+    import numpy, sys, uswap
+    words = int(sys.argv[1]) // 8
+    region = uswap.Region(words * 8)
+    a = numpy.frombuffer(region.buffer, dtype=numpy.uint64)
+    a[:] = numpy.arange(words, dtype=numpy.uint64)
+    print("filled", flush=True)
+    sys.stdin.readline()            # the test does something to the daemon or the store
+    ok = bool((a == numpy.arange(words, dtype=numpy.uint64)).all())
+    print("intact" if ok else "CORRUPT", flush=True)
+""")
+
+
+def start_holder(daemon, size: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(size)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env())
+    assert proc.stdout.readline() == "filled\n", proc.stderr.read()
+    return proc
+
+
+def finish_holder(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate("go\n", timeout=120)
+    return proc.returncode, out, err
+
+
+def corrupt_slots(store: str, first: int, count: int) -> None:
+    """Flip one bit in each of the given slots, with O_DIRECT like the daemon."""
+    from uswap.core import AlignedBuffer
+    from uswap._core import lib
+    fd = os.open(store, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = AlignedBuffer(count * PAGE_SIZE)
+        offset = (first + 1) * PAGE_SIZE
+        assert lib.uswap_pread_full(fd, buf.ptr, count * PAGE_SIZE, offset) == count * PAGE_SIZE
+        for i in range(count):
+            buf.view[i * PAGE_SIZE + 100] ^= 0x01
+        assert lib.uswap_pwrite_full(fd, buf.ptr, count * PAGE_SIZE, offset) == count * PAGE_SIZE
+    finally:
+        os.close(fd)
+
+
+def test_flipped_bit_on_disk_poisons_only_that_client(uswapd, hog):
+    """Negative control: corrupt the victim's slots behind the daemon's back."""
+    daemon = uswapd(resident="4M")
+    victim = start_holder(daemon, 16 * MiB)       # its evicted pages fill the first slots
+    used = daemon.status()["daemon"]["slots_used"]
+    assert used > 0
+    corrupt_slots(daemon.store, 0, used)
+    bystander = run_hog(hog, daemon, "-s", "16", "-r", "2")  # slots written after the damage
+    assert bystander.returncode == 0 and " 0 mismatches" in bystander.stdout, bystander.stderr
+    code, out, err = finish_holder(victim)
+    assert code == -signal.SIGBUS, (code, out, err)
+    assert "CORRUPT" not in out and "intact" not in out  # wrong data was never handed back
+    d = daemon.status()["daemon"]
+    assert d["read_errors"] >= 3                       # retried before giving up
+    assert "checksum mismatch in slot" in daemon.log()
+    assert "poisoned" in daemon.log()
+    assert d["slots_used"] == 0
+
+
+def test_store_write_errors_keep_pages_resident(loopfs, uswapd):  # loopfs first: torn down last
+    """The kernel's policy on a failed swap write: the page stays, dirty; nothing is lost."""
+    mnt = loopfs.make("ext4", size="64M", mkfs_args=("-q", "-F", "-b", "4096"))
+    daemon = uswapd(store=os.path.join(mnt, "store"), store_size="32M", resident="4M")
+    run("xfs_io", "-x", "-c", "shutdown", mnt)        # every I/O on this fs now fails with EIO
+    r = subprocess.run([sys.executable, "-c", NUMPY_CLIENT, str(16 * MiB)], capture_output=True, text=True,
+                       env=daemon.env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "mismatches 0"
+    d = daemon.status()["daemon"]
+    assert d["write_errors"] > 0 and d["pswpout"] == 0
+    assert "errno 5" in daemon.log() and "writeback" in daemon.log()
+
+
+def test_status_reports_a_failing_store(loopfs, uswapd):
+    mnt = loopfs.make("ext4", size="64M", mkfs_args=("-q", "-F", "-b", "4096"))
+    daemon = uswapd(store=os.path.join(mnt, "store"), store_size="32M", resident="4M")
+    run("xfs_io", "-x", "-c", "shutdown", mnt)
+    holder = start_holder(daemon, 16 * MiB)
+    try:
+        status = daemon.status()
+        assert status["daemon"]["store_health"].startswith("writeback failed: errno 5")
+        assert status["regions"][0]["write_errors"] > 0
+        assert status["daemon"]["resident_pages"] >= 16 * MiB // PAGE_SIZE  # all kept
+        text = uswap("status", "--socket", daemon.socket).stdout
+        assert "writeback failed" in text and "REGION" in text
+    finally:
+        code, out, _ = finish_holder(holder)
+    assert (code, out) == (0, "intact\n")
+
+
+def test_client_sigkill_frees_its_slots(uswapd, hog):
+    daemon = uswapd(resident="4M")
+    proc = subprocess.Popen([hog, "-s", "16", "-r", "50"], env=daemon.env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while daemon.status()["daemon"]["pswpout"] < 1000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.status()["daemon"]["slots_used"] > 0
+    finally:
+        proc.kill()                                    # mid-run, likely mid-fault
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while daemon.status()["regions"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    d = daemon.status()
+    assert d["regions"] == []
+    assert d["daemon"]["slots_used"] == 0 and d["daemon"]["resident_pages"] == 0
+    assert d["daemon"]["mapped_pages"] == 0
+    r = run_hog(hog, daemon, "-s", "16", "-r", "1")    # and the daemon still serves
+    assert r.returncode == 0
+
+
+def test_daemon_sigkill_makes_clients_fail_loudly(uswapd):
+    daemon = uswapd(resident="4M")
+    holder = start_holder(daemon, 16 * MiB)
+    daemon.stop(signal.SIGKILL)
+    code, out, err = finish_holder(holder)
+    assert code == -signal.SIGBUS, (code, out, err)    # evicted pages: SIGBUS, never zeros
+    assert "lost the daemon" in err
+    assert out == ""
+
+
+def test_daemon_sigterm_gives_every_page_back(uswapd):
+    daemon = uswapd(resident="4M")
+    holder = start_holder(daemon, 16 * MiB)
+    assert daemon.status()["regions"][0]["swapped_pages"] > 0
+    assert daemon.stop(signal.SIGTERM) == 0
+    code, out, err = finish_holder(holder)
+    assert (code, out) == (0, "intact\n"), err
+    assert "read back" in daemon.log()
+
+
+def test_fork_child_does_not_inherit_regions(uswapd):
+    daemon = uswapd(resident="4M")
+    script = textwrap.dedent("""
+        import ctypes, os, uswap
+        region = uswap.Region(1 << 20)
+        region.buffer[0:5] = b"hello"
+        pid = os.fork()
+        if pid == 0:
+            ctypes.string_at(region.address, 5)  # not mapped in the child (MADV_DONTFORK)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), bytes(region.buffer[0:5]).decode())
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=daemon.env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(-signal.SIGSEGV), "hello"]
+
+
+# -- bad input ------------------------------------------------------------------------
+
+def map_in_client(daemon, length: int) -> subprocess.CompletedProcess:
+    script = f"import uswap\ntry:\n    uswap.Region({length})\nexcept OSError as e:\n    print(e.errno, e.strerror)\n"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=daemon.env(),
+                          timeout=60)
+
+
+@pytest.mark.parametrize("length,err,text", [
+    (0, errno.EINVAL, "length 0 is not a positive multiple of the page size"),
+    (PAGE_SIZE + 1, errno.EINVAL, "is not a positive multiple of the page size"),
+    (1 << 40, errno.ENOMEM, "does not fit: the store has room for"),
+])
+def test_bad_lengths_get_clear_errors(uswapd, length, err, text):
+    daemon = uswapd()
+    r = map_in_client(daemon, length)
+    errno_text, _, message = r.stdout.strip().partition(" ")
+    assert int(errno_text) == err, r.stdout + r.stderr
+    assert text in message
+
+
+def test_no_daemon(tmp_path):
+    script = f"import uswap\ntry:\n    uswap.Region(4096, socket={str(tmp_path / 'none.sock')!r})\n" \
+             f"except OSError as e:\n    print(e.errno, e.strerror)\n"
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith(f"{errno.ENOENT} cannot reach the uswap daemon at")
+
+
+def raw_request(daemon, packet: bytes, fds=()) -> Reply:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(10)
+        s.connect(daemon.socket)
+        if fds:
+            s.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+        else:
+            s.send(packet)
+        return Reply.unpack(s.recv(65536))
+
+
+@pytest.mark.parametrize("packet,err,text", [
+    (b"garbage", errno.EPROTO, "request of 7 bytes"),
+    (b"X" * REQUEST.size, errno.EPROTO, "bad magic"),
+    (REQUEST.pack(b"USWP", 9, OP_STATUS, 0, 0, 0), errno.EPROTONOSUPPORT, "protocol version 9 not supported"),
+    (REQUEST.pack(b"USWP", 1, 77, 0, 0, 0), errno.EOPNOTSUPP, "unknown operation 77"),
+    (Request(OP_MAP, 0x10000, PAGE_SIZE).pack(), errno.EINVAL, "MAP needs 2 file descriptors"),
+])
+def test_garbage_on_the_socket(uswapd, packet, err, text):
+    daemon = uswapd()
+    reply = raw_request(daemon, packet)
+    assert reply.status == err and text in reply.text
+    assert daemon.status()["regions"] == []            # and it keeps serving
+
+
+def test_wrong_descriptors_are_refused(uswapd):
+    daemon = uswapd()
+    r, w = os.pipe()
+    memfd = os.memfd_create("x")
+    os.ftruncate(memfd, PAGE_SIZE)
+    try:
+        reply = raw_request(daemon, Request(OP_MAP, 0x10000, PAGE_SIZE).pack(), [r, w])
+        assert reply.status == errno.EBADF and "not a userfaultfd" in reply.text
+        from uswap.uffd import Userfaultfd
+        with Userfaultfd.open() as fd:
+            reply = raw_request(daemon, Request(OP_MAP, 0x10000, PAGE_SIZE).pack(), [fd.fd, w])
+            assert reply.status == errno.EBADF and "not a memfd" in reply.text
+            reply = raw_request(daemon, Request(OP_MAP, 0x10000, PAGE_SIZE).pack(), [fd.fd, memfd])
+            assert reply.status == errno.EINVAL and "does not cover" in reply.text  # nothing registered
+    finally:
+        for fd in (r, w, memfd):
+            os.close(fd)
+    assert daemon.status()["regions"] == []
+
+
+def test_socket_and_store_in_use(uswapd, tmp_path):
+    daemon = uswapd()
+    second = subprocess.run([sys.executable, "-m", "uswap", "daemon", "--store", str(tmp_path / "other.store"),
+                             "--socket", daemon.socket], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert "another uswap daemon is listening here" in second.stderr
+    third = subprocess.run([sys.executable, "-m", "uswap", "daemon", "--store", daemon.store,
+                            "--socket", str(tmp_path / "third.sock")], capture_output=True, text=True, timeout=60)
+    assert third.returncode == 1
+    assert f"store is in use by PID {daemon.proc.pid}" in third.stderr
+    assert daemon.answers()
+
+
+def test_status_json_keys(uswapd, hog):
+    daemon = uswapd()
+    assert run_hog(hog, daemon, "-s", "16", "-r", "1").returncode == 0
+    out = uswap("status", "--socket", daemon.socket, "--json")
+    import json
+    status = json.loads(out.stdout)
+    assert {"pid", "store", "store_health", "io", "budget_pages", "resident_pages", "writeback_pages",
+            "slots_total", "slots_used", "pswpin", "pswpout", "read_errors", "write_errors"} <= set(status["daemon"])
+    assert status["daemon"]["pswpin"] > 0 and status["daemon"]["pswpout"] > 0
+    text = uswap("status", "--socket", daemon.socket).stdout
+    assert text.splitlines()[0].split()[:3] == ["STORE", "SIZE", "USED"]
