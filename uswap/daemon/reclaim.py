@@ -9,9 +9,10 @@ it.  Readahead pages start unreferenced, like the kernel's.
 Writeback of a batch (the kernel's shrink_folio_list → swap_writepage →
 end_page_writeback → __remove_mapping):
   1. clean victims (their slot still holds their data) are dropped at once;
-  2. dirty victims are write-protected (WRITEBACK), read through the memfd
-     into an aligned buffer, and written, contiguous pages in one I/O of up
-     to ``batch`` slots allocated as one cluster; all-zero pages need no slot;
+  2. dirty victims are write-protected (WRITEBACK) and read through the memfd
+     into an aligned buffer, in any order; their slots are allocated as one
+     cluster, so up to ``batch`` scattered pages become one sequential write
+     (the kernel's swap_iocb); all-zero pages need no slot;
   3. when the write ends, each page that no writer waited on is punched out
      of the memfd (SWAPPED); a page whose writer waited stays, CLEAN.
 A failed write keeps the pages resident and dirty, frees their slots, and
@@ -123,125 +124,131 @@ class Reclaimer:
 
     async def reclaim_batch(self) -> bool:
         victims = self.pick_victims()
-        by_region: dict[Region, list[int]] = collections.defaultdict(list)
-        for region, page in victims:
-            by_region[region].append(page)
-        for region, pages in by_region.items():
-            for first, count in runs(sorted(pages)):
-                try:
-                    await self.evict_run(region, first, count)
-                except RegionGone:
-                    pass
+        dirty = []
+        for region, pages in by_region(victims):
+            try:
+                dirty += [(region, p) for p in self.drop_clean(region, pages)]
+            except RegionGone:
+                pass
+        if dirty:
+            await self.write_batch(dirty)
         return bool(victims)
 
-    async def evict_run(self, region: Region, first: int, count: int) -> None:
-        """Evict pages first..first+count-1 of ``region`` (all resident, off the CLOCK)."""
-        dirty = []
-        for page in range(first, first + count):
-            if region.state[page] == CLEAN:
-                # The slot already holds this data: drop the page (no I/O).
-                region.punch(page, 1)
+    def drop_clean(self, region: Region, pages: list[int]) -> list[int]:
+        """Drop the clean pages (their slots hold their data: no I/O); return the dirty ones."""
+        clean = [p for p in pages if region.state[p] == CLEAN]
+        for first, count in runs(clean):
+            region.punch(first, count)
+            for page in range(first, first + count):
                 region.set_state(page, SWAPPED)
-            else:
-                dirty.append(page)
-        for run_first, run_count in runs(dirty):
-            if region.closed:  # released while an earlier run was being written
-                return
-            await self.write_run(region, run_first, run_count)
+        return [p for p in pages if region.state[p] != SWAPPED]
 
-    async def write_run(self, region: Region, first: int, count: int) -> None:
-        region._ioctl(region.uffd.write_protect, region.address(first), count * PAGE_SIZE, True)
-        for page in range(first, first + count):
-            region.set_state(page, WRITEBACK)
-        self.writeback += count
+    async def write_batch(self, victims: list[tuple[Region, int]]) -> None:
+        """swap_writepage for a batch: one write per cluster of contiguous slots.
+
+        The pages may be scattered over regions and addresses; their slots are
+        allocated as one cluster, so the batch is (usually) a single
+        sequential write, like the kernel's swap_iocb plugging.
+        """
+        batch: list[tuple[Region, int]] = []   # buffer order
+        for region, pages in by_region(victims):
+            try:
+                for first, count in runs(pages):
+                    region._ioctl(region.uffd.write_protect, region.address(first), count * PAGE_SIZE, True)
+                    for page in range(first, first + count):
+                        region.set_state(page, WRITEBACK)
+                    region.read_pages(first, count, self._buf, len(batch))
+                    batch += [(region, p) for p in range(first, first + count)]
+            except RegionGone:
+                continue
+        self.writeback += len(batch)
         try:
-            region.read_pages(first, count, self._buf)
-            written = await self._write_slots(region, first, count)
+            slots = await self._write_slots(len(batch))
         except OSError as e:
-            self.writeback -= count
-            self._write_failed(region, first, count, e)
+            self._write_failed(batch, e)
             return
-        self.writeback -= count
-        self._end_writeback(region, first, count, written)
+        finally:
+            self.writeback -= len(batch)
+        self._end_writeback(batch, slots)
 
-    async def _write_slots(self, region: Region, first: int, count: int) -> dict[int, int]:
-        """Give every non-zero page a slot and write them; returns {page: slot}."""
-        written: dict[int, int] = {}
-        nonzero = [p for p in range(first, first + count)
-                   if not lib.uswap_is_zero(self._buf.ptr + (p - first) * PAGE_SIZE, PAGE_SIZE)]
+    async def _write_slots(self, count: int) -> list[int]:
+        """Give every non-zero buffer page a slot and write them; returns each page's slot (-1: zero)."""
+        slots = [-1] * count
+        nonzero = [i for i in range(count) if not lib.uswap_is_zero(self._buf.ptr + i * PAGE_SIZE, PAGE_SIZE)]
         try:
             for run_first, run_count in runs(nonzero):
-                page = run_first
-                while page < run_first + run_count:
-                    slot, got = self.daemon.slots.allocate(run_first + run_count - page)
-                    for i in range(got):
-                        written[page + i] = slot + i
-                    await self.daemon.io.write(slot, got, self._buf, page - first)
-                    page += got
+                i = run_first
+                while i < run_first + run_count:
+                    slot, got = self.daemon.slots.allocate(run_first + run_count - i)
+                    slots[i:i + got] = range(slot, slot + got)
+                    await self.daemon.io.write(slot, got, self._buf, i)
+                    i += got
         except BaseException:
-            for slot in written.values():
+            for slot in slots:
                 self.daemon.release_slot(slot)
             raise
-        return written
+        return slots
 
-    def _end_writeback(self, region: Region, first: int, count: int, written: dict[int, int]) -> None:
-        """end_page_writeback: drop the pages nobody wanted meanwhile."""
-        if region.closed:
-            for slot in written.values():
+    def _end_writeback(self, batch: list[tuple[Region, int]], slots: list[int]) -> None:
+        """end_page_writeback, then drop the pages nobody wanted meanwhile."""
+        dropped: dict[Region, list[int]] = collections.defaultdict(list)
+        for (region, page), slot in zip(batch, slots):
+            if region.closed:
                 self.daemon.release_slot(slot)
-            return
-        punch_from = None
-        for page in range(first, first + count + 1):
-            keep = page == first + count or page in region.wp_waiters
-            if page < first + count:
-                slot = written.get(page, -1)
-                if keep:
-                    if slot < 0:     # an all-zero page wanted again: keep it, dirty
-                        region.set_state(page, DIRTY)
-                        region._ioctl(region.uffd.write_protect, region.address(page), PAGE_SIZE, False)
-                    else:
-                        region.swap_map[page] = slot
-                        region.set_state(page, CLEAN)
-                    self.lru[(region, page)] = True
-                    region.wp_waiters.pop(page).set()
-                else:
-                    region.swap_map[page] = slot
-                    region.set_state(page, SWAPPED if slot >= 0 else ABSENT)
-                    if slot >= 0:
-                        region.stats.pswpout += 1
-                        self.daemon.stats.pswpout += 1
-                    if punch_from is None:
-                        punch_from = page
-            if keep and punch_from is not None:
-                region.punch(punch_from, page - punch_from)
-                punch_from = None
+            elif page in region.wp_waiters:
+                # A writer waits: the page stays (clean if it got a slot).
+                region.swap_map[page] = slot
+                region.set_state(page, CLEAN if slot >= 0 else DIRTY)
+                if slot < 0:
+                    region._ioctl(region.uffd.write_protect, region.address(page), PAGE_SIZE, False)
+                self.lru[(region, page)] = True
+                region.wp_waiters.pop(page).set()
+            else:
+                region.swap_map[page] = slot
+                region.set_state(page, SWAPPED if slot >= 0 else ABSENT)
+                if slot >= 0:
+                    region.stats.pswpout += 1
+                    self.daemon.stats.pswpout += 1
+                dropped[region].append(page)
+        for region, pages in dropped.items():
+            for first, count in runs(pages):
+                region.punch(first, count)
         self._backoff = BACKOFF_FIRST
         self.pause_reason = ""
 
-    def _write_failed(self, region: Region, first: int, count: int, error: OSError) -> None:
-        """The kernel's policy: the page stays resident and dirty; try later."""
-        region.stats.write_errors += count
-        self.daemon.stats.write_errors += count
+    def _write_failed(self, batch: list[tuple[Region, int]], error: OSError) -> None:
+        """The kernel's policy: the pages stay resident and dirty; try later."""
         self.paused_until = self.clock() + self._backoff
         what = "no free slot" if isinstance(error, NoSlots) else f"errno {error.errno} ({error.strerror})"
         self.pause_reason = f"writeback failed: {what}; retrying in {self._backoff:.2f}s"
-        self.daemon.log_limited("write", logging.ERROR, "region %d: writeback of %d page(s) at %#x failed: %s",
-                                region.id, count, region.address(first), what)
         self._backoff = min(BACKOFF_MAX, self._backoff * 2)
-        if region.closed:
-            return
-        for page in range(first, first + count):
-            region.set_state(page, DIRTY)
-            self.lru[(region, page)] = True
-            event = region.wp_waiters.pop(page, None)
-            if event:
-                event.set()
-        try:
-            region._ioctl(region.uffd.write_protect, region.address(first), count * PAGE_SIZE, False)
-        except RegionGone:
-            pass
+        self.daemon.stats.write_errors += len(batch)
+        self.daemon.log_limited("write", logging.ERROR, "writeback of %d page(s) failed: %s", len(batch), what)
         if error.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EBADMSG):
             log.error("unexpected writeback error", exc_info=error)
+        for region, pages in by_region(batch):
+            if region.closed:
+                continue
+            region.stats.write_errors += len(pages)
+            for page in pages:
+                region.set_state(page, DIRTY)
+                self.lru[(region, page)] = True
+                event = region.wp_waiters.pop(page, None)
+                if event:
+                    event.set()
+            try:
+                for first, count in runs(pages):
+                    region._ioctl(region.uffd.write_protect, region.address(first), count * PAGE_SIZE, False)
+            except RegionGone:
+                pass
+
+
+def by_region(pairs: list[tuple[Region, int]]) -> list[tuple[Region, list[int]]]:
+    """(region, page) pairs grouped per region, pages sorted."""
+    grouped: dict[Region, list[int]] = collections.defaultdict(list)
+    for region, page in pairs:
+        grouped[region].append(page)
+    return [(region, sorted(pages)) for region, pages in grouped.items()]
 
 
 def runs(pages: list[int]) -> list[tuple[int, int]]:

@@ -81,6 +81,8 @@ class Region:
         self.serve_scope = trio.CancelScope()
         self.wp_waiters: dict[int, trio.Event] = {}  # pages whose writer waits for writeback to end
         self._buf = AlignedBuffer(max(1, daemon.readahead) * PAGE_SIZE)
+        self._last_fault = -(1 << 40)   # readahead state: previous swap-in fault, window size
+        self._ra_size = 1
 
     # -- accounting -------------------------------------------------------
 
@@ -159,14 +161,22 @@ class Region:
     # -- swap-in ------------------------------------------------------------------
 
     def readahead_window(self, page: int) -> tuple[int, int]:
-        """First page and count of the run to read: swapped neighbours whose
-        slots continue the faulting page's slot, at most ``readahead`` pages,
-        centred on the fault (the kernel's VMA readahead, minus its heuristics)."""
-        limit = max(1, self.daemon.readahead)
+        """First page and count of the run to read (the kernel's swap readahead).
+
+        The window adapts like file readahead: a fault near the previous one
+        doubles it (up to ``readahead`` pages), a fault elsewhere halves it, so
+        random access reads single pages and sequential access reads ahead.
+        Within the window: swapped neighbours whose slots continue the faulting
+        page's slot, mostly ahead of the fault.
+        """
+        near = abs(page - self._last_fault) <= max(2, self._ra_size)
+        self._ra_size = min(self.daemon.readahead, self._ra_size * 2) if near else max(1, self._ra_size // 2)
+        self._last_fault = page
+        limit = self._ra_size
         slot = self.swap_map[page]
         first, count = page, 1
         while count < limit and first > 0 and self.state[first - 1] == SWAPPED \
-                and self.swap_map[first - 1] == slot - (page - first) - 1 and page - first < limit // 2:
+                and self.swap_map[first - 1] == slot - (page - first) - 1 and page - first < limit // 4:
             first -= 1
             count += 1
         last = page
@@ -316,9 +326,10 @@ class Region:
         fd, self.memfd = self.memfd, -1
         os.close(fd)
 
-    def read_pages(self, first: int, count: int, buf: AlignedBuffer) -> None:
+    def read_pages(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
         """Snapshot resident pages through the memfd (never through a mapping)."""
-        n = check(lib.uswap_pread_full(self.memfd, buf.ptr, count * PAGE_SIZE, first * PAGE_SIZE))
+        n = check(lib.uswap_pread_full(self.memfd, buf.ptr + buf_page * PAGE_SIZE, count * PAGE_SIZE,
+                                       first * PAGE_SIZE))
         if n != count * PAGE_SIZE:
             raise OSError(errno.EIO, f"short read of the region's memfd: {n} bytes")
 
