@@ -192,11 +192,28 @@ def uswapd(tmp_path):
     assert not problems, "\n".join(problems)
 
 
+def build_c(tmp_path_factory, source: str, name: str) -> str:
+    """Compile a C client against libuswap; returns the binary's path."""
+    out = tmp_path_factory.mktemp("bin") / name
+    flags = uswap("config", "--cflags", "--libs").stdout.split()
+    run("cc", "-O2", "-Wall", "-Werror", "-pthread", source, *flags, "-lm", "-o", str(out))
+    return str(out)
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 @pytest.fixture(scope="session")
 def hog(tmp_path_factory):
     """The integrity hog (examples/hog.c), built against libuswap."""
-    out = tmp_path_factory.mktemp("bin") / "hog"
-    flags = uswap("config", "--cflags", "--libs").stdout.split()
-    source = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "hog.c")
-    run("cc", "-O2", "-Wall", "-Werror", "-pthread", source, *flags, "-o", str(out))
-    return str(out)
+    return build_c(tmp_path_factory, os.path.join(HERE, os.pardir, "examples", "hog.c"), "hog")
+
+
+@pytest.fixture(scope="session")
+def hammer(tmp_path_factory):
+    return build_c(tmp_path_factory, os.path.join(HERE, "c", "hammer.c"), "hammer")
+
+
+@pytest.fixture(scope="session")
+def workload(tmp_path_factory):
+    return build_c(tmp_path_factory, os.path.join(HERE, os.pardir, "examples", "workload.c"), "workload")

@@ -50,6 +50,24 @@ def test_threads_fault_the_same_region(uswapd, hog):
     assert " 0 mismatches" in r.stdout
 
 
+def test_writer_hammering_pages_under_writeback(uswapd, hammer):
+    daemon = uswapd(resident="4M", io="async")
+    r = subprocess.run([hammer, "16", "8"], capture_output=True, text=True, env=daemon.env(), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.endswith(" 0 wrong\n")
+    assert daemon.status()["daemon"]["writeback_waits"] > 0  # writes did land on pages under writeback
+
+
+@pytest.mark.parametrize("mode", ["seq", "random", "zipf"])
+def test_workloads_verify_every_page(uswapd, workload, mode):
+    daemon = uswapd(resident="4M")
+    r = subprocess.run([workload, mode, "-s", "16", "-n", "4000"], capture_output=True, text=True,
+                       env=daemon.env(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    fields = dict(kv.split("=") for kv in r.stdout.split())
+    assert fields["mismatches"] == "0" and int(fields["faults"]) > 0
+
+
 NUMPY_CLIENT = textwrap.dedent("""
     import numpy, sys, uswap
     words = int(sys.argv[1]) // 8

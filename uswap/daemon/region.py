@@ -53,6 +53,7 @@ class RegionStats:
     faults: int = 0
     zero_fills: int = 0
     wp_faults: int = 0
+    writeback_waits: int = 0   # writes that had to wait for their page's writeback to end
     pswpin: int = 0
     pswpout: int = 0
     read_errors: int = 0
@@ -274,6 +275,8 @@ class Region:
             # The writer waits for the write to end (wait_on_page_writeback);
             # the reclaimer then keeps the page resident.  Don't block the loop.
             self.wp_waiters.setdefault(page, trio.Event())
+            self.stats.writeback_waits += 1
+            self.daemon.stats.writeback_waits += 1
             self.daemon.nursery.start_soon(self._write_after_writeback, page)
         elif state == CLEAN:
             self.make_dirty(page)

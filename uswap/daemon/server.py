@@ -49,6 +49,7 @@ class DaemonStats:
     pswpout: int = 0
     read_errors: int = 0
     write_errors: int = 0
+    writeback_waits: int = 0
 
 
 class SocketInUse(OSError):
