@@ -3,7 +3,7 @@
  * plain anonymous memory (kernel swap), timed from inside.
  *
  *   cc -O2 workload.c $(uswap config --cflags --libs) -o workload
- *   workload seq|random|zipf [-s MiB] [-n ACCESSES] [-w WRITE%] [-S SEED] [-a]
+ *   workload seq|random|zipf [-s MiB] [-n ACCESSES] [-w WRITE%] [-S SEED] [-a] [-o FILE]
  *
  *   seq     write every page, then read every page in order
  *   random  write every page, then ACCESSES uniform random page accesses
@@ -13,7 +13,8 @@
  * counted as a fault (a resident access takes ~0.1 µs) and goes into the
  * latency percentiles.  Every page is verified at the end: its first word
  * names the page, its second counts the writes it got.
- * Output: one line of key=value pairs; exit 1 on any mismatch.
+ * Output: one line of key=value pairs; exit 1 on any mismatch.  -o FILE also
+ * writes every fault latency (ns, sorted, native-endian uint32) to FILE.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -86,23 +87,25 @@ int main(int argc, char **argv)
 {
 	size_t mib = 256, accesses = 200000;
 	int write_pct = 50, anon = 0, opt;
+	const char *dump = NULL;
 	uint64_t seed = 1;
 	const char *mode = argc > 1 ? argv[1] : "";
 	optind = 2;
-	while ((opt = getopt(argc, argv, "s:n:w:S:a")) != -1) {
+	while ((opt = getopt(argc, argv, "s:n:w:S:ao:")) != -1) {
 		switch (opt) {
 		case 's': mib = strtoull(optarg, NULL, 0); break;
 		case 'n': accesses = strtoull(optarg, NULL, 0); break;
 		case 'w': write_pct = atoi(optarg); break;
 		case 'S': seed = strtoull(optarg, NULL, 0); break;
 		case 'a': anon = 1; break;
+		case 'o': dump = optarg; break;
 		default: goto usage;
 		}
 	}
 	int seq = !strcmp(mode, "seq"), random_ = !strcmp(mode, "random"), zipf = !strcmp(mode, "zipf");
 	if (!(seq || random_ || zipf) || mib == 0) {
 usage:
-		fprintf(stderr, "usage: %s seq|random|zipf [-s MiB] [-n accesses] [-w write%%] [-S seed] [-a]\n",
+		fprintf(stderr, "usage: %s seq|random|zipf [-s MiB] [-n accesses] [-w write%%] [-S seed] [-a] [-o file]\n",
 			argv[0]);
 		return 2;
 	}
@@ -163,6 +166,13 @@ usage:
 	size_t n = t.faults < t.cap ? t.faults : t.cap;
 	qsort(t.ns, n, sizeof(uint32_t), cmp_u32);
 	double p50 = n ? t.ns[n / 2] / 1e3 : 0, p99 = n ? t.ns[(size_t)(n * 0.99)] / 1e3 : 0;
+	if (dump) {
+		FILE *f = fopen(dump, "wb");
+		if (!f || fwrite(t.ns, sizeof(uint32_t), n, f) != n || fclose(f) != 0) {
+			fprintf(stderr, "workload: cannot write %s: %s\n", dump, strerror(errno));
+			return 2;
+		}
+	}
 	printf("mode=%s backend=%s pages=%zu accesses=%zu wall_s=%.3f faults=%zu fault_p50_us=%.1f "
 	       "fault_p99_us=%.1f mismatches=%zu\n", mode, anon ? "anon" : "uswap", pages, ops, wall, t.faults,
 	       p50, p99, mismatches);

@@ -108,6 +108,55 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import signal
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from uswap.bench.report import markdown, plot, table
+    from uswap.bench.runner import WORKLOADS, Bench, BenchConfig
+
+    workloads = args.workloads.split(",")
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        raise ValueError(f"unknown workloads {sorted(unknown)} (choose from {', '.join(WORKLOADS)})")
+    against = [a for a in args.against.split(",") if a]
+    console = Console(stderr=True)
+    if os.geteuid() != 0 and against:
+        console.print("[yellow]not root: kernel swap rows need root (swapon, memcg); running the uswap rows only")
+        against = []
+    pin = [int(c) for c in args.pin.split(",")] if args.pin else [None, None]
+    config = BenchConfig(workloads=workloads, size=args.size, resident=args.resident, against=against,
+                         io=args.io.split(","), repeat=args.repeat, workdir=args.workdir,
+                         readahead=args.readahead, accesses=args.accesses, daemon_cpu=pin[0], workload_cpu=pin[1])
+    bench = Bench(config)
+
+    def on_term(signum, frame):  # restore global settings on SIGTERM too
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=None)
+
+        def show(done, total, what):
+            progress.update(task, completed=done, total=total, description=what)
+        bench.run_all(show)
+    main_table, ratio_table = table(bench)
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    out.print(main_table)
+    out.print(ratio_table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(bench.to_json(), f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(bench) + "\n")
+    if args.plot:
+        plot(bench, args.plot)
+    bad = [r for r in bench.runs if r["exit_code"] != 0 or r["mismatches"]]
+    return 1 if bad else 0
+
+
 def cmd_demo(args) -> int:
     from uswap.demo import run_demo
     ensure_store(args.store)
@@ -147,6 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cflags", action="store_true")
     p.add_argument("--libs", action="store_true")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("bench", help="measure uswap against kernel swap on the same disk")
+    p.add_argument("--workloads", default="seq,random,zipf,hog", help="comma-separated: seq,random,zipf,hog")
+    p.add_argument("--size", type=_size, default=1 << 30, help="working set (default 1G)")
+    p.add_argument("--resident", type=_size, default=256 << 20, help="budget and memcg limit (default 256M)")
+    p.add_argument("--against", default="native", help="kernel rows: native,zram,zswap (default native)")
+    p.add_argument("--io", default="sync,async", help="uswap I/O modes (default sync,async)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--accesses", type=int, default=None, help="random/zipf accesses (default 200k per GiB)")
+    p.add_argument("--readahead", type=int, default=8)
+    p.add_argument("--pin", default=None, help="DAEMON_CPU,WORKLOAD_CPU (default: unpinned)")
+    p.add_argument("--workdir", default="/var/tmp/uswap-bench", help="store, swapfile and binaries go here")
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--plot", default=None, metavar="FILE", help="PNG: latency CDFs and ratio bars")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="the tables as Markdown")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="start a daemon on the default store and run a workload 4x its budget")
     p.add_argument("--store", default=DEFAULT_STORE, help=f"store path (default {DEFAULT_STORE})")

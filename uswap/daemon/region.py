@@ -143,23 +143,37 @@ class Region:
         try:
             return op(*args)
         except FileExistsError:
-            self.uffd.wake(args[0], PAGE_SIZE)
-            return 0
+            raise
         except OSError as e:
             if e.errno in GONE_ERRNOS:
                 raise RegionGone() from None
             raise
 
     async def zero_fill(self, page: int) -> None:
+        """First touch: zero pages, for the faulting page and, when faults
+        walk forward, the never-touched pages after it (one ioctl: a round
+        trip through the daemon costs far more than zeroing a page)."""
         await self.daemon.reclaimer.throttle()
         if self.closed or self.state[page] != ABSENT:
             return
-        self._ioctl(self.uffd.zeropage, self.address(page), PAGE_SIZE)
-        self.set_state(page, DIRTY)
-        self.stats.zero_fills += 1
-        self.daemon.reclaimer.add(self, page, referenced=True)
+        limit = self._window(page)
+        count = 1
+        while count < limit and page + count < self.pages and self.state[page + count] == ABSENT:
+            count += 1
+        self._fill(self.uffd.zeropage, page, count)
+        for p in range(page, page + count):
+            self.set_state(p, DIRTY)
+            self.daemon.reclaimer.add(self, p, referenced=(p == page))
+        self.stats.zero_fills += count
 
     # -- swap-in ------------------------------------------------------------------
+
+    def _window(self, page: int) -> int:
+        """Adapt and return the fault-ahead window size for a fault at ``page``."""
+        near = abs(page - self._last_fault) <= max(2, self._ra_size)
+        self._ra_size = min(self.daemon.readahead, self._ra_size * 2) if near else max(1, self._ra_size // 2)
+        self._last_fault = page
+        return self._ra_size
 
     def readahead_window(self, page: int) -> tuple[int, int]:
         """First page and count of the run to read (the kernel's swap readahead).
@@ -170,10 +184,7 @@ class Region:
         Within the window: swapped neighbours whose slots continue the faulting
         page's slot, mostly ahead of the fault.
         """
-        near = abs(page - self._last_fault) <= max(2, self._ra_size)
-        self._ra_size = min(self.daemon.readahead, self._ra_size * 2) if near else max(1, self._ra_size // 2)
-        self._last_fault = page
-        limit = self._ra_size
+        limit = self._window(page)
         slot = self.swap_map[page]
         first, count = page, 1
         while count < limit and first > 0 and self.state[first - 1] == SWAPPED \
@@ -241,13 +252,23 @@ class Region:
 
     def _copy_run(self, page: int, count: int, buf_page: int, mode: CopyMode) -> None:
         src = self._buf.address + buf_page * PAGE_SIZE
-        done = 0
-        while done < count * PAGE_SIZE:
+        self._fill(lambda at, length: self.uffd.copy(at, src + (at - self.address(page)), length, mode), page, count)
+
+    def _fill(self, op, page: int, count: int) -> None:
+        """Run a fill ioctl (COPY, ZEROPAGE) over pages, finishing what it stops short of.
+
+        EAGAIN (PartialFill) continues after the bytes done; EEXIST means a page
+        is already there (a racing fault of another thread got it in): skip it.
+        """
+        at, end = self.address(page), self.address(page + count)
+        while at < end:
             try:
-                done += self._ioctl(self.uffd.copy, self.address(page) + done, src + done,
-                                    count * PAGE_SIZE - done, mode)
+                at += self._ioctl(op, at, end - at)
             except PartialFill as e:
-                done += e.done
+                at += e.done
+            except FileExistsError:
+                self.uffd.wake(at, PAGE_SIZE)
+                at += PAGE_SIZE
 
     def _poison(self, page: int) -> None:
         """The kernel's answer to an unreadable swap slot: SIGBUS for whoever touches it."""
@@ -265,7 +286,10 @@ class Region:
         # (shmem keeps write protection across the hole punch).  UFFDIO_POISON
         # wants an empty entry (EEXIST otherwise), so resolve the marker first.
         self._ioctl(self.uffd.write_protect, self.address(page), PAGE_SIZE, False)
-        self._ioctl(self.uffd.poison, self.address(page), PAGE_SIZE)
+        try:
+            self._ioctl(self.uffd.poison, self.address(page), PAGE_SIZE)
+        except FileExistsError:
+            self.uffd.wake(self.address(page), PAGE_SIZE)  # the marker is already there
 
     # -- first write to a clean page --------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""`uswap bench`: uswap against kernel swap, side by side (see runner.py)."""

@@ -1,0 +1,192 @@
+"""Where a benchmark's memory goes: uswap, or kernel swap under a memory cgroup.
+
+Each backend is a context manager around one run.  Everything global that a
+native backend touches — a swap area, ``vm.page-cluster``, zswap's enabled
+switch, zram0, a memcg v1 group — is recorded before and restored in
+``__exit__``, which runs on success, on a failed run and on Ctrl-C alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from uswap.daemon.status import fetch_status
+
+MEMCG_ROOT = "/sys/fs/cgroup/memory"
+PAGE_CLUSTER = "/proc/sys/vm/page-cluster"
+ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
+
+
+def read_vmstat() -> dict[str, int]:
+    with open("/proc/vmstat") as f:
+        return {k: int(v) for k, v in (line.split() for line in f)}
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _pin(cpu: int | None):
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    pswpin: int
+    pswpout: int
+    extra: dict = field(default_factory=dict)
+
+
+class Setting:
+    """A global knob set for a run and put back afterwards."""
+
+    def __init__(self, stack: contextlib.ExitStack, path: str, value: str):
+        old = _read(path)
+        _write(path, value)
+        stack.callback(_write, path, old)
+
+
+class KernelSwap:
+    """Plain anonymous memory in a memcg v1 group limited to the budget, swapping to
+    a swapfile on the bench directory's filesystem (or zram, or zswap in front)."""
+
+    def __init__(self, workdir: str, *, budget: int, swap_size: int, page_cluster: int | None,
+                 kind: str = "native", workload_cpu: int | None = None):
+        self.workdir = workdir
+        self.budget = budget
+        self.swap_size = swap_size
+        self.page_cluster = page_cluster
+        self.kind = kind            # native, zram, zswap
+        self.workload_cpu = workload_cpu
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "KernelSwap":
+        try:
+            self._setup()
+        except BaseException:
+            self.stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def _setup(self) -> None:
+        stack = self.stack
+        if self.page_cluster is not None:
+            Setting(stack, PAGE_CLUSTER, str(self.page_cluster))
+        if self.kind == "zram":
+            device = "/dev/zram0"
+            if _read("/sys/block/zram0/disksize") != "0":
+                raise OSError("zram0 is in use; the bench will not touch it")
+            _write("/sys/block/zram0/disksize", str(self.swap_size))
+            stack.callback(_write, "/sys/block/zram0/reset", "1")
+        else:
+            device = os.path.join(self.workdir, "native.swap")
+            subprocess.run(["fallocate", "-l", str(self.swap_size), device], check=True)
+            os.chmod(device, 0o600)
+            stack.callback(os.unlink, device)
+            if self.kind == "zswap":
+                Setting(stack, ZSWAP_ENABLED, "Y")
+        subprocess.run(["mkswap", device], check=True, capture_output=True)
+        subprocess.run(["swapon", device], check=True)
+        stack.callback(subprocess.run, ["swapoff", device], check=True)
+        self.group = os.path.join(MEMCG_ROOT, f"uswap-bench-{os.getpid()}")
+        os.mkdir(self.group)
+        stack.callback(os.rmdir, self.group)
+        _write(os.path.join(self.group, "memory.limit_in_bytes"), str(self.budget))
+
+    def _enter_group(self) -> None:
+        _write(os.path.join(self.group, "cgroup.procs"), str(os.getpid()))
+        if self.workload_cpu is not None:
+            os.sched_setaffinity(0, {self.workload_cpu})
+
+    def run(self, cmd: list[str], timeout: float) -> RunResult:
+        before = read_vmstat()
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=self._enter_group)
+        wall = time.perf_counter() - t0
+        after = read_vmstat()
+        return RunResult(proc.returncode, proc.stdout, proc.stderr, wall, after["pswpin"] - before["pswpin"],
+                         after["pswpout"] - before["pswpout"])
+
+
+class UswapDaemon:
+    """A `uswap daemon` on a store in the bench directory, for one run."""
+
+    def __init__(self, workdir: str, store: str, *, budget: int, io: str, readahead: int,
+                 daemon_cpu: int | None = None, workload_cpu: int | None = None):
+        self.socket = os.path.join(workdir, "bench.sock")
+        self.args = [sys.executable, "-m", "uswap", "daemon", "--store", store, "--socket", self.socket,
+                     "--resident", str(budget), "--io", io, "--readahead", str(readahead)]
+        self.daemon_cpu = daemon_cpu
+        self.workload_cpu = workload_cpu
+        self.log_path = os.path.join(workdir, "daemon.log")
+
+    def __enter__(self) -> "UswapDaemon":
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=self.log, preexec_fn=_pin(self.daemon_cpu))
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise OSError(f"uswap daemon exited with {self.proc.returncode}: {_read(self.log_path)}")
+            try:
+                fetch_status(self.socket, timeout=1)
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def _cpu_seconds(self) -> float:
+        fields = _read(f"/proc/{self.proc.pid}/stat").rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _peak_rss(self) -> int:
+        for line in _read(f"/proc/{self.proc.pid}/status").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def run(self, cmd: list[str], timeout: float) -> RunResult:
+        before = fetch_status(self.socket)["daemon"]
+        cpu0 = self._cpu_seconds()
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, USWAP_SOCKET=self.socket), preexec_fn=_pin(self.workload_cpu))
+        wall = time.perf_counter() - t0
+        after = fetch_status(self.socket)["daemon"]
+        extra = {"daemon_cpu_s": round(self._cpu_seconds() - cpu0, 2),
+                 "daemon_rss_mib": round(self._peak_rss() / (1 << 20), 1),
+                 "write_errors": after["write_errors"] - before["write_errors"],
+                 "read_errors": after["read_errors"] - before["read_errors"]}
+        return RunResult(proc.returncode, proc.stdout, proc.stderr, wall, after["pswpin"] - before["pswpin"],
+                         after["pswpout"] - before["pswpout"], extra)

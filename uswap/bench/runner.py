@@ -1,0 +1,187 @@
+"""`uswap bench`: the same C workloads on uswap and on kernel swap, interleaved.
+
+One *round* runs every configuration once (uswap with each I/O mode, native
+swap at page-cluster 3 and 0, and any --against extras), in that order; rounds
+repeat ``--repeat`` times, so the backends alternate (A B A B ...) and drift
+hits them alike.  Results are per run; ratios compare medians per workload.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+
+from uswap.bench.backends import KernelSwap, RunResult, UswapDaemon
+from uswap.core import PAGE_SIZE
+from uswap.store.mkswap import mkswap
+from uswap.units import format_size
+
+WORKLOADS = ("seq", "random", "zipf", "hog")
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "examples")
+
+
+@dataclass
+class BenchConfig:
+    workloads: list[str]
+    size: int
+    resident: int
+    against: list[str]
+    io: list[str]
+    repeat: int
+    workdir: str
+    readahead: int = 8
+    accesses: int | None = None
+    daemon_cpu: int | None = None
+    workload_cpu: int | None = None
+
+    def backends(self) -> list[tuple[str, str | None, int | None]]:
+        """(backend, io, page_cluster) for one round."""
+        out: list[tuple[str, str | None, int | None]] = [("uswap", io, None) for io in self.io]
+        if "native" in self.against:
+            out += [("native", None, 3), ("native", None, 0)]
+        out += [(kind, None, 3) for kind in ("zram", "zswap") if kind in self.against]
+        return out
+
+    @property
+    def placement(self) -> str:
+        if self.daemon_cpu is None and self.workload_cpu is None:
+            return "unpinned (the scheduler places daemon and workload on the 2 vCPUs)"
+        return f"daemon on CPU {self.daemon_cpu}, workload on CPU {self.workload_cpu}"
+
+
+@dataclass
+class Bench:
+    config: BenchConfig
+    runs: list[dict] = field(default_factory=list)
+    latency_files: dict[str, str] = field(default_factory=dict)
+
+    def build(self) -> dict[str, str]:
+        """Compile the workloads against libuswap, into the bench directory."""
+        flags = subprocess.run(["python3", "-m", "uswap", "config", "--cflags", "--libs"], capture_output=True,
+                               text=True, check=True).stdout.split()
+        binaries = {}
+        for name in ("workload", "hog"):
+            source = os.path.join(EXAMPLES, f"{name}.c")
+            if not os.path.exists(source):
+                raise OSError(f"{source} not found: uswap bench runs from a source checkout")
+            out = os.path.join(self.config.workdir, name)
+            subprocess.run(["cc", "-O2", "-pthread", source, *flags, "-lm", "-o", out], check=True)
+            binaries[name] = out
+        return binaries
+
+    def command(self, binaries: dict[str, str], workload: str, kernel: bool, dump: str | None) -> list[str]:
+        mib = self.config.size >> 20
+        if workload == "hog":
+            return [binaries["hog"], "-s", str(max(1, mib // 4)), "-p", "4", "-r", "3", *(["-a"] if kernel else [])]
+        pages = self.config.size // PAGE_SIZE
+        accesses = self.config.accesses or max(1000, pages * 200_000 // 262_144)
+        cmd = [binaries["workload"], workload, "-s", str(mib), "-n", str(accesses)]
+        if kernel:
+            cmd.append("-a")
+        if dump:
+            cmd += ["-o", dump]
+        return cmd
+
+    def run_all(self, progress=None) -> None:
+        cfg = self.config
+        os.makedirs(cfg.workdir, exist_ok=True)
+        binaries = self.build()
+        store = os.path.join(cfg.workdir, "bench.store")
+        if not os.path.exists(store):
+            mkswap(store, cfg.size + 64 * PAGE_SIZE + PAGE_SIZE, force=True)
+        total = len(cfg.workloads) * len(cfg.backends()) * cfg.repeat
+        done = 0
+        for repeat in range(cfg.repeat):
+            for workload in cfg.workloads:
+                for backend, io, page_cluster in cfg.backends():
+                    label = f"{backend}" + (f"/{io}" if io else f"/pc{page_cluster}")
+                    if progress:
+                        progress(done, total, f"{workload} {label} (round {repeat + 1})")
+                    dump = None
+                    if repeat == 0 and workload != "hog":
+                        dump = os.path.join(cfg.workdir, f"lat-{workload}-{label.replace('/', '-')}.u32")
+                        self.latency_files[f"{workload} {label}"] = dump
+                    kernel = backend != "uswap"
+                    cmd = self.command(binaries, workload, kernel, dump)
+                    result = self._run_one(backend, io, page_cluster, cmd)
+                    self.runs.append(self._record(workload, backend, io, page_cluster, repeat, result))
+                    done += 1
+        if progress:
+            progress(done, total, "done")
+
+    def _run_one(self, backend: str, io: str | None, page_cluster: int | None, cmd: list[str]) -> RunResult:
+        cfg = self.config
+        timeout = 3600
+        if backend == "uswap":
+            with UswapDaemon(cfg.workdir, os.path.join(cfg.workdir, "bench.store"), budget=cfg.resident, io=io,
+                             readahead=cfg.readahead, daemon_cpu=cfg.daemon_cpu,
+                             workload_cpu=cfg.workload_cpu) as daemon:
+                return daemon.run(cmd, timeout)
+        with KernelSwap(cfg.workdir, budget=cfg.resident, swap_size=cfg.size + (64 << 20),
+                        page_cluster=page_cluster, kind=backend, workload_cpu=cfg.workload_cpu) as swap:
+            return swap.run(cmd, timeout)
+
+    def _record(self, workload, backend, io, page_cluster, repeat, r: RunResult) -> dict:
+        pages = self.config.size // PAGE_SIZE
+        record = {"workload": workload, "backend": backend, "io": io, "page_cluster": page_cluster,
+                  "repeat": repeat, "wall_s": round(r.wall_s, 3), "fault_p50_us": None, "fault_p99_us": None,
+                  "faults": None, "pswpin": r.pswpin, "pswpout": r.pswpout,
+                  "rewritten": max(0, r.pswpout - pages), "mismatches": None, "exit_code": r.returncode,
+                  **r.extra}
+        if workload == "hog":
+            lines = [line for line in r.stdout.splitlines() if line.startswith("hog[")]
+            record["mismatches"] = sum(int(line.split(", ")[3].split()[0]) for line in lines) if lines else None
+        else:
+            fields = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+            if fields:
+                record.update(fault_p50_us=float(fields["fault_p50_us"]), fault_p99_us=float(fields["fault_p99_us"]),
+                              faults=int(fields["faults"]), mismatches=int(fields["mismatches"]))
+        if r.returncode != 0:
+            record["error"] = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return record
+
+    # -- summary -----------------------------------------------------------------------
+
+    def ratios(self) -> list[dict]:
+        out = []
+        for workload in self.config.workloads:
+            native = [r["wall_s"] for r in self.runs if r["workload"] == workload and r["backend"] == "native"
+                      and r["page_cluster"] == 3]
+            if not native:
+                continue
+            for io in self.config.io:
+                mine = [r["wall_s"] for r in self.runs if r["workload"] == workload and r["backend"] == "uswap"
+                        and r["io"] == io]
+                pairs = [a / b for a, b in zip(mine, native)]
+                out.append({"workload": workload, "io": io,
+                            "uswap_over_native_wall": round(statistics.median(mine) / statistics.median(native), 3),
+                            "spread": [round(min(pairs), 3), round(max(pairs), 3)]})
+        return out
+
+    def machine(self) -> dict:
+        model = ""
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": model,
+                "memory": format_size(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+                "workdir": self.config.workdir, "placement": self.config.placement,
+                "size": format_size(self.config.size), "resident": format_size(self.config.resident),
+                "readahead": self.config.readahead}
+
+    def to_json(self) -> dict:
+        return {"machine": self.machine(), "runs": self.runs, "ratios": self.ratios()}
+
+
+def median_by(runs: list[dict], key: str) -> dict[tuple, float | None]:
+    """Median of ``key`` per (workload, backend, io, page_cluster)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in runs:
+        if r.get(key) is not None:
+            groups.setdefault((r["workload"], r["backend"], r["io"], r["page_cluster"]), []).append(r[key])
+    return {k: statistics.median(v) for k, v in groups.items()}
