@@ -2,9 +2,10 @@
 
 ``sync`` mirrors the kernel's ONLY_USE_SYNC_DIO: each transfer completes
 before anything else happens (no hand-off, lowest latency for one fault, but
-the daemon serves nothing else meanwhile).  ``async`` hands each transfer to
-a bounded pool of threads, so faults of other regions, and writeback, overlap
-with the I/O (the store's O_DIRECT pread/pwrite release the GIL).
+the daemon serves nothing else meanwhile).  ``async`` hands each writeback
+write to a bounded pool of threads, so faults go on being served while pages
+are written (the store's O_DIRECT pwrite releases the GIL); swap-in reads stay
+synchronous, as a fault's read does in the kernel.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class ThreadSlotIO(SyncSlotIO):
         finally:
             self.in_flight -= 1
 
-    async def read(self, first, count, buf, buf_page=0):
-        await self._run(self.store.read_slots, first, count, buf, buf_page)
+    # Reads stay in the event loop: a swap-in is waited for by the faulting
+    # thread either way, and a hand-off to a worker thread and back costs more
+    # than the 4-32 KiB read itself (measured: docs/BENCHMARKS.md).
 
     async def write(self, first, count, buf, buf_page=0):
         await self._run(self.store.write_slots, first, count, buf, buf_page)
