@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -398,4 +399,15 @@ int uswap_punch_hole(int fd, int64_t offset, int64_t length)
 int uswap_mlockall(void)
 {
 	return mlockall(MCL_CURRENT | MCL_FUTURE) < 0 ? NEG_ERRNO() : 0;
+}
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+
+/* Mark the process as part of the I/O path: its allocations do not recurse
+ * into I/O reclaim (PF_MEMALLOC_NOIO), like loop and nbd workers. */
+int uswap_set_io_flusher(void)
+{
+	return prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0 ? NEG_ERRNO() : 0;
 }

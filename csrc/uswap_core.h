@@ -125,6 +125,7 @@ int uswap_dio_alignment(int fd, uint32_t *mem_align, uint32_t *offset_align);
 int uswap_fs_magic(int fd, int64_t *magic);
 int uswap_punch_hole(int fd, int64_t offset, int64_t length);
 int uswap_mlockall(void);
+int uswap_set_io_flusher(void);
 
 /* CDEF-END */
 

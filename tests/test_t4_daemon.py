@@ -119,12 +119,21 @@ HOLDER = textwrap.dedent("""
 def start_holder(daemon, size: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(size)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env())
-    assert proc.stdout.readline() == "filled\n", proc.stderr.read()
+    line = proc.stdout.readline()
+    if line != "filled\n":
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"holder did not fill its region: {line!r} {err}")
     return proc
 
 
 def finish_holder(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate("go\n", timeout=120)
+    try:
+        out, err = proc.communicate("go\n", timeout=120)
+    finally:
+        if proc.poll() is None:  # hung: end it, so nothing outlives the test
+            proc.kill()
+            proc.communicate()
     return proc.returncode, out, err
 
 
@@ -352,3 +361,15 @@ def test_status_json_keys(uswapd, hog):
     assert status["daemon"]["pswpin"] > 0 and status["daemon"]["pswpout"] > 0
     text = uswap("status", "--socket", daemon.socket).stdout
     assert text.splitlines()[0].split()[:3] == ["STORE", "SIZE", "USED"]
+
+
+def test_demo_main_job(tmp_path):
+    """The README's main job, on a small store of its own."""
+    store = tmp_path / "store"
+    assert uswap("mkswap", str(store), "--size", "64M").returncode == 0
+    r = subprocess.run([sys.executable, "-m", "uswap", "demo", "--store", str(store), "--resident", "4M"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "16M through a 4M budget" in r.stdout and "0 mismatches" in r.stdout
+    assert "verify   100%" in r.stderr
+    assert not os.path.exists(str(store) + ".sock")

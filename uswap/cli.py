@@ -21,6 +21,7 @@ from uswap.units import format_size, parse_size
 DEFAULT_STORE = "/var/tmp/uswap/store"
 DEFAULT_STORE_SIZE = 1 << 30
 DEFAULT_BUDGET = 256 << 20
+DEFAULT_FUSE_STORE = "/var/tmp/uswap/fuse.store"
 
 
 class UsageError(Exception):
@@ -88,9 +89,29 @@ def cmd_daemon(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from uswap.daemon.status import fetch_status, render_status
-    status = fetch_status(args.socket)
-    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    """The daemon's status and every uswap FUSE mount's counters."""
+    from uswap.daemon.status import fetch_status, render_mounts, render_status
+    from uswap.fuse.mount import uswap_mounts
+    mounts = {}
+    for mountpoint in uswap_mounts():
+        try:
+            with open(os.path.join(mountpoint, ".status")) as f:
+                mounts[mountpoint] = json.load(f)
+        except (OSError, ValueError) as e:
+            mounts[mountpoint] = {"error": str(e)}
+    try:
+        status = fetch_status(args.socket)
+    except OSError:
+        if not mounts or args.socket:
+            raise
+        status = None
+    if args.json:
+        print(json.dumps({**(status or {}), "mounts": mounts}, indent=2))
+        return 0
+    parts = [render_status(status)] if status else []
+    if mounts:
+        parts.append(render_mounts(mounts))
+    print("\n\n".join(parts))
     return 0
 
 
@@ -157,6 +178,55 @@ def cmd_bench(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_mount(args) -> int:
+    if not args.foreground:
+        from uswap.fuse.mount import mount_in_background
+        pid, log_path = mount_in_background(args.mountpoint, ["--store", args.store, "--size", str(args.size),
+                                                               "--files", str(args.files)])
+        print(f"mounted {args.mountpoint} (served by process {pid}, log {log_path})")
+        return 0
+    import logging
+
+    import trio
+
+    from uswap.fuse.mount import prepare_process, serve_mount
+    from uswap.fuse.ops import SwapStoreOps
+    from uswap.store.mkswap import validate_geometry
+    from uswap.store.swapfile import SwapStore
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="uswap mount[%(process)d]: %(levelname)s %(message)s")
+    file_pages = validate_geometry(args.size + PAGE_SIZE, PAGE_SIZE)
+    if not os.path.isdir(args.mountpoint):
+        raise OSError(2, "mount point is not a directory", args.mountpoint)
+    ensure_store(args.store, args.files * args.size + PAGE_SIZE)
+    store = SwapStore.open(args.store)
+    try:
+        ops = SwapStoreOps(store, files=args.files, file_pages=file_pages)
+        prepare_process()
+        trio.run(serve_mount, ops, os.path.abspath(args.mountpoint), args.ready_fd)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_swapon(args) -> int:
+    from uswap.fuse.swap import swapon
+    print(swapon(args.file, args.priority))
+    return 0
+
+
+def cmd_swapoff(args) -> int:
+    from uswap.fuse.swap import swapoff
+    print(swapoff(args.file))
+    return 0
+
+
+def cmd_umount(args) -> int:
+    from uswap.fuse.swap import umount
+    umount(args.mountpoint)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from uswap.demo import run_demo
     ensure_store(args.store)
@@ -183,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=None, help="socket path (default: /run/uswap/uswap.sock for root, "
                                                   "$XDG_RUNTIME_DIR/uswap.sock otherwise)")
     p.add_argument("--resident", type=_size, default=DEFAULT_BUDGET, help="resident budget (default 256M)")
-    p.add_argument("--io", choices=("sync", "async"), default="async", help="slot I/O mode (default async)")
+    p.add_argument("--io", choices=("sync", "async"), default="sync",
+                   help="slot I/O mode (default sync: measured, docs/BENCHMARKS.md)")
     p.add_argument("--readahead", type=int, default=8, help="swap-in window in pages (default 8, 1 = off)")
     p.set_defaults(func=cmd_daemon)
 
@@ -212,6 +283,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="FILE", help="PNG: latency CDFs and ratio bars")
     p.add_argument("--markdown", default=None, metavar="FILE", help="the tables as Markdown")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("mount", help="serve swap files backed by a store over FUSE (for kernel swap)")
+    p.add_argument("mountpoint")
+    p.add_argument("--store", default=DEFAULT_FUSE_STORE, help=f"store path (default {DEFAULT_FUSE_STORE}, "
+                                                               "created to fit if missing)")
+    p.add_argument("--size", type=_size, default=1 << 30, help="size of each swap file (default 1G)")
+    p.add_argument("--files", type=int, default=1, help="number of swap files swap0.. (default 1)")
+    p.add_argument("--foreground", action="store_true", help="stay attached (default: serve in the background)")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("swapon", help="swap on a uswap FUSE file (loop device with direct I/O, mkswap, swapon)")
+    p.add_argument("file")
+    p.add_argument("--priority", type=int, default=None)
+    p.set_defaults(func=cmd_swapon)
+
+    p = sub.add_parser("swapoff", help="undo uswap swapon")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_swapoff)
+
+    p = sub.add_parser("umount", help="unmount a uswap FUSE store (refused while a file is swapped on)")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("demo", help="start a daemon on the default store and run a workload 4x its budget")
     p.add_argument("--store", default=DEFAULT_STORE, help=f"store path (default {DEFAULT_STORE})")

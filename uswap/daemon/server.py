@@ -57,7 +57,7 @@ class SocketInUse(OSError):
 
 
 class Daemon:
-    def __init__(self, store: SwapStore, socket_path: str, *, budget: int, io_mode: str = "async",
+    def __init__(self, store: SwapStore, socket_path: str, *, budget: int, io_mode: str = "sync",
                  readahead: int = 8, batch: int = 32):
         if budget < PAGE_SIZE:
             raise ValueError(f"resident budget {budget} is smaller than one page")

@@ -49,3 +49,14 @@ def render_status(status: dict) -> str:
                          f"{r['pswpin']:>8} {r['pswpout']:>8} {r['faults']:>8} {r['read_errors']:>5} "
                          f"{r['write_errors']:>5} {r['poisoned']:>8}")
     return "\n".join(lines)
+
+
+def render_mounts(mounts: dict) -> str:
+    lines = [f"{'MOUNT':<28} {'STORE':<28} {'FILES':>5} {'READ':>8} {'WRITTEN':>8} {'RERR':>5} {'WERR':>5}"]
+    for mountpoint, m in mounts.items():
+        if "error" in m:
+            lines.append(f"{mountpoint:<28} {m['error']}")
+            continue
+        lines.append(f"{mountpoint:<28} {m['store']:<28} {m['files']:>5} {m['pages_read']:>8} "
+                     f"{m['pages_written']:>8} {m['read_errors']:>5} {m['write_errors']:>5}")
+    return "\n".join(lines)

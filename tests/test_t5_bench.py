@@ -1,0 +1,91 @@
+"""Layer 5: `uswap bench` runs both backends and puts every global setting back.
+
+Tiny sizes: these check the machinery (swap areas, memcg, page-cluster, JSON,
+plot), not speed — speed is measured by running the bench, in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import need, need_root
+
+pytestmark = pytest.mark.kernel
+
+
+def global_state() -> dict:
+    with open("/proc/swaps") as f:
+        swaps = f.read().splitlines()[1:]
+    with open("/proc/sys/vm/page-cluster") as f:
+        page_cluster = f.read().strip()
+    groups = sorted(name for name in os.listdir("/sys/fs/cgroup/memory") if name.startswith("uswap-bench"))
+    return {"swaps": swaps, "page_cluster": page_cluster, "groups": groups}
+
+
+def need_bench_kernel() -> None:
+    need_root()
+    need(os.path.isdir("/sys/fs/cgroup/memory"), "no memcg v1 hierarchy at /sys/fs/cgroup/memory")
+
+
+def test_bench_runs_both_backends_and_restores_everything(tmp_path):
+    need_bench_kernel()
+    before = global_state()
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--size", "8M", "--resident", "4M", "--repeat", "2",
+                        "--workloads", "seq,hog", "--io", "sync", "--against", "native", "--workdir",
+                        str(tmp_path / "work"), "--json", str(out), "--plot", str(plot)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert global_state() == before
+    result = json.loads(out.read_text())
+    assert {"machine", "runs", "ratios"} <= set(result)
+    runs = result["runs"]
+    assert len(runs) == 2 * 2 * 3  # repeats x workloads x (uswap/sync, native pc3, native pc0)
+    for run in runs:
+        assert {"workload", "backend", "io", "page_cluster", "repeat", "wall_s", "fault_p50_us", "fault_p99_us",
+                "pswpin", "pswpout", "rewritten", "mismatches"} <= set(run)
+        assert run["exit_code"] == 0 and run["mismatches"] == 0
+    assert any(r["backend"] == "native" and r["pswpout"] > 0 for r in runs)  # the memcg made it swap
+    assert any(r["backend"] == "uswap" and r["pswpout"] > 0 for r in runs)
+    assert {(r["workload"], r["io"]) for r in result["ratios"]} == {("seq", "sync"), ("hog", "sync")}
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert "uswap / native" in r.stdout
+
+
+def test_ctrl_c_restores_everything(tmp_path):
+    need_bench_kernel()
+    before = global_state()
+    proc = subprocess.Popen([sys.executable, "-m", "uswap", "bench", "--size", "64M", "--resident", "8M",
+                             "--repeat", "1", "--workloads", "random", "--accesses", "1000000", "--io", "sync",
+                             "--against", "native", "--workdir", str(tmp_path / "work")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while global_state()["swaps"] == before["swaps"] and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        assert global_state()["groups"], "the native run did not start"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode != 0
+    assert global_state() == before
+
+
+def test_unknown_workload_is_refused(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--workloads", "seq,bogus", "--workdir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "unknown workloads ['bogus']" in r.stderr

@@ -1,0 +1,1 @@
+"""The FUSE swap store: kernel swap through uswap stores, via a loop device."""

@@ -1,0 +1,225 @@
+"""The FUSE swap store's operations: fixed-size files swap0..swapN-1 over one store.
+
+File i is slots [i * pages, (i + 1) * pages) of the store.  Reads and writes
+must be page-aligned (the loop device's direct I/O always is); they become
+O_DIRECT slot I/O with crc32c checks, through buffers allocated once.  A slot
+never written since the mount reads as zeros without touching the disk (a
+fresh swap device).  Files cannot be created, removed or resized.  Only
+``FUSEError`` leaves a handler: store errors become EIO, which the kernel's
+swap code reports as a failed swap write or read (see docs/DESIGN.md).
+
+The hidden file ``.status`` holds the counters as JSON, for ``uswap status``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import asdict, dataclass
+
+import pyfuse3
+
+from uswap.core import PAGE_SIZE, AlignedBuffer
+from uswap.store.swapfile import SwapStore
+
+log = logging.getLogger("uswap.fuse")
+
+MAX_IO = 1 << 20          # max_read/max_write we ask for; the buffer is this big
+FRESH, WRITTEN, FAILED = 0, 1, 2  # per slot: never written (reads as zeros), holds data, last write failed
+STATUS_NAME = b".status"
+
+
+@dataclass
+class FuseStats:
+    reads: int = 0
+    writes: int = 0
+    pages_read: int = 0      # slots read from the store (the kernel's pswpin, seen from here)
+    pages_written: int = 0   # slots written (pswpout)
+    zero_reads: int = 0      # pages read that were never written: zeros, no I/O
+    read_errors: int = 0
+    write_errors: int = 0
+
+
+class SwapStoreOps(pyfuse3.Operations):
+    def __init__(self, store: SwapStore, *, files: int, file_pages: int):
+        super().__init__()
+        if files * file_pages > store.slot_count:
+            raise ValueError(f"{files} file(s) of {file_pages} pages need {files * file_pages} slots; "
+                             f"the store has {store.slot_count}")
+        self.store = store
+        self.files = files
+        self.file_pages = file_pages
+        self.stats = FuseStats()
+        self.started = time.time()
+        self._slots = bytearray(store.slot_count)     # FRESH / WRITTEN / FAILED per slot
+        self._buf = AlignedBuffer(MAX_IO)             # preallocated: the write path allocates nothing big
+        self.uid, self.gid = os.getuid(), os.getgid()
+
+    # inodes: 1 root, 2..files+1 the swap files, files+2 .status
+    def _file_index(self, inode: int) -> int:
+        index = inode - 2
+        if not 0 <= index < self.files:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return index
+
+    @property
+    def _status_inode(self) -> int:
+        return self.files + 2
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_nlink = 1
+        a.st_blksize = PAGE_SIZE
+        now = int(self.started * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = now
+        a.attr_timeout = a.entry_timeout = 3600
+        if inode == pyfuse3.ROOT_INODE:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+        elif inode == self._status_inode:
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_size = len(self.status_json())
+            a.attr_timeout = a.entry_timeout = 0
+        else:
+            self._file_index(inode)
+            a.st_mode = stat.S_IFREG | 0o600      # swapped memory is secret
+            a.st_size = self.file_pages * PAGE_SIZE
+            a.st_blocks = a.st_size // 512          # fully allocated: no holes for swapon to refuse
+        return a
+
+    def status_json(self) -> bytes:
+        return json.dumps({"store": self.store.path, "files": self.files, "file_bytes": self.file_pages * PAGE_SIZE,
+                           **asdict(self.stats)}).encode()
+
+    # -- namespace ---------------------------------------------------------------
+
+    def _names(self) -> list[tuple[bytes, int]]:
+        return [(f"swap{i}".encode(), i + 2) for i in range(self.files)] + [(STATUS_NAME, self._status_inode)]
+
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(inode)
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode == pyfuse3.ROOT_INODE:
+            for entry, inode in self._names():
+                if entry == name:
+                    return self._attrs(inode)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def opendir(self, inode, ctx):
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        for i, (name, inode) in enumerate(self._names()):
+            if i < start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attrs(inode), i + 1):
+                break
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = PAGE_SIZE
+        s.f_blocks = self.files * self.file_pages
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = self.files + 1
+        s.f_namemax = 255
+        return s
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)  # fixed-size files, fixed ownership
+        return self._attrs(inode)
+
+    async def open(self, inode, flags, ctx):
+        if inode == self._status_inode:
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return pyfuse3.FileInfo(fh=inode, direct_io=True)
+        self._file_index(inode)
+        if flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        # direct_io: no page cache for swap data (the kernel's own swap must not
+        # recurse into the page cache of the file it swaps to).
+        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # -- data ----------------------------------------------------------------------
+
+    def _span(self, fh: int, off: int, size: int) -> tuple[int, int]:
+        """First slot and page count of an aligned request, clipped at the end of file."""
+        index = self._file_index(fh)
+        if off % PAGE_SIZE or size % PAGE_SIZE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        first = off // PAGE_SIZE
+        count = max(0, min(size // PAGE_SIZE, self.file_pages - first))
+        return index * self.file_pages + first, count
+
+    async def read(self, fh, off, size):
+        if fh == self._status_inode:
+            return self.status_json()[off:off + size]
+        slot, count = self._span(fh, off, min(size, MAX_IO))
+        self.stats.reads += 1
+        out = bytearray(count * PAGE_SIZE)
+        i = 0
+        while i < count:
+            state = self._slots[slot + i]
+            if state == FRESH:
+                self.stats.zero_reads += 1
+                i += 1
+                continue
+            run = 1
+            while i + run < count and self._slots[slot + i + run] == WRITTEN and state == WRITTEN:
+                run += 1
+            try:
+                if state == FAILED:  # never hand back what a failed write left behind
+                    raise OSError(errno.EIO, "the last write of this slot failed")
+                self.store.read_slots(slot + i, run, self._buf)
+            except OSError as e:
+                self.stats.read_errors += 1
+                log.error("read of slots %d..%d failed: %s", slot + i, slot + i + run - 1, e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            out[i * PAGE_SIZE:(i + run) * PAGE_SIZE] = self._buf.view[:run * PAGE_SIZE]
+            self.stats.pages_read += run
+            i += run
+        return bytes(out)
+
+    async def write(self, fh, off, buf):
+        if len(buf) > MAX_IO:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        slot, count = self._span(fh, off, len(buf))
+        if count * PAGE_SIZE < len(buf):
+            raise pyfuse3.FUSEError(errno.ENOSPC)   # past the end: the files cannot grow
+        self.stats.writes += 1
+        self._buf.view[:len(buf)] = buf
+        try:
+            self.store.write_slots(slot, count, self._buf)
+        except OSError as e:
+            self.stats.write_errors += 1
+            self._slots[slot:slot + count] = bytes([FAILED]) * count
+            log.error("write of slots %d..%d failed: %s", slot, slot + count - 1, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        self._slots[slot:slot + count] = bytes([WRITTEN]) * count
+        self.stats.pages_written += count
+        return len(buf)
