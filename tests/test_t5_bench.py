@@ -63,12 +63,14 @@ def test_bench_runs_both_backends_and_restores_everything(tmp_path):
 def test_ctrl_c_restores_everything(tmp_path):
     need_bench_kernel()
     before = global_state()
+    # Kernel rows only (--io ""), long enough to be caught mid-run; its own
+    # session, so that whatever happens every process it started can be ended.
     proc = subprocess.Popen([sys.executable, "-m", "uswap", "bench", "--size", "64M", "--resident", "8M",
-                             "--repeat", "1", "--workloads", "random", "--accesses", "1000000", "--io", "sync",
+                             "--repeat", "1", "--workloads", "random", "--accesses", "100000000", "--io", "",
                              "--against", "native", "--workdir", str(tmp_path / "work")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 120
         while global_state()["swaps"] == before["swaps"] and time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.1)
@@ -77,7 +79,7 @@ def test_ctrl_c_restores_everything(tmp_path):
         proc.wait(120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stderr.close()
     assert proc.returncode != 0

@@ -91,7 +91,7 @@ def cmd_daemon(args) -> int:
 def cmd_status(args) -> int:
     """The daemon's status and every uswap FUSE mount's counters."""
     from uswap.daemon.status import fetch_status, render_mounts, render_status
-    from uswap.fuse.mount import uswap_mounts
+    from uswap.fuse.mounts import uswap_mounts
     mounts = {}
     for mountpoint in uswap_mounts():
         try:

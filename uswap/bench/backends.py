@@ -9,6 +9,7 @@ switch, zram0, a memcg v1 group — is recorded before and restored in
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -36,6 +37,36 @@ def _write(path: str, value: str) -> None:
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
+
+
+def run_to_end(cmd: list[str], timeout: float, **kw) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a workload; whatever happens (Ctrl-C, timeout), it has fully exited on return.
+
+    subprocess.run gives a child only 0.25 s after Ctrl-C; a workload still
+    exiting keeps its memcg busy and its swap slots in use.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - t0
+
+
+def _rmdir_group(path: str) -> None:
+    """A memcg whose last task just exited may stay busy a moment while it is uncharged."""
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            time.sleep(0.05)
+    os.rmdir(path)
 
 
 def _pin(cpu: int | None):
@@ -111,7 +142,7 @@ class KernelSwap:
         stack.callback(subprocess.run, ["swapoff", device], check=True)
         self.group = os.path.join(MEMCG_ROOT, f"uswap-bench-{os.getpid()}")
         os.mkdir(self.group)
-        stack.callback(os.rmdir, self.group)
+        stack.callback(_rmdir_group, self.group)
         _write(os.path.join(self.group, "memory.limit_in_bytes"), str(self.budget))
 
     def _enter_group(self) -> None:
@@ -121,9 +152,7 @@ class KernelSwap:
 
     def run(self, cmd: list[str], timeout: float) -> RunResult:
         before = read_vmstat()
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=self._enter_group)
-        wall = time.perf_counter() - t0
+        proc, wall = run_to_end(cmd, timeout, preexec_fn=self._enter_group)
         after = read_vmstat()
         return RunResult(proc.returncode, proc.stdout, proc.stderr, wall, after["pswpin"] - before["pswpin"],
                          after["pswpout"] - before["pswpout"])
@@ -179,10 +208,8 @@ class UswapDaemon:
     def run(self, cmd: list[str], timeout: float) -> RunResult:
         before = fetch_status(self.socket)["daemon"]
         cpu0 = self._cpu_seconds()
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, USWAP_SOCKET=self.socket), preexec_fn=_pin(self.workload_cpu))
-        wall = time.perf_counter() - t0
+        proc, wall = run_to_end(cmd, timeout, env=dict(os.environ, USWAP_SOCKET=self.socket),
+                                preexec_fn=_pin(self.workload_cpu))
         after = fetch_status(self.socket)["daemon"]
         extra = {"daemon_cpu_s": round(self._cpu_seconds() - cpu0, 2),
                  "daemon_rss_mib": round(self._peak_rss() / (1 << 20), 1),

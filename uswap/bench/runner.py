@@ -39,7 +39,7 @@ class BenchConfig:
 
     def backends(self) -> list[tuple[str, str | None, int | None]]:
         """(backend, io, page_cluster) for one round."""
-        out: list[tuple[str, str | None, int | None]] = [("uswap", io, None) for io in self.io]
+        out: list[tuple[str, str | None, int | None]] = [("uswap", io, None) for io in self.io if io]
         if "native" in self.against:
             out += [("native", None, 3), ("native", None, 0)]
         out += [(kind, None, 3) for kind in ("zram", "zswap") if kind in self.against]

@@ -24,11 +24,11 @@ import pyfuse3
 import trio
 
 from uswap._core import lib
+from uswap.fuse.mounts import FSNAME
 from uswap.fuse.ops import MAX_IO, SwapStoreOps
 
 log = logging.getLogger("uswap.fuse")
 
-FSNAME = "uswap"
 
 
 def prepare_process() -> None:
@@ -61,17 +61,6 @@ async def serve_mount(ops: SwapStoreOps, mountpoint: str, ready_fd: int | None =
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
-
-
-def uswap_mounts() -> list[str]:
-    """Mount points of uswap FUSE stores, from /proc/mounts."""
-    out = []
-    with open("/proc/mounts") as f:
-        for line in f:
-            source, target, fstype = line.split()[:3]
-            if source == FSNAME and fstype.startswith("fuse"):
-                out.append(target.replace("\\040", " "))
-    return out
 
 
 def mount_in_background(mountpoint: str, options: list[str]) -> tuple[int, str]:

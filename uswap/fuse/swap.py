@@ -12,7 +12,7 @@ import errno
 import os
 import subprocess
 
-from uswap.fuse.mount import uswap_mounts
+from uswap.fuse.mounts import uswap_mounts
 
 
 class SwapError(OSError):
