@@ -25,7 +25,7 @@ import trio
 
 from uswap._core import lib
 from uswap.fuse.mounts import FSNAME
-from uswap.fuse.ops import MAX_IO, SwapStoreOps
+from uswap.fuse.ops import SwapStoreOps
 
 log = logging.getLogger("uswap.fuse")
 
@@ -41,7 +41,7 @@ def prepare_process() -> None:
 
 async def serve_mount(ops: SwapStoreOps, mountpoint: str, ready_fd: int | None = None) -> None:
     options = set(pyfuse3.default_options)
-    options |= {f"fsname={FSNAME}", f"max_read={MAX_IO}", "allow_other"}
+    options |= {f"fsname={FSNAME}", "allow_other"}
     pyfuse3.init(ops, mountpoint, options)
     log.info("mounted %s on %s: %d file(s) of %d pages", ops.store.path, mountpoint, ops.files, ops.file_pages)
     if ready_fd is not None:
