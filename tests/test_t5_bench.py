@@ -26,7 +26,10 @@ def global_state() -> dict:
     with open("/proc/sys/vm/page-cluster") as f:
         page_cluster = f.read().strip()
     groups = sorted(name for name in os.listdir("/sys/fs/cgroup/memory") if name.startswith("uswap-bench"))
-    return {"swaps": swaps, "page_cluster": page_cluster, "groups": groups}
+    with open("/proc/mounts") as f:
+        mounts = sorted(line.split()[1] for line in f if line.startswith("uswap "))
+    loops = subprocess.run(["losetup", "--list", "--noheadings"], capture_output=True, text=True).stdout
+    return {"swaps": swaps, "page_cluster": page_cluster, "groups": groups, "mounts": mounts, "loops": loops}
 
 
 def need_bench_kernel() -> None:
@@ -40,7 +43,7 @@ def test_bench_runs_both_backends_and_restores_everything(tmp_path):
     out = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"
     r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--size", "8M", "--resident", "4M", "--repeat", "2",
-                        "--workloads", "seq,hog", "--io", "sync", "--against", "native", "--workdir",
+                        "--workloads", "seq,hog", "--io", "sync", "--against", "native,fuse", "--workdir",
                         str(tmp_path / "work"), "--json", str(out), "--plot", str(plot)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -48,12 +51,13 @@ def test_bench_runs_both_backends_and_restores_everything(tmp_path):
     result = json.loads(out.read_text())
     assert {"machine", "runs", "ratios"} <= set(result)
     runs = result["runs"]
-    assert len(runs) == 2 * 2 * 3  # repeats x workloads x (uswap/sync, native pc3, native pc0)
+    assert len(runs) == 2 * 2 * 4  # repeats x workloads x (uswap/sync, native pc3, native pc0, fuse)
     for run in runs:
         assert {"workload", "backend", "io", "page_cluster", "repeat", "wall_s", "fault_p50_us", "fault_p99_us",
                 "pswpin", "pswpout", "rewritten", "mismatches"} <= set(run)
         assert run["exit_code"] == 0 and run["mismatches"] == 0
     assert any(r["backend"] == "native" and r["pswpout"] > 0 for r in runs)  # the memcg made it swap
+    assert any(r["backend"] == "fuse" and r["pswpout"] > 0 for r in runs)    # through the FUSE store
     assert any(r["backend"] == "uswap" and r["pswpout"] > 0 for r in runs)
     assert {(r["workload"], r["io"]) for r in result["ratios"]} == {("seq", "sync"), ("hog", "sync")}
     assert plot.read_bytes().startswith(b"\x89PNG")

@@ -143,6 +143,9 @@ def cmd_bench(args) -> int:
     if unknown:
         raise ValueError(f"unknown workloads {sorted(unknown)} (choose from {', '.join(WORKLOADS)})")
     against = [a for a in args.against.split(",") if a]
+    unknown = set(against) - {"native", "fuse", "zram", "zswap"}
+    if unknown:
+        raise ValueError(f"unknown --against rows {sorted(unknown)} (choose from native, fuse, zram, zswap)")
     console = Console(stderr=True)
     if os.geteuid() != 0 and against:
         console.print("[yellow]not root: kernel swap rows need root (swapon, memcg); running the uswap rows only")
@@ -151,22 +154,22 @@ def cmd_bench(args) -> int:
     config = BenchConfig(workloads=workloads, size=args.size, resident=args.resident, against=against,
                          io=args.io.split(","), repeat=args.repeat, workdir=args.workdir,
                          readahead=args.readahead, accesses=args.accesses, daemon_cpu=pin[0], workload_cpu=pin[1])
-    bench = Bench(config)
+    if args.report:
+        with open(args.report) as f:
+            bench = Bench.from_json(json.load(f))
+    else:
+        bench = Bench(config)
 
-    def on_term(signum, frame):  # restore global settings on SIGTERM too
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=None)
+        def on_term(signum, frame):  # restore global settings on SIGTERM too
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, on_term)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("bench", total=None)
 
-        def show(done, total, what):
-            progress.update(task, completed=done, total=total, description=what)
-        bench.run_all(show)
-    main_table, ratio_table = table(bench)
-    out = Console(width=None if sys.stdout.isatty() else 160)
-    out.print(main_table)
-    out.print(ratio_table)
-    if args.json:
+            def show(done, total, what):
+                progress.update(task, completed=done, total=total, description=what)
+            bench.run_all(show)
+    if args.json:  # the raw runs first: nothing below may lose them
         with open(args.json, "w") as f:
             json.dump(bench.to_json(), f, indent=1)
     if args.markdown:
@@ -174,6 +177,10 @@ def cmd_bench(args) -> int:
             f.write(markdown(bench) + "\n")
     if args.plot:
         plot(bench, args.plot)
+    main_table, ratio_table = table(bench)
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    out.print(main_table)
+    out.print(ratio_table)
     bad = [r for r in bench.runs if r["exit_code"] != 0 or r["mismatches"]]
     return 1 if bad else 0
 
@@ -272,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", default="seq,random,zipf,hog", help="comma-separated: seq,random,zipf,hog")
     p.add_argument("--size", type=_size, default=1 << 30, help="working set (default 1G)")
     p.add_argument("--resident", type=_size, default=256 << 20, help="budget and memcg limit (default 256M)")
-    p.add_argument("--against", default="native", help="kernel rows: native,zram,zswap (default native)")
+    p.add_argument("--against", default="native", help="kernel rows: native,fuse,zram,zswap (default native)")
     p.add_argument("--io", default="sync,async", help="uswap I/O modes (default sync,async)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--accesses", type=int, default=None, help="random/zipf accesses (default 200k per GiB)")
@@ -282,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("--plot", default=None, metavar="FILE", help="PNG: latency CDFs and ratio bars")
     p.add_argument("--markdown", default=None, metavar="FILE", help="the tables as Markdown")
+    p.add_argument("--report", default=None, metavar="JSON", help="run nothing: report a previous --json again")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("mount", help="serve swap files backed by a store over FUSE (for kernel swap)")

@@ -56,7 +56,7 @@ def run_to_end(cmd: list[str], timeout: float, **kw) -> tuple[subprocess.Complet
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - t0
 
 
-def _rmdir_group(path: str) -> None:
+def remove_memcg(path: str) -> None:
     """A memcg whose last task just exited may stay busy a moment while it is uncharged."""
     for _ in range(100):
         try:
@@ -97,7 +97,8 @@ class Setting:
 
 class KernelSwap:
     """Plain anonymous memory in a memcg v1 group limited to the budget, swapping to
-    a swapfile on the bench directory's filesystem (or zram, or zswap in front)."""
+    a swapfile on the bench directory's filesystem (or zram, or zswap in front,
+    or a uswap FUSE store through a loop device)."""
 
     def __init__(self, workdir: str, *, budget: int, swap_size: int, page_cluster: int | None,
                  kind: str = "native", workload_cpu: int | None = None):
@@ -105,7 +106,7 @@ class KernelSwap:
         self.budget = budget
         self.swap_size = swap_size
         self.page_cluster = page_cluster
-        self.kind = kind            # native, zram, zswap
+        self.kind = kind            # native, zram, zswap, fuse
         self.workload_cpu = workload_cpu
         self.stack = contextlib.ExitStack()
 
@@ -124,7 +125,9 @@ class KernelSwap:
         stack = self.stack
         if self.page_cluster is not None:
             Setting(stack, PAGE_CLUSTER, str(self.page_cluster))
-        if self.kind == "zram":
+        if self.kind == "fuse":
+            self._setup_fuse(stack)
+        elif self.kind == "zram":
             device = "/dev/zram0"
             if _read("/sys/block/zram0/disksize") != "0":
                 raise OSError("zram0 is in use; the bench will not touch it")
@@ -137,13 +140,27 @@ class KernelSwap:
             stack.callback(os.unlink, device)
             if self.kind == "zswap":
                 Setting(stack, ZSWAP_ENABLED, "Y")
-        subprocess.run(["mkswap", device], check=True, capture_output=True)
-        subprocess.run(["swapon", device], check=True)
-        stack.callback(subprocess.run, ["swapoff", device], check=True)
+        if self.kind != "fuse":
+            subprocess.run(["mkswap", device], check=True, capture_output=True)
+            subprocess.run(["swapon", device], check=True)
+            stack.callback(subprocess.run, ["swapoff", device], check=True)
         self.group = os.path.join(MEMCG_ROOT, f"uswap-bench-{os.getpid()}")
         os.mkdir(self.group)
-        stack.callback(_rmdir_group, self.group)
+        stack.callback(remove_memcg, self.group)
         _write(os.path.join(self.group, "memory.limit_in_bytes"), str(self.budget))
+
+    def _setup_fuse(self, stack: contextlib.ExitStack) -> None:
+        """Kernel swap through a uswap FUSE store on the bench directory's filesystem."""
+        from uswap.fuse.swap import swapoff, swapon
+        mountpoint = os.path.join(self.workdir, "fuse-mnt")
+        os.makedirs(mountpoint, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "uswap", "mount", mountpoint, "--store",
+                        os.path.join(self.workdir, "fuse.store"), "--size", str(self.swap_size)],
+                       check=True, capture_output=True)
+        stack.callback(subprocess.run, ["umount", mountpoint], check=True)
+        swapfile = os.path.join(mountpoint, "swap0")
+        swapon(swapfile)
+        stack.callback(swapoff, swapfile)
 
     def _enter_group(self) -> None:
         _write(os.path.join(self.group, "cgroup.procs"), str(os.getpid()))

@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from uswap.bench.backends import KernelSwap, RunResult, UswapDaemon
 from uswap.core import PAGE_SIZE
@@ -42,7 +42,7 @@ class BenchConfig:
         out: list[tuple[str, str | None, int | None]] = [("uswap", io, None) for io in self.io if io]
         if "native" in self.against:
             out += [("native", None, 3), ("native", None, 0)]
-        out += [(kind, None, 3) for kind in ("zram", "zswap") if kind in self.against]
+        out += [(kind, None, 3) for kind in ("fuse", "zram", "zswap") if kind in self.against]
         return out
 
     @property
@@ -146,15 +146,20 @@ class Bench:
     # -- summary -----------------------------------------------------------------------
 
     def ratios(self) -> list[dict]:
+        """Median wall time of each uswap row (and of kernel swap through the FUSE
+        store, io "fuse") over native swap at page-cluster 3, with the per-round spread."""
         out = []
         for workload in self.config.workloads:
-            native = [r["wall_s"] for r in self.runs if r["workload"] == workload and r["backend"] == "native"
-                      and r["page_cluster"] == 3]
+            def walls(backend, io=None, page_cluster=None):
+                return [r["wall_s"] for r in self.runs if r["workload"] == workload and r["backend"] == backend
+                        and (io is None or r["io"] == io) and (page_cluster is None or r["page_cluster"] == page_cluster)]
+            native = walls("native", page_cluster=3)
             if not native:
                 continue
-            for io in self.config.io:
-                mine = [r["wall_s"] for r in self.runs if r["workload"] == workload and r["backend"] == "uswap"
-                        and r["io"] == io]
+            rows = [(io, walls("uswap", io=io)) for io in self.config.io if io] + [("fuse", walls("fuse"))]
+            for io, mine in rows:
+                if not mine:
+                    continue
                 pairs = [a / b for a, b in zip(mine, native)]
                 out.append({"workload": workload, "io": io,
                             "uswap_over_native_wall": round(statistics.median(mine) / statistics.median(native), 3),
@@ -175,7 +180,13 @@ class Bench:
                 "readahead": self.config.readahead}
 
     def to_json(self) -> dict:
-        return {"machine": self.machine(), "runs": self.runs, "ratios": self.ratios()}
+        return {"machine": self.machine(), "config": asdict(self.config), "runs": self.runs,
+                "ratios": self.ratios(), "latency_files": self.latency_files}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Bench":
+        """A finished bench back from its --json file, to report again without running."""
+        return cls(BenchConfig(**data["config"]), data["runs"], data.get("latency_files", {}))
 
 
 def median_by(runs: list[dict], key: str) -> dict[tuple, float | None]:
