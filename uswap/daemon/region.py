@@ -134,16 +134,14 @@ class Region:
         elif state == POISONED:
             self._install_poison(page)  # the marker was not there yet: the thread retried
         else:
-            # Already resident (another thread's fault got there first), or
-            # poisoned (the marker answers by itself): let the thread retry.
+            # Already resident (another thread's fault got there first): let
+            # the thread retry.
             self._ioctl(self.uffd.wake, self.address(page), PAGE_SIZE)
 
     def _ioctl(self, op, *args):
         """Run a uffd ioctl; the client's memory vanishing ends the region."""
         try:
             return op(*args)
-        except FileExistsError:
-            raise
         except OSError as e:
             if e.errno in GONE_ERRNOS:
                 raise RegionGone() from None
