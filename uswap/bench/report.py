@@ -7,6 +7,16 @@ import os
 from uswap.bench.runner import Bench, median_by
 
 
+def fmt(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _order(key: tuple) -> tuple:
+    """Rows per workload: uswap first, then native by page-cluster, then the others."""
+    workload, backend, io, page_cluster = key
+    return workload, {"uswap": 0, "native": 1}.get(backend, 2), str(io), -(page_cluster or 0)
+
+
 def _label(backend: str, io, page_cluster) -> str:
     return f"{backend}/{io}" if io else f"{backend} pc={page_cluster}"
 
@@ -26,13 +36,11 @@ def table(bench: Bench):
                 "daemon CPU s", "daemon RSS MiB", "bad"):
         t.add_column(col, justify="left" if col in ("workload", "backend") else "right")
 
-    def fmt(v, digits=1):
-        return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(int(v)))
-    for k in sorted(med["wall_s"], key=lambda k: (k[0], k[1] != "uswap", str(k[2]), -(k[3] or 0))):
+    for k in sorted(med["wall_s"], key=_order):
         t.add_row(k[0], _label(*k[1:]), fmt(med["wall_s"].get(k), 2), fmt(med["fault_p50_us"].get(k)),
-                  fmt(med["fault_p99_us"].get(k)), fmt(med["pswpin"].get(k)), fmt(med["pswpout"].get(k)),
-                  fmt(med["rewritten"].get(k)), fmt(med["daemon_cpu_s"].get(k)), fmt(med["daemon_rss_mib"].get(k)),
-                  str(worst[k]))
+                  fmt(med["fault_p99_us"].get(k)), fmt(med["pswpin"].get(k), 0), fmt(med["pswpout"].get(k), 0),
+                  fmt(med["rewritten"].get(k), 0), fmt(med["daemon_cpu_s"].get(k)),
+                  fmt(med["daemon_rss_mib"].get(k)), str(worst[k]))
     ratios = Table(title="uswap (or kernel swap through the uswap FUSE store, io=fuse) / native (page-cluster 3) "
                          "wall time; < 1 is faster")
     for col in ("workload", "io", "ratio", "spread"):
@@ -51,14 +59,12 @@ def markdown(bench: Bench) -> str:
     lines = ["| workload | backend | wall s | fault p50 µs | fault p99 µs | pswpin | pswpout | rewritten | "
              "daemon CPU s | daemon RSS MiB | mismatches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def fmt(v, digits=1):
-        return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(int(v)))
-    for k in sorted(med["wall_s"], key=lambda k: (k[0], k[1] != "uswap", str(k[2]), -(k[3] or 0))):
+    for k in sorted(med["wall_s"], key=_order):
         lines.append(f"| {k[0]} | {_label(*k[1:])} | {fmt(med['wall_s'].get(k), 2)} | "
                      f"{fmt(med['fault_p50_us'].get(k))} | {fmt(med['fault_p99_us'].get(k))} | "
-                     f"{fmt(med['pswpin'].get(k))} | {fmt(med['pswpout'].get(k))} | {fmt(med['rewritten'].get(k))} | "
-                     f"{fmt(med['daemon_cpu_s'].get(k))} | {fmt(med['daemon_rss_mib'].get(k))} | "
-                     f"{fmt(med['mismatches'].get(k))} |")
+                     f"{fmt(med['pswpin'].get(k), 0)} | {fmt(med['pswpout'].get(k), 0)} | "
+                     f"{fmt(med['rewritten'].get(k), 0)} | {fmt(med['daemon_cpu_s'].get(k))} | "
+                     f"{fmt(med['daemon_rss_mib'].get(k))} | {fmt(med['mismatches'].get(k), 0)} |")
     lines += ["", "| workload | uswap io (fuse: kernel swap via the FUSE store) | over native wall | spread (per round) |",
               "|---|---|---|---|"]
     for r in bench.ratios():
