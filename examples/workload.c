@@ -3,7 +3,7 @@
  * plain anonymous memory (kernel swap), timed from inside.
  *
  *   cc -O2 workload.c $(uswap config --cflags --libs) -o workload
- *   workload seq|random|zipf [-s MiB] [-n ACCESSES] [-w WRITE%] [-S SEED] [-a] [-o FILE]
+ *   workload seq|random|zipf [-s MiB] [-n ACCESSES] [-w WRITE%] [-S SEED] [-a] [-o FILE] [-F]
  *
  *   seq     write every page, then read every page in order
  *   random  write every page, then ACCESSES uniform random page accesses
@@ -14,7 +14,8 @@
  * latency percentiles.  Every page is verified at the end: its first word
  * names the page, its second counts the writes it got.
  * Output: one line of key=value pairs; exit 1 on any mismatch.  -o FILE also
- * writes every fault latency (ns, sorted, native-endian uint32) to FILE.
+ * writes every fault latency (ns, sorted, native-endian uint32) to FILE.  -F leaves the
+ * first-touch (fill) phase out of the timing.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -86,12 +87,12 @@ static inline void access_page(uint64_t *mem, size_t words, size_t p, int write,
 int main(int argc, char **argv)
 {
 	size_t mib = 256, accesses = 200000;
-	int write_pct = 50, anon = 0, opt;
+	int write_pct = 50, anon = 0, time_fill = 1, opt;
 	const char *dump = NULL;
 	uint64_t seed = 1;
 	const char *mode = argc > 1 ? argv[1] : "";
 	optind = 2;
-	while ((opt = getopt(argc, argv, "s:n:w:S:ao:")) != -1) {
+	while ((opt = getopt(argc, argv, "s:n:w:S:ao:F")) != -1) {
 		switch (opt) {
 		case 's': mib = strtoull(optarg, NULL, 0); break;
 		case 'n': accesses = strtoull(optarg, NULL, 0); break;
@@ -99,6 +100,7 @@ int main(int argc, char **argv)
 		case 'S': seed = strtoull(optarg, NULL, 0); break;
 		case 'a': anon = 1; break;
 		case 'o': dump = optarg; break;
+		case 'F': time_fill = 0; break;
 		default: goto usage;
 		}
 	}
@@ -136,7 +138,8 @@ usage:
 	for (size_t p = 0; p < pages; p++) { /* write every page */
 		uint64_t t0 = now_ns();
 		mem[p * words] = p ^ seed;
-		record(&t, now_ns() - t0);
+		if (time_fill)
+			record(&t, now_ns() - t0);
 	}
 	if (seq) {
 		for (size_t p = 0; p < pages; p++)

@@ -95,3 +95,16 @@ def test_unknown_workload_is_refused(tmp_path):
                         str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "unknown workloads ['bogus']" in r.stderr
+
+
+def test_breakdown_splits_a_fault(tmp_path):
+    need(os.geteuid() == 0 or os.path.exists("/dev/userfaultfd"), "no userfaultfd access")
+    out = tmp_path / "bd.json"
+    r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--breakdown", "--size", "16M", "--workdir",
+                        str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    parts = {row["part"]: row["p50_us"] for row in json.loads(out.read_text())["breakdown"]}
+    assert set(parts) == {"round trip", "store read", "install", "swap-in", "daemon, rest of the swap-in"}
+    assert all(v > 0 for k, v in parts.items() if k != "daemon, rest of the swap-in")
+    assert parts["swap-in"] > parts["install"]
+    assert "one swap-in fault" in r.stdout

@@ -135,7 +135,7 @@ def cmd_bench(args) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from uswap.bench.report import markdown, plot, table
+    from uswap.bench.report import breakdown_table, markdown, plot, table
     from uswap.bench.runner import WORKLOADS, Bench, BenchConfig
 
     workloads = args.workloads.split(",")
@@ -157,6 +157,9 @@ def cmd_bench(args) -> int:
     if args.report:
         with open(args.report) as f:
             bench = Bench.from_json(json.load(f))
+    elif args.breakdown:
+        bench = Bench(config)
+        bench.run_breakdown()
     else:
         bench = Bench(config)
 
@@ -175,12 +178,15 @@ def cmd_bench(args) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(bench) + "\n")
-    if args.plot:
+    if args.plot and bench.runs:
         plot(bench, args.plot)
-    main_table, ratio_table = table(bench)
     out = Console(width=None if sys.stdout.isatty() else 160)
-    out.print(main_table)
-    out.print(ratio_table)
+    if bench.breakdown:
+        out.print(breakdown_table(bench))
+    if bench.runs:
+        main_table, ratio_table = table(bench)
+        out.print(main_table)
+        out.print(ratio_table)
     bad = [r for r in bench.runs if r["exit_code"] != 0 or r["mismatches"]]
     return 1 if bad else 0
 
@@ -290,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, metavar="FILE", help="PNG: latency CDFs and ratio bars")
     p.add_argument("--markdown", default=None, metavar="FILE", help="the tables as Markdown")
     p.add_argument("--report", default=None, metavar="JSON", help="run nothing: report a previous --json again")
+    p.add_argument("--breakdown", action="store_true",
+                   help="split one swap-in fault into parts, next to the C floors (instead of the workloads)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("mount", help="serve swap files backed by a store over FUSE (for kernel swap)")

@@ -56,8 +56,9 @@ def markdown(bench: Bench) -> str:
     runs = bench.runs
     med = {key: median_by(runs, key) for key in ("wall_s", "fault_p50_us", "fault_p99_us", "pswpin", "pswpout",
                                                   "rewritten", "daemon_cpu_s", "daemon_rss_mib", "mismatches")}
-    lines = ["| workload | backend | wall s | fault p50 µs | fault p99 µs | pswpin | pswpout | rewritten | "
-             "daemon CPU s | daemon RSS MiB | mismatches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [] if not runs else [
+        "| workload | backend | wall s | fault p50 µs | fault p99 µs | pswpin | pswpout | rewritten | "
+        "daemon CPU s | daemon RSS MiB | mismatches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     for k in sorted(med["wall_s"], key=_order):
         lines.append(f"| {k[0]} | {_label(*k[1:])} | {fmt(med['wall_s'].get(k), 2)} | "
@@ -65,6 +66,11 @@ def markdown(bench: Bench) -> str:
                      f"{fmt(med['pswpin'].get(k), 0)} | {fmt(med['pswpout'].get(k), 0)} | "
                      f"{fmt(med['rewritten'].get(k), 0)} | {fmt(med['daemon_cpu_s'].get(k))} | "
                      f"{fmt(med['daemon_rss_mib'].get(k))} | {fmt(med['mismatches'].get(k), 0)} |")
+    if bench.breakdown:
+        lines += ["", "| part of one swap-in | uswap p50 µs | floor µs (shared/REFERENCE.md, C) |", "|---|---|---|"]
+        lines += [f"| {r['part']} | {r['p50_us']:.1f} | {r['floor_us']} |" for r in bench.breakdown]
+    if not bench.ratios():
+        return "\n".join(lines).strip()
     lines += ["", "| workload | uswap io (fuse: kernel swap via the FUSE store) | over native wall | spread (per round) |",
               "|---|---|---|---|"]
     for r in bench.ratios():
@@ -110,3 +116,13 @@ def plot(bench: Bench, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def breakdown_table(bench: Bench):
+    from rich.table import Table
+    t = Table(title=f"one swap-in fault, p50 ({bench.config.placement})")
+    for col in ("part", "uswap µs", "floor µs (shared/REFERENCE.md, C)"):
+        t.add_column(col)
+    for row in bench.breakdown:
+        t.add_row(row["part"], f"{row['p50_us']:.1f}", row["floor_us"])
+    return t

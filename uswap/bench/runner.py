@@ -57,6 +57,7 @@ class Bench:
     config: BenchConfig
     runs: list[dict] = field(default_factory=list)
     latency_files: dict[str, str] = field(default_factory=dict)
+    breakdown: list[dict] = field(default_factory=list)
 
     def build(self) -> dict[str, str]:
         """Compile the workloads against libuswap, into the bench directory."""
@@ -85,13 +86,23 @@ class Bench:
             cmd += ["-o", dump]
         return cmd
 
-    def run_all(self, progress=None) -> None:
+    def prepare(self) -> dict[str, str]:
+        """The bench directory, its store and the workload binaries."""
         cfg = self.config
         os.makedirs(cfg.workdir, exist_ok=True)
         binaries = self.build()
         store = os.path.join(cfg.workdir, "bench.store")
         if not os.path.exists(store):
             mkswap(store, cfg.size + 64 * PAGE_SIZE + PAGE_SIZE, force=True)
+        return binaries
+
+    def run_breakdown(self) -> None:
+        from uswap.bench.breakdown import run_breakdown
+        self.breakdown = run_breakdown(self, self.prepare())
+
+    def run_all(self, progress=None) -> None:
+        cfg = self.config
+        binaries = self.prepare()
         total = len(cfg.workloads) * len(cfg.backends()) * cfg.repeat
         done = 0
         for repeat in range(cfg.repeat):
@@ -181,12 +192,13 @@ class Bench:
 
     def to_json(self) -> dict:
         return {"machine": self.machine(), "config": asdict(self.config), "runs": self.runs,
-                "ratios": self.ratios(), "latency_files": self.latency_files}
+                "ratios": self.ratios(), "latency_files": self.latency_files, "breakdown": self.breakdown}
 
     @classmethod
     def from_json(cls, data: dict) -> "Bench":
         """A finished bench back from its --json file, to report again without running."""
-        return cls(BenchConfig(**data["config"]), data["runs"], data.get("latency_files", {}))
+        return cls(BenchConfig(**data["config"]), data["runs"], data.get("latency_files", {}),
+                   data.get("breakdown", []))
 
 
 def median_by(runs: list[dict], key: str) -> dict[tuple, float | None]:
