@@ -59,9 +59,10 @@ def test_bench_runs_both_backends_and_restores_everything(tmp_path):
     assert any(r["backend"] == "native" and r["pswpout"] > 0 for r in runs)  # the memcg made it swap
     assert any(r["backend"] == "fuse" and r["pswpout"] > 0 for r in runs)    # through the FUSE store
     assert any(r["backend"] == "uswap" and r["pswpout"] > 0 for r in runs)
-    assert {(r["workload"], r["io"]) for r in result["ratios"]} == {("seq", "sync"), ("hog", "sync")}
+    assert {(r["workload"], r["io"]) for r in result["ratios"]} == {
+        ("seq", "sync"), ("hog", "sync"), ("seq", "fuse"), ("hog", "fuse")}
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert "uswap / native" in r.stdout
+    assert "┃ ratio ┃" in r.stdout and "│ fuse │" in r.stdout
 
 
 def test_ctrl_c_restores_everything(tmp_path):

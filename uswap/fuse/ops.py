@@ -58,6 +58,8 @@ class SwapStoreOps(pyfuse3.Operations):
         self._slots = bytearray(store.slot_count)     # FRESH / WRITTEN / FAILED per slot
         self._buf = AlignedBuffer(MAX_IO)             # preallocated: the write path allocates nothing big
         self.uid, self.gid = os.getuid(), os.getgid()
+        self._snapshots: dict[int, bytes] = {}       # open .status handles (fh > every inode)
+        self._next_fh = 1 << 32
 
     # inodes: 1 root, 2..files+1 the swap files, files+2 .status
     def _file_index(self, inode: int) -> int:
@@ -142,7 +144,11 @@ class SwapStoreOps(pyfuse3.Operations):
         if inode == self._status_inode:
             if flags & (os.O_WRONLY | os.O_RDWR):
                 raise pyfuse3.FUSEError(errno.EACCES)
-            return pyfuse3.FileInfo(fh=inode, direct_io=True)
+            # One snapshot per open: chunked reads of counters that move on
+            # must still add up to one JSON document.
+            self._next_fh += 1
+            self._snapshots[self._next_fh] = self.status_json()
+            return pyfuse3.FileInfo(fh=self._next_fh, direct_io=True)
         self._file_index(inode)
         if flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -176,9 +182,12 @@ class SwapStoreOps(pyfuse3.Operations):
         count = max(0, min(size // PAGE_SIZE, self.file_pages - first))
         return index * self.file_pages + first, count
 
+    async def release(self, fh):
+        self._snapshots.pop(fh, None)
+
     async def read(self, fh, off, size):
-        if fh == self._status_inode:
-            return self.status_json()[off:off + size]
+        if fh in self._snapshots:
+            return self._snapshots[fh][off:off + size]
         slot, count = self._span(fh, off, min(size, MAX_IO))
         self.stats.reads += 1
         out = bytearray(count * PAGE_SIZE)
