@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="start a daemon on the default store and run a workload 4x its budget")
     p.add_argument("--store", default=DEFAULT_STORE, help=f"store path (default {DEFAULT_STORE})")
-    p.add_argument("--resident", type=_size, default=64 << 20, help="the daemon's budget (default 64M)")
+    p.add_argument("--resident", type=_size, default=32 << 20, help="the daemon's budget (default 32M)")
     p.add_argument("--size", type=_size, default=None, help="workload size (default 4x the budget)")
     p.set_defaults(func=cmd_demo)
     return parser
