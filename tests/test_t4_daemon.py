@@ -373,3 +373,15 @@ def test_demo_main_job(tmp_path):
     assert "16M through a 4M budget" in r.stdout and "0 mismatches" in r.stdout
     assert "verify   100%" in r.stderr
     assert not os.path.exists(str(store) + ".sock")
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("io", ["sync", "async"])
+def test_soak_hog_eight_times_the_budget(uswapd, hog, io):
+    """Longer: 4 processes x 32 MiB through 16 MiB, 10 rounds (pytest -m soak)."""
+    daemon = uswapd(io=io, resident="16M", store_size="256M")
+    r = run_hog(hog, daemon, "-s", "32", "-p", "4", "-r", "10", "-t", "2", timeout=3600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" 0 mismatches") == 4
+    d = daemon.status()["daemon"]
+    assert d["slots_used"] == 0 and d["read_errors"] == d["write_errors"] == 0

@@ -320,3 +320,19 @@ def test_store_write_errors_end_in_memcg_oom(loopfs, fuse_store, memcg, hog):
     code, status = _swap_with_failing_store(fuse_store, loopfs, memcg, cmd, fail_before=True)
     assert status["write_errors"] > 0
     assert code == -signal.SIGKILL, code
+
+
+@pytest.mark.soak
+def test_soak_kernel_swap_through_the_store(fuse_store, memcg, hog):
+    """Longer: 4 x 64 MiB under a 16 MiB memcg (16x), 10 rounds, through the FUSE store (pytest -m soak)."""
+    m = fuse_store(size="512M")
+    assert uswap("swapon", m.file(0)).returncode == 0
+    try:
+        group = memcg(16 << 20)
+        h = subprocess.run([hog, "-a", "-s", "64", "-p", "4", "-r", "10"], capture_output=True, text=True,
+                           timeout=3600, preexec_fn=in_group(group))
+        assert h.returncode == 0, h.stdout + h.stderr
+        assert h.stdout.count(" 0 mismatches") == 4
+        assert m.status()["read_errors"] == m.status()["write_errors"] == 0
+    finally:
+        assert uswap("swapoff", m.file(0)).returncode == 0

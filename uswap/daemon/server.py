@@ -203,7 +203,7 @@ class Daemon:
                     fds = []
                     region = self._map(req, uffd_fd, memfd, pid, uid)
                     region.conn = conn
-                    nursery.start_soon(self._serve_region, region)
+                    nursery.start_soon(self._serve_region, region, nursery.cancel_scope)
                     reply = Reply(op, 0, region.id)
                 elif req.op == OP_UNMAP:
                     if region is None:
@@ -292,12 +292,16 @@ class Daemon:
         log.info("region %d: pid %d uid %d, %d pages at %#x", region.id, pid, uid, pages, addr)
         return region
 
-    async def _serve_region(self, region: Region) -> None:
+    async def _serve_region(self, region: Region, connection: trio.CancelScope) -> None:
+        """Run the region's fault loop.  If it fails, end the whole connection:
+        a region nobody serves would hang its client's faults forever, while a
+        closed connection makes the client's watchdog answer them with SIGBUS."""
         with region.serve_scope:
             try:
                 await region.serve()
-            except OSError as e:
-                log.error("region %d: fault loop stopped: %s", region.id, e)
+            except Exception:
+                log.exception("region %d (pid %d): fault loop failed; dropping the region", region.id, region.pid)
+                connection.cancel()
 
     def _drop(self, region: Region) -> None:
         region.serve_scope.cancel()
