@@ -361,12 +361,10 @@ static void serve_orphan_faults(struct region *r, long page)
 				continue;
 			uint64_t at = events[i].address & ~(uint64_t)(page - 1);
 			int64_t done;
-			/* Lift write protection either way: a WP fault's page is resident and
-			 * intact; an evicted page may hold a uffd-wp marker, and POISON needs
-			 * an empty page-table entry. */
-			uswap_uffd_writeprotect(r->uffd, at, page, 0);
-			if (!(events[i].flags & UFFD_PAGEFAULT_FLAG_WP))
-				uswap_uffd_poison(r->uffd, at, page, 0, &done);
+			if (events[i].flags & UFFD_PAGEFAULT_FLAG_WP)
+				uswap_uffd_writeprotect(r->uffd, at, page, 0); /* resident, intact: let it write */
+			else
+				uswap_uffd_poison_evicted(r->uffd, at, page, &done);
 		}
 	}
 }

@@ -104,6 +104,21 @@ int uswap_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64
 	return ret;
 }
 
+/*
+ * Poison a page that was evicted by a hole punch.  On shmem the punch keeps
+ * a uffd-wp marker in the page table if the page was write-protected, and
+ * UFFDIO_POISON wants an empty entry (EEXIST otherwise): resolve the marker
+ * first.  The daemon (unreadable slot) and the client's watchdog (daemon
+ * gone) both need exactly this.
+ */
+int uswap_uffd_poison_evicted(int fd, uint64_t start, uint64_t len, int64_t *done)
+{
+	int ret = uswap_uffd_writeprotect(fd, start, len, 0);
+	if (ret < 0)
+		return ret;
+	return uswap_uffd_poison(fd, start, len, 0, done);
+}
+
 int uswap_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done)
 {
 	struct uffdio_move m = { .dst = dst, .src = src, .len = len, .mode = mode };

@@ -101,6 +101,7 @@ int uswap_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t m
 int uswap_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *zeroed);
 int uswap_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *mapped);
 int uswap_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *updated);
+int uswap_uffd_poison_evicted(int fd, uint64_t start, uint64_t len, int64_t *done);
 int uswap_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *moved);
 int uswap_uffd_wake(int fd, uint64_t start, uint64_t len);
 int uswap_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);

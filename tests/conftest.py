@@ -7,6 +7,7 @@ fails it, so CI can never go green by skipping the paging path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -37,6 +38,28 @@ def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 def uswap(*args: str, **kw) -> subprocess.CompletedProcess:
     """Run the uswap CLI in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "uswap", *args], capture_output=True, text=True, **kw)
+
+
+_STORE_HOLDER = """
+import sys
+from uswap.store.swapfile import SwapStore
+store = SwapStore.open(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def store_held_elsewhere(path: str):
+    """Another process holding the store open for use; yields its Popen."""
+    with subprocess.Popen([sys.executable, "-c", _STORE_HOLDER, str(path)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            yield holder
+        finally:
+            holder.stdin.close()
+            holder.wait(10)
 
 
 def _filesystem_available(fstype: str) -> bool:

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import need, need_root, run
+from conftest import need_root, run
 from uswap.core import PAGE_SIZE
 from uswap.store.checks import CheckReport, check_nfs_allocation, check_store, extent_problems, fs_name
 from uswap.store.header import StoreHeader

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
+from conftest import store_held_elsewhere
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.store.mkswap import mkswap
 from uswap.store.lock import StoreBusy, lock_holder
@@ -124,28 +122,12 @@ def test_second_user_in_this_process_is_refused(store_path):
     SwapStore.open(store_path).close()  # free again once closed
 
 
-HOLDER = textwrap.dedent("""
-    import sys, time
-    from uswap.store.swapfile import SwapStore
-    store = SwapStore.open(sys.argv[1])
-    print("locked", flush=True)
-    sys.stdin.read()
-""")
-
-
 def test_second_user_in_another_process_is_named(store_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, store_path], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with store_held_elsewhere(store_path) as holder:
         assert lock_holder(store_path) == holder.pid
         with pytest.raises(StoreBusy, match=f"in use by PID {holder.pid}"):
             SwapStore.open(store_path)
         with pytest.raises(StoreBusy):
             mkswap(store_path, 8 * PAGE_SIZE)  # no re-mkswap under a user either
-    finally:
-        holder.stdin.close()
-        holder.wait(10)
-        holder.stdout.close()
     with SwapStore.open(store_path) as store:
         assert store.slot_count == SLOTS  # mkswap did not touch it

@@ -13,12 +13,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 import pytest
 
-from conftest import need_root, uswap
+from conftest import need_root, store_held_elsewhere, uswap
 from uswap.core import PAGE_SIZE
 
 
@@ -105,31 +104,17 @@ def test_mkswap_on_tmpfs(loopfs):
     assert os.listdir(mnt) == []
 
 
-HOLDER = textwrap.dedent("""
-    import sys
-    from uswap.store.swapfile import SwapStore
-    store = SwapStore.open(sys.argv[1])
-    print("locked", flush=True)
-    sys.stdin.read()
-""")
-
-
 def test_store_in_use(tmp_path):
     path = tmp_path / "store"
     assert uswap("mkswap", str(path), "--size", "1M").returncode == 0
     before = digest(path)
-    with subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True) as holder:
-        try:
-            assert holder.stdout.readline() == "locked\n"
-            r = uswap("mkswap", str(path), "--size", "1M")
-            assert r.returncode == 1
-            assert f"store is in use by PID {holder.pid}" in error_line(r)
-            c = uswap("check", str(path))
-            assert c.returncode == 1
-            assert f"in use by PID {holder.pid}" in c.stdout
-        finally:
-            holder.stdin.close()
+    with store_held_elsewhere(path) as holder:
+        r = uswap("mkswap", str(path), "--size", "1M")
+        assert r.returncode == 1
+        assert f"store is in use by PID {holder.pid}" in error_line(r)
+        c = uswap("check", str(path))
+        assert c.returncode == 1
+        assert f"in use by PID {holder.pid}" in c.stdout
     assert digest(path) == before
 
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest

@@ -8,32 +8,17 @@ daemon's status, and stops the daemon.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 
+from uswap.daemon.process import DaemonProcess
 from uswap.daemon.status import fetch_status, render_status
 from uswap.units import format_size
 
 CHUNK_WORDS = 1 << 20  # 8 MiB of the array per progress step
 ROUNDS = 3
-
-
-def _wait_for_socket(proc: subprocess.Popen, path: str, log_path: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise OSError(f"the daemon exited with status {proc.returncode}:\n" + open(log_path).read())
-        try:
-            fetch_status(path, timeout=1)
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise OSError("the daemon did not come up in 30 s")
 
 
 class Progress:
@@ -81,31 +66,19 @@ def run_demo(*, store_path: str, budget: int, size: int | None = None) -> int:
     import uswap
     size = size or 4 * budget
     workdir = tempfile.mkdtemp(prefix="uswap-demo-")
-    sock = os.path.join(workdir, "uswap.sock")
-    log_path = os.path.join(workdir, "daemon.log")
     print(f"daemon: store {store_path}, resident budget {format_size(budget)}; "
           f"workload: {format_size(size)} ({size / budget:.0f}x the budget)", file=sys.stderr)
-    with open(log_path, "w") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "uswap", "daemon", "--store", store_path,
-                                   "--socket", sock, "--resident", str(budget)], stdout=log, stderr=log)
     try:
-        _wait_for_socket(daemon, sock, log_path)
-        t0 = time.perf_counter()
-        with uswap.Region(size, socket=sock) as region:
-            mismatches = workload(region.buffer, size // 8, Progress())
-            status = fetch_status(sock)
-        elapsed = time.perf_counter() - t0
-        print(render_status(status))
-        d = status["daemon"]
-        print(f"\n{format_size(size)} through a {format_size(budget)} budget in {elapsed:.1f} s: "
-              f"pswpin {d['pswpin']}, pswpout {d['pswpout']}, {mismatches} mismatches")
-        return 1 if mismatches else 0
+        with DaemonProcess(workdir, store_path, budget=budget) as daemon:
+            t0 = time.perf_counter()
+            with uswap.Region(size, socket=daemon.socket) as region:
+                mismatches = workload(region.buffer, size // 8, Progress())
+                status = fetch_status(daemon.socket)
+            elapsed = time.perf_counter() - t0
     finally:
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+    print(render_status(status))
+    d = status["daemon"]
+    print(f"\n{format_size(size)} through a {format_size(budget)} budget in {elapsed:.1f} s: "
+          f"pswpin {d['pswpin']}, pswpout {d['pswpout']}, {mismatches} mismatches")
+    return 1 if mismatches else 0

@@ -233,6 +233,10 @@ class Userfaultfd:
         mode = lib.UFFDIO_POISON_MODE_DONTWAKE if dontwake else 0
         return self._fill("UFFDIO_POISON", lib.uswap_uffd_poison(self.fd, start, length, mode, self._done))
 
+    def poison_evicted(self, start: int, length: int) -> int:
+        """POISON a range a hole punch emptied, lifting uffd-wp markers it left first."""
+        return self._fill("UFFDIO_POISON", lib.uswap_uffd_poison_evicted(self.fd, start, length, self._done))
+
     def move(self, dst: int, src: int, length: int, *, dontwake: bool = False,
              allow_src_holes: bool = False) -> int:
         mode = ((lib.UFFDIO_MOVE_MODE_DONTWAKE if dontwake else 0)

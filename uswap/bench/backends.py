@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
+from uswap.daemon.process import DaemonProcess
 from uswap.daemon.status import fetch_status
 
 MEMCG_ROOT = "/sys/fs/cgroup/memory"
@@ -175,42 +175,13 @@ class KernelSwap:
                          after["pswpout"] - before["pswpout"])
 
 
-class UswapDaemon:
-    """A `uswap daemon` on a store in the bench directory, for one run."""
+class UswapDaemon(DaemonProcess):
+    """A `uswap daemon` on a store in the bench directory, for one run, measured."""
 
     def __init__(self, workdir: str, store: str, *, budget: int, io: str, readahead: int,
                  daemon_cpu: int | None = None, workload_cpu: int | None = None):
-        self.socket = os.path.join(workdir, "bench.sock")
-        self.args = [sys.executable, "-m", "uswap", "daemon", "--store", store, "--socket", self.socket,
-                     "--resident", str(budget), "--io", io, "--readahead", str(readahead)]
-        self.daemon_cpu = daemon_cpu
+        super().__init__(workdir, store, budget=budget, io=io, readahead=readahead, cpu=daemon_cpu)
         self.workload_cpu = workload_cpu
-        self.log_path = os.path.join(workdir, "daemon.log")
-
-    def __enter__(self) -> "UswapDaemon":
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=self.log, preexec_fn=_pin(self.daemon_cpu))
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise OSError(f"uswap daemon exited with {self.proc.returncode}: {_read(self.log_path)}")
-            try:
-                fetch_status(self.socket, timeout=1)
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
     def _cpu_seconds(self) -> float:
         fields = _read(f"/proc/{self.proc.pid}/stat").rsplit(")", 1)[1].split()

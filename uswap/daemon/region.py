@@ -280,12 +280,8 @@ class Region:
         self._install_poison(page)
 
     def _install_poison(self, page: int) -> None:
-        # An evicted page may keep a uffd-wp marker in the client's page table
-        # (shmem keeps write protection across the hole punch).  UFFDIO_POISON
-        # wants an empty entry (EEXIST otherwise), so resolve the marker first.
-        self._ioctl(self.uffd.write_protect, self.address(page), PAGE_SIZE, False)
         try:
-            self._ioctl(self.uffd.poison, self.address(page), PAGE_SIZE)
+            self._ioctl(self.uffd.poison_evicted, self.address(page), PAGE_SIZE)
         except FileExistsError:
             self.uffd.wake(self.address(page), PAGE_SIZE)  # the marker is already there
 

@@ -21,7 +21,6 @@ class SyncSlotIO:
 
     def __init__(self, store: SwapStore):
         self.store = store
-        self.in_flight = 0
 
     async def read(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
         self.store.read_slots(first, count, buf, buf_page)
@@ -39,20 +38,13 @@ class ThreadSlotIO(SyncSlotIO):
         super().__init__(store)
         self.limiter = trio.CapacityLimiter(workers)
 
-    async def _run(self, fn, *args) -> None:
-        self.in_flight += 1
-        try:
-            # Not abandonable: the thread writes into buffers we still own.
-            await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
-        finally:
-            self.in_flight -= 1
-
     # Reads stay in the event loop: a swap-in is waited for by the faulting
     # thread either way, and a hand-off to a worker thread and back costs more
     # than the 4-32 KiB read itself (measured: docs/BENCHMARKS.md).
 
     async def write(self, first, count, buf, buf_page=0):
-        await self._run(self.store.write_slots, first, count, buf, buf_page)
+        # Not abandonable: the thread reads from a buffer we still own.
+        await trio.to_thread.run_sync(self.store.write_slots, first, count, buf, buf_page, limiter=self.limiter)
 
 
 def slot_io(mode: str, store: SwapStore):

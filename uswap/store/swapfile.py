@@ -18,7 +18,7 @@ import errno
 import os
 
 from uswap._core import lib
-from uswap.core import PAGE_SIZE, AlignedBuffer, check
+from uswap.core import AlignedBuffer, check
 from uswap.store.checks import CheckReport, check_fd
 from uswap.store.lock import StoreError, StoreUnusable, take_lock
 from uswap.store.header import StoreHeader
