@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import need, need_root
+from uswap.child import running
 
 pytestmark = pytest.mark.kernel
 
@@ -89,6 +90,22 @@ def test_ctrl_c_restores_everything(tmp_path):
         proc.stderr.close()
     assert proc.returncode != 0
     assert global_state() == before
+
+
+def test_ctrl_c_while_a_child_starts_still_ends_it(tmp_path):
+    """The Ctrl-C lands while Popen waits for the exec (the child sends it): the
+    child must still be ended and reaped, not left running with no one to end it."""
+    pid_file = tmp_path / "pid"
+
+    def interrupt_parent():
+        pid_file.write_text(str(os.getpid()))
+        os.kill(os.getppid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        with running(["sleep", "600"], preexec_fn=interrupt_parent):
+            time.sleep(30)   # not reached: the interrupt is raised before the body runs
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def test_unknown_workload_is_refused(tmp_path):

@@ -24,6 +24,7 @@ from uswap.core import PAGE_SIZE, AlignedBuffer
 pytestmark = pytest.mark.kernel
 
 MEMCG = "/sys/fs/cgroup/memory"
+TOP_PRIORITY = "32767"  # our swap area comes first, whatever other areas the machine has
 
 
 def swaps() -> list[str]:
@@ -209,7 +210,7 @@ def test_corrupted_slot_reads_as_eio(fuse_store, tmp_path):
 
 def test_kernel_swap_through_the_store_keeps_data(fuse_store, memcg, hog):
     m = fuse_store(size="256M")
-    r = uswap("swapon", m.file(0), "--priority", "100")
+    r = uswap("swapon", m.file(0), "--priority", TOP_PRIORITY)
     assert r.returncode == 0, r.stderr
     dev = r.stdout.strip()
     try:
@@ -276,7 +277,7 @@ def _swap_with_failing_store(fuse_store, loopfs, memcg, cmd: list[str], *, fail_
     starts or once its pages are out.  Returns (hog result, store status)."""
     fs = loopfs.make("ext4", size="400M", mkfs_args=("-q", "-F", "-b", "4096"))
     m = fuse_store(size="256M", store=os.path.join(fs, "store"))
-    assert uswap("swapon", m.file(0)).returncode == 0
+    assert uswap("swapon", m.file(0), "--priority", TOP_PRIORITY).returncode == 0  # no other swap area takes pages
     group = memcg(16 << 20)
     if fail_before:
         run("xfs_io", "-x", "-c", "shutdown", fs)
@@ -324,7 +325,7 @@ def test_store_write_errors_end_in_memcg_oom(loopfs, fuse_store, memcg, hog):
 def test_soak_kernel_swap_through_the_store(fuse_store, memcg, hog):
     """Longer: 4 x 64 MiB under a 16 MiB memcg (16x), 10 rounds, through the FUSE store (pytest -m soak)."""
     m = fuse_store(size="512M")
-    assert uswap("swapon", m.file(0)).returncode == 0
+    assert uswap("swapon", m.file(0), "--priority", TOP_PRIORITY).returncode == 0
     try:
         group = memcg(16 << 20)
         h = subprocess.run([hog, "-a", "-s", "64", "-p", "4", "-r", "10"], capture_output=True, text=True,

@@ -16,12 +16,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from uswap.child import running
 from uswap.daemon.process import DaemonProcess
 from uswap.daemon.status import fetch_status
 
 MEMCG_ROOT = "/sys/fs/cgroup/memory"
 PAGE_CLUSTER = "/proc/sys/vm/page-cluster"
 ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
+TOP_PRIORITY = 32767  # the bench's swap area comes before any the machine already has
 
 
 def read_vmstat() -> dict[str, int]:
@@ -46,13 +48,8 @@ def run_to_end(cmd: list[str], timeout: float, **kw) -> tuple[subprocess.Complet
     exiting keeps its memcg busy and its swap slots in use.
     """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-    try:
+    with running(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as proc:
         out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - t0
 
 
@@ -142,7 +139,7 @@ class KernelSwap:
                 Setting(stack, ZSWAP_ENABLED, "Y")
         if self.kind != "fuse":
             subprocess.run(["mkswap", device], check=True, capture_output=True)
-            subprocess.run(["swapon", device], check=True)
+            subprocess.run(["swapon", "--priority", str(TOP_PRIORITY), device], check=True)
             stack.callback(subprocess.run, ["swapoff", device], check=True)
         self.group = os.path.join(MEMCG_ROOT, f"uswap-bench-{os.getpid()}")
         os.mkdir(self.group)
@@ -159,7 +156,7 @@ class KernelSwap:
                        check=True, capture_output=True)
         stack.callback(subprocess.run, ["umount", mountpoint], check=True)
         swapfile = os.path.join(mountpoint, "swap0")
-        swapon(swapfile)
+        swapon(swapfile, TOP_PRIORITY)
         stack.callback(swapoff, swapfile)
 
     def _enter_group(self) -> None:

@@ -5,12 +5,14 @@ Used by `uswap demo` and `uswap bench`, which each run a daemon of their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 
+from uswap.child import running
 from uswap.daemon.status import fetch_status
 
 
@@ -27,8 +29,18 @@ class DaemonProcess:
 
     def __enter__(self):
         pin = None if self.cpu is None else (lambda: os.sched_setaffinity(0, {self.cpu}))
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, preexec_fn=pin)
+        with contextlib.ExitStack() as stack:
+            with open(self.log_path, "w") as log:
+                self.proc = stack.enter_context(running(self.args, stop=_terminate, stdout=log, stderr=log,
+                                                        preexec_fn=pin))
+            self._wait_until_answering()
+            self._stack = stack.pop_all()  # from here on, __exit__ stops it
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _wait_until_answering(self) -> None:
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
@@ -36,19 +48,17 @@ class DaemonProcess:
                     raise OSError(f"uswap daemon exited with {self.proc.returncode}: {f.read().strip()}")
             try:
                 fetch_status(self.socket, timeout=1)
-                return self
+                return
             except OSError:
                 if time.monotonic() > deadline:
-                    self.__exit__()
                     raise
                 time.sleep(0.05)
 
-    def __exit__(self, *exc) -> None:
-        """SIGTERM (the daemon gives every page back), then SIGKILL if it will not stop."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM (the daemon gives every page back), then SIGKILL if it will not stop."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
