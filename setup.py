@@ -1,5 +1,6 @@
 # Metadata lives in pyproject.toml.  This file builds the C parts:
 #   uswap._core          the cffi module (csrc/build.py)
+#   uswap._nfs           libnfs and the request shim over it (csrc/nfs_build.py)
 #   uswap/lib/libuswap.so  the C client library for programs (uswap config --cflags --libs)
 import os
 
@@ -25,7 +26,7 @@ class BuildExt(build_ext):
 
 
 setup(
-    cffi_modules=["csrc/build.py:ffi"],
+    cffi_modules=["csrc/build.py:ffi", "csrc/nfs_build.py:ffi"],
     ext_modules=[
         Extension(LIBUSWAP, sources=["csrc/uswap_client.c", "csrc/uswap_core.c"],
                   include_dirs=["csrc", "uswap/include"],

@@ -130,23 +130,25 @@ class DaemonProcess:
     """A `uswap daemon` subprocess on its own store and socket."""
 
     def __init__(self, workdir, name: str, *, store: str | None = None, store_size: str = "64M",
-                 resident: str = "4M", io: str = "async", readahead: int = 8):
+                 resident: str = "4M", io: str = "async", readahead: int = 8, prefix: tuple = (),
+                 extra: tuple = ()):
         self.workdir = workdir
         self.store = store or str(workdir / f"{name}.store")
         self.socket = str(workdir / f"{name}.sock")
         self.log_path = workdir / f"{name}.log"
         self.args = ["--store", self.store, "--socket", self.socket, "--resident", resident, "--io", io,
-                     "--readahead", str(readahead)]
+                     "--readahead", str(readahead), *extra]
+        self.prefix = list(prefix)   # e.g. the NFS test server's network namespace
         self.store_size = store_size
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "DaemonProcess":
         import time
-        if not os.path.exists(self.store):
+        if not self.store.startswith("nfs://") and not os.path.exists(self.store):
             r = uswap("mkswap", self.store, "--size", self.store_size)
             assert r.returncode == 0, r.stderr
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "uswap", "daemon", *self.args],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "uswap", "daemon", *self.args],
                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

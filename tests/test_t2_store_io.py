@@ -11,7 +11,8 @@ from conftest import store_held_elsewhere
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.store.mkswap import mkswap
 from uswap.store.lock import StoreBusy, lock_holder
-from uswap.store.swapfile import ChecksumError, SwapStore
+from uswap.store.checksums import ChecksumError
+from uswap.store.swapfile import SwapStore
 
 SLOTS = 64
 

@@ -87,9 +87,10 @@ def test_ctrl_c_restores_everything(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        err = proc.stderr.read()
         proc.stderr.close()
     assert proc.returncode != 0
-    assert global_state() == before
+    assert global_state() == before, err
 
 
 def test_ctrl_c_while_a_child_starts_still_ends_it(tmp_path):

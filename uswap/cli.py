@@ -8,11 +8,13 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 
 from uswap.core import PAGE_SIZE
+from uswap.nfs.url import is_nfs_url
 from uswap.store.checks import check_store
 from uswap.store.mkswap import mkswap
 from uswap.store.lock import StoreUnusable
@@ -35,6 +37,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _nfs_options(p: argparse.ArgumentParser, *, stable: bool = False) -> None:
+    p.add_argument("--nfs-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="nfs:// stores: how long a request waits for a server that is down, retrying, before "
+                        "it fails (a fault then gets SIGBUS; eviction pauses) (default 60)")
+    if stable:
+        p.add_argument("--nfs-stable", choices=("file_sync", "commit"), default="file_sync",
+                       help="nfs:// stores: FILE_SYNC writes, or UNSTABLE writes + COMMIT (default file_sync: "
+                            "measured, docs/BENCHMARKS.md)")
+
+
 def _progress(label: str):
     if not sys.stderr.isatty():
         return None
@@ -46,8 +58,16 @@ def _progress(label: str):
 
 
 def cmd_mkswap(args) -> int:
-    header = mkswap(args.path, args.size, page_size=args.page_size, force=args.force,
-                    progress=_progress("writing"))
+    if is_nfs_url(args.path):
+        import trio
+
+        from uswap.nfs.mkswap import mkswap_nfs
+        header = trio.run(functools.partial(mkswap_nfs, args.path, args.size, page_size=args.page_size,
+                                            force=args.force, progress=_progress("writing"),
+                                            timeout=args.nfs_timeout))
+    else:
+        header = mkswap(args.path, args.size, page_size=args.page_size, force=args.force,
+                        progress=_progress("writing"))
     print(f"Setting up uswap store version {header.version}, size = {format_size(header.slot_count * header.page_size)} "
           f"({header.slot_count} slots of {format_size(header.page_size)})")
     print(f"UUID={header.uuid}")
@@ -55,14 +75,21 @@ def cmd_mkswap(args) -> int:
 
 
 def cmd_check(args) -> int:
-    report = check_store(args.path)
+    if is_nfs_url(args.path):
+        import trio
+
+        from uswap.nfs.store import check_nfs_store
+        report = trio.run(functools.partial(check_nfs_store, args.path, timeout=args.nfs_timeout))
+    else:
+        report = check_store(args.path)
     print(report.render())
     return 0 if report.usable else 1
 
 
 def ensure_store(path: str, size: int = DEFAULT_STORE_SIZE) -> None:
-    """Create the store with mkswap semantics if nothing is there yet."""
-    if not os.path.exists(path):
+    """Create a local store with mkswap semantics if nothing is there yet (an
+    nfs:// store must exist: `uswap mkswap URL --size SIZE`)."""
+    if not is_nfs_url(path) and not os.path.exists(path):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         print(f"creating store {path} ({format_size(size)})", file=sys.stderr)
         mkswap(path, size, progress=_progress("writing"))
@@ -73,18 +100,15 @@ def cmd_daemon(args) -> int:
 
     import trio
 
-    from uswap.daemon.main import lock_memory, make_daemon, serve_until_signalled
+    from uswap.daemon.main import lock_memory, run_daemon
     from uswap.protocol import default_socket_path
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="uswap daemon[%(process)d]: %(levelname)s %(message)s")
     ensure_store(args.store)
-    daemon = make_daemon(store_path=args.store, socket_path=args.socket or default_socket_path(),
-                         budget=args.resident, io_mode=args.io, readahead=args.readahead)
     lock_memory()
-    try:
-        trio.run(serve_until_signalled, daemon)
-    finally:
-        daemon.store.close()
+    trio.run(functools.partial(run_daemon, store_spec=args.store, socket_path=args.socket or default_socket_path(),
+                               budget=args.resident, io_mode=args.io, readahead=args.readahead,
+                               nfs_timeout=args.nfs_timeout, nfs_stable=args.nfs_stable))
     return 0
 
 
@@ -194,31 +218,27 @@ def cmd_bench(args) -> int:
 def cmd_mount(args) -> int:
     if not args.foreground:
         from uswap.fuse.mount import mount_in_background
-        pid, log_path = mount_in_background(args.mountpoint, ["--store", args.store, "--size", str(args.size),
-                                                               "--files", str(args.files)])
+        pid, log_path = mount_in_background(args.mountpoint, [
+            "--store", args.store, "--size", str(args.size), "--files", str(args.files),
+            "--nfs-timeout", str(args.nfs_timeout), "--nfs-stable", args.nfs_stable])
         print(f"mounted {args.mountpoint} (served by process {pid}, log {log_path})")
         return 0
     import logging
 
     import trio
 
-    from uswap.fuse.mount import prepare_process, serve_mount
-    from uswap.fuse.ops import SwapStoreOps
+    from uswap.fuse.mount import prepare_process, run_mount
     from uswap.store.mkswap import validate_geometry
-    from uswap.store.swapfile import SwapStore
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="uswap mount[%(process)d]: %(levelname)s %(message)s")
     file_pages = validate_geometry(args.size + PAGE_SIZE, PAGE_SIZE)
     if not os.path.isdir(args.mountpoint):
         raise OSError(2, "mount point is not a directory", args.mountpoint)
     ensure_store(args.store, args.files * args.size + PAGE_SIZE)
-    store = SwapStore.open(args.store)
-    try:
-        ops = SwapStoreOps(store, files=args.files, file_pages=file_pages)
-        prepare_process()
-        trio.run(serve_mount, ops, os.path.abspath(args.mountpoint), args.ready_fd)
-    finally:
-        store.close()
+    prepare_process()
+    trio.run(functools.partial(run_mount, args.store, os.path.abspath(args.mountpoint), files=args.files,
+                               file_pages=file_pages, ready_fd=args.ready_fd, nfs_timeout=args.nfs_timeout,
+                               nfs_stable=args.nfs_stable))
     return 0
 
 
@@ -255,10 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, required=True, help="file size, header page included (e.g. 1G)")
     p.add_argument("--page-size", type=_size, default=PAGE_SIZE, help="slot size (default: the system page)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file that is not a uswap store")
+    _nfs_options(p)
     p.set_defaults(func=cmd_mkswap)
 
     p = sub.add_parser("check", help="run the activation checks on a store; exit 0 only if usable")
     p.add_argument("path")
+    _nfs_options(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("daemon", help="serve client regions (foreground; SIGTERM/SIGINT stop it)")
@@ -269,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io", choices=("sync", "async"), default="sync",
                    help="slot I/O mode (default sync: measured, docs/BENCHMARKS.md)")
     p.add_argument("--readahead", type=int, default=8, help="swap-in window in pages (default 8, 1 = off)")
+    _nfs_options(p, stable=True)
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="show a running daemon's store and regions")
@@ -308,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--files", type=int, default=1, help="number of swap files swap0.. (default 1)")
     p.add_argument("--foreground", action="store_true", help="stay attached (default: serve in the background)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    _nfs_options(p, stable=True)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("swapon", help="swap on a uswap FUSE file (loop device with direct I/O, mkswap, swapon)")

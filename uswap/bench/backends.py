@@ -16,9 +16,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from uswap.child import running
+from uswap.child import interrupts_held, running
 from uswap.daemon.process import DaemonProcess
 from uswap.daemon.status import fetch_status
+from uswap.nfs.ganesha import NfsServer
 
 MEMCG_ROOT = "/sys/fs/cgroup/memory"
 PAGE_CLUSTER = "/proc/sys/vm/page-cluster"
@@ -109,7 +110,8 @@ class KernelSwap:
 
     def __enter__(self) -> "KernelSwap":
         try:
-            self._setup()
+            with interrupts_held():   # a Ctrl-C between making a thing and registering its undo waits
+                self._setup()
         except BaseException:
             self.stack.close()
             raise
@@ -177,8 +179,37 @@ class UswapDaemon(DaemonProcess):
 
     def __init__(self, workdir: str, store: str, *, budget: int, io: str, readahead: int,
                  daemon_cpu: int | None = None, workload_cpu: int | None = None):
-        super().__init__(workdir, store, budget=budget, io=io, readahead=readahead, cpu=daemon_cpu)
         self.workload_cpu = workload_cpu
+        self.nfs = None
+        extra: tuple[str, ...] = ()
+        if io.startswith("nfs"):   # nfs (FILE_SYNC writes) or nfs-commit (UNSTABLE + COMMIT)
+            extra = ("--nfs-stable", "commit" if io == "nfs-commit" else "file_sync")
+            self.nfs = NfsServer(os.path.join(workdir, "nfs"))
+            export = self.nfs.export_dir
+            os.makedirs(export, exist_ok=True)
+            if not os.path.exists(os.path.join(export, "bench.store")):   # before ganesha starts: see NfsServer
+                os.link(store, os.path.join(export, "bench.store"))
+            store = self.nfs.url("bench.store")
+            io = "sync"
+        super().__init__(workdir, store, budget=budget, io=io, readahead=readahead, cpu=daemon_cpu, extra=extra)
+
+    def __enter__(self):
+        if self.nfs:
+            self.nfs.start()
+            self.prefix = self.nfs.netns_cmd([])   # the daemon runs where the server is reachable
+            try:
+                return super().__enter__()
+            except BaseException:
+                self.nfs.stop()
+                raise
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            if self.nfs:
+                self.nfs.stop()
 
     def _cpu_seconds(self) -> float:
         fields = _read(f"/proc/{self.proc.pid}/stat").rsplit(")", 1)[1].split()

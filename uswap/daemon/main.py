@@ -1,4 +1,4 @@
-"""Setting the daemon up and running it until a signal (the CLI calls trio.run on this)."""
+"""Setting the daemon up and running it until a signal (the CLI calls trio.run on run_daemon)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import trio
 
 from uswap._core import lib
 from uswap.daemon.server import Daemon
-from uswap.store.swapfile import SwapStore
+from uswap.store.opening import opened_store
 
 log = logging.getLogger("uswap.daemon")
 
@@ -25,13 +25,12 @@ def lock_memory() -> None:
                     "raise RLIMIT_MEMLOCK or run as root", -ret)
 
 
-def make_daemon(*, store_path: str, socket_path: str, budget: int, io_mode: str, readahead: int) -> Daemon:
-    store = SwapStore.open(store_path)
-    try:
-        return Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead)
-    except BaseException:
-        store.close()
-        raise
+async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode: str, readahead: int,
+                     nfs_timeout: float, nfs_stable: str) -> None:
+    """Open the store (a path or an nfs:// URL), serve until signalled, close the store."""
+    async with opened_store(store_spec, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable) as store:
+        daemon = Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead)
+        await serve_until_signalled(daemon)
 
 
 async def serve_until_signalled(daemon: Daemon) -> None:

@@ -77,6 +77,7 @@ class Daemon:
         self._stopping = trio.Event()
         self._accept_scope = trio.CancelScope()
         self._reclaim_scope = trio.CancelScope()
+        self._reclaim_ended = trio.Event()
         self.started = time.time()
 
     # -- services for regions -----------------------------------------------
@@ -142,6 +143,7 @@ class Daemon:
                 log.info("stopping: no new regions; reading %d region(s) back", len(self.regions))
                 self._accept_scope.cancel()
                 self._reclaim_scope.cancel()
+                await self._reclaim_ended.wait()   # no writeback may end (and drop pages) during swapoff
                 await self.detach_all()
                 nursery.cancel_scope.cancel()
         finally:
@@ -165,8 +167,11 @@ class Daemon:
                 self.nursery.start_soon(self._connection, conn)
 
     async def _reclaim(self) -> None:
-        with self._reclaim_scope:
-            await self.reclaimer.run()
+        try:
+            with self._reclaim_scope:
+                await self.reclaimer.run()
+        finally:
+            self._reclaim_ended.set()
 
     # -- one connection, one region ---------------------------------------------------
 
@@ -315,7 +320,7 @@ class Daemon:
     async def detach_all(self) -> None:
         for region in list(self.regions.values()):
             region.serve_scope.cancel()
-            lost = self.swapoff(region)
+            lost = await self.swapoff(region)
             if lost:
                 # No DETACH: the client's watchdog takes over when the connection
                 # closes, and the pages not read back raise SIGBUS, never zeros.
@@ -328,18 +333,18 @@ class Daemon:
                     pass
             self._drop(region)
 
-    def swapoff(self, region: Region) -> int:
+    async def swapoff(self, region: Region) -> int:
         """Put every swapped page back into the region's memfd (pwrite, not a mapping).
 
-        Returns how many pages could not be read back.  Deliberately
-        synchronous: nothing else runs while the daemon is stopping.
+        Returns how many pages could not be read back.  Nothing else runs
+        meanwhile: the region's fault loop has been cancelled.
         """
         buf = AlignedBuffer(PAGE_SIZE)
         swapped = [p for p in range(region.pages) if region.state[p] == SWAPPED]
         lost = 0
         for page in swapped:
             try:
-                self.store.read_slots(region.swap_map[page], 1, buf)
+                await self.io.read(region.swap_map[page], 1, buf)
                 check(lib.uswap_pwrite_full(region.memfd, buf.ptr, PAGE_SIZE, page * PAGE_SIZE))
             except OSError as e:
                 lost += 1
@@ -370,6 +375,7 @@ class Daemon:
                 **asdict(self.stats),
                 "uptime_s": round(time.time() - self.started, 1),
             },
+            **({"nfs": self.store.status()} if hasattr(self.store, "status") else {}),
             "regions": [{
                 "id": reg.id, "pid": reg.pid, "uid": reg.uid, "address": reg.addr, "size_pages": reg.pages,
                 "resident_pages": reg.resident, "swapped_pages": reg.swapped_pages(), **asdict(reg.stats),

@@ -47,7 +47,20 @@ class ThreadSlotIO(SyncSlotIO):
         await trio.to_thread.run_sync(self.store.write_slots, first, count, buf, buf_page, limiter=self.limiter)
 
 
+class NfsSlotIO:
+    """An NFS store's I/O is asynchronous by nature (libnfs on the event loop):
+    reads and writes are awaited, several in flight, whatever ``--io`` says."""
+    mode = "nfs"
+
+    def __init__(self, store):
+        self.store = store
+        self.read = store.read
+        self.write = store.write
+
+
 def slot_io(mode: str, store: SwapStore):
+    if getattr(store, "io_mode", None) == "nfs":
+        return NfsSlotIO(store)
     if mode == "sync":
         return SyncSlotIO(store)
     if mode == "async":

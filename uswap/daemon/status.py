@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 from uswap.protocol import MAX_PACKET, OP_STATUS, Reply, Request, default_socket_path
 from uswap.units import format_size
@@ -39,6 +40,12 @@ def render_status(status: dict) -> str:
         f"{d['pswpout']:>8} {d['writeback_pages']:>4} {d['read_errors']:>5} {d['write_errors']:>5}  "
         f"{d['store_health']}",
     ]
+    nfs = status.get("nfs")
+    if nfs:
+        since = time.strftime("%H:%M:%S", time.localtime(nfs["since"]))
+        lines.append(f"NFS server {nfs['server']}: {nfs['state']} since {since}, {nfs['connects']} connect(s), "
+                     f"{nfs['retries']} retried request(s), {nfs['stable']} writes, timeout {nfs['timeout_s']:g}s"
+                     + (f"; last error: {nfs['last_error']}" if nfs["last_error"] else ""))
     if status["regions"]:
         lines.append("")
         lines.append(f"{'REGION':>6} {'PID':>7} {'SIZE':>7} {'RESIDENT':>8} {'SWAPPED':>8} {'PSWPIN':>8} "

@@ -1,4 +1,4 @@
-"""Mounting the FUSE swap store and serving it (the CLI calls trio.run on serve_mount).
+"""Mounting the FUSE swap store and serving it (the CLI calls trio.run on run_mount).
 
 The process that serves the mount is on the kernel's swap-out path: the
 kernel writes dirty anonymous pages to the loop device, the loop device writes
@@ -24,8 +24,10 @@ import pyfuse3
 import trio
 
 from uswap._core import lib
+from uswap.child import unhold_interrupts
 from uswap.fuse.mounts import FSNAME
 from uswap.fuse.ops import SwapStoreOps
+from uswap.store.opening import opened_store
 
 log = logging.getLogger("uswap.fuse")
 
@@ -37,6 +39,13 @@ def prepare_process() -> None:
         if ret < 0:
             log.warning("%s failed (errno %d): under memory pressure swap through this mount can deadlock",
                         name, -ret)
+
+
+async def run_mount(store_spec: str, mountpoint: str, *, files: int, file_pages: int, ready_fd: int | None,
+                    nfs_timeout: float, nfs_stable: str) -> None:
+    """Open the store (a path or an nfs:// URL) and serve the mount until unmounted or signalled."""
+    async with opened_store(store_spec, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable) as store:
+        await serve_mount(SwapStoreOps(store, files=files, file_pages=file_pages), mountpoint, ready_fd)
 
 
 async def serve_mount(ops: SwapStoreOps, mountpoint: str, ready_fd: int | None = None) -> None:
@@ -77,7 +86,7 @@ def mount_in_background(mountpoint: str, options: list[str]) -> tuple[int, str]:
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "uswap", "mount", mountpoint, *options, "--foreground",
                                  "--ready-fd", str(w)], pass_fds=[w], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=log, start_new_session=True)
+                                stderr=log, start_new_session=True, preexec_fn=unhold_interrupts)
     os.close(w)
     with os.fdopen(r, "rb") as ready:
         said = ready.read(6)

@@ -2,7 +2,7 @@
 
 File i is slots [i * pages, (i + 1) * pages) of the store.  Reads and writes
 must be page-aligned (the loop device's direct I/O always is); they become
-O_DIRECT slot I/O with crc32c checks, through buffers allocated once.  A slot
+slot I/O (O_DIRECT, or NFS) with crc32c checks, through buffers allocated once.  A slot
 never written since the mount reads as zeros without touching the disk (a
 fresh swap device).  Files cannot be created, removed or resized.  Only
 ``FUSEError`` leaves a handler: store errors become EIO, which the kernel's
@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import pyfuse3
 
 from uswap.core import PAGE_SIZE, AlignedBuffer
+from uswap.daemon.slot_io import slot_io
 from uswap.store.swapfile import SwapStore
 
 log = logging.getLogger("uswap.fuse")
@@ -51,6 +52,7 @@ class SwapStoreOps(pyfuse3.Operations):
             raise ValueError(f"{files} file(s) of {file_pages} pages need {files * file_pages} slots; "
                              f"the store has {store.slot_count}")
         self.store = store
+        self.io = slot_io("sync", store)   # O_DIRECT in the event loop; an NFS store's own async I/O
         self.files = files
         self.file_pages = file_pages
         self.stats = FuseStats()
@@ -204,7 +206,7 @@ class SwapStoreOps(pyfuse3.Operations):
             try:
                 if state == FAILED:  # never hand back what a failed write left behind
                     raise OSError(errno.EIO, "the last write of this slot failed")
-                self.store.read_slots(slot + i, run, self._buf)
+                await self.io.read(slot + i, run, self._buf)
             except OSError as e:
                 self.stats.read_errors += 1
                 log.error("read of slots %d..%d failed: %s", slot + i, slot + i + run - 1, e)
@@ -223,7 +225,7 @@ class SwapStoreOps(pyfuse3.Operations):
         self.stats.writes += 1
         self._buf.view[:len(buf)] = buf
         try:
-            self.store.write_slots(slot, count, self._buf)
+            await self.io.write(slot, count, self._buf)
         except OSError as e:
             self.stats.write_errors += 1
             self._slots[slot:slot + count] = bytes([FAILED]) * count

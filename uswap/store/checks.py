@@ -170,12 +170,9 @@ def _check_filesystem(fd: int, report: CheckReport, direct: bool) -> None:
 
 
 def _check_header(fd: int, report: CheckReport, direct: bool, page_size: int) -> None:
-    minimum = 2 * page_size
-    if report.size < minimum:
-        report.refuse("file", f"{report.size} bytes is smaller than the header page plus one slot "
-                              f"({minimum} bytes)")
-        if report.size == 0:
-            return
+    if report.size == 0:
+        check_header_page(report, b"", page_size)
+        return
     buf = AlignedBuffer(PAGE_SIZE)
     try:
         n = check(lib.uswap_pread_full(fd, buf.ptr, PAGE_SIZE, 0), report.path)
@@ -185,8 +182,19 @@ def _check_header(fd: int, report: CheckReport, direct: bool, page_size: int) ->
         else:
             report.refuse("header", f"cannot read the header page: {e.strerror}")
         return
+    check_header_page(report, bytes(buf.view[:n]), page_size)
+
+
+def check_header_page(report: CheckReport, page: bytes, page_size: int) -> None:
+    """Judge the header page read from a file of ``report.size`` bytes."""
+    minimum = 2 * page_size
+    if report.size < minimum:
+        report.refuse("file", f"{report.size} bytes is smaller than the header page plus one slot "
+                              f"({minimum} bytes)")
+        if report.size == 0:
+            return
     try:
-        header = StoreHeader.unpack(bytes(buf.view[:n]))
+        header = StoreHeader.unpack(page)
     except HeaderError as e:
         report.refuse("header", str(e))
         return

@@ -1,0 +1,245 @@
+"""Layer 7: stores on an NFS server (nfs://), through the built-in libnfs client.
+
+A real server: nfs-ganesha + rpcbind in a network namespace the test creates
+(tests/nfs_server.py).  Our daemon and CLI run in that namespace too (nsenter
+--net only); the hog reaches the daemon through its pathname Unix socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import need, need_root, uswap
+from uswap.nfs.ganesha import NfsServer
+from uswap.core import PAGE_SIZE, AlignedBuffer
+from uswap.store.header import StoreHeader
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def nfs(tmp_path):
+    need_root()
+    need(shutil.which("ganesha.nfsd") and shutil.which("rpcbind") and shutil.which("nfs-ls"),
+         "nfs-ganesha, rpcbind or libnfs-utils not installed (scripts/install-deps)")
+    server = NfsServer(str(tmp_path / "nfs"))
+    _make_store_file(server.export_ro_dir, "store")   # before start: ganesha must not see changes behind its back
+    with server:   # starts it
+        yield server
+
+
+def _make_store_file(directory: str, name: str, slots: int = 255) -> None:
+    os.makedirs(directory, exist_ok=True)
+    header = StoreHeader(page_size=PAGE_SIZE, slot_count=slots, uuid=uuid.uuid4(), created=0,
+                         host="test", created_by="test")
+    with open(os.path.join(directory, name), "wb") as f:
+        f.write(header.pack() + bytes(slots * PAGE_SIZE))
+
+
+def cli(server: NfsServer, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(server.netns_cmd([sys.executable, "-m", "uswap", *args]), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def mkswap(server: NfsServer, name: str = "store", size: str = "64M") -> str:
+    url = server.url(name)
+    r = cli(server, "mkswap", url, "--size", size)
+    assert r.returncode == 0, r.stderr
+    return url
+
+
+def start_daemon(uswapd, server: NfsServer, url: str, *, resident: str = "4M", timeout: float = 60):
+    return uswapd(store=url, resident=resident, prefix=server.netns_cmd([]),
+                  extra=("--nfs-timeout", str(timeout)))
+
+
+def run_hog(hog: str, daemon, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([hog, *args], capture_output=True, text=True, env=daemon.env(), timeout=timeout)
+
+
+# -- URLs and errors ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, message", [
+    ("nfs://", "no server in the URL"),
+    ("nfs://127.0.0.1/store", "needs an export and a file name"),
+    ("nfs://127.0.0.1/export/store?version=4", "use version=3"),
+    ("nfs://127.0.0.1/export/store?mode=fast", "unknown URL parameter(s) mode"),
+    ("nfs://127.0.0.1/export/store?nfsport=x", "nfsport must be one number"),
+    ("nfs://no-such-host.invalid/export/store", "unknown NFS server host 'no-such-host.invalid'"),
+])
+def test_bad_urls_get_one_line(url, message):
+    r = subprocess.run([sys.executable, "-m", "uswap", "check", url], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_mkswap_and_check_over_nfs(nfs):
+    url = mkswap(nfs, size="8M")
+    stored = os.path.join(nfs.export_dir, "store")
+    assert os.path.getsize(stored) == 8 << 20
+    assert os.stat(stored).st_mode & 0o777 == 0o600
+    assert os.stat(stored).st_blocks * 512 >= 8 << 20              # written in full: no holes
+    r = cli(nfs, "check", url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "NFSv3 server 127.0.0.1" in r.stdout and "nfs_swap_activate" in r.stdout
+    assert "2047 slots" in r.stdout and "usable" in r.stdout
+    # not over a non-store without --force; an idle store is replaced
+    r = cli(nfs, "mkswap", nfs.url("store"), "--size", "8M")
+    assert r.returncode == 0, r.stderr
+
+
+def test_server_errors_get_one_line(nfs):
+    cases = [
+        (("check", nfs.url("missing")), "no file /missing in export /export"),
+        (("check", "nfs://127.0.0.1/nope/store?version=3"), "refused to mount /nope (no such export"),
+        (("mkswap", nfs.ro_url("new"), "--size", "1M"), "ROFS"),
+    ]
+    for args, message in cases:
+        r = cli(nfs, *args)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    # a store on a read-only export: check can read it, the daemon cannot use it
+    r = cli(nfs, "check", nfs.ro_url("store"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli(nfs, "daemon", "--store", nfs.ro_url("store"), "--socket", os.path.join(nfs.base_dir, "ro.sock"))
+    assert r.returncode == 1
+    assert "read-only export" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    # a server that is not running
+    url = mkswap(nfs, size="1M")
+    nfs.kill()
+    r = cli(nfs, "check", url)
+    assert r.returncode == 1
+    assert "cannot reach NFS server 127.0.0.1" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_store_in_use(nfs, uswapd):
+    url = mkswap(nfs, size="8M")
+    daemon = start_daemon(uswapd, nfs, url)
+    r = cli(nfs, "check", url)
+    assert r.returncode == 1
+    assert f"in use by PID {daemon.proc.pid} on" in r.stdout
+    r = cli(nfs, "daemon", "--store", url, "--socket", os.path.join(nfs.base_dir, "second.sock"))
+    assert r.returncode == 1 and f"in use by PID {daemon.proc.pid}" in r.stderr, r.stderr
+    daemon.stop()
+    r = cli(nfs, "check", url)                                     # the lock went with the daemon
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_stale_lock_of_a_killed_daemon_is_taken_over(nfs, uswapd):
+    url = mkswap(nfs, size="8M")
+    first = start_daemon(uswapd, nfs, url)
+    first.stop(signal.SIGKILL)
+    second = start_daemon(uswapd, nfs, url)
+    assert second.status()["nfs"]["state"] == "up"
+
+
+# -- paging through it -------------------------------------------------------------------
+
+def test_integrity_hog_4x_budget_on_nfs(nfs, uswapd, hog):
+    url = mkswap(nfs)
+    daemon = start_daemon(uswapd, nfs, url)
+    r = run_hog(hog, daemon, "-s", "4", "-p", "4", "-r", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" 0 mismatches") == 4, r.stdout
+    status = daemon.status()
+    d = status["daemon"]
+    assert d["io"] == "nfs" and d["pswpout"] > 0 and d["pswpin"] > 0
+    assert d["read_errors"] == d["write_errors"] == 0
+    assert d["slots_used"] == 0
+    assert status["nfs"]["state"] == "up" and status["nfs"]["stable"] == "file_sync"
+    r = uswap("status", "--socket", daemon.socket)
+    assert "NFS server 127.0.0.1: up since" in r.stdout, r.stdout
+
+
+def test_server_killed_and_restarted_mid_run(nfs, uswapd, hog):
+    url = mkswap(nfs)
+    daemon = start_daemon(uswapd, nfs, url)
+    proc = subprocess.Popen([hog, "-s", "4", "-p", "4", "-r", "12"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=daemon.env())
+    try:
+        restarts = 0
+        written = 0
+        while restarts < 3 and proc.poll() is None:
+            deadline = time.monotonic() + 60
+            while daemon.status()["daemon"]["pswpout"] < written + 500 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            written = daemon.status()["daemon"]["pswpout"]
+            nfs.kill()
+            time.sleep(0.5)                 # eviction pauses; faults on evicted pages wait
+            nfs.restart()
+            restarts += 1
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert restarts == 3
+    assert proc.returncode == 0, out + err
+    assert out.count(" 0 mismatches") == 4, out
+    status = daemon.status()
+    assert status["nfs"]["connects"] > 1 and status["nfs"]["state"] == "up", status["nfs"]
+    assert status["daemon"]["read_errors"] == 0 or status["daemon"]["pswpin"] > 0
+
+
+def test_server_down_longer_than_the_timeout(nfs, uswapd, hog):
+    url = mkswap(nfs)
+    daemon = start_daemon(uswapd, nfs, url, resident="2M", timeout=3)
+    victim = subprocess.Popen([hog, "-s", "8", "-r", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=daemon.env())
+    try:
+        deadline = time.monotonic() + 60
+        while daemon.status()["daemon"]["pswpout"] < 1000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        nfs.kill()
+        t0 = time.monotonic()
+        victim.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.communicate()
+    assert victim.returncode in (-signal.SIGBUS, 128 + signal.SIGBUS), victim.returncode   # the faulting client
+    assert waited >= 2.5, waited                                          # it waited (hard-mount-like) first
+    status = daemon.status()                                              # the daemon survives
+    assert status["nfs"]["state"] != "up"
+    assert status["daemon"]["read_errors"] > 0
+    # meanwhile, a client that never needs the store is served (eviction paused)
+    r = run_hog(hog, daemon, "-s", "1", "-r", "2")
+    assert r.returncode == 0 and " 0 mismatches" in r.stdout, r.stdout + r.stderr
+    nfs.restart()
+    r = run_hog(hog, daemon, "-s", "4", "-p", "2", "-r", "2")
+    assert r.returncode == 0 and r.stdout.count(" 0 mismatches") == 2, r.stdout + r.stderr
+    assert daemon.status()["nfs"]["state"] == "up"
+
+
+def test_fuse_mount_on_an_nfs_store(nfs, tmp_path):
+    url = mkswap(nfs, size="16M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = cli(nfs, "mount", str(mnt), "--store", url, "--size", "8M")
+    assert r.returncode == 0, r.stderr
+    try:
+        data = os.urandom(1 << 20)
+        buf = AlignedBuffer(1 << 20)
+        buf.view[:] = data
+        fd = os.open(mnt / "swap0", os.O_RDWR | os.O_DIRECT)    # as the loop device does
+        try:
+            assert os.pwritev(fd, [buf.view], 4 * PAGE_SIZE) == len(data)
+            buf.view[:] = bytes(len(data))
+            assert os.preadv(fd, [buf.view], 4 * PAGE_SIZE) == len(data)
+            assert bytes(buf.view) == data
+        finally:
+            os.close(fd)
+        status = json.loads((mnt / ".status").read_text())
+        assert status["store"] == url and status["pages_written"] >= 256
+    finally:
+        assert uswap("umount", str(mnt)).returncode == 0

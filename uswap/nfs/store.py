@@ -1,0 +1,243 @@
+"""A store file on an NFS server, reached through libnfs: no kernel NFS client needed.
+
+The same layout as a local store (uswap.store.header): header page, then
+slot N at offset (N + 1) * page_size, each slot's crc32c kept in memory.
+
+Stable writes.  A slot counts as written only once the server has it on
+stable storage, as the kernel's swap-over-NFS writes do.  ``file_sync``
+(the default) sends every WRITE as FILE_SYNC; ``commit`` sends UNSTABLE
+WRITEs and a COMMIT after each batch.  libnfs 4.0 does not compare write
+verifiers, so with ``commit`` a failure anywhere in write + commit sends the
+write again, never only the commit.  docs/BENCHMARKS.md has both measured.
+
+One user at a time.  There is no flock over libnfs (NLM is not spoken), so
+the store has a lock file next to it, ``FILE.lock``, created exclusively and
+holding "HOST PID"; a lock left by a dead process on this host is taken over.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from uswap.core import PAGE_SIZE, AlignedBuffer
+from uswap.nfs.connection import NfsConnection
+from uswap.nfs.url import NfsUrl
+from uswap.store.checks import CheckReport, check_header_page, check_nfs_allocation
+from uswap.store.checksums import SlotChecksums
+from uswap.store.header import StoreHeader
+from uswap.store.lock import StoreError, StoreUnusable
+from uswap.store.swapfile import slot_span
+from uswap._nfs import ffi, lib
+
+STABLE_MODES = ("file_sync", "commit")
+DEFAULT_TIMEOUT = 60.0   # s: how long a request waits for a server that is down (--nfs-timeout)
+
+
+async def stat(conn: NfsConnection, path: str):
+    return await conn.request(lambda ctx, fh, req: lib.uswap_nfs_stat(ctx, path.encode(), req), f"stat {path}")
+
+
+async def read_at(conn: NfsConnection, fh, offset: int, count: int, ptr) -> None:
+    def submit(ctx, store_fh, req):
+        return lib.uswap_nfs_pread(ctx, fh or store_fh, offset, count, ptr, req)
+    req = await conn.request(submit, f"read {count} bytes at {offset}")
+    if req.result != count:
+        raise OSError(errno.EIO, f"short read at offset {offset}: {req.result} of {count} bytes", conn.url.url)
+
+
+async def _check(conn: NfsConnection, url: NfsUrl) -> CheckReport:
+    """The activation checks that apply over NFS: allocation (as nfs_swap_activate) and the header."""
+    report = CheckReport(url.url, fs_name="nfs")
+    st = await stat(conn, url.file)
+    report.size = st.size
+    report.note("filesystem", f"NFSv3 server {url.server}, export {url.export}, through libnfs "
+                              "(uswap's userspace client; no kernel NFS mount)")
+    check_nfs_allocation(report, st.used)
+    n = min(PAGE_SIZE, st.size)
+    buf = AlignedBuffer(PAGE_SIZE)
+    if n:
+        await read_at(conn, None, 0, n, buf.ptr)
+    check_header_page(report, bytes(buf.view[:n]), PAGE_SIZE)
+    return report
+
+
+async def check_nfs_store(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> CheckReport:
+    """`uswap check nfs://...`: the activation checks that apply over NFS, and the lock."""
+    nfs_url = NfsUrl.parse(url)
+    conn = await NfsConnection.connect(nfs_url, timeout=timeout, file_flags=os.O_RDONLY)
+    try:
+        report = await _check(conn, nfs_url)
+        holder = await read_lock(conn, nfs_url)
+        if holder:
+            report.refuse("file", f"in use by {holder}")
+        return report
+    finally:
+        conn.close()
+
+
+# -- the lock file -------------------------------------------------------------
+
+def _lock_path(url: NfsUrl) -> str:
+    return url.file + ".lock"
+
+
+async def read_lock(conn: NfsConnection, url: NfsUrl) -> str | None:
+    """'PID N on HOST' for the lock's holder, or None if there is no lock."""
+    path = _lock_path(url)
+    try:
+        req = await conn.request(lambda ctx, fh, r: lib.uswap_nfs_open(ctx, path.encode(), os.O_RDONLY, r),
+                                 f"open {path}")
+    except FileNotFoundError:
+        return None
+    fh = req.fh
+    try:
+        buf = AlignedBuffer(PAGE_SIZE)
+        req = await conn.request(lambda ctx, _, r: lib.uswap_nfs_pread(ctx, fh, 0, 256, buf.ptr, r), f"read {path}",
+                                 retry=False)
+        text = bytes(buf.view[:max(0, req.result)]).decode(errors="replace").split()
+    finally:
+        await close_handle(conn, fh, path)
+    if len(text) == 2 and text[1].isdigit():
+        return f"PID {text[1]} on {text[0]}"
+    return "another process (unreadable lock file)"
+
+
+async def close_handle(conn: NfsConnection, fh, path: str) -> None:
+    """Free a handle other than the store file's (a no-op if its context is gone)."""
+    generation = conn.generation
+    try:
+        await conn.request(lambda ctx, _, r: lib.uswap_nfs_close(ctx, fh, r) if conn.generation == generation
+                           else 0, f"close {path}", retry=False)
+    except OSError:
+        pass
+
+
+def _stale(holder: str) -> bool:
+    """A lock of a process on this host that no longer exists."""
+    words = holder.split()
+    if len(words) != 4 or words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+async def take_lock(conn: NfsConnection, url: NfsUrl) -> None:
+    path = _lock_path(url)
+    content = f"{socket.gethostname()} {os.getpid()}\n".encode()
+    for _ in range(2):
+        try:
+            req = await conn.request(lambda ctx, fh, r: lib.uswap_nfs_create(
+                ctx, path.encode(), os.O_RDWR | os.O_EXCL | os.O_SYNC, 0o600, r), f"create {path}")
+        except FileExistsError:
+            holder = await read_lock(conn, url)
+            if holder and not _stale(holder):
+                raise StoreError(errno.EBUSY, f"store is in use by {holder}", url.url) from None
+            await conn.request(lambda ctx, fh, r: lib.uswap_nfs_unlink(ctx, path.encode(), r), f"unlink {path}")
+            continue
+        fh = req.fh
+        buf = AlignedBuffer(PAGE_SIZE)
+        ffi.memmove(buf.ptr, content, len(content))
+        try:
+            await conn.request(lambda ctx, _, r: lib.uswap_nfs_pwrite(ctx, fh, 0, len(content), buf.ptr, r),
+                               f"write {path}", retry=False)
+        finally:
+            await close_handle(conn, fh, path)
+        return
+    raise StoreError(errno.EBUSY, "store is in use (its lock file keeps coming back)", url.url)
+
+
+async def drop_lock(conn: NfsConnection, url: NfsUrl) -> None:
+    path = _lock_path(url)
+    await conn.request(lambda ctx, fh, r: lib.uswap_nfs_unlink(ctx, path.encode(), r), f"unlink {path}")
+
+
+# -- the open store ----------------------------------------------------------------
+
+class NfsStore:
+    """A checked, locked store on an NFS server.  Use :meth:`open`, then ``await aclose()``."""
+
+    io_mode = "nfs"
+
+    def __init__(self, conn: NfsConnection, url: NfsUrl, header: StoreHeader, report: CheckReport, stable: str):
+        self.conn = conn
+        self.url = url
+        self.path = url.url
+        self.header = header
+        self.report = report
+        self.stable = stable
+        self.page_size = header.page_size
+        self.slot_count = header.slot_count
+        self.checksums = SlotChecksums(self.path, self.slot_count, self.page_size)
+
+    @classmethod
+    async def open(cls, url: str, *, timeout: float = DEFAULT_TIMEOUT, stable: str = "file_sync") -> "NfsStore":
+        if stable not in STABLE_MODES:
+            raise ValueError(f"unknown stable-write mode {stable!r} ({' or '.join(STABLE_MODES)})")
+        nfs_url = NfsUrl.parse(url)
+        flags = os.O_RDWR | (os.O_SYNC if stable == "file_sync" else 0)   # O_SYNC: libnfs sends FILE_SYNC
+        conn = await NfsConnection.connect(nfs_url, timeout=timeout, file_flags=flags)
+        try:
+            await take_lock(conn, nfs_url)
+            try:
+                report = await _check(conn, nfs_url)
+                if not report.usable:
+                    raise StoreUnusable(report)
+                return cls(conn, nfs_url, report.header, report, stable)
+            except BaseException:
+                await drop_lock(conn, nfs_url)
+                raise
+        except BaseException:
+            conn.close()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            await drop_lock(self.conn, self.url)
+        finally:
+            self.conn.close()
+
+    async def write(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
+        offset, length = slot_span(self.header, first, count, buf, buf_page)
+        ptr = buf.ptr + buf_page * self.page_size
+        self.checksums.forget(first, count)
+        await self._write(offset, length, ptr)
+        if self.stable == "commit":
+            await self._commit(offset, length, ptr)
+        self.checksums.record(first, count, ptr)
+
+    async def _write(self, offset: int, length: int, ptr) -> None:
+        req = await self.conn.request(lambda ctx, fh, r: lib.uswap_nfs_pwrite(ctx, fh, offset, length, ptr, r),
+                                      f"write {length} bytes at {offset}")
+        if req.result != length:
+            raise OSError(errno.EIO, f"short write at offset {offset}: {req.result} of {length} bytes", self.path)
+
+    async def _commit(self, offset: int, length: int, ptr) -> None:
+        """COMMIT; a COMMIT answered on another connection than the WRITE (the server
+        may have restarted in between, losing the unstable data) sends the WRITE again."""
+        while True:
+            connection = self.conn.generation
+            await self.conn.request(lambda ctx, fh, r: lib.uswap_nfs_fsync(ctx, fh, r), "commit")
+            if self.conn.generation == connection:
+                return
+            self.conn.server.retries += 1
+            await self._write(offset, length, ptr)
+
+    async def read(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
+        offset, length = slot_span(self.header, first, count, buf, buf_page)
+        self.checksums.require_written(first, count)
+        ptr = buf.ptr + buf_page * self.page_size
+        await read_at(self.conn, None, offset, length, ptr)
+        self.checksums.verify(first, count, ptr)
+
+    def discard_slots(self, first: int, count: int) -> None:
+        self.checksums.forget(first, count)
+
+    def status(self) -> dict:
+        return {"stable": self.stable, "timeout_s": self.conn.timeout, **vars(self.conn.server)}
