@@ -224,7 +224,7 @@ class Reclaimer:
         self._backoff = min(BACKOFF_MAX, self._backoff * 2)
         self.daemon.stats.write_errors += len(batch)
         self.daemon.log_limited("write", logging.ERROR, "writeback of %d page(s) failed: %s", len(batch), what)
-        if error.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EBADMSG):
+        if error.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EBADMSG, errno.ETIMEDOUT):
             log.error("unexpected writeback error", exc_info=error)
         for region, pages in by_region(batch):
             if region.closed:

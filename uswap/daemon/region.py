@@ -216,6 +216,8 @@ class Region:
             except OSError as e:
                 self.stats.read_errors += 1
                 self.daemon.note_read_error(self, e, slot, attempt)
+                if e.errno == errno.ETIMEDOUT:
+                    return False   # the store already waited its timeout (an NFS server that stays down)
                 if attempt < READ_RETRIES:
                     await trio.sleep(0.01 * attempt)
             if self.closed:
