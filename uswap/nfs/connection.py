@@ -139,6 +139,7 @@ class NfsConnection:
             req = ffi.new("struct uswap_nfs_req *")
             rc = submit(self.ctx, self.fh, req)
             if rc == 0:
+                self._send_now()
                 await self._wait(req, generation, min(deadline, trio.current_time() + ATTEMPT_S))
             else:
                 req.result = rc
@@ -156,23 +157,29 @@ class NfsConnection:
     async def _wait(self, req, generation: int, give_up: float) -> None:
         """Until ``req`` is done; at ``give_up`` the context is ended, which completes it."""
         self._inflight.add(req)   # alive until done or the context is gone
-        while not req.done:
-            if self._generation != generation:
-                req.result = -errno.EINTR   # its context ended before it could answer
-                break
-            if trio.current_time() >= give_up:
-                async with self._driver:
-                    if self._generation == generation and not req.done:
-                        self._reset(f"no answer for {ATTEMPT_S:g}s")
-                if not req.done:   # the context it was queued on is gone
-                    req.result = -errno.ETIMEDOUT
+        try:
+            while not req.done:
+                if self._generation != generation:
+                    req.result = -errno.EINTR   # its context ended before it could answer
                     break
-            elif self._driver.locked():
-                with trio.move_on_at(give_up):
-                    await self._progress.wait()
-            else:
-                async with self._driver:
-                    await self._service_pass()
+                if trio.current_time() >= give_up:
+                    async with self._driver:
+                        if self._generation == generation and not req.done:
+                            self._reset(f"no answer for {ATTEMPT_S:g}s")
+                    if not req.done:   # the context it was queued on is gone
+                        req.result = -errno.ETIMEDOUT
+                        break
+                elif self._driver.locked():
+                    with trio.move_on_at(give_up):
+                        await self._progress.wait()
+                else:
+                    async with self._driver:
+                        await self._service_pass()
+        except BaseException:
+            # Cancelled (its region went away): the reply may still come, and
+            # must not be copied into a buffer that is no longer the caller's.
+            req.buf = ffi.NULL
+            raise
         self._inflight.discard(req)
 
     async def _wait_driving(self, req) -> None:
@@ -186,6 +193,13 @@ class NfsConnection:
             if not req.done:
                 req.result = -errno.ETIMEDOUT
         self._inflight.discard(req)
+
+    def _send_now(self) -> None:
+        """Send what was just queued without waiting for a pass (whoever drives may be
+        waiting for another reply).  Only writes: libnfs closes nothing here, and an
+        error shows on the socket, where the next pass finds it."""
+        if lib.nfs_which_events(self.ctx) & select.POLLOUT:
+            lib.nfs_service(self.ctx, select.POLLOUT)
 
     async def _service_pass(self) -> None:
         """One wait for the socket (at most TICK) and one nfs_service."""
