@@ -66,6 +66,35 @@ def test_bench_runs_both_backends_and_restores_everything(tmp_path):
     assert "┃ ratio ┃" in r.stdout and "│ fuse │" in r.stdout
 
 
+def test_bench_nfs_rows(tmp_path):
+    """uswap over NFS: the bench starts its own ganesha (network namespace) and stops it."""
+    need_bench_kernel()
+    before = global_state()
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--size", "8M", "--resident", "4M", "--repeat", "1",
+                        "--workloads", "seq", "--io", "nfs,nfs-commit", "--against", "native", "--workdir",
+                        str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert global_state() == before
+    assert not _ganesha_running(tmp_path)     # the bench stopped the server it started
+    runs = json.loads(out.read_text())["runs"]
+    nfs = [run for run in runs if run["backend"] == "uswap"]
+    assert {run["io"] for run in nfs} == {"nfs", "nfs-commit"}
+    for run in nfs:
+        assert run["exit_code"] == 0 and run["mismatches"] == 0 and run["pswpout"] > 0
+
+
+def _ganesha_running(tmp_path) -> bool:
+    pid_file = tmp_path / "work" / "nfs" / "ganesha.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    return True
+
+
 def test_ctrl_c_restores_everything(tmp_path):
     need_bench_kernel()
     before = global_state()

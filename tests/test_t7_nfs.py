@@ -19,6 +19,7 @@ import uuid
 import pytest
 
 from conftest import need, need_root, uswap
+from test_t4_daemon import corrupt_slots, finish_holder, start_holder
 from uswap.nfs.ganesha import NfsServer
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.store.header import StoreHeader
@@ -26,13 +27,25 @@ from uswap.store.header import StoreHeader
 pytestmark = pytest.mark.kernel
 
 
+SQUASHED_EXPORT = """
+EXPORT {{ Export_Id = 3; Path = "{path}"; Pseudo = /export-squash; Protocols = 3; Transports = TCP;
+  Access_Type = RW; Squash = All_Squash; SecType = sys; FSAL {{ Name = VFS; }} }}
+"""
+
+
 @pytest.fixture
 def nfs(tmp_path):
     need_root()
     need(shutil.which("ganesha.nfsd") and shutil.which("rpcbind") and shutil.which("nfs-ls"),
          "nfs-ganesha, rpcbind or libnfs-utils not installed (scripts/install-deps)")
-    server = NfsServer(str(tmp_path / "nfs"))
+    squashed = tmp_path / "nfs" / "export-squash"   # every client is "nobody" here: root's 0600 store is closed
+    server = NfsServer(str(tmp_path / "nfs"), extra_config=SQUASHED_EXPORT.format(path=squashed))
     _make_store_file(server.export_ro_dir, "store")   # before start: ganesha must not see changes behind its back
+    _make_store_file(str(squashed), "store")
+    os.chmod(squashed / "store", 0o600)
+    os.makedirs(server.export_dir)
+    with open(os.path.join(server.export_dir, "notes.txt"), "w") as f:
+        f.write("not a store\n")
     with server:   # starts it
         yield server
 
@@ -57,9 +70,10 @@ def mkswap(server: NfsServer, name: str = "store", size: str = "64M") -> str:
     return url
 
 
-def start_daemon(uswapd, server: NfsServer, url: str, *, resident: str = "4M", timeout: float = 60):
+def start_daemon(uswapd, server: NfsServer, url: str, *, resident: str = "4M", timeout: float = 60,
+                 stable: str = "file_sync"):
     return uswapd(store=url, resident=resident, prefix=server.netns_cmd([]),
-                  extra=("--nfs-timeout", str(timeout)))
+                  extra=("--nfs-timeout", str(timeout), "--nfs-stable", stable))
 
 
 def run_hog(hog: str, daemon, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -92,9 +106,16 @@ def test_mkswap_and_check_over_nfs(nfs):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "NFSv3 server 127.0.0.1" in r.stdout and "nfs_swap_activate" in r.stdout
     assert "2047 slots" in r.stdout and "usable" in r.stdout
-    # not over a non-store without --force; an idle store is replaced
+    # an idle store is replaced; a file that is not a store only with --force
     r = cli(nfs, "mkswap", nfs.url("store"), "--size", "8M")
     assert r.returncode == 0, r.stderr
+    r = cli(nfs, "mkswap", nfs.url("notes.txt"), "--size", "1M")
+    assert r.returncode == 1 and "exists and is not a uswap store; use --force" in r.stderr, r.stderr
+    with open(os.path.join(nfs.export_dir, "notes.txt")) as f:
+        assert f.read() == "not a store\n"
+    r = cli(nfs, "mkswap", nfs.url("notes.txt"), "--size", "1M", "--force")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(nfs.export_dir)) == ["notes.txt", "store"]   # no temporary or lock file left
 
 
 def test_server_errors_get_one_line(nfs):
@@ -102,6 +123,9 @@ def test_server_errors_get_one_line(nfs):
         (("check", nfs.url("missing")), "no file /missing in export /export"),
         (("check", "nfs://127.0.0.1/nope/store?version=3"), "refused to mount /nope (no such export"),
         (("mkswap", nfs.ro_url("new"), "--size", "1M"), "ROFS"),
+        (("check", "nfs://127.0.0.1/export-squash/store?version=3"), "permission denied reading /store"),
+        (("daemon", "--store", "nfs://127.0.0.1/export-squash/store?version=3", "--socket",
+          os.path.join(nfs.base_dir, "sq.sock")), "cannot open /store for writing"),
     ]
     for args, message in cases:
         r = cli(nfs, *args)
@@ -142,11 +166,21 @@ def test_stale_lock_of_a_killed_daemon_is_taken_over(nfs, uswapd):
     assert second.status()["nfs"]["state"] == "up"
 
 
+def test_several_requests_in_flight_on_one_connection(nfs):
+    url = mkswap(nfs, size="1M")
+    r = subprocess.run(nfs.netns_cmd([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                                   "nfs_concurrent_reads.py"), url]),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert int(r.stdout.split(":")[1]) > 1, r.stdout
+
+
 # -- paging through it -------------------------------------------------------------------
 
-def test_integrity_hog_4x_budget_on_nfs(nfs, uswapd, hog):
+@pytest.mark.parametrize("stable", ["file_sync", "commit"])
+def test_integrity_hog_4x_budget_on_nfs(nfs, uswapd, hog, stable):
     url = mkswap(nfs)
-    daemon = start_daemon(uswapd, nfs, url)
+    daemon = start_daemon(uswapd, nfs, url, stable=stable)
     r = run_hog(hog, daemon, "-s", "4", "-p", "4", "-r", "3")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count(" 0 mismatches") == 4, r.stdout
@@ -155,9 +189,23 @@ def test_integrity_hog_4x_budget_on_nfs(nfs, uswapd, hog):
     assert d["io"] == "nfs" and d["pswpout"] > 0 and d["pswpin"] > 0
     assert d["read_errors"] == d["write_errors"] == 0
     assert d["slots_used"] == 0
-    assert status["nfs"]["state"] == "up" and status["nfs"]["stable"] == "file_sync"
+    assert status["nfs"]["state"] == "up" and status["nfs"]["stable"] == stable
     r = uswap("status", "--socket", daemon.socket)
     assert "NFS server 127.0.0.1: up since" in r.stdout, r.stdout
+
+
+def test_slot_corrupted_on_the_server_is_caught(nfs, uswapd):
+    """Negative control: flip a bit in each used slot of the file on the server's disk."""
+    url = mkswap(nfs)
+    daemon = start_daemon(uswapd, nfs, url)
+    victim = start_holder(daemon, 16 << 20)
+    used = daemon.status()["daemon"]["slots_used"]
+    assert used > 0
+    corrupt_slots(os.path.join(nfs.export_dir, "store"), 0, used)
+    code, out, err = finish_holder(victim)
+    assert code == -signal.SIGBUS, (code, out, err)
+    assert "CORRUPT" not in out and "intact" not in out     # wrong data was never handed back
+    assert "checksum mismatch in slot" in daemon.log()
 
 
 def test_server_killed_and_restarted_mid_run(nfs, uswapd, hog):
@@ -240,5 +288,6 @@ def test_fuse_mount_on_an_nfs_store(nfs, tmp_path):
             os.close(fd)
         status = json.loads((mnt / ".status").read_text())
         assert status["store"] == url and status["pages_written"] >= 256
+        assert status["nfs"]["state"] == "up" and status["read_errors"] == status["write_errors"] == 0
     finally:
         assert uswap("umount", str(mnt)).returncode == 0

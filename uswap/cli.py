@@ -309,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=1 << 30, help="working set (default 1G)")
     p.add_argument("--resident", type=_size, default=256 << 20, help="budget and memcg limit (default 256M)")
     p.add_argument("--against", default="native", help="kernel rows: native,fuse,zram,zswap (default native)")
-    p.add_argument("--io", default="sync,async", help="uswap I/O modes (default sync,async)")
+    p.add_argument("--io", default="sync,async",
+                   help="uswap rows, comma-separated (default sync,async); nfs, nfs-commit: the store on nfs-ganesha "
+                        "in a network namespace, FILE_SYNC or UNSTABLE+COMMIT writes")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--accesses", type=int, default=None, help="random/zipf accesses (default 200k per GiB)")
     p.add_argument("--readahead", type=int, default=8)

@@ -98,8 +98,9 @@ class SwapStoreOps(pyfuse3.Operations):
         return a
 
     def status_json(self) -> bytes:
+        nfs = {"nfs": self.store.status()} if hasattr(self.store, "status") else {}
         return json.dumps({"store": self.store.path, "files": self.files, "file_bytes": self.file_pages * PAGE_SIZE,
-                           **asdict(self.stats)}).encode()
+                           **asdict(self.stats), **nfs}).encode()
 
     # -- namespace ---------------------------------------------------------------
 

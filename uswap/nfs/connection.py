@@ -56,6 +56,7 @@ class ServerState:
     since: float = 0.0          # when ``state`` began (Unix time)
     connects: int = 0           # successful connects, the first one included
     retries: int = 0            # requests sent again after a failure
+    most_in_flight: int = 0     # the most requests that were waiting for an answer at once
     last_error: str = ""
 
     def set(self, state: str, error: str = "") -> None:
@@ -114,6 +115,16 @@ class NfsConnection:
         self.server.set(DOWN)
         self._notify()
 
+    async def close_handle(self, fh, opened: int) -> None:
+        """Free a handle (not the store file's) opened under connection ``opened``;
+        if that connection has ended, the handle went with it."""
+        if self._generation != opened:
+            return
+        try:
+            await self.request(lambda ctx, _, r: lib.uswap_nfs_close(ctx, fh, r), "close", retry=False)
+        except OSError:
+            pass
+
     @property
     def generation(self) -> int:
         """Changes whenever a context ends: requests answered under one value went over one connection."""
@@ -157,6 +168,7 @@ class NfsConnection:
     async def _wait(self, req, generation: int, give_up: float) -> None:
         """Until ``req`` is done; at ``give_up`` the context is ended, which completes it."""
         self._inflight.add(req)   # alive until done or the context is gone
+        self.server.most_in_flight = max(self.server.most_in_flight, len(self._inflight))
         try:
             while not req.done:
                 if self._generation != generation:
@@ -305,7 +317,9 @@ class NfsConnection:
     def _open_error(self, code: int, text: str) -> OSError:
         if code == errno.ENOENT:
             return OSError(code, f"no file {self.url.file} in export {self.url.export}", self.url.url)
-        if code in (errno.EACCES, errno.EROFS) and self.file_flags & (os.O_WRONLY | os.O_RDWR):
-            return OSError(code, f"cannot open {self.url.file} for writing (read-only export, or "
-                                 f"permission denied): {text}", self.url.url)
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            if self.file_flags & (os.O_WRONLY | os.O_RDWR):
+                return OSError(code, f"cannot open {self.url.file} for writing (read-only export, or "
+                                     f"permission denied): {text}", self.url.url)
+            return OSError(code, f"permission denied reading {self.url.file}: {text}", self.url.url)
         return OSError(code, f"open {self.url.file}: {text}", self.url.url)

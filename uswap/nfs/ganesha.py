@@ -82,6 +82,8 @@ class NfsServer:
         self.stop()
 
     def start(self) -> NfsServer:
+        if self._rpcbind is not None:
+            raise RuntimeError("the NFS server is already started")   # a second ganesha would lose the first
         for d in (self.export_dir, self.export_ro_dir, os.path.join(self.base_dir, "recovery")):
             os.makedirs(d, exist_ok=True)
         shutil.rmtree(self._run_dir, ignore_errors=True)

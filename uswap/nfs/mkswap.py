@@ -16,9 +16,12 @@ import socket
 import time
 import uuid
 
+import trio
+
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.nfs.connection import NfsConnection
-from uswap.nfs.store import DEFAULT_TIMEOUT, _check, read_lock, read_at, stat
+from uswap.nfs.lock import read_lock
+from uswap.nfs.store import DEFAULT_TIMEOUT, check_store_file, read_at, stat
 from uswap.nfs.url import NfsUrl
 from uswap.store.header import StoreHeader
 from uswap.store.lock import StoreError
@@ -40,14 +43,18 @@ async def mkswap_nfs(url: str, size: int, *, page_size: int = PAGE_SIZE, force: 
         tmp = dataclasses.replace(target, file=f"{target.file}.mkswap-{os.getpid()}")
         req = await conn.request(lambda ctx, fh, r: lib.uswap_nfs_create(
             ctx, tmp.file.encode(), os.O_RDWR | os.O_EXCL, 0o600, r), f"create {tmp.file}")
-        await conn.request(lambda ctx, _, r: lib.uswap_nfs_close(ctx, req.fh, r), f"close {tmp.file}", retry=False)
+        await conn.close_handle(req.fh, conn.generation)
         try:
             await _fill(tmp, header, progress, timeout)
             await conn.request(lambda ctx, fh, r: lib.uswap_nfs_rename(
                 ctx, tmp.file.encode(), target.file.encode(), r), f"rename to {target.file}")
         except BaseException:
-            await conn.request(lambda ctx, fh, r: lib.uswap_nfs_unlink(ctx, tmp.file.encode(), r),
-                               f"unlink {tmp.file}")
+            with trio.CancelScope(shield=True):   # Ctrl-C too: leave nothing behind if the server lets us
+                try:
+                    await conn.request(lambda ctx, fh, r: lib.uswap_nfs_unlink(ctx, tmp.file.encode(), r),
+                                       f"unlink {tmp.file}")
+                except OSError:
+                    pass
             raise
         return header
     finally:
@@ -66,7 +73,7 @@ async def _refuse_existing(conn: NfsConnection, url: NfsUrl, force: bool) -> Non
         return
     probe = await NfsConnection.connect(url, timeout=conn.timeout, file_flags=os.O_RDONLY)
     try:
-        report = await _check(probe, url)
+        report = await check_store_file(probe, url)
     finally:
         probe.close()
     if report.header is None:
@@ -94,7 +101,7 @@ async def _fill(tmp: NfsUrl, header: StoreHeader, progress, timeout: float) -> N
             if progress:
                 progress(done, total)
         check = AlignedBuffer(PAGE_SIZE)
-        await read_at(conn, None, 0, PAGE_SIZE, check.ptr)
+        await read_at(conn, 0, PAGE_SIZE, check.ptr)
         if bytes(check.view[:header.page_size]) != header.pack():
             raise OSError(errno.EIO, "the header page read back differs from what was written", tmp.url)
     finally:

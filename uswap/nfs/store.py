@@ -10,26 +10,24 @@ WRITEs and a COMMIT after each batch.  libnfs 4.0 does not compare write
 verifiers, so with ``commit`` a failure anywhere in write + commit sends the
 write again, never only the commit.  docs/BENCHMARKS.md has both measured.
 
-One user at a time.  There is no flock over libnfs (NLM is not spoken), so
-the store has a lock file next to it, ``FILE.lock``, created exclusively and
-holding "HOST PID"; a lock left by a dead process on this host is taken over.
+One user at a time: a lock file next to the store (uswap.nfs.lock).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import socket
 
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.nfs.connection import NfsConnection
+from uswap.nfs.lock import drop_lock, read_lock, take_lock
 from uswap.nfs.url import NfsUrl
 from uswap.store.checks import CheckReport, check_header_page, check_nfs_allocation
 from uswap.store.checksums import SlotChecksums
 from uswap.store.header import StoreHeader
-from uswap.store.lock import StoreError, StoreUnusable
+from uswap.store.lock import StoreUnusable
 from uswap.store.swapfile import slot_span
-from uswap._nfs import ffi, lib
+from uswap._nfs import lib
 
 STABLE_MODES = ("file_sync", "commit")
 DEFAULT_TIMEOUT = 60.0   # s: how long a request waits for a server that is down (--nfs-timeout)
@@ -39,15 +37,15 @@ async def stat(conn: NfsConnection, path: str):
     return await conn.request(lambda ctx, fh, req: lib.uswap_nfs_stat(ctx, path.encode(), req), f"stat {path}")
 
 
-async def read_at(conn: NfsConnection, fh, offset: int, count: int, ptr) -> None:
-    def submit(ctx, store_fh, req):
-        return lib.uswap_nfs_pread(ctx, fh or store_fh, offset, count, ptr, req)
-    req = await conn.request(submit, f"read {count} bytes at {offset}")
+async def read_at(conn: NfsConnection, offset: int, count: int, ptr) -> None:
+    """Read from the connection's store file."""
+    req = await conn.request(lambda ctx, fh, r: lib.uswap_nfs_pread(ctx, fh, offset, count, ptr, r),
+                             f"read {count} bytes at {offset}")
     if req.result != count:
         raise OSError(errno.EIO, f"short read at offset {offset}: {req.result} of {count} bytes", conn.url.url)
 
 
-async def _check(conn: NfsConnection, url: NfsUrl) -> CheckReport:
+async def check_store_file(conn: NfsConnection, url: NfsUrl) -> CheckReport:
     """The activation checks that apply over NFS: allocation (as nfs_swap_activate) and the header."""
     report = CheckReport(url.url, fs_name="nfs")
     st = await stat(conn, url.file)
@@ -58,7 +56,7 @@ async def _check(conn: NfsConnection, url: NfsUrl) -> CheckReport:
     n = min(PAGE_SIZE, st.size)
     buf = AlignedBuffer(PAGE_SIZE)
     if n:
-        await read_at(conn, None, 0, n, buf.ptr)
+        await read_at(conn, 0, n, buf.ptr)
     check_header_page(report, bytes(buf.view[:n]), PAGE_SIZE)
     return report
 
@@ -68,94 +66,13 @@ async def check_nfs_store(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> Chec
     nfs_url = NfsUrl.parse(url)
     conn = await NfsConnection.connect(nfs_url, timeout=timeout, file_flags=os.O_RDONLY)
     try:
-        report = await _check(conn, nfs_url)
+        report = await check_store_file(conn, nfs_url)
         holder = await read_lock(conn, nfs_url)
         if holder:
             report.refuse("file", f"in use by {holder}")
         return report
     finally:
         conn.close()
-
-
-# -- the lock file -------------------------------------------------------------
-
-def _lock_path(url: NfsUrl) -> str:
-    return url.file + ".lock"
-
-
-async def read_lock(conn: NfsConnection, url: NfsUrl) -> str | None:
-    """'PID N on HOST' for the lock's holder, or None if there is no lock."""
-    path = _lock_path(url)
-    try:
-        req = await conn.request(lambda ctx, fh, r: lib.uswap_nfs_open(ctx, path.encode(), os.O_RDONLY, r),
-                                 f"open {path}")
-    except FileNotFoundError:
-        return None
-    fh = req.fh
-    try:
-        buf = AlignedBuffer(PAGE_SIZE)
-        req = await conn.request(lambda ctx, _, r: lib.uswap_nfs_pread(ctx, fh, 0, 256, buf.ptr, r), f"read {path}",
-                                 retry=False)
-        text = bytes(buf.view[:max(0, req.result)]).decode(errors="replace").split()
-    finally:
-        await close_handle(conn, fh, path)
-    if len(text) == 2 and text[1].isdigit():
-        return f"PID {text[1]} on {text[0]}"
-    return "another process (unreadable lock file)"
-
-
-async def close_handle(conn: NfsConnection, fh, path: str) -> None:
-    """Free a handle other than the store file's (a no-op if its context is gone)."""
-    generation = conn.generation
-    try:
-        await conn.request(lambda ctx, _, r: lib.uswap_nfs_close(ctx, fh, r) if conn.generation == generation
-                           else 0, f"close {path}", retry=False)
-    except OSError:
-        pass
-
-
-def _stale(holder: str) -> bool:
-    """A lock of a process on this host that no longer exists."""
-    words = holder.split()
-    if len(words) != 4 or words[3] != socket.gethostname():
-        return False
-    try:
-        os.kill(int(words[1]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-async def take_lock(conn: NfsConnection, url: NfsUrl) -> None:
-    path = _lock_path(url)
-    content = f"{socket.gethostname()} {os.getpid()}\n".encode()
-    for _ in range(2):
-        try:
-            req = await conn.request(lambda ctx, fh, r: lib.uswap_nfs_create(
-                ctx, path.encode(), os.O_RDWR | os.O_EXCL | os.O_SYNC, 0o600, r), f"create {path}")
-        except FileExistsError:
-            holder = await read_lock(conn, url)
-            if holder and not _stale(holder):
-                raise StoreError(errno.EBUSY, f"store is in use by {holder}", url.url) from None
-            await conn.request(lambda ctx, fh, r: lib.uswap_nfs_unlink(ctx, path.encode(), r), f"unlink {path}")
-            continue
-        fh = req.fh
-        buf = AlignedBuffer(PAGE_SIZE)
-        ffi.memmove(buf.ptr, content, len(content))
-        try:
-            await conn.request(lambda ctx, _, r: lib.uswap_nfs_pwrite(ctx, fh, 0, len(content), buf.ptr, r),
-                               f"write {path}", retry=False)
-        finally:
-            await close_handle(conn, fh, path)
-        return
-    raise StoreError(errno.EBUSY, "store is in use (its lock file keeps coming back)", url.url)
-
-
-async def drop_lock(conn: NfsConnection, url: NfsUrl) -> None:
-    path = _lock_path(url)
-    await conn.request(lambda ctx, fh, r: lib.uswap_nfs_unlink(ctx, path.encode(), r), f"unlink {path}")
 
 
 # -- the open store ----------------------------------------------------------------
@@ -186,7 +103,7 @@ class NfsStore:
         try:
             await take_lock(conn, nfs_url)
             try:
-                report = await _check(conn, nfs_url)
+                report = await check_store_file(conn, nfs_url)
                 if not report.usable:
                     raise StoreUnusable(report)
                 return cls(conn, nfs_url, report.header, report, stable)
@@ -233,7 +150,7 @@ class NfsStore:
         offset, length = slot_span(self.header, first, count, buf, buf_page)
         self.checksums.require_written(first, count)
         ptr = buf.ptr + buf_page * self.page_size
-        await read_at(self.conn, None, offset, length, ptr)
+        await read_at(self.conn, offset, length, ptr)
         self.checksums.verify(first, count, ptr)
 
     def discard_slots(self, first: int, count: int) -> None:
