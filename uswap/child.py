@@ -4,9 +4,15 @@ A Ctrl-C that lands while ``subprocess.Popen`` is still waiting for the exec
 raises out of ``Popen()`` with the child already running and no ``Popen``
 object to end it by: a workload keeps its memcg busy and its pages in a swap
 area the bench must take down.  Likewise between creating something (a swap
-area, a memcg) and registering its undo.  ``interrupts_held`` holds SIGINT and
-SIGTERM over such a step and lets them in when it ends, where the caller's
-cleanup is in place; ``running`` does so around starting a child.
+area, a memcg) and registering its undo.
+
+``interrupts_held`` defers SIGINT and SIGTERM over such a step: their Python
+handlers are swapped for one that only records the signal, and the original
+handler runs when the step ends, where the caller's cleanup is in place.
+(Blocking the signals with a mask would not do: the mask is per thread, and a
+signal delivered to another thread, such as rich's refresh thread, still
+raises KeyboardInterrupt in the main thread.)  ``running`` does so around
+starting a child.
 """
 
 from __future__ import annotations
@@ -14,48 +20,61 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 
-HELD = {signal.SIGINT, signal.SIGTERM}
+HELD = (signal.SIGINT, signal.SIGTERM)
 
 
 def kill(proc: subprocess.Popen) -> None:
     proc.kill()
 
 
-def unhold_interrupts() -> None:
-    """For a long-lived child started while interrupts are held: it must get its SIGTERM."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+class _Held:
+    """While held, SIGINT and SIGTERM are only recorded; release() restores the
+    handlers and re-raises the first one that came, under its own handler."""
+
+    def __init__(self):
+        self.caught: list[int] = []
+        self.previous: dict = {}
+
+    def hold(self) -> None:
+        if threading.current_thread() is threading.main_thread():   # (elsewhere nothing can interrupt us)
+            self.previous = {sig: signal.signal(sig, lambda signum, frame: self.caught.append(signum))
+                             for sig in HELD}
+
+    def release(self) -> None:
+        previous, self.previous = self.previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if self.caught:
+            signal.raise_signal(self.caught[0])
 
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block ends, and are raised there."""
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    """SIGINT and SIGTERM wait until the block ends, and are handled there."""
+    held = _Held()
+    held.hold()
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        held.release()
 
 
 @contextlib.contextmanager
 def running(cmd: list[str], *, stop: Callable[[subprocess.Popen], None] = kill,
-            preexec_fn: Callable[[], None] | None = None, **popen_kw) -> Iterator[subprocess.Popen]:
+            **popen_kw) -> Iterator[subprocess.Popen]:
     """``Popen(cmd)``; on leaving, a child still running is ended with ``stop`` and reaped."""
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
-
-    def child_setup() -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # the child must not inherit the hold
-        if preexec_fn is not None:
-            preexec_fn()
-
+    held = _Held()
+    held.hold()
     try:
-        proc = subprocess.Popen(cmd, preexec_fn=child_setup, **popen_kw)
+        proc = subprocess.Popen(cmd, **popen_kw)
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        held.release()
         raise
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a Ctrl-C held meanwhile is raised here
+        held.release()   # a Ctrl-C that came while the child started is raised here
         yield proc
     finally:
         if proc.poll() is None:

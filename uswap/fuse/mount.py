@@ -24,7 +24,6 @@ import pyfuse3
 import trio
 
 from uswap._core import lib
-from uswap.child import unhold_interrupts
 from uswap.fuse.mounts import FSNAME
 from uswap.fuse.ops import SwapStoreOps
 from uswap.store.opening import opened_store
@@ -86,7 +85,7 @@ def mount_in_background(mountpoint: str, options: list[str]) -> tuple[int, str]:
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "uswap", "mount", mountpoint, *options, "--foreground",
                                  "--ready-fd", str(w)], pass_fds=[w], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=log, start_new_session=True, preexec_fn=unhold_interrupts)
+                                stderr=log, start_new_session=True)
     os.close(w)
     with os.fdopen(r, "rb") as ready:
         said = ready.read(6)
