@@ -26,10 +26,6 @@ from collections.abc import Callable, Iterator
 HELD = (signal.SIGINT, signal.SIGTERM)
 
 
-def kill(proc: subprocess.Popen) -> None:
-    proc.kill()
-
-
 class _Held:
     """While held, SIGINT and SIGTERM are only recorded; release() restores the
     handlers and re-raises the first one that came, under its own handler."""
@@ -63,7 +59,7 @@ def interrupts_held() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], *, stop: Callable[[subprocess.Popen], None] = kill,
+def running(cmd: list[str], *, stop: Callable[[subprocess.Popen], None] = subprocess.Popen.kill,
             **popen_kw) -> Iterator[subprocess.Popen]:
     """``Popen(cmd)``; on leaving, a child still running is ended with ``stop`` and reaped."""
     held = _Held()

@@ -14,6 +14,7 @@ import os
 import sys
 
 from uswap.core import PAGE_SIZE
+from uswap.nfs import DEFAULT_TIMEOUT, STABLE_MODES
 from uswap.nfs.url import is_nfs_url
 from uswap.store.checks import check_store
 from uswap.store.mkswap import mkswap
@@ -38,11 +39,11 @@ def _size(text: str) -> int:
 
 
 def _nfs_options(p: argparse.ArgumentParser, *, stable: bool = False) -> None:
-    p.add_argument("--nfs-timeout", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--nfs-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="nfs:// stores: how long a request waits for a server that is down, retrying, before "
-                        "it fails (a fault then gets SIGBUS; eviction pauses) (default 60)")
+                        f"it fails (a fault then gets SIGBUS; eviction pauses) (default {DEFAULT_TIMEOUT:g})")
     if stable:
-        p.add_argument("--nfs-stable", choices=("file_sync", "commit"), default="file_sync",
+        p.add_argument("--nfs-stable", choices=STABLE_MODES, default=STABLE_MODES[0],
                        help="nfs:// stores: FILE_SYNC writes, or UNSTABLE writes + COMMIT (default file_sync: "
                             "measured, docs/BENCHMARKS.md)")
 

@@ -20,10 +20,10 @@ class DaemonProcess:
     """Context manager: a daemon on ``store`` answering on ``workdir``/uswap.sock, logging to daemon.log."""
 
     def __init__(self, workdir: str, store: str, *, budget: int, io: str = "sync", readahead: int = 8,
-                 cpu: int | None = None, prefix: tuple[str, ...] = (), extra: tuple[str, ...] = ()):
+                 cpu: int | None = None, extra: tuple[str, ...] = ()):
         self.socket = os.path.join(workdir, "uswap.sock")
         self.log_path = os.path.join(workdir, "daemon.log")
-        self.prefix = list(prefix)   # e.g. nsenter into an NFS server's network namespace (it execs: same PID)
+        self.prefix: list[str] = []   # e.g. nsenter into an NFS server's network namespace (it execs: same PID)
         self.args = [sys.executable, "-m", "uswap", "daemon", "--store", store, "--socket", self.socket,
                      "--resident", str(budget), "--io", io, "--readahead", str(readahead), *extra]
         self.cpu = cpu
@@ -32,8 +32,8 @@ class DaemonProcess:
         pin = None if self.cpu is None else (lambda: os.sched_setaffinity(0, {self.cpu}))
         with contextlib.ExitStack() as stack:
             with open(self.log_path, "w") as log:
-                self.proc = stack.enter_context(running([*self.prefix, *self.args], stop=_terminate, stdout=log, stderr=log,
-                                                        preexec_fn=pin))
+                self.proc = stack.enter_context(running([*self.prefix, *self.args], stop=_terminate, stdout=log,
+                                                        stderr=log, preexec_fn=pin))
             self._wait_until_answering()
             self._stack = stack.pop_all()  # from here on, __exit__ stops it
         return self

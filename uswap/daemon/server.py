@@ -375,7 +375,7 @@ class Daemon:
                 **asdict(self.stats),
                 "uptime_s": round(time.time() - self.started, 1),
             },
-            **({"nfs": self.store.status()} if hasattr(self.store, "status") else {}),
+            **self.store.status(),
             "regions": [{
                 "id": reg.id, "pid": reg.pid, "uid": reg.uid, "address": reg.addr, "size_pages": reg.pages,
                 "resident_pages": reg.resident, "swapped_pages": reg.swapped_pages(), **asdict(reg.stats),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import trio
 
 from uswap.core import AlignedBuffer
+from uswap.nfs.store import NfsStore
 from uswap.store.swapfile import SwapStore
 
 
@@ -47,20 +48,12 @@ class ThreadSlotIO(SyncSlotIO):
         await trio.to_thread.run_sync(self.store.write_slots, first, count, buf, buf_page, limiter=self.limiter)
 
 
-class NfsSlotIO:
-    """An NFS store's I/O is asynchronous by nature (libnfs on the event loop):
-    reads and writes are awaited, several in flight, whatever ``--io`` says."""
-    mode = "nfs"
-
-    def __init__(self, store):
-        self.store = store
-        self.read = store.read
-        self.write = store.write
-
-
-def slot_io(mode: str, store: SwapStore):
-    if getattr(store, "io_mode", None) == "nfs":
-        return NfsSlotIO(store)
+def slot_io(mode: str, store):
+    """The slot I/O for ``store``.  An NFS store is its own: its reads and writes
+    are asynchronous by nature (libnfs on the event loop, several in flight),
+    whatever ``--io`` says."""
+    if isinstance(store, NfsStore):
+        return store
     if mode == "sync":
         return SyncSlotIO(store)
     if mode == "async":

@@ -98,9 +98,8 @@ class SwapStoreOps(pyfuse3.Operations):
         return a
 
     def status_json(self) -> bytes:
-        nfs = {"nfs": self.store.status()} if hasattr(self.store, "status") else {}
         return json.dumps({"store": self.store.path, "files": self.files, "file_bytes": self.file_pages * PAGE_SIZE,
-                           **asdict(self.stats), **nfs}).encode()
+                           **asdict(self.stats), **self.store.status()}).encode()
 
     # -- namespace ---------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import trio
 
 from uswap._nfs import ffi, lib
+from uswap.nfs import DEFAULT_TIMEOUT
 from uswap.nfs.url import NfsUrl
 
 log = logging.getLogger("uswap.nfs")
@@ -84,7 +85,7 @@ class NfsConnection:
         self.timeout = timeout
         self.file_flags = file_flags   # the store file is (re)opened with these on connect; None: do not open
         self.server = ServerState(url.server)
-        self.address = url.server
+        self.address = url.resolve()   # once: libnfs would resolve again, blocking, on every connect
         self.ctx = ffi.NULL
         self.fh = ffi.NULL
         self._generation = 0           # which context: bumped whenever one ends
@@ -93,10 +94,9 @@ class NfsConnection:
         self._progress = trio.Event()
 
     @classmethod
-    async def connect(cls, url: NfsUrl, *, timeout: float = 60.0, file_flags: int | None = os.O_RDWR):
+    async def connect(cls, url: NfsUrl, *, timeout: float = DEFAULT_TIMEOUT, file_flags: int | None = os.O_RDWR):
         """Connect, mount, open the file: any failure is raised at once, in one line."""
         conn = cls(url, timeout=timeout, file_flags=file_flags)
-        conn.address = url.resolve()   # once: libnfs would resolve again, blocking, on every connect
         try:
             async with conn._driver:
                 await conn._connect_once()
@@ -223,15 +223,18 @@ class NfsConnection:
             if fd < 0:
                 await trio.sleep(TICK)
                 return
+            # What the wait returned for is the event to service (no poll() to ask
+            # again): an error or hang-up wakes the waiter too, and libnfs finds
+            # it when it reads or writes.  Timed out: nothing to service.
+            revents = 0
             with trio.move_on_after(TICK):
                 if events & select.POLLOUT:
                     await trio.lowlevel.wait_writable(fd)
+                    revents = select.POLLOUT
                 else:
                     await trio.lowlevel.wait_readable(fd)
-            poller = select.poll()
-            poller.register(fd, events)
-            revents = sum(ev for _, ev in poller.poll(0))
-            if lib.nfs_service(ctx, revents) < 0:
+                    revents = select.POLLIN
+            if revents and lib.nfs_service(ctx, revents) < 0:
                 self._reset(_context_error(ctx))
         finally:
             self._notify()

@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import urllib.parse
@@ -107,7 +106,6 @@ class NfsServer:
         for proc in (self._ganesha, self._rpcbind):  # ganesha first: it unregisters from rpcbind
             if proc is not None and proc.poll() is None:
                 proc.terminate()
-                proc.send_signal(signal.SIGCONT)  # in case it was paused
                 try:
                     proc.wait(STOP_TIMEOUT)
                 except subprocess.TimeoutExpired:
@@ -125,13 +123,6 @@ class NfsServer:
         if self._ganesha is None or self._ganesha.poll() is None:
             raise RuntimeError("restart() needs a started server whose ganesha was kill()ed")
         self._start_ganesha()
-
-    def pause(self) -> None:
-        """Freeze ganesha (SIGSTOP): requests hang until :meth:`resume`."""
-        self._running_ganesha().send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self._running_ganesha().send_signal(signal.SIGCONT)
 
     def url(self, path: str = "", **params) -> str:
         """libnfs URL of ``path`` in the read-write export; ``params`` add to ``version=3``.

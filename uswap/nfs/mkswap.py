@@ -21,7 +21,8 @@ import trio
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.nfs.connection import NfsConnection
 from uswap.nfs.lock import read_lock
-from uswap.nfs.store import DEFAULT_TIMEOUT, check_store_file, read_at, stat
+from uswap.nfs import DEFAULT_TIMEOUT
+from uswap.nfs.store import check_store_file, read_at, stat
 from uswap.nfs.url import NfsUrl
 from uswap.store.header import StoreHeader
 from uswap.store.lock import StoreError

@@ -19,6 +19,7 @@ import errno
 import os
 
 from uswap.core import PAGE_SIZE, AlignedBuffer
+from uswap.nfs import DEFAULT_TIMEOUT, STABLE_MODES
 from uswap.nfs.connection import NfsConnection
 from uswap.nfs.lock import drop_lock, read_lock, take_lock
 from uswap.nfs.url import NfsUrl
@@ -28,9 +29,6 @@ from uswap.store.header import StoreHeader
 from uswap.store.lock import StoreUnusable
 from uswap.store.swapfile import slot_span
 from uswap._nfs import lib
-
-STABLE_MODES = ("file_sync", "commit")
-DEFAULT_TIMEOUT = 60.0   # s: how long a request waits for a server that is down (--nfs-timeout)
 
 
 async def stat(conn: NfsConnection, path: str):
@@ -80,7 +78,7 @@ async def check_nfs_store(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> Chec
 class NfsStore:
     """A checked, locked store on an NFS server.  Use :meth:`open`, then ``await aclose()``."""
 
-    io_mode = "nfs"
+    mode = "nfs"   # as a slot I/O (uswap.daemon.slot_io): read and write are awaited
 
     def __init__(self, conn: NfsConnection, url: NfsUrl, header: StoreHeader, report: CheckReport, stable: str):
         self.conn = conn
@@ -157,4 +155,5 @@ class NfsStore:
         self.checksums.forget(first, count)
 
     def status(self) -> dict:
-        return {"stable": self.stable, "timeout_s": self.conn.timeout, **vars(self.conn.server)}
+        """Entries for `uswap status` (a daemon's, or a FUSE mount's .status)."""
+        return {"nfs": {"stable": self.stable, "timeout_s": self.conn.timeout, **vars(self.conn.server)}}

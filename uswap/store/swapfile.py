@@ -93,6 +93,10 @@ class SwapStore:
             raise OSError(errno.EIO, f"short read at offset {offset}: {n} of {length} bytes", self.path)
         self.checksums.verify(first, count, ptr)
 
+    def status(self) -> dict:
+        """Entries for `uswap status`: none beyond the path and counters everyone shows."""
+        return {}
+
     def discard_slots(self, first: int, count: int) -> None:
         """Forget slots (their pages were freed); reading them is then an error."""
         self.checksums.forget(first, count)
