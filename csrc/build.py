@@ -14,20 +14,23 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 
-def core_declarations() -> str:
-    """The structs and prototypes of uswap_core.h, between its CDEF markers."""
-    header = (HERE / "uswap_core.h").read_text()
-    return header.split("/* CDEF-BEGIN */", 1)[1].split("/* CDEF-END */", 1)[0]
+def declarations(header: str) -> str:
+    """The structs and prototypes of a header, between its CDEF markers."""
+    text = (HERE / header).read_text()
+    return text.split("/* CDEF-BEGIN */", 1)[1].split("/* CDEF-END */", 1)[0]
 
 
 ffi = cffi.FFI()
-ffi.cdef((HERE / "cdef.h").read_text() + core_declarations())
+ffi.cdef((HERE / "cdef.h").read_text() + declarations("uswap_core.h") + declarations("uswap_engine.h"))
 ffi.set_source(
     "uswap._core",
-    '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap.h"\n',
-    sources=["csrc/uswap_core.c", "csrc/uswap_client.c"],
+    '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap_engine.h"\n#include "uswap.h"\n',
+    sources=["csrc/uswap_core.c", "csrc/uswap_client.c", "csrc/uswap_seal.c", "csrc/uswap_engine.c",
+             "csrc/uswap_probe.c"],
     include_dirs=["csrc", "uswap/include"],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    libraries=["crypto"],   # OpenSSL libcrypto: AES-256-GCM for sealed slots (uswap_seal.c) only
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

@@ -70,3 +70,5 @@
 int uswap_map_socket(const char *socket_path, size_t length, void **addr);
 int uswap_unmap(void *addr, size_t length);
 const char *uswap_last_error(void);
+int uswap_default_socket(char *buf, size_t size);
+static const char *const USWAP_SYSTEM_SOCKET;

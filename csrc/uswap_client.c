@@ -3,7 +3,9 @@
  *
  * uswap_map: memfd + MAP_SHARED mapping + userfaultfd registered MISSING|WP,
  * both fds sent to the daemon over a SOCK_SEQPACKET connection that lives as
- * long as the region (protocol: uswap/protocol.py).
+ * long as the region (protocol: uswap/protocol.py).  Whoever holds those fds
+ * reads and writes the region, so they go only to a daemon run by root or by
+ * our own uid (SO_PEERCRED, checked before anything is sent).
  *
  * The client keeps its own reference to the uffd.  A watchdog thread polls
  * the connections; when the daemon goes away it wakes every thread blocked on
@@ -27,6 +29,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -83,16 +86,53 @@ const char *uswap_last_error(void)
 	return last_error;
 }
 
-static const char *default_socket(char *buf, size_t size)
+/* The one rule for where a client finds the daemon (uswap.h); Python's
+ * uswap.protocol.default_socket_path calls this.  secure_getenv: in a setuid
+ * or otherwise secure-execution program the environment is the caller's, and
+ * must not choose who receives this process's memory.  Never /tmp: anyone can
+ * bind a socket there first. */
+int uswap_default_socket(char *buf, size_t size)
 {
-	const char *env = getenv("USWAP_SOCKET");
+	const char *env = secure_getenv("USWAP_SOCKET");
+	const char *runtime = secure_getenv("XDG_RUNTIME_DIR");
+	int n;
+	struct stat st;
+
 	if (env && *env)
-		return env;
-	if (geteuid() == 0)
-		return "/run/uswap/uswap.sock";
-	const char *runtime = getenv("XDG_RUNTIME_DIR");
-	snprintf(buf, size, "%s/uswap.sock", runtime && *runtime ? runtime : "/tmp");
-	return buf;
+		n = snprintf(buf, size, "%s", env);
+	else if (geteuid() != 0 && runtime && *runtime) {
+		n = snprintf(buf, size, "%s/uswap.sock", runtime);
+		if (n >= 0 && (size_t)n < size && stat(buf, &st) < 0)
+			n = snprintf(buf, size, "%s", USWAP_SYSTEM_SOCKET); /* no daemon of our own: the system's */
+	} else
+		n = snprintf(buf, size, "%s", USWAP_SYSTEM_SOCKET);
+	return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
+}
+
+/* Who listens on the socket receives the region's memory and userfaultfd:
+ * only root (the system daemon) or ourselves.  SO_PEERCRED gives the
+ * credentials the server had when it called listen(). */
+static int check_daemon_owner(int sock, const char *path)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+	uid_t me = geteuid();
+
+	if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+		int err = errno;
+		set_error("cannot tell who runs the uswap daemon at %s: %s", path, strerror(err));
+		return -err;
+	}
+	if (cred.uid != 0 && cred.uid != me) {
+		if (me == 0)
+			set_error("refusing the uswap daemon at %s: it runs as uid %u, not root", path,
+				  (unsigned)cred.uid);
+		else
+			set_error("refusing the uswap daemon at %s: it runs as uid %u, not root or uid %u (you)", path,
+				  (unsigned)cred.uid, (unsigned)me);
+		return -EPERM;
+	}
+	return 0;
 }
 
 static int send_request(int sock, uint16_t op, uint64_t a, uint64_t b, const int *fds, int nfds)
@@ -214,7 +254,7 @@ static int start_watchdog_locked(void)
 int uswap_map_socket(const char *path, size_t length, void **out)
 {
 	long page = sysconf(_SC_PAGESIZE);
-	char pathbuf[256];
+	char pathbuf[sizeof(((struct sockaddr_un *)0)->sun_path)];
 	int sock = -1, memfd = -1, uffd = -1, ret;
 	void *addr = MAP_FAILED;
 	uint64_t features, ioctls;
@@ -224,8 +264,14 @@ int uswap_map_socket(const char *path, size_t length, void **out)
 		set_error("length %zu is not a positive multiple of the page size (%ld)", length, page);
 		return -EINVAL;
 	}
-	if (!path)
-		path = default_socket(pathbuf, sizeof(pathbuf));
+	if (!path) {
+		ret = uswap_default_socket(pathbuf, sizeof(pathbuf));
+		if (ret < 0) {
+			set_error("default socket path too long (USWAP_SOCKET or XDG_RUNTIME_DIR)");
+			return ret;
+		}
+		path = pathbuf;
+	}
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
 	if (strlen(path) >= sizeof(sun.sun_path)) {
 		set_error("socket path too long: %s", path);
@@ -236,10 +282,18 @@ int uswap_map_socket(const char *path, size_t length, void **out)
 	sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (sock < 0 || connect(sock, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
 		ret = -errno;
-		set_error("cannot reach the uswap daemon at %s: %s", path, strerror(errno));
+		if (ret == -EACCES)
+			set_error("cannot reach the uswap daemon at %s: permission denied: the daemon serves its own uid "
+				  "and members of its group (uswap by default; see README \"Who may use uswap\")", path);
+		else
+			set_error("cannot reach the uswap daemon at %s: %s", path, strerror(-ret));
 		goto fail;
 	}
-	memfd = memfd_create("uswap", MFD_CLOEXEC);
+	ret = check_daemon_owner(sock, path); /* before any fd goes out */
+	if (ret < 0)
+		goto fail;
+	/* sealable: the daemon seals it against size changes */
+	memfd = memfd_create("uswap", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (memfd < 0 || ftruncate(memfd, (off_t)length) < 0) {
 		ret = -errno;
 		set_error("memfd: %s", strerror(errno));
@@ -254,7 +308,12 @@ int uswap_map_socket(const char *path, size_t length, void **out)
 	uffd = uswap_uffd_open(O_CLOEXEC | O_NONBLOCK);
 	if (uffd < 0) {
 		ret = uffd;
-		set_error("userfaultfd: %s", strerror(-ret));
+		if (ret == -EPERM || ret == -EACCES)
+			set_error("userfaultfd: %s: members of group uswap get /dev/userfaultfd through the shipped "
+				  "udev rule (uswap config --udev-rule), or set vm.unprivileged_userfaultfd=1",
+				  strerror(-ret));
+		else
+			set_error("userfaultfd: %s", strerror(-ret));
 		goto fail;
 	}
 	ret = uswap_uffd_api(uffd, UFFD_CLIENT_FEATURES, &features, &ioctls);

@@ -195,7 +195,24 @@ void *uswap_alloc_aligned(size_t align, size_t size)
 	if (posix_memalign(&p, align, size) != 0)
 		return NULL;
 	memset(p, 0, size);
+	/* Swapped pages pass through these buffers: keep them out of core dumps
+	 * (best effort; the daemon is also not dumpable). */
+	long page = sysconf(_SC_PAGESIZE);
+	if (align >= (size_t)page)
+		madvise(p, (size + page - 1) & ~(size_t)(page - 1), MADV_DONTDUMP);
 	return p;
+}
+
+int uswap_set_undumpable(void)
+{
+	return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0 ? NEG_ERRNO() : 0;
+}
+
+int uswap_same_file(int fd1, int fd2)
+{
+	pid_t self = getpid();
+	long ret = syscall(SYS_kcmp, self, self, 0 /* KCMP_FILE */, fd1, fd2);
+	return ret < 0 ? NEG_ERRNO() : ret == 0;
 }
 
 void uswap_free(void *p)

@@ -127,6 +127,21 @@ int uswap_fs_magic(int fd, int64_t *magic);
 int uswap_punch_hole(int fd, int64_t offset, int64_t length);
 int uswap_mlockall(void);
 int uswap_set_io_flusher(void);
+int uswap_set_undumpable(void);        /* no core dumps, no ptrace by non-root, /proc/PID/mem root-only */
+int uswap_same_file(int fd1, int fd2);   /* 1 if both fds name one open file (kcmp) */
+
+/* sealing (uswap_seal.c): AES-256-GCM per slot under a key only this process holds */
+enum { USWAP_SEAL_KEY_BYTES = 32, USWAP_SEAL_TAG_BYTES = 16 };
+struct uswap_sealer;   /* opaque: one locked, undumpable page holding the key and the write counter */
+int uswap_sealer_new(struct uswap_sealer **out);
+void uswap_sealer_free(struct uswap_sealer *s);
+/* Encrypt count pages in place; page i gets a fresh generation gens_out[i] (its nonce) and its tag at
+ * tags_out + i * USWAP_SEAL_TAG_BYTES, with slot first_slot + i as additional authenticated data. */
+int uswap_seal_pages(struct uswap_sealer *s, void *buf, size_t count, size_t page_size, uint64_t first_slot,
+		     uint64_t *gens_out, uint8_t *tags_out);
+/* Decrypt and verify count pages in place; -EBADMSG with *bad_index set (that page zeroed) on any mismatch. */
+int uswap_open_pages(struct uswap_sealer *s, void *buf, size_t count, size_t page_size, uint64_t first_slot,
+		     const uint64_t *gens, const uint8_t *tags, int *bad_index);
 
 /* CDEF-END */
 

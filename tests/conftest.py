@@ -15,6 +15,9 @@ import sys
 
 import pytest
 
+from uswap.daemon.process import DaemonDidNotStop
+from uswap.daemon.process import DaemonProcess as Launcher
+
 REQUIRE_KERNEL = os.environ.get("USWAP_REQUIRE_KERNEL") == "1"
 
 
@@ -126,38 +129,35 @@ def loopfs(tmp_path):
 
 # -- the daemon ------------------------------------------------------------------------
 
-class DaemonProcess:
-    """A `uswap daemon` subprocess on its own store and socket."""
+class DaemonProcess(Launcher):
+    """The package's daemon launcher (uswap.daemon.process: ready on READY=1, stopped with
+    SIGTERM), on ``NAME.store``, ``NAME.sock`` and ``NAME.log`` in ``workdir``; a missing store
+    is made first (``store_size``).  io and readahead left None are the daemon's defaults."""
 
     def __init__(self, workdir, name: str, *, store: str | None = None, store_size: str = "64M",
-                 resident: str = "4M", io: str = "async", readahead: int = 8, prefix: tuple = (),
-                 extra: tuple = ()):
-        self.workdir = workdir
-        self.store = store or str(workdir / f"{name}.store")
-        self.socket = str(workdir / f"{name}.sock")
-        self.log_path = workdir / f"{name}.log"
-        self.args = ["--store", self.store, "--socket", self.socket, "--resident", resident, "--io", io,
-                     "--readahead", str(readahead), *extra]
-        self.prefix = list(prefix)   # e.g. the NFS test server's network namespace
+                 resident: str = "4M", io: str | None = None, readahead: int | None = None, prefix: tuple = (),
+                 extra: tuple = (), socket_dir=None):
+        # socket_dir: a directory other uids can traverse (pytest's tmp_path is 0700)
+        super().__init__(store or str(workdir / f"{name}.store"), os.path.join(socket_dir or workdir, f"{name}.sock"),
+                         str(workdir / f"{name}.log"), budget=resident, io=io, readahead=readahead, extra=extra,
+                         prefix=prefix)   # prefix: e.g. the NFS test server's network namespace
         self.store_size = store_size
-        self.proc: subprocess.Popen | None = None
 
     def start(self) -> "DaemonProcess":
-        import time
         if not self.store.startswith("nfs://") and not os.path.exists(self.store):
             r = uswap("mkswap", self.store, "--size", self.store_size)
             assert r.returncode == 0, r.stderr
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "uswap", "daemon", *self.args],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            if self.answers():
-                return self
-            time.sleep(0.02)
-        raise AssertionError(f"daemon did not come up:\n{self.log()}")
+        try:
+            return super().start()
+        except OSError as e:
+            raise AssertionError(f"{e}\n{self.log()}") from None
+
+    def stop(self, sig=None, timeout: float | None = None) -> int:
+        import signal
+        try:
+            return super().stop(sig or signal.SIGTERM, timeout)
+        except DaemonDidNotStop:
+            raise AssertionError(f"daemon ignored {sig or 'SIGTERM'}:\n{self.log()}") from None
 
     def answers(self) -> bool:
         import socket
@@ -168,30 +168,15 @@ class DaemonProcess:
                 return False
         return True
 
-    def status(self) -> dict:
-        from uswap.daemon.status import fetch_status
-        return fetch_status(self.socket)
-
-    def env(self, **extra) -> dict:
-        return dict(os.environ, USWAP_SOCKET=self.socket, **extra)
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def stop(self, sig=None, timeout: float = 30) -> int:
-        import signal
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig or signal.SIGTERM)
+    def open_fds(self) -> list[str]:
+        """What the daemon process has open (/proc/PID/fd link targets); prefix commands must exec."""
+        fds = []
+        for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
             try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"daemon ignored {sig or 'SIGTERM'}:\n{self.log()}")
-        self._log.close()
-        return self.proc.returncode
+                fds.append(os.readlink(f"/proc/{self.proc.pid}/fd/{fd}"))
+            except FileNotFoundError:
+                pass
+        return fds
 
 
 @pytest.fixture
@@ -237,6 +222,12 @@ def hog(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hammer(tmp_path_factory):
     return build_c(tmp_path_factory, os.path.join(HERE, "c", "hammer.c"), "hammer")
+
+
+@pytest.fixture(scope="session")
+def blockverify(tmp_path_factory):
+    """Concurrent random 4K O_DIRECT writes and verified reads on a device (tests/c/blockverify.c)."""
+    return build_c(tmp_path_factory, os.path.join(HERE, "c", "blockverify.c"), "blockverify")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import need_root, run
 from uswap.core import PAGE_SIZE
+from uswap.paths import check_directory_chain, describe_uid, secure_directory
 from uswap.store.checks import CheckReport, check_nfs_allocation, check_store, extent_problems, fs_name
 from uswap.store.header import StoreHeader
 from uswap.store.mkswap import mkswap
@@ -158,13 +159,113 @@ def test_file_shorter_than_its_header(tmp_path):
     assert_refused(path, f"shorter than its header's {SLOTS} slots")
 
 
-def test_insecure_mode_is_a_warning_not_a_refusal(tmp_path):
+# -- who may read the store: the file, and every directory on its way ------------------
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660], ids=oct)
+def test_store_open_to_group_or_others_is_refused(tmp_path, mode):
     path = tmp_path / "store"
     mkswap(str(path), SIZE)
-    os.chmod(path, 0o644)
-    report = check_store(str(path))
-    assert report.usable
-    assert any(f.level == "warning" and "insecure permissions 0644" in f.text for f in report.findings)
+    os.chmod(path, mode)
+    assert_refused(path, f"readable or writable by group or others (mode {mode:04o}): swapped memory is secret; "
+                         f"fix with chmod 0600 {path}")
+    os.chmod(path, 0o600)  # negative control: the same file, closed again
+    assert refusals(path) == []
+    assert f"owner       ok       {describe_uid(os.geteuid())}, mode 0600" in check_store(str(path)).render()
+
+
+def test_store_owned_by_someone_else_is_refused(tmp_path):
+    need_root()
+    path = tmp_path / "store"
+    mkswap(str(path), SIZE)
+    os.chown(path, 65534, 65534)
+    assert_refused(path, "owned by uid 65534 (nobody), not uid 0 (root): its owner could read every swapped page")
+
+
+def test_store_in_a_directory_someone_else_owns_is_refused(tmp_path):
+    need_root()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    mkswap(str(theirs / "store"), SIZE)
+    os.chown(theirs, 65534, 65534)
+    assert_refused(theirs / "store", f"directory {theirs} is owned by uid 65534 (nobody), not root: someone else "
+                                     "could replace the store")
+    # mkswap refuses before it writes anything there, --force or not
+    with pytest.raises(StoreError, match=f"refused: directory {theirs} is owned by uid 65534"):
+        mkswap(str(theirs / "other"), SIZE, force=True)
+    assert sorted(os.listdir(theirs)) == ["store"]
+
+
+def test_directory_writable_by_others_is_refused_unless_sticky(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    mkswap(str(shared / "store"), SIZE)
+    for mode, writers in [(0o777, "group and others"), (0o775, "group"), (0o757, "others")]:
+        os.chmod(shared, mode)
+        assert_refused(shared / "store", f"directory {shared} is writable by {writers} and not sticky "
+                                         f"(mode {mode:04o})")
+    os.chmod(shared, 0o1777)  # like /tmp: others cannot rename what we own
+    assert refusals(shared / "store") == []
+
+
+def test_directory_above_the_store_counts_too(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    mkswap(str(tmp_path / "a" / "b" / "store"), SIZE)
+    os.chmod(tmp_path / "a", 0o777)
+    assert_refused(tmp_path / "a" / "b" / "store", f"directory {tmp_path / 'a'} is writable by group and others")
+    # the same store named through ".." from elsewhere is judged by the directories really traversed
+    (tmp_path / "c").mkdir()
+    assert any(f"{tmp_path / 'a'}" in text for text in refusals(tmp_path / "c" / ".." / "a" / "b" / "store"))
+
+
+def test_symlink_on_the_way_must_be_ours(tmp_path):
+    need_root()
+    (tmp_path / "real").mkdir()
+    mkswap(str(tmp_path / "real" / "store"), SIZE)
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    link = sticky / "link"
+    os.symlink(tmp_path / "real", link)
+    assert refusals(link / "store") == []          # our own symlink in a sticky directory: fine
+    os.lchown(link, 65534, 65534)                  # theirs: they may point it anywhere
+    assert_refused(link / "store", f"symlink {link} is owned by uid 65534 (nobody), not root")
+    # a symlink to the store file itself, and the directories its target lies in, are judged as well
+    os.chown(tmp_path / "real", 65534, 65534)
+    os.symlink(tmp_path / "real" / "store", tmp_path / "store-link")
+    assert_refused(tmp_path / "store-link", f"directory {tmp_path / 'real'} is owned by uid 65534")
+
+
+def test_directory_chain_rules():
+    assert check_directory_chain("/") == []
+    assert check_directory_chain("/tmp/no/such/thing") == []  # /tmp is sticky; the walk stops where nothing is
+    assert check_directory_chain("/proc/self/fd") == []       # a root-owned symlink (/proc/self) on the way
+
+
+def test_secure_directory(tmp_path):
+    old = os.umask(0o077 ^ 0o777)   # a umask that would leave the directory wide open
+    try:
+        secure_directory(str(tmp_path / "mine"), 0o700)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "mine").st_mode) == 0o700
+    secure_directory(str(tmp_path / "mine"), 0o700)  # existing and ours: fine
+    os.symlink(tmp_path / "mine", tmp_path / "link")
+    with pytest.raises(OSError, match=f"is a symlink \\(to {tmp_path / 'mine'}\\)"):
+        secure_directory(str(tmp_path / "link"), 0o700)
+    os.chmod(tmp_path / "mine", 0o770)
+    with pytest.raises(OSError, match="writable by group \\(mode 0770\\)"):
+        secure_directory(str(tmp_path / "mine"), 0o700)
+    os.chmod(tmp_path / "mine", 0o777)
+    with pytest.raises(OSError, match=f"unsafe directory on the way: directory {tmp_path / 'mine'} is writable"):
+        secure_directory(str(tmp_path / "mine" / "inner"), 0o700)
+    assert not os.path.exists(tmp_path / "mine" / "inner")  # nothing created in an unsafe place
+    with pytest.raises(OSError, match=f"cannot create it: directory {tmp_path / 'none'} does not exist"):
+        secure_directory(str(tmp_path / "none" / "inner"), 0o700)
+    if os.geteuid() == 0:
+        os.chmod(tmp_path / "mine", 0o700)
+        os.chown(tmp_path / "mine", 65534, 65534)
+        with pytest.raises(OSError, match="directory is owned by uid 65534 \\(nobody\\), not uid 0 \\(root\\)"):
+            secure_directory(str(tmp_path / "mine"), 0o700)
 
 
 def test_not_a_regular_file(tmp_path):

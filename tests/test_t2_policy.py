@@ -1,7 +1,8 @@
 """Layer 2: the daemon's policies on their own, with fakes injected (no kernel needed).
 
 The paging path itself is tested for real in test_t4_daemon.py; these pin down
-the decisions: slot clustering, CLOCK second chance, readahead windows.
+the decisions: slot clustering, the swap map's transitions, the CLOCK over runs,
+backoff, per-uid limits.
 """
 
 from types import SimpleNamespace
@@ -9,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from uswap.daemon.reclaim import Reclaimer, by_region, runs
-from uswap.daemon.region import CLEAN, DIRTY, SWAPPED, WRITEBACK, Region
 from uswap.daemon.slots import NoSlots, SlotAllocator
+from uswap.daemon.swapmap import (ABSENT, BUSY, CLEAN, DIRTY, SWAPPED, WRITEBACK, Budget, SwapMap,
+                                  slot_of)
 
 
 def test_slots_come_in_clusters_next_fit():
@@ -42,39 +44,89 @@ def test_runs_and_grouping():
     assert runs([1, 2, 3, 7, 8, 10]) == [(1, 3), (7, 2), (10, 1)]
     assert runs([]) == []
     a, b = object(), object()
-    assert by_region([(a, 5), (b, 1), (a, 2)]) == [(a, [2, 5]), (b, [1])]
+    assert by_region([(a, 5, DIRTY), (b, 1, CLEAN), (a, 2, CLEAN)]) == [(a, [(2, CLEAN), (5, DIRTY)]),
+                                                                        (b, [(1, CLEAN)])]
 
 
-class FakeRegion:
-    """What the CLOCK looks at: page states and whether the region is gone."""
+def test_swapmap_transitions_keep_the_resident_counts():
+    budget = Budget(100, soft=50)
+    m, other = SwapMap(8, budget), SwapMap(4, budget)
+    assert m.state(0) == ABSENT and m.resident == 0
+    entry = m.claim(0)
+    assert entry == ABSENT and m.claim(0) is None            # one holder at a time
+    m.publish(0, DIRTY, referenced=1)
+    assert m.entry(0) & BUSY == 0 and m.resident == 1 and budget.resident == 1
+    m.claim(0)
+    m.publish(0, SWAPPED, 41)
+    assert slot_of(m.entry(0)) == 41 and m.resident == 0
+    for page in (1, 2):
+        m.claim(page)
+        m.publish(page, CLEAN, 7 + page)
+    other.claim(3)
+    other.publish(3, WRITEBACK)
+    assert budget.resident == 3 and m.count(CLEAN) == 2
+    m.close()                                                  # a region's pages leave the budget with it
+    assert budget.resident == 1
+    other.claim(3)
+    other.unclaim(3)                                           # a claim given back changes nothing
+    assert other.state(3) == WRITEBACK and budget.resident == 1
+    other.close()
 
-    def __init__(self, states):
-        self.state = bytearray(states)
-        self.closed = False
+
+def test_swapmap_referenced_bits_and_victim_claims():
+    m = SwapMap(8, Budget(100, soft=50))
+    for page, state in enumerate([DIRTY, CLEAN, SWAPPED, DIRTY, WRITEBACK, CLEAN, ABSENT, DIRTY]):
+        m.claim(page)
+        m.publish(page, state, 10 + page if state in (SWAPPED, CLEAN) else -1, referenced=int(page == 3))
+    assert m.test_clear_referenced(0, 4) and not m.test_clear_referenced(0, 8)   # read and cleared
+    assert m.claim(5) is not None                                                # held by someone
+    assert m.claim_victims(0, 8, most=3) == [(0, DIRTY), (1, CLEAN), (3, DIRTY)]
+    assert m.claim_victims(0, 8, most=8) == [(7, DIRTY)]   # neither SWAPPED, WRITEBACK, ABSENT nor held
+    m.close()
 
 
-fake_region = FakeRegion
+def clock(budget_pages=4, batch=2):
+    return Reclaimer(SimpleNamespace(), budget_pages=budget_pages, batch=batch, clock=lambda: 0.0)
 
 
-def test_clock_gives_referenced_pages_a_second_chance():
-    r = Reclaimer(SimpleNamespace(), budget_pages=4, batch=2, clock=lambda: 0.0)
-    region = fake_region([DIRTY] * 4)
-    for page, referenced in ((0, True), (1, False), (2, True), (3, False)):
-        r.add(region, page, referenced=referenced)
-    assert r.pick_victims() == [(region, 1), (region, 3)]
-    assert list(r.lru.items()) == [((region, 0), False), ((region, 2), False)]  # bits cleared, kept
-    assert r.pick_victims() == [(region, 0), (region, 2)]                       # second pass takes them
+def fake_region(r, states):
+    """What the CLOCK looks at: a real swap map, and whether the region is gone."""
+    m = SwapMap(len(states), r.budget)
+    for page, state in enumerate(states):
+        m.claim(page)
+        m.publish(page, state, 1 if state in (SWAPPED, CLEAN) else -1)
+    return SimpleNamespace(map=m, closed=False, held=set())
 
 
-def test_clock_skips_pages_under_writeback_and_closed_regions():
-    r = Reclaimer(SimpleNamespace(), budget_pages=4, batch=8, clock=lambda: 0.0)
-    busy, gone = fake_region([WRITEBACK, CLEAN]), fake_region([CLEAN])
+def test_clock_takes_runs_whole_and_gives_referenced_runs_a_second_chance():
+    r = clock(batch=4)
+    region = fake_region(r, [DIRTY] * 8)
+    for first in (0, 2, 4, 6):
+        r.add_run(region, first, 2)
+    region.map.set_referenced(3)                   # run (2, 2) was touched
+    assert [p for _, p, _ in r.pick_victims()] == [0, 1, 4, 5]
+    assert list(r.runs)[0][1:] == (6, 2)           # untouched rest in order, the referenced run at the tail
+    assert list(r.runs)[-1][1:] == (2, 2) and not region.map.test_clear_referenced(2, 2)   # bit cleared
+    assert [p for _, p, _ in r.pick_victims()] == [6, 7, 2, 3]   # the second pass takes it
+
+
+def test_clock_keeps_held_pages_and_drops_closed_regions():
+    r = clock(batch=8)
+    region, gone = fake_region(r, [DIRTY, CLEAN, DIRTY, SWAPPED]), fake_region(r, [CLEAN])
     gone.closed = True
-    r.add(busy, 0, referenced=False)
-    r.add(busy, 1, referenced=False)
-    r.add(gone, 0, referenced=False)
-    assert r.pick_victims() == [(busy, 1)]
-    assert (gone, 0) not in r.lru and (busy, 0) in r.lru
+    region.map.claim(1)                            # the engine is installing it right now
+    r.add_run(region, 0, 4)
+    r.add_run(gone, 0, 1)
+    assert [p for _, p, _ in r.pick_victims()] == [0, 2]
+    assert [run[1:] for run in r.runs] == [(1, 1)]   # invariant: a resident page stays on the CLOCK
+
+
+def test_a_full_batch_leaves_the_rest_of_its_run_next_in_line():
+    r = clock(batch=3)
+    region = fake_region(r, [DIRTY] * 6)
+    r.add_run(region, 0, 6)
+    assert [p for _, p, _ in r.pick_victims()] == [0, 1, 2]
+    assert list(r.runs)[0][1:] == (3, 3)
 
 
 def test_backoff_pauses_reclaim_with_an_injected_clock():
@@ -90,30 +142,40 @@ def test_backoff_pauses_reclaim_with_an_injected_clock():
     assert r.paused                                # the second pause is twice as long
 
 
-def region_with(states, swap_map, readahead=8):
-    daemon = SimpleNamespace(readahead=readahead, reclaimer=SimpleNamespace(resident=0))
-    region = Region(1, None, -1, 0x10000, len(states) * 4096, pid=1, uid=0, daemon=daemon)
-    region.state[:] = bytes(states)
-    for page, slot in enumerate(swap_map):
-        region.swap_map[page] = slot
-    return region
+def test_user_limits_bound_each_uid_but_not_the_daemons_own():
+    import errno
+
+    from uswap.daemon.limits import UserLedger, UserLimits
+    from uswap.protocol import ProtocolError
+    ledger = UserLedger(UserLimits(max_pages=100, max_regions=2, max_connections=2, exempt_uid=0))
+    ledger.add_region(1000, 60)
+    with pytest.raises(ProtocolError, match=r"--user-max-size") as e:
+        ledger.add_region(1000, 41)                      # 60 + 41 > 100
+    assert e.value.errno == errno.EDQUOT
+    ledger.add_region(1000, 40)                          # exactly the limit
+    with pytest.raises(ProtocolError, match=r"--user-max-regions"):
+        ledger.add_region(1000, 0)
+    ledger.add_region(2000, 100)                         # another uid has its own allowance
+    for _ in range(5):
+        ledger.add_region(0, 1000)                       # the daemon's uid is not limited
+    ledger.open_connection(1000)
+    ledger.open_connection(1000)
+    with pytest.raises(ProtocolError, match=r"--user-max-connections"):
+        ledger.open_connection(1000)
+    ledger.close_connection(1000)
+    ledger.open_connection(1000)                         # a closed connection gives its place back
+    ledger.remove_region(1000, 60)
+    ledger.add_region(1000, 60)
+    for uid, pages in ((1000, 60), (1000, 40), (2000, 100)):
+        ledger.remove_region(uid, pages)
+    ledger.close_connection(1000)
+    ledger.close_connection(1000)
+    assert set(ledger.usage) == {0}                      # idle uids are forgotten
 
 
-def test_readahead_grows_on_sequential_faults_and_follows_slots():
-    pages = 32
-    region = region_with([SWAPPED] * pages, list(range(100, 100 + pages)))
-    assert region.readahead_window(0) == (0, 1)     # the first fault: window 1
-    assert region.readahead_window(1) == (1, 2)     # near the last one: doubles
-    assert region.readahead_window(3) == (2, 4)     # mostly ahead, a quarter behind
-    assert region.readahead_window(7) == (5, 8)     # up to --readahead
-    assert region.readahead_window(15) == (13, 8)
-
-
-def test_readahead_shrinks_on_random_faults_and_stops_at_slot_breaks():
-    region = region_with([SWAPPED] * 16, [50, 51, 52, 9, 10, 11, 12, 13] + [200 + i for i in range(8)])
-    region._ra_size = 8
-    region._last_fault = 0
-    assert region.readahead_window(1) == (0, 3)     # slots 50..52, then a break at page 3
-    assert region.readahead_window(14) == (13, 3)   # far away: the window halves to 4 (2 ahead fit)
-    assert region.readahead_window(5)[1] == 2       # and again
-    assert region.readahead_window(11) == (11, 1)
+def test_backoff_doubles_to_its_maximum_and_resets():
+    from uswap.backoff import Backoff
+    b = Backoff(0.01, 0.05)
+    assert [b.next() for _ in range(5)] == [0.01, 0.02, 0.04, 0.05, 0.05]
+    b.reset()
+    assert b.next() == 0.01

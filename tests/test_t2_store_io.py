@@ -1,4 +1,4 @@
-"""Layer 2: an open store: exclusive lock, O_DIRECT slot I/O, checksums."""
+"""Layer 2: an open store: exclusive lock, O_DIRECT slot I/O, checksums and sealed (encrypted) slots."""
 
 from __future__ import annotations
 
@@ -34,16 +34,17 @@ def test_contiguous_slots_round_trip(store_path):
         assert store.slot_count == SLOTS
         out = AlignedBuffer(8 * PAGE_SIZE)
         fill(out, 8, 10)
+        written = bytes(out.view)   # write_slots seals the buffer in place
         store.write_slots(5, 8, out)
         back = AlignedBuffer(10 * PAGE_SIZE)
         store.read_slots(5, 8, back, buf_page=2)
-        assert bytes(back.view[2 * PAGE_SIZE:]) == bytes(out.view)
+        assert bytes(back.view[2 * PAGE_SIZE:]) == written
         store.read_slots(9, 1, back)  # any sub-range of what was written
-        assert bytes(back.page(0)) == bytes(out.page(4))
+        assert bytes(back.page(0)) == written[4 * PAGE_SIZE:5 * PAGE_SIZE]
 
 
 def test_data_lands_at_slot_offsets(store_path):
-    with SwapStore.open(store_path) as store:
+    with SwapStore.open(store_path, encrypt=False) as store:
         buf = AlignedBuffer(PAGE_SIZE)
         buf.view[:4] = b"SLOT"
         store.write_slots(SLOTS - 1, 1, buf)
@@ -52,9 +53,55 @@ def test_data_lands_at_slot_offsets(store_path):
         assert f.read(4) == b"SLOT"
 
 
-def test_flipped_bit_on_disk_is_caught(store_path):
-    """Negative control: corrupt a slot behind the store's back."""
+MARKER = b"uswap-plaintext-marker:"
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+def test_sealed_slots_hold_no_plaintext_on_disk(store_path, encrypt):
+    """With encryption the file never holds the pattern; without it, it does (the test's own control)."""
+    pattern = (MARKER + bytes(range(41))) * (4 * PAGE_SIZE // (len(MARKER) + 41) + 1)
+    with SwapStore.open(store_path, encrypt=encrypt) as store:
+        assert store.status() == {"encryption": "aes-256-gcm" if encrypt else "off"}
+        out = AlignedBuffer(4 * PAGE_SIZE)
+        out.view[:] = pattern[:4 * PAGE_SIZE]
+        store.write_slots(10, 4, out)
+        with open(store_path, "rb") as f:
+            on_disk = f.read()
+        back = AlignedBuffer(4 * PAGE_SIZE)
+        store.read_slots(10, 4, back)
+        assert bytes(back.view) == pattern[:4 * PAGE_SIZE]
+    assert (MARKER in on_disk) == (not encrypt)
+    slots = on_disk[11 * PAGE_SIZE:15 * PAGE_SIZE]
+    assert (slots == pattern[:4 * PAGE_SIZE]) == (not encrypt)
+
+
+def test_sealed_slot_replayed_on_disk_is_caught(store_path):
+    """An older ciphertext of a slot put back behind the store's back fails authentication."""
     with SwapStore.open(store_path) as store:
+        buf = AlignedBuffer(PAGE_SIZE)
+        fill(buf, 1, 1)
+        store.write_slots(30, 1, buf)
+        with open(store_path, "rb") as f:
+            f.seek(31 * PAGE_SIZE)
+            old = f.read(PAGE_SIZE)
+        fill(buf, 1, 2)
+        store.write_slots(30, 1, buf)
+        with open(store_path, "r+b") as f:
+            f.seek(31 * PAGE_SIZE)
+            f.write(old)
+            f.flush()
+            os.fsync(f.fileno())
+        with pytest.raises(ChecksumError) as info:
+            store.read_slots(30, 1, AlignedBuffer(PAGE_SIZE))
+        assert info.value.errno == errno.EBADMSG and info.value.slot == 30
+        assert "slot 30 failed authentication (aes-256-gcm)" in str(info.value)
+
+
+@pytest.mark.parametrize("encrypt,message", [(False, "checksum mismatch in slot 22"),
+                                             (True, "slot 22 failed authentication (aes-256-gcm)")])
+def test_flipped_bit_on_disk_is_caught(store_path, encrypt, message):
+    """Negative control: corrupt a slot behind the store's back."""
+    with SwapStore.open(store_path, encrypt=encrypt) as store:
         buf = AlignedBuffer(4 * PAGE_SIZE)
         fill(buf, 4, 1)
         store.write_slots(20, 4, buf)
@@ -71,8 +118,10 @@ def test_flipped_bit_on_disk_is_caught(store_path):
             store.read_slots(20, 4, back)
         assert info.value.errno == errno.EBADMSG
         assert info.value.slot == 22
-        assert "checksum mismatch in slot 22" in str(info.value)
+        assert message in str(info.value)
         store.read_slots(20, 2, back)  # the healthy neighbours still read
+        fill(buf, 2, 1)
+        assert bytes(back.view[:2 * PAGE_SIZE]) == bytes(buf.view[:2 * PAGE_SIZE])
 
 
 def test_rewrite_replaces_checksum(store_path):
@@ -84,6 +133,7 @@ def test_rewrite_replaces_checksum(store_path):
         store.write_slots(3, 1, buf)
         back = AlignedBuffer(PAGE_SIZE)
         store.read_slots(3, 1, back)
+        fill(buf, 1, 2)
         assert bytes(back.view) == bytes(buf.view)
 
 

@@ -127,6 +127,7 @@ def test_check_missing_file(tmp_path):
 def test_check_refusal_exit_code_and_reasons(tmp_path):
     path = tmp_path / "store"
     path.write_bytes(bytes(4 * PAGE_SIZE))
+    path.chmod(0o600)  # only the bad magic is wrong
     os.sync()
     r = uswap("check", str(path))
     assert r.returncode == 1

@@ -152,7 +152,10 @@ def test_breakdown_splits_a_fault(tmp_path):
                         str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     parts = {row["part"]: row["p50_us"] for row in json.loads(out.read_text())["breakdown"]}
-    assert set(parts) == {"round trip", "store read", "install", "swap-in", "daemon, rest of the swap-in"}
+    assert set(parts) == {"round trip", "store read", "install", "swap-in", "daemon, rest of the swap-in",
+                          "store read, --encrypt off", "seal 4K (aes-256-gcm)", "open 4K (aes-256-gcm)",
+                          "crc32c 4K on write", "crc32c 4K check on read", "C floor: random swap-in (this run)"}
     assert all(v > 0 for k, v in parts.items() if k != "daemon, rest of the swap-in")
     assert parts["swap-in"] > parts["install"]
+    assert parts["C floor: random swap-in (this run)"] > parts["install"]   # a read and a round trip more
     assert "one swap-in fault" in r.stdout

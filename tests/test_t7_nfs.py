@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 
 from conftest import need, need_root, uswap
 from test_t4_daemon import corrupt_slots, finish_holder, start_holder
+from test_t6_fuse import blockverify_result, direct_io_loop
 from uswap.nfs.ganesha import NfsServer
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.store.header import StoreHeader
@@ -190,6 +192,7 @@ def test_integrity_hog_4x_budget_on_nfs(nfs, uswapd, hog, stable):
     assert d["read_errors"] == d["write_errors"] == 0
     assert d["slots_used"] == 0
     assert status["nfs"]["state"] == "up" and status["nfs"]["stable"] == stable
+    assert status["encryption"] == "aes-256-gcm"                # the default: the server holds ciphertext only
     r = uswap("status", "--socket", daemon.socket)
     assert "NFS server 127.0.0.1: up since" in r.stdout, r.stdout
 
@@ -205,7 +208,7 @@ def test_slot_corrupted_on_the_server_is_caught(nfs, uswapd):
     code, out, err = finish_holder(victim)
     assert code == -signal.SIGBUS, (code, out, err)
     assert "CORRUPT" not in out and "intact" not in out     # wrong data was never handed back
-    assert "checksum mismatch in slot" in daemon.log()
+    assert "failed authentication (aes-256-gcm)" in daemon.log()   # sealed slots (the default)
 
 
 def test_server_killed_and_restarted_mid_run(nfs, uswapd, hog):
@@ -289,5 +292,133 @@ def test_fuse_mount_on_an_nfs_store(nfs, tmp_path):
         status = json.loads((mnt / ".status").read_text())
         assert status["store"] == url and status["pages_written"] >= 256
         assert status["nfs"]["state"] == "up" and status["read_errors"] == status["write_errors"] == 0
+        assert status["encryption"] == "aes-256-gcm"
     finally:
         assert uswap("umount", str(mnt)).returncode == 0
+
+
+# -- concurrent requests through the FUSE store (security finding 8) --------------------
+
+_FUSE_OPS_CONCURRENTLY = """
+import collections, json, sys
+import pyfuse3, trio
+from uswap.core import PAGE_SIZE
+from uswap.fuse.ops import SwapStoreOps
+from uswap.nfs.store import NfsStore
+
+def page(p, version=0):
+    return bytes([p + 1, version]) * (PAGE_SIZE // 2)
+
+async def main(url):
+    store = await NfsStore.open(url)
+    try:
+        ops = SwapStoreOps(store, files=1, file_pages=64)
+        for p in range(16):
+            await ops.write(2, p * PAGE_SIZE, page(p))
+        pairs = collections.Counter()
+        same_slot = collections.Counter()
+
+        async def read(p, into):
+            try:
+                into[p] = await ops.read(2, p * PAGE_SIZE, PAGE_SIZE)
+            except Exception as e:      # FUSEError (EIO), or anything else, which would end the mount
+                into[p] = "EIO" if isinstance(e, pyfuse3.FUSEError) else type(e).__name__
+
+        for n in range(200):            # two reads in flight at once, of different pages
+            got = {}
+            a, b = n % 16, (n + 5) % 16
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, a, got)
+                nursery.start_soon(read, b, got)
+            for p in (a, b):
+                pairs["own" if got[p] == page(p) else "other page" if isinstance(got[p], bytes) else got[p]] += 1
+        for n in range(1, 51):          # a write and a read of one slot at once
+            got = {}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ops.write, 2, 3 * PAGE_SIZE, page(3, n))
+                nursery.start_soon(read, 3, got)
+            same_slot["old" if got[3] == page(3, n - 1) else "new" if got[3] == page(3, n)
+                      else "other" if isinstance(got[3], bytes) else got[3]] += 1
+        print(json.dumps({"pairs": pairs, "same_slot": same_slot,
+                          "io_buffers": json.loads(ops.status_json()).get("io_buffers"),
+                          "most_in_flight": store.conn.server.most_in_flight}))
+    finally:
+        await store.aclose()
+
+trio.run(main, sys.argv[1])
+"""
+
+
+def test_fuse_ops_concurrent_reads_on_an_nfs_store(nfs):
+    """Finding 8 in process, where an nfs:// store really awaits the server: two
+    reads in flight at once must each get their own page.  With one buffer
+    shared by every request (the old code), both replies landed in it and the
+    reads got each other's page or failed their check (EIO); a read of a slot
+    being written found it "not written" (a ValueError that would end the mount)."""
+    url = mkswap(nfs, size="1M")
+    r = subprocess.run(nfs.netns_cmd([sys.executable, "-c", _FUSE_OPS_CONCURRENTLY, url]),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout)
+    assert result["pairs"] == {"own": 400}, result
+    assert set(result["same_slot"]) <= {"old", "new"}, result        # one or the other, whole, never an error
+    assert result["io_buffers"]["most_in_use"] >= 2 and result["most_in_flight"] >= 2, result  # really concurrent
+    assert result["io_buffers"]["in_use"] == 0, result
+
+
+def _progress(out: str) -> list[tuple[float, int]]:
+    """(time, ops) of blockverify's progress lines."""
+    return [(float(t), int(n)) for t, n in re.findall(r"^progress t=([\d.]+) ops=(\d+) ", out, re.M)]
+
+
+def test_blockverify_through_a_loop_device_on_an_nfs_store_across_a_server_restart(nfs, tmp_path, blockverify):
+    """Finding 8 end to end: queue depth 16 of random 4K O_DIRECT writes and
+    verified reads through a direct-I/O loop device on a FUSE mount of an
+    nfs:// store, the server SIGKILLed and restarted mid-run.
+
+    What the outage should look like: the store retries every request on a new
+    connection for --nfs-timeout (20 s here) before it gives up with an error,
+    and the outage lasts a few seconds, so no request fails: I/O stops while
+    the server is down (no answer, no error) and goes on once it is back."""
+    url = mkswap(nfs, size="20M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = cli(nfs, "mount", str(mnt), "--store", url, "--size", "8M", "--nfs-timeout", "20")
+    assert r.returncode == 0, r.stderr
+    try:
+        with direct_io_loop(str(mnt / "swap0")) as dev:
+            proc = subprocess.Popen([blockverify, "-j", "16", "-t", "9", "-i", "0.1", dev], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            try:
+                lines = []
+                for line in proc.stdout:                  # the fill pass first: every read checks data
+                    lines.append(line)
+                    if line.startswith("filled") or line.startswith("ops="):
+                        break
+                time.sleep(2)
+                nfs.kill()
+                down = time.monotonic()
+                time.sleep(2)
+                restarting = time.monotonic()             # nothing can be served before this
+                nfs.restart()                             # returns once the server serves again
+                out, err = proc.communicate(timeout=120)
+                out = "".join(lines) + out
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+        status = json.loads((mnt / ".status").read_text())
+    finally:
+        assert uswap("umount", str(mnt)).returncode == 0
+    assert "filled blocks=2048 eio=0" in out, out
+    ops, mismatches, eio = blockverify_result(out)
+    assert (mismatches, eio) == (0, 0) and proc.returncode == 0, out + err
+    progress = _progress(out)
+    before = [n for t, n in progress if t < down]
+    during = [n for t, n in progress if down + 0.5 <= t <= restarting]
+    assert before and before[-1] > 100, out                    # it ran before the outage,
+    assert len(during) >= 10 and during[0] == during[-1], (down, restarting, out)   # stood still while it lasted,
+    assert ops - during[-1] > 100, out                          # then went on, without an error
+    assert status["read_errors"] == status["write_errors"] == 0, status
+    assert status["nfs"]["connects"] >= 2 and status["nfs"]["state"] == "up", status["nfs"]
+    assert status["io_buffers"]["most_in_use"] >= 2, status    # requests were in flight together

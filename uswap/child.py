@@ -20,10 +20,19 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
 HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+def uswap_argv(*args: str) -> list[str]:
+    """A `uswap` command as a child process: this interpreter, with -P, so that the
+    current directory is not put on sys.path (``python -m`` would otherwise put it
+    first, and a source checkout's uswap/, without its built C core, would shadow
+    the installed package).  Children that outlive a command also start in "/"."""
+    return [sys.executable, "-P", "-m", "uswap", *args]
 
 
 class _Held:

@@ -13,18 +13,27 @@ import json
 import os
 import sys
 
+from uswap.config import DEFAULTS, IO_MODES, c_client_flags
 from uswap.core import PAGE_SIZE
+from uswap.extras import MissingExtra, require
 from uswap.nfs import DEFAULT_TIMEOUT, STABLE_MODES
 from uswap.nfs.url import is_nfs_url
+from uswap.paths import secure_directory
 from uswap.store.checks import check_store
 from uswap.store.mkswap import mkswap
+from uswap.store.sealing import ENCRYPT_MODES
 from uswap.store.lock import StoreUnusable
 from uswap.units import format_size, parse_size
 
-DEFAULT_STORE = "/var/tmp/uswap/store"
-DEFAULT_STORE_SIZE = 1 << 30
-DEFAULT_BUDGET = 256 << 20
-DEFAULT_FUSE_STORE = "/var/tmp/uswap/fuse.store"
+DEFAULT_STORE = DEFAULTS.store          # the defaults live in uswap.config.DEFAULTS
+DEFAULT_STORE_SIZE = DEFAULTS.store_size
+DEFAULT_BUDGET = DEFAULTS.budget
+DEFAULT_GROUP = DEFAULTS.group
+DEFAULT_FUSE_STORE = DEFAULTS.fuse_store
+ENCRYPT_HELP = ("seal every slot with AES-256-GCM under a key only this process holds, so the store (local or "
+                "nfs://) never holds readable data (default on; off: crc32c only; cost: docs/BENCHMARKS.md)")
+DEFAULT_STORE_DIR = os.path.dirname(DEFAULT_STORE)  # created 0700, never trusted if someone else's
+UDEV_RULE = "60-uswap.rules"  # in uswap/data: /dev/userfaultfd for group uswap (README "Who may use uswap")
 
 
 class UsageError(Exception):
@@ -89,9 +98,17 @@ def cmd_check(args) -> int:
 
 def ensure_store(path: str, size: int = DEFAULT_STORE_SIZE) -> None:
     """Create a local store with mkswap semantics if nothing is there yet (an
-    nfs:// store must exist: `uswap mkswap URL --size SIZE`)."""
-    if not is_nfs_url(path) and not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    nfs:// store must exist: `uswap mkswap URL --size SIZE`).
+
+    The directory of a store created here, and the default directory always,
+    must be ours alone: created 0700, refused if it is a symlink, someone
+    else's, or open to others (uswap.paths.secure_directory)."""
+    if is_nfs_url(path):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if directory == DEFAULT_STORE_DIR or not os.path.exists(path):
+        secure_directory(directory, 0o700)
+    if not os.path.exists(path):
         print(f"creating store {path} ({format_size(size)})", file=sys.stderr)
         mkswap(path, size, progress=_progress("writing"))
 
@@ -101,21 +118,45 @@ def cmd_daemon(args) -> int:
 
     import trio
 
-    from uswap.daemon.main import lock_memory, run_daemon
-    from uswap.protocol import default_socket_path
+    from uswap.daemon.main import harden_process, lock_memory, run_daemon
+    from uswap.protocol import daemon_socket_path
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="uswap daemon[%(process)d]: %(levelname)s %(message)s")
+    group = socket_group(args.group)
+    socket_path = args.socket or daemon_socket_path()  # before a store is made: may ask for --socket
     ensure_store(args.store)
     lock_memory()
-    trio.run(functools.partial(run_daemon, store_spec=args.store, socket_path=args.socket or default_socket_path(),
+    harden_process()
+    trio.run(functools.partial(run_daemon, store_spec=args.store, socket_path=socket_path,
                                budget=args.resident, io_mode=args.io, readahead=args.readahead,
-                               nfs_timeout=args.nfs_timeout, nfs_stable=args.nfs_stable))
+                               nfs_timeout=args.nfs_timeout, nfs_stable=args.nfs_stable, group=group,
+                               user_max_size=args.user_max_size, user_max_regions=args.user_max_regions,
+                               user_max_connections=args.user_max_connections, map_timeout=args.map_timeout,
+                               encrypt=args.encrypt == "on"))
     return 0
 
 
+def socket_group(name: str | None) -> int | None:
+    """The gid whose members may use the daemon: --group (a name or a number), else the
+    group "uswap" if there is one, else None (the socket is then 0600: only our uid)."""
+    import grp
+    if name is None:
+        try:
+            return grp.getgrnam(DEFAULT_GROUP).gr_gid
+        except KeyError:
+            return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ValueError(f"--group: no group named {name!r}") from None
+
+
 def cmd_status(args) -> int:
-    """The daemon's status and every uswap FUSE mount's counters."""
+    """The daemon's status and every uswap FUSE mount's counters (--format text, json or prometheus)."""
     from uswap.daemon.status import fetch_status, render_mounts, render_status
+    fmt = "json" if args.json else args.format
     from uswap.fuse.mounts import uswap_mounts
     mounts = {}
     for mountpoint in uswap_mounts():
@@ -126,11 +167,17 @@ def cmd_status(args) -> int:
             mounts[mountpoint] = {"error": str(e)}
     try:
         status = fetch_status(args.socket)
-    except OSError:
-        if not mounts or args.socket:
+    except OSError as e:
+        if fmt == "prometheus":   # a scrape still gets uswap_daemon_up 0
+            print(f"uswap status: {_describe(e)}", file=sys.stderr)
+        elif not mounts or args.socket:
             raise
         status = None
-    if args.json:
+    if fmt == "prometheus":
+        from uswap.metrics import prometheus
+        sys.stdout.write(prometheus(status, mounts, page_size=PAGE_SIZE))
+        return 0
+    if fmt == "json":
         print(json.dumps({**(status or {}), "mounts": mounts}, indent=2))
         return 0
     parts = [render_status(status)] if status else []
@@ -142,14 +189,14 @@ def cmd_status(args) -> int:
 
 def cmd_config(args) -> int:
     package = os.path.dirname(os.path.abspath(__file__))
-    flags = []
-    if args.cflags:
-        flags.append(f"-I{os.path.join(package, 'include')}")
-    if args.libs:
-        lib = os.path.join(package, "lib")
-        flags += [f"-L{lib}", f"-Wl,-rpath,{lib}", "-luswap"]
+    if args.udev_rule:
+        if args.cflags or args.libs:
+            raise ValueError("--udev-rule goes alone")
+        print(os.path.join(package, "data", UDEV_RULE))
+        return 0
+    flags = c_client_flags(cflags=args.cflags, libs=args.libs)
     if not flags:
-        raise ValueError("say --cflags, --libs or both")
+        raise ValueError("say --cflags, --libs or both (or --udev-rule)")
     print(" ".join(flags))
     return 0
 
@@ -157,6 +204,9 @@ def cmd_config(args) -> int:
 def cmd_bench(args) -> int:
     import signal
 
+    require("rich", "uswap bench")
+    if args.plot:
+        require("matplotlib", "uswap bench --plot")
     from rich.console import Console
     from rich.progress import Progress
 
@@ -171,6 +221,11 @@ def cmd_bench(args) -> int:
     unknown = set(against) - {"native", "fuse", "zram", "zswap"}
     if unknown:
         raise ValueError(f"unknown --against rows {sorted(unknown)} (choose from native, fuse, zram, zswap)")
+    if "fuse" in against:
+        require("pyfuse3", "uswap bench --against fuse")
+    if not args.report:   # built once, into the cache; its errors come before any progress display
+        from uswap.bench.build import workload_binaries
+        workload_binaries()
     console = Console(stderr=True)
     if os.geteuid() != 0 and against:
         console.print("[yellow]not root: kernel swap rows need root (swapon, memcg); running the uswap rows only")
@@ -217,11 +272,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_mount(args) -> int:
+    require("pyfuse3", "uswap mount")
     if not args.foreground:
         from uswap.fuse.mount import mount_in_background
+        store = args.store if is_nfs_url(args.store) else os.path.abspath(args.store)  # the server runs in /
         pid, log_path = mount_in_background(args.mountpoint, [
-            "--store", args.store, "--size", str(args.size), "--files", str(args.files),
-            "--nfs-timeout", str(args.nfs_timeout), "--nfs-stable", args.nfs_stable])
+            "--store", store, "--size", str(args.size), "--files", str(args.files),
+            "--nfs-timeout", str(args.nfs_timeout), "--nfs-stable", args.nfs_stable, "--encrypt", args.encrypt])
         print(f"mounted {args.mountpoint} (served by process {pid}, log {log_path})")
         return 0
     import logging
@@ -239,7 +296,7 @@ def cmd_mount(args) -> int:
     prepare_process()
     trio.run(functools.partial(run_mount, args.store, os.path.abspath(args.mountpoint), files=args.files,
                                file_pages=file_pages, ready_fd=args.ready_fd, nfs_timeout=args.nfs_timeout,
-                               nfs_stable=args.nfs_stable))
+                               nfs_stable=args.nfs_stable, encrypt=args.encrypt == "on"))
     return 0
 
 
@@ -262,13 +319,32 @@ def cmd_umount(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    require("numpy", "uswap demo", "demo")
     from uswap.demo import run_demo
     ensure_store(args.store)
     return run_demo(store_path=args.store, budget=args.resident, size=args.size)
 
 
+def cmd_install_units(args) -> int:
+    from uswap.systemd import install_units
+    for path in install_units(args.dir):
+        print(f"installed {path}")
+    print("the daemon: systemctl enable --now uswap.service; kernel swap through a uswap FUSE store: "
+          "systemctl enable --now uswap-swap.service (options: /etc/default/uswap, README \"As a service\")")
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("uswap")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uswap", description="Userspace swap over userfaultfd.")
+    parser.add_argument("--version", action="version", version=f"uswap {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("mkswap", help="create a store file")
@@ -288,21 +364,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=DEFAULT_STORE, help=f"store path (default {DEFAULT_STORE}, created if missing)")
     p.add_argument("--socket", default=None, help="socket path (default: /run/uswap/uswap.sock for root, "
                                                   "$XDG_RUNTIME_DIR/uswap.sock otherwise)")
-    p.add_argument("--resident", type=_size, default=DEFAULT_BUDGET, help="resident budget (default 256M)")
-    p.add_argument("--io", choices=("sync", "async"), default="sync",
-                   help="slot I/O mode (default sync: measured, docs/BENCHMARKS.md)")
-    p.add_argument("--readahead", type=int, default=8, help="swap-in window in pages (default 8, 1 = off)")
+    p.add_argument("--resident", type=_size, default=DEFAULT_BUDGET,
+                   help=f"resident budget (default {format_size(DEFAULT_BUDGET)})")
+    p.add_argument("--io", choices=IO_MODES, default=DEFAULTS.io,
+                   help=f"slot I/O mode (default {DEFAULTS.io}: measured, docs/BENCHMARKS.md)")
+    p.add_argument("--readahead", type=int, default=DEFAULTS.readahead,
+                   help=f"swap-in window in pages (default {DEFAULTS.readahead}, 1 = off)")
+    p.add_argument("--encrypt", choices=ENCRYPT_MODES, default=ENCRYPT_MODES[0], help=ENCRYPT_HELP)
     _nfs_options(p, stable=True)
+    access = p.add_argument_group("who may use the daemon (docs/SECURITY.md)")
+    access.add_argument("--group", default=None, metavar="GROUP",
+                        help=f"members of GROUP (a name or gid) may connect: the socket is 0660 (default: the group "
+                             f"{DEFAULT_GROUP!r} if it exists, else the socket is 0600: only the daemon's own uid)")
+    access.add_argument("--user-max-size", type=_size, default=None, metavar="SIZE",
+                        help="bytes of regions one uid may map at once (default: half the store); "
+                             "the daemon's own uid is not limited")
+    access.add_argument("--user-max-regions", type=int, default=64, metavar="N",
+                        help="regions one uid may hold at once (default 64)")
+    access.add_argument("--user-max-connections", type=int, default=64, metavar="N",
+                        help="connections one uid may hold open at once (default 64)")
+    access.add_argument("--map-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="close a connection that has not mapped a region by then (default 10)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="show a running daemon's store and regions")
     p.add_argument("--socket", default=None)
-    p.add_argument("--json", action="store_true", help="machine-readable (keys in docs/DESIGN.md)")
+    p.add_argument("--format", choices=("text", "json", "prometheus"), default="text",
+                   help="json: machine-readable (keys in docs/DESIGN.md); prometheus: text exposition for "
+                        "node_exporter's textfile collector or a scrape (README \"Metrics\")")
+    p.add_argument("--json", action="store_true", help="the same as --format json")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("config", help="compiler flags for C clients: cc prog.c $(uswap config --cflags --libs)")
     p.add_argument("--cflags", action="store_true")
     p.add_argument("--libs", action="store_true")
+    p.add_argument("--udev-rule", action="store_true",
+                   help="print the path of the udev rule that gives group uswap /dev/userfaultfd "
+                        "(install: cp it to /etc/udev/rules.d/, then udevadm trigger --sysname-match=userfaultfd)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bench", help="measure uswap against kernel swap on the same disk")
@@ -315,9 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "in a network namespace, FILE_SYNC or UNSTABLE+COMMIT writes")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--accesses", type=int, default=None, help="random/zipf accesses (default 200k per GiB)")
-    p.add_argument("--readahead", type=int, default=8)
+    p.add_argument("--readahead", type=int, default=DEFAULTS.readahead)
     p.add_argument("--pin", default=None, help="DAEMON_CPU,WORKLOAD_CPU (default: unpinned)")
-    p.add_argument("--workdir", default="/var/tmp/uswap-bench", help="store, swapfile and binaries go here")
+    p.add_argument("--workdir", default=DEFAULTS.bench_workdir,
+                   help="the store and swapfile go here (the workloads are built once, into ~/.cache/uswap)")
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("--plot", default=None, metavar="FILE", help="PNG: latency CDFs and ratio bars")
     p.add_argument("--markdown", default=None, metavar="FILE", help="the tables as Markdown")
@@ -330,10 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--store", default=DEFAULT_FUSE_STORE, help=f"store path (default {DEFAULT_FUSE_STORE}, "
                                                                "created to fit if missing)")
-    p.add_argument("--size", type=_size, default=1 << 30, help="size of each swap file (default 1G)")
+    p.add_argument("--size", type=_size, default=DEFAULTS.fuse_file_size,
+                   help=f"size of each swap file (default {format_size(DEFAULTS.fuse_file_size)})")
     p.add_argument("--files", type=int, default=1, help="number of swap files swap0.. (default 1)")
     p.add_argument("--foreground", action="store_true", help="stay attached (default: serve in the background)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--encrypt", choices=ENCRYPT_MODES, default=ENCRYPT_MODES[0], help=ENCRYPT_HELP)
     _nfs_options(p, stable=True)
     p.set_defaults(func=cmd_mount)
 
@@ -349,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("umount", help="unmount a uswap FUSE store (refused while a file is swapped on)")
     p.add_argument("mountpoint")
     p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("install-units", help="install the systemd units (uswap.service, uswap-fuse.service, "
+                                             "uswap-swap.service) for this installation")
+    p.add_argument("--dir", default="/etc/systemd/system", help="where (default /etc/systemd/system; then "
+                                                                "systemctl daemon-reload runs)")
+    p.set_defaults(func=cmd_install_units)
 
     p = sub.add_parser("demo", help="start a daemon on the default store and run a workload 4x its budget")
     p.add_argument("--store", default=DEFAULT_STORE, help=f"store path (default {DEFAULT_STORE})")
@@ -367,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except MissingExtra as e:
+        print(f"uswap {args.command}: error: {e}", file=sys.stderr)
     except StoreUnusable as e:
         print(e.report.render(), file=sys.stderr)
         print(f"uswap {args.command}: error: {_describe(e)}", file=sys.stderr)

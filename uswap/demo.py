@@ -8,6 +8,7 @@ daemon's status, and stops the daemon.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -69,7 +70,8 @@ def run_demo(*, store_path: str, budget: int, size: int | None = None) -> int:
     print(f"daemon: store {store_path}, resident budget {format_size(budget)}; "
           f"workload: {format_size(size)} ({size / budget:.0f}x the budget)", file=sys.stderr)
     try:
-        with DaemonProcess(workdir, store_path, budget=budget) as daemon:
+        with DaemonProcess(store_path, os.path.join(workdir, "uswap.sock"), os.path.join(workdir, "daemon.log"),
+                           budget=budget) as daemon:
             t0 = time.perf_counter()
             with uswap.Region(size, socket=daemon.socket) as region:
                 mismatches = workload(region.buffer, size // 8, Progress())

@@ -20,6 +20,7 @@ Reply (24 bytes + text):           magic "USWP", u16 version, u16 op,
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from dataclasses import dataclass
 
@@ -31,6 +32,10 @@ OP_UNMAP = 2
 OP_STATUS = 3
 OP_DETACH = 4
 OPS = {OP_MAP: "MAP", OP_UNMAP: "UNMAP", OP_STATUS: "STATUS", OP_DETACH: "DETACH"}
+
+# File descriptors each request carries (SCM_RIGHTS); a packet with more is refused.
+OP_FDS = {OP_MAP: 2}
+MAX_REQUEST_FDS = max(OP_FDS.values())
 
 REQUEST = struct.Struct("<4sHHQQQ")
 REPLY = struct.Struct("<4sHHiIQ")
@@ -91,12 +96,24 @@ class Reply:
 
 
 def default_socket_path() -> str:
-    """$USWAP_SOCKET, else /run/uswap/uswap.sock for root, $XDG_RUNTIME_DIR/uswap.sock otherwise
-    (the same rule as the C client's)."""
-    import os
-    env = os.environ.get("USWAP_SOCKET")
-    if env:
-        return env
+    """Where clients find the daemon: the C client's one rule (uswap_default_socket in
+    csrc/uswap_client.c; never /tmp)."""
+    from uswap._core import ffi, lib
+    buf = ffi.new("char[]", 108)  # sizeof(sockaddr_un.sun_path)
+    if lib.uswap_default_socket(buf, len(buf)) < 0:
+        raise OSError(errno.ENAMETOOLONG, "the socket path from USWAP_SOCKET or XDG_RUNTIME_DIR is too long")
+    return os.fsdecode(ffi.string(buf))
+
+
+def daemon_socket_path() -> str:
+    """Where `uswap daemon` listens without --socket: the system socket
+    (/run/uswap/uswap.sock) for root, $XDG_RUNTIME_DIR/uswap.sock for others (a directory
+    only they can write); never /tmp."""
+    from uswap._core import ffi, lib
     if os.geteuid() == 0:
-        return "/run/uswap/uswap.sock"
-    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp", "uswap.sock")
+        return os.fsdecode(ffi.string(lib.USWAP_SYSTEM_SOCKET))
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        raise OSError(errno.ENOENT, "XDG_RUNTIME_DIR is not set, so there is no directory of yours for the "
+                                    "socket: say --socket PATH (in a directory only you can write)")
+    return os.path.join(runtime, "uswap.sock")

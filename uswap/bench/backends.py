@@ -12,11 +12,10 @@ import contextlib
 import errno
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
-from uswap.child import interrupts_held, running
+from uswap.child import interrupts_held, running, uswap_argv
 from uswap.daemon.process import DaemonProcess
 from uswap.daemon.status import fetch_status
 from uswap.nfs.ganesha import NfsServer
@@ -153,9 +152,10 @@ class KernelSwap:
         from uswap.fuse.swap import swapoff, swapon
         mountpoint = os.path.join(self.workdir, "fuse-mnt")
         os.makedirs(mountpoint, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "uswap", "mount", mountpoint, "--store",
-                        os.path.join(self.workdir, "fuse.store"), "--size", str(self.swap_size)],
-                       check=True, capture_output=True)
+        r = subprocess.run(uswap_argv("mount", mountpoint, "--store", os.path.join(self.workdir, "fuse.store"),
+                                      "--size", str(self.swap_size)), capture_output=True, text=True)
+        if r.returncode:
+            raise OSError(f"uswap mount {mountpoint}: {(r.stderr.strip().splitlines() or ['failed'])[-1]}")
         stack.callback(subprocess.run, ["umount", mountpoint], check=True)
         swapfile = os.path.join(mountpoint, "swap0")
         swapon(swapfile, TOP_PRIORITY)
@@ -191,7 +191,8 @@ class UswapDaemon(DaemonProcess):
                 os.link(store, os.path.join(export, "bench.store"))
             store = self.nfs.url("bench.store")
             io = "sync"
-        super().__init__(workdir, store, budget=budget, io=io, readahead=readahead, cpu=daemon_cpu, extra=extra)
+        super().__init__(store, os.path.join(workdir, "uswap.sock"), os.path.join(workdir, "daemon.log"),
+                         budget=budget, io=io, readahead=readahead, cpu=daemon_cpu, extra=extra)
 
     def __enter__(self):
         if self.nfs:

@@ -11,16 +11,16 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 from dataclasses import asdict, dataclass, field
 
 from uswap.bench.backends import KernelSwap, RunResult, UswapDaemon
+from uswap.bench.build import workload_binaries
+from uswap.config import DEFAULTS
 from uswap.core import PAGE_SIZE
 from uswap.store.mkswap import mkswap
 from uswap.units import format_size
 
 WORKLOADS = ("seq", "random", "zipf", "hog")
-EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "examples")
 
 
 @dataclass
@@ -32,7 +32,7 @@ class BenchConfig:
     io: list[str]
     repeat: int
     workdir: str
-    readahead: int = 8
+    readahead: int = DEFAULTS.readahead
     accesses: int | None = None
     daemon_cpu: int | None = None
     workload_cpu: int | None = None
@@ -59,20 +59,6 @@ class Bench:
     latency_files: dict[str, str] = field(default_factory=dict)
     breakdown: list[dict] = field(default_factory=list)
 
-    def build(self) -> dict[str, str]:
-        """Compile the workloads against libuswap, into the bench directory."""
-        flags = subprocess.run(["python3", "-m", "uswap", "config", "--cflags", "--libs"], capture_output=True,
-                               text=True, check=True).stdout.split()
-        binaries = {}
-        for name in ("workload", "hog"):
-            source = os.path.join(EXAMPLES, f"{name}.c")
-            if not os.path.exists(source):
-                raise OSError(f"{source} not found: uswap bench runs from a source checkout")
-            out = os.path.join(self.config.workdir, name)
-            subprocess.run(["cc", "-O2", "-pthread", source, *flags, "-lm", "-o", out], check=True)
-            binaries[name] = out
-        return binaries
-
     def command(self, binaries: dict[str, str], workload: str, kernel: bool, dump: str | None) -> list[str]:
         mib = self.config.size >> 20
         if workload == "hog":
@@ -90,7 +76,7 @@ class Bench:
         """The bench directory, its store and the workload binaries."""
         cfg = self.config
         os.makedirs(cfg.workdir, exist_ok=True)
-        binaries = self.build()
+        binaries = workload_binaries()   # built on first use, into the cache (uswap.bench.build)
         store = os.path.join(cfg.workdir, "bench.store")
         if not os.path.exists(store):
             mkswap(store, cfg.size + 64 * PAGE_SIZE + PAGE_SIZE, force=True)

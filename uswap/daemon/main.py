@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 
 import trio
 
 from uswap._core import lib
-from uswap.daemon.server import Daemon
+from uswap.core import PAGE_SIZE
+from uswap.daemon import notify
+from uswap.daemon.limits import UserLimits
+from uswap.daemon.server import Daemon, default_limits
 from uswap.store.opening import opened_store
 
 log = logging.getLogger("uswap.daemon")
@@ -25,16 +29,45 @@ def lock_memory() -> None:
                     "raise RLIMIT_MEMLOCK or run as root", -ret)
 
 
+def harden_process() -> None:
+    """Swapped pages pass through this process: no core dumps, no ptrace or
+    /proc/PID/mem for anyone but root (PR_SET_DUMPABLE 0); and as many fds as
+    the hard limit allows (each client costs up to three), so that per-uid
+    limits, not RLIMIT_NOFILE, decide who is refused."""
+    ret = lib.uswap_set_undumpable()
+    if ret < 0:
+        log.warning("PR_SET_DUMPABLE failed (errno %d): the daemon can be dumped", -ret)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def user_limits(slot_count: int, *, max_size: int | None, max_regions: int, max_connections: int) -> UserLimits:
+    """The per-uid limits from the command line; ``max_size`` None is half the store."""
+    base = default_limits(slot_count)
+    pages = base.max_pages if max_size is None else max_size // PAGE_SIZE
+    return UserLimits(max_pages=pages, max_regions=max_regions, max_connections=max_connections,
+                      exempt_uid=base.exempt_uid)
+
+
 async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode: str, readahead: int,
-                     nfs_timeout: float, nfs_stable: str) -> None:
+                     nfs_timeout: float, nfs_stable: str, group: int | None = None, user_max_size: int | None = None,
+                     user_max_regions: int = 64, user_max_connections: int = 64, map_timeout: float = 10.0,
+                     encrypt: bool = True) -> None:
     """Open the store (a path or an nfs:// URL), serve until signalled, close the store."""
-    async with opened_store(store_spec, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable) as store:
-        daemon = Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead)
+    async with opened_store(store_spec, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable, encrypt=encrypt) as store:
+        limits = user_limits(store.slot_count, max_size=user_max_size, max_regions=user_max_regions,
+                             max_connections=user_max_connections)
+        daemon = Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead, group=group,
+                        limits=limits, map_timeout=map_timeout)
         await serve_until_signalled(daemon)
 
 
 async def serve_until_signalled(daemon: Daemon) -> None:
-    """SIGTERM/SIGINT: stop gracefully (detach every region); a second one: stop now."""
+    """SIGTERM/SIGINT: stop gracefully (detach every region); a second one: stop now.
+
+    The supervisor ($NOTIFY_SOCKET: systemd, or uswap.daemon.process) hears
+    READY=1 once the socket is bound and listening, and STOPPING=1 when a stop begins."""
     async with trio.open_nursery() as nursery:
         async def watch_signals():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -44,7 +77,19 @@ async def serve_until_signalled(daemon: Daemon) -> None:
                         nursery.cancel_scope.cancel()
                         return
                     log.info("%s: stopping", signal.Signals(signum).name)
+                    _tell_supervisor(notify.stopping, "stopping: reading every swapped page back")
                     daemon.request_stop()
+
+        async def serve_then_stop(task_status=trio.TASK_STATUS_IGNORED):
+            await daemon.serve(task_status=task_status)
+            nursery.cancel_scope.cancel()
         nursery.start_soon(watch_signals)
-        await daemon.serve()
-        nursery.cancel_scope.cancel()
+        await nursery.start(serve_then_stop)
+        _tell_supervisor(notify.ready, f"serving {daemon.store.path} on {daemon.socket_path}")
+
+
+def _tell_supervisor(send, status: str) -> None:
+    try:
+        send(status)
+    except OSError as e:
+        log.warning("%s: the supervisor may not know we are %s", e, status.split(":")[0])

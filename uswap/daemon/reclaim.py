@@ -1,80 +1,115 @@
 """Reclaim: keep resident pages under the budget by writing cold pages out (kswapd).
 
-Victims come from one CLOCK over every resident page of every region, in
-the order the pages became resident, with a second chance for pages whose
-referenced bit is set.  uswap only sees accesses that fault (first touch,
-swap-in, first write to a clean page), so those set the bit; the hand clears
-it.  Readahead pages start unreferenced, like the kernel's.
+Victims come from one CLOCK over runs of resident pages of every region, in
+the order they became resident: a readahead or zero-fill run enters as one
+unit, so a batch taken from it stays contiguous in memory and in the store
+(the kernel keeps a folio together the same way).  uswap only sees accesses
+that fault (first touch, swap-in, first write to a clean page); those set the
+page's REFERENCED bit in the swap map, and the hand gives a run with any
+referenced page a second chance, clearing the bits.
 
 Writeback of a batch (the kernel's shrink_folio_list → swap_writepage →
-end_page_writeback → __remove_mapping):
-  1. clean victims (their slot still holds their data) are dropped at once;
-  2. dirty victims are write-protected (WRITEBACK) and read through the memfd
-     into an aligned buffer, in any order; their slots are allocated as one
-     cluster, so up to ``batch`` scattered pages become one sequential write
-     (the kernel's swap_iocb); all-zero pages need no slot;
-  3. when the write ends, each page that no writer waited on is punched out
-     of the memfd (SWAPPED); a page whose writer waited stays, CLEAN.
+end_page_writeback → __remove_mapping), every page claimed (BUSY) first:
+  1. clean victims (their slot still holds their data) are punched out of the
+     memfd, then published SWAPPED (punch before publish: no fault ever sees
+     SWAPPED while the page is still there);
+  2. dirty victims are write-protected (WRITEBACK) and copied from the memfd
+     into an aligned buffer (C, uswap_wb_prepare); their slots are allocated
+     as one cluster, so up to ``batch`` scattered pages become one sequential
+     write (the kernel's swap_iocb); all-zero pages need no slot;
+  3. the write (C: encode, pwrite per slot run; on a worker thread with
+     ``--io async``), then end_page_writeback (C: uswap_wb_finish): each
+     page that no writer waited on is punched and published SWAPPED; a page
+     whose writer waited stays, CLEAN.
 A failed write keeps the pages resident and dirty, frees their slots, and
 pauses reclaim with exponential backoff (the kernel's redirty on a failed
-swap write).  Nothing here awaits between a check of a page's state and the
-action that depends on it, except the write itself, after which every
-decision is made again.
+swap write).  The per-page work is C; the choices (victims, slots, errors)
+are made here.
+
+A region's own memory failing under reclaim (its mapping gone, its memfd
+refusing a read or punch) ends that region (``Daemon.end_region``), never
+the reclaimer: one client cannot stop reclaim for the others.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import time
 
 import trio
 
-from uswap._core import lib
-from uswap.core import PAGE_SIZE, AlignedBuffer
-from uswap.daemon.region import ABSENT, CLEAN, DIRTY, SWAPPED, WRITEBACK, Region, RegionGone
+from uswap._core import ffi, lib
+from uswap.backoff import Backoff
+from uswap.core import PAGE_SIZE, AlignedBuffer, check
+from uswap.daemon.region import Region, RegionGone
 from uswap.daemon.slots import NoSlots
+from uswap.daemon.swapmap import CLEAN, DIRTY, Budget
 
 log = logging.getLogger("uswap.reclaim")
 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
+IDLE_LOOK = 0.05
+REBUILD_AFTER = 50   # passes that found no victim while over the budget
 
 
 class Reclaimer:
     def __init__(self, daemon, budget_pages: int, *, batch: int = 32, clock=time.monotonic):
         self.daemon = daemon
-        self.budget = budget_pages
+        self.budget_pages = budget_pages
         self.low = max(1, budget_pages - max(batch, budget_pages // 32))  # stop here
-        self.hard = budget_pages + max(2 * batch, budget_pages // 8)      # faults wait above this
+        hard = budget_pages + max(2 * batch, budget_pages // 8)           # faults wait above this
+        self.budget = Budget(hard, soft=budget_pages)
         self.batch = batch
         self.clock = clock
-        self.lru: collections.OrderedDict[tuple[Region, int], bool] = collections.OrderedDict()
-        self.resident = 0                # pages resident in all regions (Region.set_state keeps it)
+        self.runs: collections.deque[tuple[Region, int, int]] = collections.deque()  # the CLOCK
         self.writeback = 0               # pages under writeback now
         self.paused_until = 0.0
         self.pause_reason = ""
-        self._backoff = BACKOFF_FIRST
+        self.punches = 0
+        self._backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX)
         self._kick = trio.Event()
         self._progress = trio.Event()
         self._buf = AlignedBuffer(batch * PAGE_SIZE)
+        self._zero = ffi.new("uint8_t[]", batch)
+        self._slots = ffi.new("int64_t[]", batch)
+        self._keep = ffi.new("uint8_t[]", batch)
+        self._count = ffi.new("uint64_t *")
+
+    @property
+    def resident(self) -> int:
+        return self.budget.resident
+
+    @property
+    def hard(self) -> int:
+        return self.budget.hard
 
     # -- bookkeeping, called by regions -----------------------------------------
 
-    def add(self, region: Region, page: int, *, referenced: bool) -> None:
-        """Put a page that just became resident on the CLOCK."""
-        self.lru[(region, page)] = referenced
-        if self.resident > self.budget:
+    def add_run(self, region: Region, first: int, count: int) -> None:
+        """Put a run of pages that just became resident on the CLOCK."""
+        self.runs.append((region, first, count))
+        if self.resident > self.budget_pages:
             self._kick.set()
 
-    def touch(self, region: Region, page: int) -> None:
-        key = (region, page)
-        if key in self.lru:
-            self.lru[key] = True
-
-    def forget(self, region: Region, page: int) -> None:
-        self.lru.pop((region, page), None)
+    @contextlib.contextmanager
+    def region_errors(self, region: Region):
+        """What goes wrong with one region's memory ends that region, not reclaim."""
+        try:
+            yield
+        except RegionGone:
+            self.daemon.end_region(region, "its client's memory is gone", level=logging.INFO)
+        except OSError as e:
+            if e.errno == errno.ESRCH:     # the client's mm is gone: it exited or was killed
+                self.daemon.end_region(region, "its client's memory is gone", level=logging.INFO)
+            elif e.errno == errno.ENOENT:  # the range is no longer registered: munmap, mremap
+                self.daemon.end_region(region, "its mapping is gone (unmapped or moved); its pages leave the "
+                                               "budget")
+            else:
+                self.daemon.end_region(region, f"its memory failed under reclaim: {e}")
 
     @property
     def paused(self) -> bool:
@@ -94,8 +129,13 @@ class Reclaimer:
 
     async def run(self) -> None:
         while True:
-            await self._kick.wait()
+            # Engines report new resident runs lazily (no syscall per fault while
+            # under the budget line); looking every IDLE_LOOK keeps the CLOCK current.
+            with trio.move_on_after(IDLE_LOOK):
+                await self._kick.wait()
             self._kick = trio.Event()
+            self.take_messages()
+            idle = 0
             while self.resident > self.low:
                 if self.paused:
                     await trio.sleep_until(self.paused_until)
@@ -103,45 +143,80 @@ class Reclaimer:
                 progressed = await self.reclaim_batch()
                 self._progress.set()
                 self._progress = trio.Event()
+                idle = 0 if progressed else idle + 1
+                if idle == REBUILD_AFTER:
+                    self.rebuild_clock()
                 if not progressed:
                     await trio.sleep(0.01)  # everything is in flight or referenced right now
 
-    def pick_victims(self) -> list[tuple[Region, int]]:
-        """Up to ``batch`` unreferenced pages from the CLOCK, each taken off it."""
-        victims = []
-        scans = 2 * len(self.lru)
-        while self.lru and len(victims) < self.batch and scans > 0:
+    def take_messages(self) -> None:
+        """What the engines did since we last looked: freed slots, new runs for the CLOCK."""
+        for region in list(self.daemon.regions.values()):
+            region.take_messages()
+
+    def pick_victims(self) -> list[tuple[Region, int, int]]:
+        """Up to ``batch`` claimed pages (region, page, state) from unreferenced runs of the CLOCK."""
+        victims: list[tuple[Region, int, int]] = []
+        scans = 2 * len(self.runs)
+        while self.runs and len(victims) < self.batch and scans > 0:
             scans -= 1
-            key, referenced = self.lru.popitem(last=False)
-            region, page = key
+            region, first, count = self.runs.popleft()
             if region.closed:
                 continue
-            if referenced or region.state[page] == WRITEBACK:
-                self.lru[key] = False  # second chance: to the tail, bit cleared
+            if region.map.test_clear_referenced(first, count):
+                self.runs.append((region, first, count))   # second chance: to the tail, bits cleared
                 continue
-            victims.append(key)
+            claimed = region.map.claim_victims(first, count, self.batch - len(victims))
+            for page, state in claimed:
+                region.held.add(page)
+                victims.append((region, page, state))
+            # Invariant: every DIRTY or CLEAN page is in some run of the CLOCK.  Pages of
+            # this run that were not taken stay: the unexamined rest (the batch filled up)
+            # next in line, those held by someone right now at the tail.
+            end = first + count
+            if len(victims) == self.batch and claimed and claimed[-1][0] + 1 < end:
+                end = claimed[-1][0] + 1
+                self.runs.appendleft((region, end, first + count - end))
+            taken = {page for page, _ in claimed}
+            held = [p for p in range(first, end) if p not in taken and region.map.state(p) in (DIRTY, CLEAN)]
+            self.runs.extend((region, p, n) for p, n in runs(held))
         return victims
 
+    def rebuild_clock(self) -> None:
+        """A safety net, never needed while the CLOCK's invariant holds: rebuild it
+        from the swap maps when reclaim finds nothing to take though resident memory
+        is over the line (every resident page back on it, in page order)."""
+        self.runs.clear()
+        for region in self.daemon.regions.values():
+            resident = [p for p in range(region.pages) if region.map.state(p) in (DIRTY, CLEAN)]
+            self.runs.extend((region, first, count) for first, count in runs(resident))
+        log.info("reclaim found nothing to take at %d resident pages: CLOCK rebuilt, %d runs", self.resident,
+                 len(self.runs))
+
     async def reclaim_batch(self) -> bool:
+        self.take_messages()
         victims = self.pick_victims()
-        dirty = []
+        dirty: list[tuple[Region, int]] = []
         for region, pages in by_region(victims):
-            try:
-                dirty += [(region, p) for p in self.drop_clean(region, pages)]
-            except RegionGone:
-                pass
+            clean = [p for p, state in pages if state == CLEAN]
+            with self.region_errors(region):
+                for first, count in runs(clean):
+                    self._finish_claims(region, first, count,
+                                        lib.uswap_drop_clean(region.map.c, region.memfd, PAGE_SIZE, first, count))
+                    self.punches += 1
+            dirty += [(region, p) for p, state in pages if state != CLEAN]
         if dirty:
             await self.write_batch(dirty)
         return bool(victims)
 
-    def drop_clean(self, region: Region, pages: list[int]) -> list[int]:
-        """Drop the clean pages (their slots hold their data: no I/O); return the dirty ones."""
-        clean = [p for p in pages if region.state[p] == CLEAN]
-        for first, count in runs(clean):
-            region.punch(first, count)
-            for page in range(first, first + count):
-                region.set_state(page, SWAPPED)
-        return [p for p in pages if region.state[p] != SWAPPED]
+    @staticmethod
+    def _finish_claims(region: Region, first: int, count: int, ret: int) -> None:
+        """After a C call that published pages first..first+count-1: they are no longer held."""
+        for p in range(first, first + count):
+            region.held.discard(p)
+        region.released.set()
+        region.released = trio.Event()
+        check(ret)
 
     async def write_batch(self, victims: list[tuple[Region, int]]) -> None:
         """swap_writepage for a batch: one write per cluster of contiguous slots.
@@ -150,104 +225,115 @@ class Reclaimer:
         allocated as one cluster, so the batch is (usually) a single
         sequential write, like the kernel's swap_iocb plugging.
         """
-        batch: list[tuple[Region, int]] = []   # buffer order
-        for region, pages in by_region(victims):
-            try:
-                for first, count in runs(pages):
-                    region._ioctl(region.uffd.write_protect, region.address(first), count * PAGE_SIZE, True)
-                    for page in range(first, first + count):
-                        region.set_state(page, WRITEBACK)
-                    region.read_pages(first, count, self._buf, len(batch))
-                    batch += [(region, p) for p in range(first, first + count)]
-            except RegionGone:
-                continue
-        self.writeback += len(batch)
+        batch: list[tuple[Region, int, int, int]] = []   # (region, first, count, buffer index), buffer order
+        n = 0
+        for region, pages in by_region([(r, p, 0) for r, p in victims]):
+            with self.region_errors(region):
+                for first, count in runs([p for p, _ in pages]):
+                    try:
+                        check(lib.uswap_wb_prepare(region.map.c, region.uffd.fd, region.memfd, region.addr,
+                                                   PAGE_SIZE, first, count, self._buf.ptr + n * PAGE_SIZE,
+                                                   self._zero + n))
+                    except OSError:
+                        for p in range(first, first + count):
+                            region.unclaim(p)
+                        raise
+                    batch.append((region, first, count, n))
+                    n += count
+        if not n:
+            return
+        self.writeback += n
         try:
-            slots = await self._write_slots(len(batch))
+            self._allocate_slots(n)
+            await self.daemon.io.write_batch(self._buf, self._slots, n)
         except OSError as e:
             self._write_failed(batch, e)
             return
         finally:
-            self.writeback -= len(batch)
-        self._end_writeback(batch, slots)
+            self.writeback -= n
+        self._end_writeback(batch)
 
-    async def _write_slots(self, count: int) -> list[int]:
-        """Give every non-zero buffer page a slot and write them; returns each page's slot (-1: zero)."""
-        slots = [-1] * count
-        nonzero = [i for i in range(count) if not lib.uswap_is_zero(self._buf.ptr + i * PAGE_SIZE, PAGE_SIZE)]
+    def _allocate_slots(self, count: int) -> None:
+        """Give every non-zero buffer page a slot, in clusters (-1: an all-zero page)."""
+        for i in range(count):
+            self._slots[i] = -1
+        nonzero = [i for i in range(count) if not self._zero[i]]
         try:
             for run_first, run_count in runs(nonzero):
                 i = run_first
                 while i < run_first + run_count:
                     slot, got = self.daemon.slots.allocate(run_first + run_count - i)
-                    slots[i:i + got] = range(slot, slot + got)
-                    await self.daemon.io.write(slot, got, self._buf, i)
+                    for k in range(got):
+                        self._slots[i + k] = slot + k
                     i += got
-        except BaseException:
-            for slot in slots:
-                self.daemon.release_slot(slot)
+        except NoSlots:
+            self._release_slots(count)
             raise
-        return slots
 
-    def _end_writeback(self, batch: list[tuple[Region, int]], slots: list[int]) -> None:
+    def _release_slots(self, count: int) -> None:
+        for i in range(count):
+            self.daemon.release_slot(self._slots[i])
+            self._slots[i] = -1
+
+    def _end_writeback(self, batch: list[tuple[Region, int, int, int]]) -> None:
         """end_page_writeback, then drop the pages nobody wanted meanwhile."""
-        dropped: dict[Region, list[int]] = collections.defaultdict(list)
-        for (region, page), slot in zip(batch, slots):
+        for region, first, count, index in batch:
             if region.closed:
-                self.daemon.release_slot(slot)
-            elif page in region.wp_waiters:
-                # A writer waits: the page stays (clean if it got a slot).
-                region.swap_map[page] = slot
-                region.set_state(page, CLEAN if slot >= 0 else DIRTY)
-                if slot < 0:
-                    region._ioctl(region.uffd.write_protect, region.address(page), PAGE_SIZE, False)
-                self.lru[(region, page)] = True
-                region.wp_waiters.pop(page).set()
-            else:
-                region.swap_map[page] = slot
-                region.set_state(page, SWAPPED if slot >= 0 else ABSENT)
-                if slot >= 0:
+                for i in range(index, index + count):
+                    self.daemon.release_slot(self._slots[i])
+                continue
+            kept = []
+            for k in range(count):
+                self._keep[index + k] = first + k in region.wp_waiters
+                if self._keep[index + k]:
+                    kept.append(first + k)
+                elif self._slots[index + k] >= 0:
                     region.stats.pswpout += 1
                     self.daemon.stats.pswpout += 1
-                dropped[region].append(page)
-        for region, pages in dropped.items():
-            for first, count in runs(pages):
-                region.punch(first, count)
-        self._backoff = BACKOFF_FIRST
+            self._count[0] = 0
+            with self.region_errors(region):
+                self._finish_claims(region, first, count, lib.uswap_wb_finish(
+                    region.map.c, region.uffd.fd, region.memfd, region.addr, PAGE_SIZE, first, count,
+                    self._slots + index, self._keep + index, 1, self._count))
+            self.punches += self._count[0]
+            for page in kept:
+                self.runs.append((region, page, 1))   # wanted again: referenced, at the tail
+                region.wp_waiters.pop(page).set()
+        self._backoff.reset()
         self.pause_reason = ""
 
-    def _write_failed(self, batch: list[tuple[Region, int]], error: OSError) -> None:
+    def _write_failed(self, batch: list[tuple[Region, int, int, int]], error: OSError) -> None:
         """The kernel's policy: the pages stay resident and dirty; try later."""
-        self.paused_until = self.clock() + self._backoff
+        delay = self._backoff.next()
+        self.paused_until = self.clock() + delay
         what = "no free slot" if isinstance(error, NoSlots) else f"errno {error.errno} ({error.strerror})"
-        self.pause_reason = f"writeback failed: {what}; retrying in {self._backoff:.2f}s"
-        self._backoff = min(BACKOFF_MAX, self._backoff * 2)
-        self.daemon.stats.write_errors += len(batch)
-        self.daemon.log_limited("write", logging.ERROR, "writeback of %d page(s) failed: %s", len(batch), what)
+        self.pause_reason = f"writeback failed: {what}; retrying in {delay:.2f}s"
+        pages = sum(count for _, _, count, _ in batch)
+        self.daemon.stats.write_errors += pages
+        self.daemon.log_limited("write", logging.ERROR, "writeback of %d page(s) failed: %s", pages, what)
         if error.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EBADMSG, errno.ETIMEDOUT):
             log.error("unexpected writeback error", exc_info=error)
-        for region, pages in by_region(batch):
+        self._release_slots(sum(count for _, _, count, _ in batch))
+        for region, first, count, index in batch:
             if region.closed:
                 continue
-            region.stats.write_errors += len(pages)
-            for page in pages:
-                region.set_state(page, DIRTY)
-                self.lru[(region, page)] = True
+            region.stats.write_errors += count
+            with self.region_errors(region):
+                self._finish_claims(region, first, count, lib.uswap_wb_finish(
+                    region.map.c, region.uffd.fd, region.memfd, region.addr, PAGE_SIZE, first, count,
+                    self._slots + index, self._keep + index, 0, ffi.NULL))
+            self.runs.append((region, first, count))
+            for page in range(first, first + count):
                 event = region.wp_waiters.pop(page, None)
                 if event:
                     event.set()
-            try:
-                for first, count in runs(pages):
-                    region._ioctl(region.uffd.write_protect, region.address(first), count * PAGE_SIZE, False)
-            except RegionGone:
-                pass
 
 
-def by_region(pairs: list[tuple[Region, int]]) -> list[tuple[Region, list[int]]]:
-    """(region, page) pairs grouped per region, pages sorted."""
-    grouped: dict[Region, list[int]] = collections.defaultdict(list)
-    for region, page in pairs:
-        grouped[region].append(page)
+def by_region(victims) -> list[tuple[Region, list[tuple[int, int]]]]:
+    """(region, page, state) triples grouped per region, pages sorted."""
+    grouped: dict[Region, list[tuple[int, int]]] = collections.defaultdict(list)
+    for region, page, state in victims:
+        grouped[region].append((page, state))
     return [(region, sorted(pages)) for region, pages in grouped.items()]
 
 

@@ -1,27 +1,26 @@
-"""One client region: its page states, its swap map, and the swap-in path.
+"""One client region: its swap map, its fault engine, and the faults Python serves.
 
-Reads top to bottom like the kernel's fault path: ``handle_fault`` decides
-(do_swap_page / do_wp_page), ``swap_in`` does the I/O with a readahead window
-(swap_readpage, swap_vma_readahead) and installs the pages clean and
+The region's C engine thread (uswap.daemon.engine) reads every fault of the
+region and serves the common ones: swap-in from a local store with a
+readahead window, zero-fill of first touches, the first write to a clean
+page.  It tells this object what it did through a ring (resident runs for
+the CLOCK, slots to free) and forwards everything else.  The forwarded
+faults are served here, reading top to bottom like the kernel's fault path:
+``handle_fault`` decides (do_swap_page / do_wp_page), ``swap_in`` does the
+I/O with a readahead window (swap_readpage) and installs the pages clean and
 write-protected, so they keep their slots until first written.
 
-Page states (``Region.state``), with what the kernel would call them:
-
-    ABSENT     never touched, or evicted while all zeros: the next touch gets a zero page
-    SWAPPED    swapped out: the data is in slot ``swap_map[page]``; not in the memfd
-    DIRTY      resident and writable; owns no slot
-    CLEAN      resident, write-protected, identical to its slot (a swap-cache page)
-    WRITEBACK  resident, write-protected, being written to its slot (PG_writeback)
-    POISONED   its slot could not be read back: the toucher gets SIGBUS
-
-Invariant: ``swap_map[page] >= 0`` exactly when the state is SWAPPED, CLEAN or
-WRITEBACK.  Pages are read through ``pread`` on the memfd, never through a
-mapping (touching a punched page through a mapping would allocate it).
+Page states and the swap map: uswap.daemon.swapmap.  Python changes a page
+only after claiming its BUSY bit (``claim``), and only from the trio thread;
+``held`` is the set of pages this region's Python code holds, so a fault on
+one of them waits for ``released`` while a fault on a page the engine holds
+(for the length of one install) just retries.  Pages are read through
+``pread`` on the memfd, never through a mapping (touching a punched page
+through a mapping would allocate it).
 """
 
 from __future__ import annotations
 
-import array
 import errno
 import logging
 import os
@@ -29,28 +28,27 @@ from dataclasses import dataclass
 
 import trio
 
-from uswap._core import lib
-from uswap.core import PAGE_SIZE, AlignedBuffer, check
-from uswap.uffd import CopyMode, Pagefault, PartialFill, Userfaultfd
+from uswap.core import PAGE_SIZE, AlignedBuffer
+from uswap.daemon.engine import DIRTIED, FORWARD, INSTALLED, ZEROED, Engine
+from uswap.daemon.swapmap import (ABSENT, BUSY, CLEAN, DIRTY, POISONED, SWAPPED, WRITEBACK, SwapMap, slot_of,
+                                  state_of)
+from uswap.uffd import CopyMode, FaultFlag, Pagefault, PartialFill, Userfaultfd
 
 log = logging.getLogger("uswap.region")
 
-ABSENT, SWAPPED, DIRTY, CLEAN, WRITEBACK, POISONED = range(6)
-RESIDENT = (DIRTY, CLEAN, WRITEBACK)
-IS_RESIDENT = tuple(s in RESIDENT for s in range(6))
-
 READ_RETRIES = 3
+ENGINE_HOLD_POLL = 0.0002   # a page the engine holds is free again within one install
 # The client's memory is gone (exit, munmap, kill): stop serving, quietly.
 GONE_ERRNOS = (errno.ESRCH, errno.ENOENT, errno.EFAULT, errno.EINVAL)
 
 
 class RegionGone(Exception):
-    pass
+    """The client's memory is gone (its process exited or was killed)."""
 
 
 @dataclass
 class RegionStats:
-    faults: int = 0
+    faults: int = 0            # faults served in Python (forwarded by the engine)
     zero_fills: int = 0
     wp_faults: int = 0
     writeback_waits: int = 0   # writes that had to wait for their page's writeback to end
@@ -63,7 +61,8 @@ class RegionStats:
 
 class Region:
     def __init__(self, rid: int, uffd: Userfaultfd, memfd: int, addr: int, length: int, *,
-                 pid: int, uid: int, daemon):
+                 pid: int, uid: int, memfd_id: tuple[int, int], conn, connection: trio.CancelScope,
+                 nursery: trio.Nursery, daemon):
         self.id = rid
         self.uffd = uffd
         self.memfd = memfd
@@ -72,70 +71,163 @@ class Region:
         self.pages = length // PAGE_SIZE
         self.pid = pid
         self.uid = uid
+        self.memfd_id = memfd_id  # (st_dev, st_ino): one region per memfd
         self.daemon = daemon      # store, slot I/O, allocator, reclaimer, readahead
-        self.state = bytearray(self.pages)
-        self.swap_map = array.array("l", [-1]) * self.pages
+        self.conn = conn          # its connection's socket (DETACH goes there)
+        self.connection = connection  # cancelling it ends the connection, and so the region
+        self.nursery = nursery    # the connection's: tasks that wait die with it
         self.stats = RegionStats()
-        self.resident = 0         # pages in RESIDENT states; kept by set_state
         self.closed = False
-        self.conn = None          # its connection (set by the daemon)
+        self.quiesced = False     # engine stopped for swapoff: Python serves nothing more either
         self.serve_scope = trio.CancelScope()
+        self.map = SwapMap(self.pages, daemon.reclaimer.budget)
+        self.held: set[int] = set()
+        self.released = trio.Event()   # set (and replaced) whenever Python publishes a page it held
         self.wp_waiters: dict[int, trio.Event] = {}  # pages whose writer waits for writeback to end
-        self._buf = AlignedBuffer(max(1, daemon.readahead) * PAGE_SIZE)
-        self._last_fault = -(1 << 40)   # readahead state: previous swap-in fault, window size
+        self._bufs: list[AlignedBuffer] = []   # free read buffers: one per swap-in in flight, never shared
+        self._last_fault = -(1 << 40)   # readahead state of the Python path: previous fault, window size
         self._ra_size = 1
+        local = daemon.store_fd
+        self.engine = Engine(self.map, uffd=uffd.fd, memfd=memfd, addr=addr, store_fd=local,
+                             codec=daemon.codec_c if local >= 0 else None, readahead=daemon.readahead)
 
     # -- accounting -------------------------------------------------------
 
-    def set_state(self, page: int, new: int) -> None:
-        """Every state change goes through here: it keeps the resident counts."""
-        delta = IS_RESIDENT[new] - IS_RESIDENT[self.state[page]]
-        if delta:
-            self.resident += delta
-            self.daemon.reclaimer.resident += delta
-        self.state[page] = new
+    @property
+    def resident(self) -> int:
+        return self.map.resident
 
     def swapped_pages(self) -> int:
-        return self.state.count(SWAPPED)
+        return self.map.count(SWAPPED)
 
     def address(self, page: int) -> int:
         return self.addr + page * PAGE_SIZE
 
-    # -- the fault loop -------------------------------------------------------
+    def engine_stats(self) -> dict:
+        s = self.engine.stats() if self.engine.c is not None else None
+        return {"engine_faults": s.engine_faults if s else 0, "slow_path_faults": s.forwarded if s else 0}
+
+    # -- claims (Python's side of the BUSY bit) ----------------------------------
+
+    def claim(self, page: int) -> int | None:
+        entry = self.map.claim(page)
+        if entry is not None:
+            self.held.add(page)
+        return entry
+
+    def publish(self, page: int, state: int, slot: int = -1, *, referenced: int = -1) -> None:
+        self.map.publish(page, state, slot, referenced=referenced)
+        self.held.discard(page)
+        self.released.set()
+        self.released = trio.Event()
+
+    def unclaim(self, page: int) -> None:
+        entry = self.map.entry(page)
+        self.publish(page, state_of(entry), slot_of(entry))
+
+    async def wait_unclaimed(self, page: int) -> int:
+        """The page's entry once nobody holds it (Python's holds end with ``released``)."""
+        while True:
+            if self.closed:
+                raise RegionGone()
+            entry = self.map.entry(page)
+            if not entry & BUSY:
+                return entry
+            if page in self.held:
+                await self.released.wait()
+            else:
+                await trio.sleep(ENGINE_HOLD_POLL)
+
+    # -- what the engine did --------------------------------------------------------
 
     async def serve(self) -> None:
-        """Read and serve this region's faults until cancelled or the client is gone."""
+        """Take the engine's messages until cancelled or the client is gone."""
         try:
             while True:
-                await trio.lowlevel.wait_readable(self.uffd.fd)
-                for event in self.uffd.read_events():
-                    if isinstance(event, Pagefault):
-                        await self.handle_fault(event)
-        except RegionGone:
-            log.info("region %d (pid %d): client memory gone", self.id, self.pid)
+                await trio.lowlevel.wait_readable(self.engine.notify_fd)
+                if self.closed:
+                    return     # released while this task was scheduled to run
+                try:
+                    os.read(self.engine.notify_fd, 8)
+                except BlockingIOError:
+                    pass
+                self.take_messages()
         except trio.ClosedResourceError:
             pass  # released under us (unmap, client exit): nothing left to serve
+
+    def take_messages(self) -> None:
+        """Account what the engine did and start a task for each fault it forwarded.
+        The reclaimer calls this too, before it picks victims and allocates slots
+        (so it never waits here: a forwarded fault may wait for reclaim)."""
+        if self.closed:
+            return
+        for kind, first, count, faulting, slot, address, flags in self.engine.drain():
+            if kind == FORWARD:
+                if not self.connection.cancel_called:   # else the connection is ending: nothing to serve
+                    self.nursery.start_soon(self.serve_forwarded, Pagefault(address, FaultFlag(flags), 0))
+                continue
+            if kind == INSTALLED:
+                if slot >= 0:   # installed dirty after a write fault: the slots are stale
+                    for s in range(slot, slot + count):
+                        self.daemon.release_slot(s)
+                self.stats.pswpin += count
+                self.daemon.stats.pswpin += count
+            elif kind == ZEROED:
+                self.stats.zero_fills += count
+            elif kind == DIRTIED:
+                self.daemon.release_slot(slot)
+                self.stats.wp_faults += 1
+                continue
+            self.daemon.reclaimer.add_run(self, first, count)
+
+    async def serve_forwarded(self, event: Pagefault) -> None:
+        """A task per forwarded fault (it may wait: throttling, a writeback, a read).
+        Every await below is followed by a look at ``closed``: the region may be
+        released meanwhile, and then its map and fds are gone."""
+        try:
+            if not self.closed:
+                await self.handle_fault(event)
+        except RegionGone:
+            self.daemon.end_region(self, "its client's memory is gone", level=logging.INFO)
+
+    # -- the faults Python serves -----------------------------------------------------
 
     async def handle_fault(self, event: Pagefault) -> None:
         page = (event.address - self.addr) // PAGE_SIZE
         if not 0 <= page < self.pages:
-            log.warning("region %d: fault at %#x outside the region", self.id, event.address)
+            self.daemon.log_limited(f"outside {self.id}", logging.WARNING, "region %d: fault at %#x outside the "
+                                    "region", self.id, event.address)
             return
         self.stats.faults += 1
+        entry = self.map.entry(page)
+        if event.is_wp and state_of(entry) == WRITEBACK or entry & BUSY:
+            await self._handle_when_unclaimed(event, page)   # a writeback or another holder first
+        else:
+            await self._handle(event, page)
+
+    async def _handle_when_unclaimed(self, event: Pagefault, page: int) -> None:
+        if event.is_wp and self.map.state(page) == WRITEBACK:
+            await self.wait_for_writeback(page)
+            if self.closed:
+                raise RegionGone()
+        await self.wait_unclaimed(page)
+        await self._handle(event, page)
+
+    async def _handle(self, event: Pagefault, page: int) -> None:
+        if self.quiesced or self.closed:
+            return   # swapoff: the pages go back into the memfd, the client unregisters
+        state = self.map.state(page)
         if event.is_wp:
             self.stats.wp_faults += 1
             await self.write_fault(page)
-            return
-        state = self.state[page]
-        if state == SWAPPED:
+        elif state == SWAPPED:
             await self.swap_in(page, write=event.is_write)
         elif state == ABSENT:
             await self.zero_fill(page)
         elif state == POISONED:
             self._install_poison(page)  # the marker was not there yet: the thread retried
         else:
-            # Already resident (another thread's fault got there first): let
-            # the thread retry.
+            # Already resident (another thread's fault got there first): let the thread retry.
             self._ioctl(self.uffd.wake, self.address(page), PAGE_SIZE)
 
     def _ioctl(self, op, *args):
@@ -147,22 +239,47 @@ class Region:
                 raise RegionGone() from None
             raise
 
-    async def zero_fill(self, page: int) -> None:
-        """First touch: zero pages, for the faulting page and, when faults
-        walk forward, the never-touched pages after it (one ioctl: a round
-        trip through the daemon costs far more than zeroing a page)."""
-        await self.daemon.reclaimer.throttle()
-        if self.closed or self.state[page] != ABSENT:
-            return
-        limit = self._window(page)
+    def _claim_run(self, page: int, want: int, ok) -> tuple[int, int] | None:
+        """Claim page and the pages after it (up to ``want``) whose entries satisfy ``ok(entry, k)``.
+
+        (first, count), or None if the page itself is held or no longer ok."""
+        entry = self.claim(page)
+        if entry is None:
+            return None
+        if not ok(entry, 0):
+            self.unclaim(page)
+            return None
         count = 1
-        while count < limit and page + count < self.pages and self.state[page + count] == ABSENT:
+        while count < want and page + count < self.pages:
+            entry = self.claim(page + count)
+            if entry is None:
+                break
+            if not ok(entry, count):
+                self.unclaim(page + count)
+                break
             count += 1
-        self._fill(self.uffd.zeropage, page, count)
-        for p in range(page, page + count):
-            self.set_state(p, DIRTY)
-            self.daemon.reclaimer.add(self, p, referenced=(p == page))
+        return page, count
+
+    async def zero_fill(self, page: int) -> None:
+        """First touch: zero pages, for the faulting page and, when faults walk
+        forward, the never-touched pages after it (one ioctl)."""
+        await self.daemon.reclaimer.throttle()
+        if self.closed:
+            return
+        run = self._claim_run(page, self._window(page), lambda e, k: state_of(e) == ABSENT)
+        if run is None:
+            return self._ioctl(self.uffd.wake, self.address(page), PAGE_SIZE)
+        first, count = run
+        try:
+            self._fill(self.uffd.zeropage, first, count)
+        except BaseException:
+            for p in range(first, first + count):
+                self.unclaim(p)
+            raise
+        for p in range(first, first + count):
+            self.publish(p, DIRTY, referenced=int(p == page))
         self.stats.zero_fills += count
+        self.daemon.reclaimer.add_run(self, first, count)
 
     # -- swap-in ------------------------------------------------------------------
 
@@ -173,45 +290,49 @@ class Region:
         self._last_fault = page
         return self._ra_size
 
-    def readahead_window(self, page: int) -> tuple[int, int]:
-        """First page and count of the run to read (the kernel's swap readahead).
-
-        The window adapts like file readahead: a fault near the previous one
-        doubles it (up to ``readahead`` pages), a fault elsewhere halves it, so
-        random access reads single pages and sequential access reads ahead.
-        Within the window: swapped neighbours whose slots continue the faulting
-        page's slot, mostly ahead of the fault.
-        """
-        limit = self._window(page)
-        slot = self.swap_map[page]
-        first, count = page, 1
-        while count < limit and first > 0 and self.state[first - 1] == SWAPPED \
-                and self.swap_map[first - 1] == slot - (page - first) - 1 and page - first < limit // 4:
-            first -= 1
-            count += 1
-        last = page
-        while count < limit and last + 1 < self.pages and self.state[last + 1] == SWAPPED \
-                and self.swap_map[last + 1] == slot + (last + 1 - page):
-            last += 1
-            count += 1
-        return first, count
-
     async def swap_in(self, page: int, *, write: bool = False) -> None:
+        """do_swap_page for a page the engine did not serve: claim the readahead
+        run (SWAPPED pages whose slots continue the faulting page's), read it
+        with retries, install it; an unreadable faulting page is poisoned."""
         await self.daemon.reclaimer.throttle()
-        if self.closed or self.state[page] != SWAPPED:
+        if self.closed:
             return
-        first, count = self.readahead_window(page)
-        if not await self._read_with_retries(first, count):
-            if count == 1 or not await self._read_with_retries(page, 1):
-                return self._poison(page)  # (a bad neighbour must not take the faulting page down)
-            first, count = page, 1
-        self._install(first, count, page, dirty=write)
+        slot = slot_of(self.map.entry(page))
+        run = self._claim_run(page, self._window(page),
+                              lambda e, k: state_of(e) == SWAPPED and slot_of(e) == slot + k)
+        if run is None:
+            return self._ioctl(self.uffd.wake, self.address(page), PAGE_SIZE)
+        first, count = run
+        # Invariant: a buffer belongs to one swap-in from here to the install; other
+        # swap-ins of this region run while this one awaits its read.
+        buf = self._bufs.pop() if self._bufs else AlignedBuffer(max(1, self.daemon.readahead) * PAGE_SIZE)
+        try:
+            ok = await self._read_with_retries(slot, count, buf)
+            if self.closed:
+                return
+            if not ok:
+                for p in range(first + 1, first + count):
+                    self.unclaim(p)   # a bad neighbour must not take the faulting page down
+                count = 1
+                ok = await self._read_with_retries(slot, 1, buf)
+                if self.closed:
+                    return
+                if not ok:
+                    return self._poison(page, slot)
+            self._install(first, count, page, slot, buf, dirty=write)
+        except BaseException:
+            if not self.closed:
+                for p in range(first, first + count):
+                    if p in self.held:
+                        self.unclaim(p)
+            raise
+        finally:
+            self._bufs.append(buf)
 
-    async def _read_with_retries(self, first: int, count: int) -> bool:
-        slot = self.swap_map[first]
+    async def _read_with_retries(self, slot: int, count: int, buf: AlignedBuffer) -> bool:
         for attempt in range(1, READ_RETRIES + 1):
             try:
-                await self.daemon.io.read(slot, count, self._buf)
+                await self.daemon.io.read(slot, count, buf)
                 return True
             except OSError as e:
                 self.stats.read_errors += 1
@@ -224,41 +345,31 @@ class Region:
                 return False
         return False
 
-    def _install(self, first: int, count: int, faulting: int, *, dirty: bool) -> None:
+    def _install(self, first: int, count: int, faulting: int, slot: int, buf: AlignedBuffer, *, dirty: bool) -> None:
         """UFFDIO_COPY the run in.
 
         After a read fault the pages go in write-protected and keep their
         slots (clean, like the kernel's swap cache): evicting them again costs
         no write.  After a write fault they go in writable and their slots are
-        freed at once, as the kernel does for the faulting page of a write
-        fault; uswap extends that to the readahead pages, because a write
-        fault here is a round trip through the daemon (tens of µs) where the
-        kernel's is a page-table update, and a written neighbour is likely.
-
-        Only this region's fault loop changes SWAPPED pages, and it was
-        waiting on this very read: the run is still SWAPPED, slots unchanged.
+        freed at once (the engine does the same).  The run is ours (claimed):
+        still SWAPPED, slots unchanged.
         """
-        if self.closed:
-            return
-        self._copy_run(first, count, 0, CopyMode.NONE if dirty else CopyMode.WP)
-        for p in range(first, first + count):
+        src = buf.address
+        self._fill(lambda at, length: self.uffd.copy(at, src + (at - self.address(first)), length,
+                                                      CopyMode.NONE if dirty else CopyMode.WP), first, count)
+        for k, p in enumerate(range(first, first + count)):
             if dirty:
-                self.daemon.release_slot(self.swap_map[p])
-                self.swap_map[p] = -1
-            self.set_state(p, DIRTY if dirty else CLEAN)
-            self.daemon.reclaimer.add(self, p, referenced=(p == faulting))
+                self.daemon.release_slot(slot + k)
+            self.publish(p, DIRTY if dirty else CLEAN, -1 if dirty else slot + k, referenced=int(p == faulting))
         self.stats.pswpin += count
         self.daemon.stats.pswpin += count
-
-    def _copy_run(self, page: int, count: int, buf_page: int, mode: CopyMode) -> None:
-        src = self._buf.address + buf_page * PAGE_SIZE
-        self._fill(lambda at, length: self.uffd.copy(at, src + (at - self.address(page)), length, mode), page, count)
+        self.daemon.reclaimer.add_run(self, first, count)
 
     def _fill(self, op, page: int, count: int) -> None:
         """Run a fill ioctl (COPY, ZEROPAGE) over pages, finishing what it stops short of.
 
         EAGAIN (PartialFill) continues after the bytes done; EEXIST means a page
-        is already there (a racing fault of another thread got it in): skip it.
+        is already there: skip it.
         """
         at, end = self.address(page), self.address(page + count)
         while at < end:
@@ -270,12 +381,10 @@ class Region:
                 self.uffd.wake(at, PAGE_SIZE)
                 at += PAGE_SIZE
 
-    def _poison(self, page: int) -> None:
+    def _poison(self, page: int, slot: int) -> None:
         """The kernel's answer to an unreadable swap slot: SIGBUS for whoever touches it."""
-        slot = self.swap_map[page]
         self.daemon.release_slot(slot)
-        self.swap_map[page] = -1
-        self.set_state(page, POISONED)
+        self.publish(page, POISONED)
         self.stats.poisoned += 1
         log.error("region %d (pid %d): page %#x poisoned: slot %d unreadable", self.id, self.pid,
                   self.address(page), slot)
@@ -289,72 +398,74 @@ class Region:
 
     # -- first write to a clean page --------------------------------------------------
 
+    async def wait_for_writeback(self, page: int) -> None:
+        """wait_on_page_writeback: the reclaimer keeps the page resident for us."""
+        event = self.wp_waiters.setdefault(page, trio.Event())
+        self.stats.writeback_waits += 1
+        self.daemon.stats.writeback_waits += 1
+        await event.wait()
+
     async def write_fault(self, page: int) -> None:
-        state = self.state[page]
-        if state == WRITEBACK:
-            # The writer waits for the write to end (wait_on_page_writeback);
-            # the reclaimer then keeps the page resident.  Don't block the loop.
-            self.wp_waiters.setdefault(page, trio.Event())
-            self.stats.writeback_waits += 1
-            self.daemon.stats.writeback_waits += 1
-            self.daemon.nursery.start_soon(self._write_after_writeback, page)
-        elif state == CLEAN:
-            self.make_dirty(page)
+        entry = self.claim(page)
+        if entry is None:   # claimed since we looked: try again once it is free
+            return await self._handle_when_unclaimed(Pagefault(self.address(page), FaultFlag.WP, 0), page)
+        state = state_of(entry)
+        if state == CLEAN:
+            return self.make_dirty(page, slot_of(entry))
+        self.unclaim(page)
+        if state == DIRTY:
+            # Writable by definition: lift a WP bit left on it (as the engine does).
+            self._ioctl(self.uffd.write_protect, self.address(page), PAGE_SIZE, False)
         else:
-            # DIRTY: already writable.  ABSENT/SWAPPED: evicted after the fault
-            # was queued; the retry will be a MISSING fault.
+            # ABSENT/SWAPPED: evicted after the fault was queued; the retry will be a
+            # MISSING fault.  POISONED: the retry gets SIGBUS.
             self._ioctl(self.uffd.wake, self.address(page), PAGE_SIZE)
 
-    async def _write_after_writeback(self, page: int) -> None:
-        event = self.wp_waiters.get(page)
-        if event is not None:
-            await event.wait()
-        if self.closed:
-            return
+    def make_dirty(self, page: int, slot: int) -> None:
+        """The claimed clean page is about to change: its slot is stale (swap_slot_free_notify)."""
         try:
-            await self.write_fault(page)
-        except RegionGone:
-            pass
-
-    def make_dirty(self, page: int) -> None:
-        """The page is about to change: its slot is stale (swap_slot_free_notify)."""
-        self.daemon.release_slot(self.swap_map[page])
-        self.swap_map[page] = -1
-        self.set_state(page, DIRTY)
-        self.daemon.reclaimer.touch(self, page)
-        self._ioctl(self.uffd.write_protect, self.address(page), PAGE_SIZE, False)
+            self._ioctl(self.uffd.write_protect, self.address(page), PAGE_SIZE, False)
+        except BaseException:
+            self.unclaim(page)
+            raise
+        self.daemon.release_slot(slot)
+        self.publish(page, DIRTY, referenced=1)
 
     # -- teardown -------------------------------------------------------------------
+
+    def quiesce(self) -> None:
+        """Stop the engine thread (it has returned when this returns); the fault
+        loop must be cancelled already.  Faults then wait in the kernel."""
+        self.quiesced = True
+        self.engine.stop()
 
     def release(self) -> None:
         """Free every slot and fd (after the region's tasks have stopped).
 
-        Slots of pages under writeback are freed by the reclaimer when their
-        write ends (it checks ``closed`` after every await).
+        The engine is stopped first, so no thread touches the map or the fds
+        below.  Slots of pages under writeback are freed by the reclaimer when
+        their write ends (it checks ``closed`` after every await).
         """
         self.closed = True
+        self.engine.stop()
+        for kind, first, count, faulting, slot, address, flags in self.engine.drain():
+            if kind == INSTALLED and slot >= 0:
+                for s in range(slot, slot + count):
+                    self.daemon.release_slot(s)
+            elif kind == DIRTIED:
+                self.daemon.release_slot(slot)
         for event in self.wp_waiters.values():
             event.set()
         for page in range(self.pages):
-            state = self.state[page]
-            if state in (SWAPPED, CLEAN):
-                self.daemon.release_slot(self.swap_map[page])
-                self.swap_map[page] = -1
-            if IS_RESIDENT[state]:
-                self.daemon.reclaimer.forget(self, page)
-        self.daemon.reclaimer.resident -= self.resident
-        self.resident = 0
+            entry = self.map.entry(page)
+            if state_of(entry) in (SWAPPED, CLEAN):
+                self.daemon.release_slot(slot_of(entry))
+        trio.lowlevel.notify_closing(self.engine.notify_fd)   # the serve task may be waiting on it
+        self.engine.close()
+        self.map.close()
+        self.released.set()
         trio.lowlevel.notify_closing(self.uffd.fd)
         self.uffd.close()
         fd, self.memfd = self.memfd, -1
         os.close(fd)
 
-    def read_pages(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
-        """Snapshot resident pages through the memfd (never through a mapping)."""
-        n = check(lib.uswap_pread_full(self.memfd, buf.ptr + buf_page * PAGE_SIZE, count * PAGE_SIZE,
-                                       first * PAGE_SIZE))
-        if n != count * PAGE_SIZE:
-            raise OSError(errno.EIO, f"short read of the region's memfd: {n} bytes")
-
-    def punch(self, first: int, count: int) -> None:
-        check(lib.uswap_punch_hole(self.memfd, first * PAGE_SIZE, count * PAGE_SIZE))

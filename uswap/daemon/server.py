@@ -6,6 +6,14 @@ loop, so a client's departure, however abrupt, cancels exactly its tasks and
 releases exactly its region.  One client can never name another's region:
 a region *is* its connection.
 
+Fault isolation (docs/SECURITY.md): everything a client sends is hostile.
+The receive path reads at most one request's bytes and two fds per packet;
+every fd it did not ask for is closed; a connection's failure, whatever it
+is, ends that connection (and its region) and nothing else; per-uid limits
+bound what one user holds; a connection that has not mapped a region within
+``map_timeout`` is closed.  Nothing a client does reaches the daemon's
+nursery as an exception.
+
 Shutdown (SIGTERM/SIGINT): stop accepting, stop reclaim, then for each region
 read every swapped page back into its memfd ("swapoff"), tell the client it
 is detached (it unregisters its userfaultfd range and keeps plain shared
@@ -15,9 +23,11 @@ memory, all data in place), and close.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -29,18 +39,40 @@ import trio
 
 from uswap._core import lib
 from uswap.core import PAGE_SIZE, AlignedBuffer, check
+from uswap.backoff import Backoff
+from uswap.daemon.limits import UserLedger, UserLimits
+from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_received
 from uswap.daemon.reclaim import Reclaimer
-from uswap.daemon.region import SWAPPED, Region
+from uswap.daemon.region import Region
+from uswap.daemon.swapmap import SWAPPED, slot_of, state_of
 from uswap.daemon.slot_io import slot_io
 from uswap.daemon.slots import SlotAllocator
-from uswap.protocol import (MAX_PACKET, OP_DETACH, OP_MAP, OP_STATUS, OP_UNMAP, ProtocolError, Reply,
-                            Request)
+from uswap.paths import secure_directory
+from uswap.protocol import (MAX_REQUEST_FDS, OP_DETACH, OP_FDS, OP_MAP, OP_STATUS, OP_UNMAP, OPS, REQUEST,
+                            ProtocolError, Reply, Request)
 from uswap.store.swapfile import SwapStore
 from uswap.uffd import Userfaultfd
 
 log = logging.getLogger("uswap.daemon")
 
 _PEERCRED = struct.Struct("3i")
+_INT = struct.Struct("i")
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_REQUEST_FDS * _INT.size)
+MAX_USER_ADDRESS = 1 << 57          # above any x86-64/arm64 user address space (5-level paging included)
+ACCEPT_BACKOFF_FIRST = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
+RECLAIM_RESTART_FIRST = 0.1
+RECLAIM_RESTART_MAX = 10.0
+
+
+@dataclass
+class Client:
+    """One connection: who is on the other end (SO_PEERCRED at connect) and its region, if any."""
+    sock: trio.socket.SocketType
+    pid: int
+    uid: int
+    region: Region | None = None
+    scope: trio.CancelScope | None = None
 
 
 @dataclass
@@ -58,18 +90,25 @@ class SocketInUse(OSError):
 
 class Daemon:
     def __init__(self, store: SwapStore, socket_path: str, *, budget: int, io_mode: str = "sync",
-                 readahead: int = 8, batch: int = 32):
+                 readahead: int = 8, batch: int = 32, group: int | None = None,
+                 limits: UserLimits | None = None, map_timeout: float = 10.0):
         if budget < PAGE_SIZE:
             raise ValueError(f"resident budget {budget} is smaller than one page")
         self.store = store
         self.socket_path = socket_path
+        self.group = group               # the socket's group (0660), or None: 0600
+        self.ledger = UserLedger(limits or default_limits(store.slot_count))
+        self.map_timeout = map_timeout
         self.budget = budget
         self.readahead = max(1, readahead)
         self.io = slot_io(io_mode, store)
+        self.store_fd = store.local_fd     # the engines read slots here; -1: every fault goes to Python
+        self.codec_c = self.io.codec_c if self.store_fd >= 0 else None
         self.slots = SlotAllocator(store.slot_count)
         self.reclaimer = Reclaimer(self, budget // PAGE_SIZE, batch=batch)
         self.stats = DaemonStats()
         self.regions: dict[int, Region] = {}
+        self._ended_engine_counts = {"engine_faults": 0, "slow_path_faults": 0}
         self.mapped_pages = 0
         self.nursery: trio.Nursery | None = None
         self._next_id = 1
@@ -107,8 +146,8 @@ class Daemon:
     # -- the socket ------------------------------------------------------------
 
     def bind(self) -> trio.socket.SocketType:
-        """Bind the listening socket; refuse a path a live daemon answers on."""
-        os.makedirs(os.path.dirname(self.socket_path) or ".", mode=0o755, exist_ok=True)
+        """Bind the listening socket (0600, or 0660 for ``group``); refuse a path a live daemon answers on."""
+        secure_directory(os.path.dirname(self.socket_path) or ".", 0o755)
         if os.path.lexists(self.socket_path):
             if not stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 raise SocketInUse(errno.EEXIST, "exists and is not a socket", self.socket_path)
@@ -122,22 +161,28 @@ class Daemon:
             finally:
                 probe.close()
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sock._sock.bind(self.socket_path)
-        # Any local user may map regions: they bring their own memory.
-        os.chmod(self.socket_path, 0o666)
+        old_umask = os.umask(0o177)   # born 0600: no window in which others can connect
+        try:
+            sock._sock.bind(self.socket_path)
+        finally:
+            os.umask(old_umask)
+        if self.group is not None:
+            os.chown(self.socket_path, -1, self.group)
+            os.chmod(self.socket_path, 0o660)
         sock.listen(64)
         return sock
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`request_stop`, then detach every region and return."""
         listener = self.bind()
-        log.info("serving %s on %s: budget %d pages, %s I/O, readahead %d", self.store.path, self.socket_path,
-                 self.budget // PAGE_SIZE, self.io.mode, self.readahead)
+        who = f"uid {os.geteuid()} and group {self.group}" if self.group is not None else f"uid {os.geteuid()} only"
+        log.info("serving %s on %s (%s): budget %d pages, %s I/O, readahead %d", self.store.path, self.socket_path,
+                 who, self.budget // PAGE_SIZE, self.io.mode, self.readahead)
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._reclaim)
-                nursery.start_soon(self._accept, listener)
+                nursery.start_soon(self._accept, listener, nursery)
                 task_status.started()
                 await self._stopping.wait()
                 log.info("stopping: no new regions; reading %d region(s) back", len(self.regions))
@@ -160,107 +205,153 @@ class Daemon:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    async def _accept(self, listener) -> None:
+    async def _accept(self, listener, nursery: trio.Nursery) -> None:
+        """Accept forever; out of fds (or any other accept error) means wait and retry, never stop."""
+        backoff = Backoff(ACCEPT_BACKOFF_FIRST, ACCEPT_BACKOFF_MAX)
         with self._accept_scope:
             while True:
-                conn, _ = await listener.accept()
-                self.nursery.start_soon(self._connection, conn)
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as e:
+                    delay = backoff.next()
+                    self.log_limited("accept", logging.ERROR, "accept failed: %s; retrying in %.2fs", e, delay)
+                    await trio.sleep(delay)
+                    continue
+                backoff.reset()
+                nursery.start_soon(self._connection, conn)
 
     async def _reclaim(self) -> None:
+        """Run the reclaimer; if it fails (a bug: a region's errors end only that region),
+        log it and start it again after a pause, rather than take every client down."""
+        backoff = Backoff(RECLAIM_RESTART_FIRST, RECLAIM_RESTART_MAX)
         try:
             with self._reclaim_scope:
-                await self.reclaimer.run()
+                while True:
+                    try:
+                        await self.reclaimer.run()
+                    except Exception:
+                        delay = backoff.next()
+                        log.exception("reclaim failed; restarting it in %.1fs", delay)
+                        await trio.sleep(delay)
         finally:
             self._reclaim_ended.set()
 
     # -- one connection, one region ---------------------------------------------------
 
-    async def _connection(self, conn: trio.socket.SocketType) -> None:
-        pid, uid, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        region = None
-        with conn:
+    async def _connection(self, sock: trio.socket.SocketType) -> None:
+        with sock:
+            try:
+                pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                               _PEERCRED.size))
+            except OSError:
+                return
+            try:
+                self.ledger.open_connection(uid)
+            except ProtocolError as e:
+                self.log_limited(f"connections {uid}", logging.WARNING, "pid %d: %s", pid, e)
+                with trio.move_on_after(1), contextlib.suppress(OSError):
+                    await sock.send(Reply(0, e.errno, 0, str(e)).pack())
+                return
+            client = Client(sock, pid, uid)
             try:
                 async with trio.open_nursery() as nursery:
-                    region = await self._converse(conn, nursery, pid, uid)
+                    client.scope = nursery.cancel_scope
+                    await self._converse(client, nursery)
                     nursery.cancel_scope.cancel()
+            except Exception:
+                # A bug, not a client's doing (those are ProtocolErrors); still, it
+                # ends this connection only.
+                log.exception("connection of pid %d uid %d failed; closing it", pid, uid)
             finally:
-                if region is not None and region.id in self.regions:
-                    self._drop(region)
+                if client.region is not None and client.region.id in self.regions:
+                    self._drop(client.region)
+                self.ledger.close_connection(uid)
 
-    async def _converse(self, conn, nursery, pid: int, uid: int) -> Region | None:
-        """Answer requests until the peer hangs up or unmaps; returns its region."""
-        region = None
+    async def _converse(self, client: "Client", nursery: trio.Nursery) -> None:
+        """Answer requests until the peer hangs up, unmaps, or sends what cannot be a request."""
+        deadline = trio.current_time() + self.map_timeout
         while True:
+            with trio.move_on_at(deadline if client.region is None else math.inf) as waiting:
+                packet, fds, truncated = await self._recv(client.sock)
+            if waiting.cancelled_caught:
+                log.info("pid %d uid %d: no region mapped within %gs; closing the connection", client.pid,
+                         client.uid, self.map_timeout)
+                return
+            if not packet and not fds and not truncated:
+                return  # EOF: the client closed or died
+            op, break_off = 0, False
             try:
-                packet, fds = await self._recv(conn)
-            except OSError:
-                return region
-            if not packet and not fds:
-                return region  # EOF: the client closed or died
-            op = 0
-            try:
-                req = Request.unpack(packet)
+                if truncated:
+                    break_off = True
+                    raise ProtocolError(f"packet larger than a request ({REQUEST.size} bytes) or with more than "
+                                        f"{MAX_REQUEST_FDS} file descriptors", errno.EPROTO)
+                try:
+                    req = Request.unpack(packet)
+                except ProtocolError:
+                    break_off = True   # not framed as a request: nothing after it can be trusted
+                    raise
                 op = req.op
-                if req.op == OP_MAP:
-                    if region is not None:
+                want = OP_FDS.get(op, 0)
+                if len(fds) != want:
+                    raise ProtocolError(f"{OPS[op]} takes {want} file descriptors, got {len(fds)}"
+                                        + (" (userfaultfd, memfd)" if op == OP_MAP else ""), errno.EINVAL)
+                if op == OP_MAP:
+                    if client.region is not None:
                         raise ProtocolError("this connection already has a region", errno.EBUSY)
-                    uffd_fd, memfd = self._take_fds(fds, 2)
-                    fds = []
-                    region = self._map(req, uffd_fd, memfd, pid, uid)
-                    region.conn = conn
-                    nursery.start_soon(self._serve_region, region, nursery.cancel_scope)
-                    reply = Reply(op, 0, region.id)
-                elif req.op == OP_UNMAP:
-                    if region is None:
+                    uffd_fd, memfd = fds
+                    fds = []   # _map owns them now
+                    client.region = self._map(req, uffd_fd, memfd, client, nursery)
+                    nursery.start_soon(self._serve_region, client.region)
+                    reply = Reply(op, 0, client.region.id)
+                elif op == OP_UNMAP:
+                    if client.region is None:
                         raise ProtocolError("no region on this connection", errno.EINVAL)
-                    self._drop(region)
-                    await conn.send(Reply(op, 0, region.id).pack())
-                    return region
-                elif req.op == OP_STATUS:
-                    reply = Reply(op, 0, 0, json.dumps(self.status()))
+                    self._drop(client.region)
+                    with contextlib.suppress(OSError):
+                        await client.sock.send(Reply(op, 0, client.region.id).pack())
+                    return
+                elif op == OP_STATUS:
+                    reply = Reply(op, 0, 0, json.dumps(self.status(for_uid=client.uid)))
                 else:
-                    raise ProtocolError(f"operation {req.op} is not a request", errno.EOPNOTSUPP)
+                    raise ProtocolError(f"operation {op} is not a request", errno.EOPNOTSUPP)
             except ProtocolError as e:
-                log.warning("client pid %d: %s", pid, e)
+                self.log_limited(f"protocol {client.uid}", logging.WARNING, "pid %d uid %d: %s", client.pid,
+                                 client.uid, e)
                 reply = Reply(op, e.errno, 0, str(e))
             finally:
-                for fd in fds:
-                    os.close(fd)
+                await close_received(fds)
             try:
-                await conn.send(reply.pack())
+                await client.sock.send(reply.pack())
             except OSError:
-                return region
+                return
+            if break_off:
+                return
 
-    async def _recv(self, conn) -> tuple[bytes, list[int]]:
-        cmsg_space = socket.CMSG_SPACE(4 * _INT.size)
-        data, ancdata, flags, _ = await conn.recvmsg(MAX_PACKET, cmsg_space)
+    async def _recv(self, sock) -> tuple[bytes, list[int], bool]:
+        """One packet: at most a request's bytes and MAX_REQUEST_FDS fds; ``truncated`` if it held more.
+
+        The kernel installs only the fds that fit the control buffer (and
+        releases the rest itself); those are returned, to be closed.
+        """
+        data, ancdata, flags, _ = await sock.recvmsg(REQUEST.size + 1, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % _INT.size
                 fds.extend(array.array("i", payload[:usable]))
-        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-            for fd in fds:
-                os.close(fd)
-            raise ProtocolError("message or file descriptors truncated")
-        return data, fds
+        truncated = bool(flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC)) or len(data) > REQUEST.size
+        return data, fds, truncated
 
-    @staticmethod
-    def _take_fds(fds: list[int], want: int) -> list[int]:
-        if len(fds) != want:
-            raise ProtocolError(f"MAP needs {want} file descriptors (userfaultfd, memfd), got {len(fds)}",
-                                errno.EINVAL)
-        return list(fds)
-
-    def _map(self, req: Request, uffd_fd: int, memfd: int, pid: int, uid: int) -> Region:
-        """Check every field of a MAP request; the fds are ours from here on."""
+    def _map(self, req: Request, uffd_fd: int, memfd: int, client: "Client", nursery: trio.Nursery) -> Region:
+        """Check every field and fd of a MAP request (uswap.daemon.mapcheck); the fds are ours from here on."""
+        pages = 0
         try:
             addr, length = req.a, req.b
             if length == 0 or length % PAGE_SIZE:
                 raise ProtocolError(f"length {length} is not a positive multiple of the page size {PAGE_SIZE}",
                                     errno.EINVAL)
-            if addr == 0 or addr % PAGE_SIZE:
-                raise ProtocolError(f"address {addr:#x} is not page-aligned", errno.EINVAL)
+            if addr == 0 or addr % PAGE_SIZE or addr + length > MAX_USER_ADDRESS:
+                raise ProtocolError(f"address {addr:#x} is not page-aligned or not a user address", errno.EINVAL)
             if req.c != 0:
                 raise ProtocolError(f"unknown MAP flags {req.c:#x}", errno.EINVAL)
             pages = length // PAGE_SIZE
@@ -269,14 +360,11 @@ class Daemon:
                 raise ProtocolError(f"region of {length} bytes does not fit: the store has room for "
                                     f"{free * PAGE_SIZE} more bytes (uswap does not overcommit its store)",
                                     errno.ENOMEM)
-            if os.readlink(f"/proc/self/fd/{uffd_fd}") != "anon_inode:[userfaultfd]":
-                raise ProtocolError("the first descriptor is not a userfaultfd", errno.EBADF)
-            target = os.readlink(f"/proc/self/fd/{memfd}")
-            st = os.fstat(memfd)
-            if not target.startswith("/memfd:") or not stat.S_ISREG(st.st_mode):
-                raise ProtocolError("the second descriptor is not a memfd", errno.EBADF)
-            if st.st_size != length:
-                raise ProtocolError(f"the memfd has {st.st_size} bytes, the region {length}", errno.EINVAL)
+            check_uffd(uffd_fd, [r.uffd.fd for r in self.regions.values()])
+            memfd_id = check_memfd(memfd, length)
+            if any(r.memfd_id == memfd_id for r in self.regions.values()):
+                raise ProtocolError("this memfd already backs another region", errno.EBUSY)
+            check_mapping(client.pid, addr, length, memfd_id)
             uffd = Userfaultfd.from_fd(uffd_fd)
             try:
                 # Proves the range is registered for write-protect with *this*
@@ -286,32 +374,57 @@ class Daemon:
                 raise ProtocolError(f"the userfaultfd does not cover {addr:#x}+{length} with MISSING|WP "
                                     f"registration ({e.strerror})", errno.EINVAL) from None
             os.set_blocking(uffd_fd, False)
+            self.ledger.add_region(client.uid, pages)   # the last check: nothing after it can fail
         except BaseException:
             os.close(uffd_fd)
             os.close(memfd)
             raise
-        region = Region(self._next_id, uffd, memfd, addr, length, pid=pid, uid=uid, daemon=self)
+        try:
+            region = Region(self._next_id, uffd, memfd, addr, length, pid=client.pid, uid=client.uid,
+                            memfd_id=memfd_id, conn=client.sock, connection=nursery.cancel_scope, nursery=nursery,
+                            daemon=self)
+        except BaseException:
+            self.ledger.remove_region(client.uid, pages)
+            uffd.close()
+            os.close(memfd)
+            raise
         self._next_id += 1
         self.regions[region.id] = region
         self.mapped_pages += pages
-        log.info("region %d: pid %d uid %d, %d pages at %#x", region.id, pid, uid, pages, addr)
+        log.info("region %d: pid %d uid %d, %d pages at %#x", region.id, client.pid, client.uid, pages, addr)
         return region
 
-    async def _serve_region(self, region: Region, connection: trio.CancelScope) -> None:
-        """Run the region's fault loop.  If it fails, end the whole connection:
-        a region nobody serves would hang its client's faults forever, while a
-        closed connection makes the client's watchdog answer them with SIGBUS."""
+    async def _serve_region(self, region: Region) -> None:
+        """Run the region's fault loop.  If it ends other than by a release, end the
+        whole connection: a region nobody serves would hang its client's faults
+        forever, while a closed connection makes the client's watchdog answer
+        them with SIGBUS."""
         with region.serve_scope:
             try:
                 await region.serve()
             except Exception:
                 log.exception("region %d (pid %d): fault loop failed; dropping the region", region.id, region.pid)
-                connection.cancel()
+                self.end_region(region, "its fault loop failed")
+            else:
+                self.end_region(region, "its client's memory is gone", level=logging.INFO)
+
+    def end_region(self, region: Region, reason: str, *, level: int = logging.WARNING) -> None:
+        """End one region for something its client did (or its memory vanishing): drop it now,
+        and close its connection.  Called by the fault loop and the reclaimer; a no-op for a
+        region already released."""
+        if region.id in self.regions:
+            log.log(level, "region %d (pid %d uid %d): %s; ending the region", region.id, region.pid, region.uid,
+                    reason)
+            self._drop(region)
+        region.connection.cancel()
 
     def _drop(self, region: Region) -> None:
         region.serve_scope.cancel()
+        for key, value in region.engine_stats().items():
+            self._ended_engine_counts[key] += value
         del self.regions[region.id]
         self.mapped_pages -= region.pages
+        self.ledger.remove_region(region.uid, region.pages)
         region.release()
         log.info("region %d released (pid %d)", region.id, region.pid)
 
@@ -337,14 +450,16 @@ class Daemon:
         """Put every swapped page back into the region's memfd (pwrite, not a mapping).
 
         Returns how many pages could not be read back.  Nothing else runs
-        meanwhile: the region's fault loop has been cancelled.
+        meanwhile: the region's fault loop has been cancelled and its engine
+        stopped.
         """
+        region.quiesce()
         buf = AlignedBuffer(PAGE_SIZE)
-        swapped = [p for p in range(region.pages) if region.state[p] == SWAPPED]
+        swapped = [(p, slot_of(e)) for p in range(region.pages) if state_of(e := region.map.entry(p)) == SWAPPED]
         lost = 0
-        for page in swapped:
+        for page, slot in swapped:
             try:
-                await self.io.read(region.swap_map[page], 1, buf)
+                await self.io.read(slot, 1, buf)
                 check(lib.uswap_pwrite_full(region.memfd, buf.ptr, PAGE_SIZE, page * PAGE_SIZE))
             except OSError as e:
                 lost += 1
@@ -354,8 +469,18 @@ class Daemon:
 
     # -- status ----------------------------------------------------------------------------
 
-    def status(self) -> dict:
+    def engine_counts(self) -> dict:
+        """Faults served in C and faults the engines handed to Python, regions gone included."""
+        counts = dict(self._ended_engine_counts)
+        for region in self.regions.values():
+            for key, value in region.engine_stats().items():
+                counts[key] += value
+        return counts
+
+    def status(self, for_uid: int | None = None) -> dict:
+        """Everything, for root and the daemon's uid; for any other uid, only its own regions."""
         r = self.reclaimer
+        everything = for_uid is None or for_uid in (0, os.geteuid())
         health = "ok" if not r.pause_reason else r.pause_reason
         return {
             "daemon": {
@@ -366,21 +491,27 @@ class Daemon:
                 "io": self.io.mode,
                 "readahead": self.readahead,
                 "page_size": PAGE_SIZE,
-                "budget_pages": r.budget,
+                "budget_pages": r.budget_pages,
                 "resident_pages": r.resident,
                 "writeback_pages": r.writeback,
                 "slots_total": self.store.slot_count,
                 "slots_used": self.slots.in_use,
                 "mapped_pages": self.mapped_pages,
                 **asdict(self.stats),
+                **self.engine_counts(),
+                "write_ios": self.io.write_ios,
+                "punches": r.punches,
                 "uptime_s": round(time.time() - self.started, 1),
             },
             **self.store.status(),
             "regions": [{
                 "id": reg.id, "pid": reg.pid, "uid": reg.uid, "address": reg.addr, "size_pages": reg.pages,
                 "resident_pages": reg.resident, "swapped_pages": reg.swapped_pages(), **asdict(reg.stats),
-            } for reg in self.regions.values()],
+                **reg.engine_stats(),
+            } for reg in self.regions.values() if everything or reg.uid == for_uid],
         }
 
 
-_INT = struct.Struct("i")
+def default_limits(slot_count: int) -> UserLimits:
+    """The per-uid limits with no flags: half the store, 64 regions, 64 connections."""
+    return UserLimits(max_pages=slot_count // 2, max_regions=64, max_connections=64, exempt_uid=os.geteuid())

@@ -1,18 +1,25 @@
-"""How slot I/O runs: ``sync`` in the event loop, ``async`` on worker threads.
+"""How Python's slot I/O runs: ``sync`` in the event loop, ``async`` on worker threads.
 
-``sync`` mirrors the kernel's ONLY_USE_SYNC_DIO: each transfer completes
-before anything else happens (no hand-off, lowest latency for one fault, but
-the daemon serves nothing else meanwhile).  ``async`` hands each writeback
-write to a bounded pool of threads, so faults go on being served while pages
-are written (the store's O_DIRECT pwrite releases the GIL); swap-in reads stay
-synchronous, as a fault's read does in the kernel.
+Swap-ins from a local store are the fault engine's (C, its own thread); what
+runs here is writeback and the faults the engine forwards.  ``sync`` mirrors
+the kernel's ONLY_USE_SYNC_DIO: each transfer completes before anything else
+happens in the event loop (lowest latency, but the loop serves nothing else
+meanwhile; the engines go on serving faults).  ``async`` hands each writeback
+batch to a bounded pool of threads running only C (uswap_wb_write: encode and
+pwrite, no GIL), so the event loop goes on with forwarded faults, messages and
+the next batch's choice while pages are written.
+
+``write_batch(buf, slots, count)`` writes a reclaim batch: buffer page i to
+slot ``slots[i]`` (-1: an all-zero page, not written), one write per run of
+contiguous slots.
 """
 
 from __future__ import annotations
 
 import trio
 
-from uswap.core import AlignedBuffer
+from uswap._core import ffi, lib
+from uswap.core import AlignedBuffer, check
 from uswap.nfs.store import NfsStore
 from uswap.store.swapfile import SwapStore
 
@@ -22,6 +29,20 @@ class SyncSlotIO:
 
     def __init__(self, store: SwapStore):
         self.store = store
+        self.codec_c = store.codec.c_view()   # the same codec, for C (engine and writeback)
+        self.write_ios = 0
+        self._ios = ffi.new("uint64_t *")
+
+    def _write_batch(self, buf: AlignedBuffer, slots, count: int) -> None:
+        self._ios[0] = 0
+        try:
+            check(lib.uswap_wb_write(self.store.fd, self.codec_c, buf.ptr, slots, count, self._ios), self.store.path)
+        finally:
+            self.write_ios += self._ios[0]
+
+    async def write_batch(self, buf: AlignedBuffer, slots, count: int) -> None:
+        self._write_batch(buf, slots, count)
+        await trio.lowlevel.checkpoint()
 
     async def read(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
         self.store.read_slots(first, count, buf, buf_page)
@@ -43,9 +64,9 @@ class ThreadSlotIO(SyncSlotIO):
     # thread either way, and a hand-off to a worker thread and back costs more
     # than the 4-32 KiB read itself (measured: docs/BENCHMARKS.md).
 
-    async def write(self, first, count, buf, buf_page=0):
+    async def write_batch(self, buf: AlignedBuffer, slots, count: int) -> None:
         # Not abandonable: the thread reads from a buffer we still own.
-        await trio.to_thread.run_sync(self.store.write_slots, first, count, buf, buf_page, limiter=self.limiter)
+        await trio.to_thread.run_sync(self._write_batch, buf, slots, count, limiter=self.limiter)
 
 
 def slot_io(mode: str, store):

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
+import struct
 import time
 
 from uswap.protocol import MAX_PACKET, OP_STATUS, Reply, Request, default_socket_path
 from uswap.units import format_size
 
 
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
 def fetch_status(socket_path: str | None = None, timeout: float = 10.0) -> dict:
+    """The daemon's status; like the C client, only from a daemon run by root or by us."""
     path = socket_path or default_socket_path()
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
+        except PermissionError:
+            raise OSError(errno.EACCES, "no uswap daemon answers: permission denied: the daemon serves its own uid "
+                                        "and members of its group (uswap by default; see README \"Who may use "
+                                        "uswap\")", path) from None
         except OSError as e:
             raise OSError(e.errno, f"no uswap daemon answers: {e.strerror}", path) from None
+        _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if uid not in (0, os.geteuid()):
+            me = "root" if os.geteuid() == 0 else f"root or uid {os.geteuid()} (you)"
+            raise OSError(errno.EPERM, f"refusing the uswap daemon: it runs as uid {uid}, not {me}", path)
         sock.send(Request(OP_STATUS).pack())
         reply = Reply.unpack(sock.recv(MAX_PACKET))
     if reply.status:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 
 import pyfuse3
 import trio
 
 from uswap._core import lib
+from uswap.child import uswap_argv
+from uswap.daemon import notify
 from uswap.fuse.mounts import FSNAME
 from uswap.fuse.ops import SwapStoreOps
 from uswap.store.opening import opened_store
@@ -41,9 +42,9 @@ def prepare_process() -> None:
 
 
 async def run_mount(store_spec: str, mountpoint: str, *, files: int, file_pages: int, ready_fd: int | None,
-                    nfs_timeout: float, nfs_stable: str) -> None:
+                    nfs_timeout: float, nfs_stable: str, encrypt: bool = True) -> None:
     """Open the store (a path or an nfs:// URL) and serve the mount until unmounted or signalled."""
-    async with opened_store(store_spec, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable) as store:
+    async with opened_store(store_spec, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable, encrypt=encrypt) as store:
         await serve_mount(SwapStoreOps(store, files=files, file_pages=file_pages), mountpoint, ready_fd)
 
 
@@ -55,6 +56,10 @@ async def serve_mount(ops: SwapStoreOps, mountpoint: str, ready_fd: int | None =
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
+    try:   # under systemd (Type=notify): the swapon unit ordered after this one may start now
+        notify.ready(f"serving {ops.store.path} on {mountpoint}")
+    except OSError as e:
+        log.warning("%s: the supervisor may not know the mount is ready", e)
     try:
         async with trio.open_nursery() as nursery:
             async def stop_on_signal():
@@ -80,12 +85,16 @@ def mount_in_background(mountpoint: str, options: list[str]) -> tuple[int, str]:
     """
     runtime = "/run/uswap" if os.geteuid() == 0 else (os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
     os.makedirs(runtime, exist_ok=True)
-    log_path = os.path.join(runtime, "mount" + os.path.abspath(mountpoint).replace("/", "-") + ".log")
+    mountpoint = os.path.abspath(mountpoint)
+    log_path = os.path.join(runtime, "mount" + mountpoint.replace("/", "-") + ".log")
     r, w = os.pipe()
+    # cwd "/": the server outlives this command and must hold no directory busy (paths in
+    # ``options`` are absolute); uswap_argv: the current directory cannot shadow the package
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "uswap", "mount", mountpoint, *options, "--foreground",
-                                 "--ready-fd", str(w)], pass_fds=[w], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=log, start_new_session=True)
+        proc = subprocess.Popen(uswap_argv("mount", mountpoint, *options, "--foreground", "--ready-fd", str(w)),
+                                pass_fds=[w], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
+                                env={k: v for k, v in os.environ.items() if k != notify.ENV},  # it says ready here
+                                start_new_session=True)
     os.close(w)
     with os.fdopen(r, "rb") as ready:
         said = ready.read(6)

@@ -1,7 +1,9 @@
 """A store file on an NFS server, reached through libnfs: no kernel NFS client needed.
 
 The same layout as a local store (uswap.store.header): header page, then
-slot N at offset (N + 1) * page_size, each slot's crc32c kept in memory.
+slot N at offset (N + 1) * page_size, each slot through the store's slot codec
+(uswap.store.checksums: sealed with AES-256-GCM by default, or crc32c only), so
+the server holds only ciphertext and never hands back wrong data.
 
 Stable writes.  A slot counts as written only once the server has it on
 stable storage, as the kernel's swap-over-NFS writes do.  ``file_sync``
@@ -24,9 +26,9 @@ from uswap.nfs.connection import NfsConnection
 from uswap.nfs.lock import drop_lock, read_lock, take_lock
 from uswap.nfs.url import NfsUrl
 from uswap.store.checks import CheckReport, check_header_page, check_nfs_allocation
-from uswap.store.checksums import SlotChecksums
 from uswap.store.header import StoreHeader
 from uswap.store.lock import StoreUnusable
+from uswap.store.sealing import slot_codec
 from uswap.store.swapfile import slot_span
 from uswap._nfs import lib
 
@@ -80,7 +82,8 @@ class NfsStore:
 
     mode = "nfs"   # as a slot I/O (uswap.daemon.slot_io): read and write are awaited
 
-    def __init__(self, conn: NfsConnection, url: NfsUrl, header: StoreHeader, report: CheckReport, stable: str):
+    def __init__(self, conn: NfsConnection, url: NfsUrl, header: StoreHeader, report: CheckReport, stable: str,
+                 *, encrypt: bool = True):
         self.conn = conn
         self.url = url
         self.path = url.url
@@ -89,10 +92,13 @@ class NfsStore:
         self.stable = stable
         self.page_size = header.page_size
         self.slot_count = header.slot_count
-        self.checksums = SlotChecksums(self.path, self.slot_count, self.page_size)
+        self.codec = slot_codec(self.path, self.slot_count, self.page_size, encrypt=encrypt)
+        self.write_ios = 0
+        self.local_fd = -1   # no local fd: the fault engine forwards every fault to Python
 
     @classmethod
-    async def open(cls, url: str, *, timeout: float = DEFAULT_TIMEOUT, stable: str = "file_sync") -> "NfsStore":
+    async def open(cls, url: str, *, timeout: float = DEFAULT_TIMEOUT, stable: str = "file_sync",
+                   encrypt: bool = True) -> "NfsStore":
         if stable not in STABLE_MODES:
             raise ValueError(f"unknown stable-write mode {stable!r} ({' or '.join(STABLE_MODES)})")
         nfs_url = NfsUrl.parse(url)
@@ -104,7 +110,7 @@ class NfsStore:
                 report = await check_store_file(conn, nfs_url)
                 if not report.usable:
                     raise StoreUnusable(report)
-                return cls(conn, nfs_url, report.header, report, stable)
+                return cls(conn, nfs_url, report.header, report, stable, encrypt=encrypt)
             except BaseException:
                 await drop_lock(conn, nfs_url)
                 raise
@@ -113,6 +119,7 @@ class NfsStore:
             raise
 
     async def aclose(self) -> None:
+        self.codec.close()
         try:
             await drop_lock(self.conn, self.url)
         finally:
@@ -121,11 +128,24 @@ class NfsStore:
     async def write(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
         offset, length = slot_span(self.header, first, count, buf, buf_page)
         ptr = buf.ptr + buf_page * self.page_size
-        self.checksums.forget(first, count)
+        self.codec.encode(first, count, ptr)   # sealed in place: a resend or a second WRITE sends the same bytes
         await self._write(offset, length, ptr)
         if self.stable == "commit":
             await self._commit(offset, length, ptr)
-        self.checksums.record(first, count, ptr)
+        self.codec.written(first, count)
+
+    async def write_batch(self, buf: AlignedBuffer, slots, count: int) -> None:
+        """A reclaim batch (the slot I/O interface, uswap.daemon.slot_io): buffer page i to
+        slot ``slots[i]`` (-1: not written), one WRITE per run of contiguous slots."""
+        i = 0
+        while i < count:
+            n = 1
+            while slots[i] >= 0 and i + n < count and slots[i + n] == slots[i] + n:
+                n += 1
+            if slots[i] >= 0:
+                await self.write(slots[i], n, buf, i)
+                self.write_ios += 1
+            i += n
 
     async def _write(self, offset: int, length: int, ptr) -> None:
         req = await self.conn.request(lambda ctx, fh, r: lib.uswap_nfs_pwrite(ctx, fh, offset, length, ptr, r),
@@ -146,14 +166,15 @@ class NfsStore:
 
     async def read(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
         offset, length = slot_span(self.header, first, count, buf, buf_page)
-        self.checksums.require_written(first, count)
+        self.codec.require_written(first, count)
         ptr = buf.ptr + buf_page * self.page_size
         await read_at(self.conn, offset, length, ptr)
-        self.checksums.verify(first, count, ptr)
+        self.codec.decode(first, count, ptr)
 
     def discard_slots(self, first: int, count: int) -> None:
-        self.checksums.forget(first, count)
+        self.codec.forget(first, count)
 
     def status(self) -> dict:
         """Entries for `uswap status` (a daemon's, or a FUSE mount's .status)."""
-        return {"nfs": {"stable": self.stable, "timeout_s": self.conn.timeout, **vars(self.conn.server)}}
+        return {"encryption": self.codec.encryption,
+                "nfs": {"stable": self.stable, "timeout_s": self.conn.timeout, **vars(self.conn.server)}}

@@ -10,6 +10,10 @@ swap-out path.  The invariant every check here protects:
     a slot write is a pure overwrite of blocks the file already owns:
     it never allocates, converts, copies (CoW) or extends anything.
 
+A store is also refused when someone else could read it: a file not owned by
+us or open to group or others, or a directory on its path that someone else
+controls (uswap.paths).  Swapped memory is as secret as the memory itself.
+
 Every check runs, so one report names every problem at once.
 """
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 
 from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer, check
+from uswap.paths import check_directory_chain, describe_uid
 from uswap.store.header import HeaderError, StoreHeader
 from uswap.store.lock import probe_lock
 from uswap.units import format_size
@@ -45,7 +50,7 @@ _FIEMAP_BATCH = 256
 
 @dataclass(frozen=True)
 class Finding:
-    topic: str          # file, filesystem, header, extents, attributes, mode
+    topic: str          # file, owner, mode, directory, filesystem, header, extents, attributes
     text: str
     level: str = "ok"   # ok, warning, refused
 
@@ -127,6 +132,7 @@ def check_fd(fd: int, path: str, *, direct: bool, page_size: int = PAGE_SIZE) ->
         report.refuse("file", "not a regular file")
         return report
     report.size = st.st_size
+    _check_ownership(st, report)
     report.fs_name = fs_name(fd)
     _check_filesystem(fd, report, direct)
     # Extents before the header: an O_DIRECT read writes back dirty page
@@ -138,10 +144,30 @@ def check_fd(fd: int, path: str, *, direct: bool, page_size: int = PAGE_SIZE) ->
     _check_header(fd, report, direct, page_size)
     if report.fs_name == "btrfs":
         _check_btrfs_attributes(fd, report)
-    if st.st_mode & 0o077:
-        report.warn("mode", f"insecure permissions {stat.S_IMODE(st.st_mode):04o}: swapped memory is secret, "
-                            f"fix with chmod 0600 {path}")
     return report
+
+
+def _check_ownership(st: os.stat_result, report: CheckReport) -> None:
+    """Only we may read or write the store, and only root and we may change the
+    directories leading to it.  Not overridable (mkswap --force included).
+
+    nfs:// stores never come here (uswap/nfs/store.py: check_store_file): their
+    ownership lives on the server, which trusts whatever uid the client claims,
+    so a uid seen through libnfs would prove nothing.
+    """
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        report.refuse("owner", f"owned by {describe_uid(st.st_uid)}, not {describe_uid(euid)}: its owner could "
+                               "read every swapped page")
+    if st.st_mode & 0o077:
+        report.refuse("mode", f"readable or writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                              f"swapped memory is secret; fix with chmod 0600 {report.path}")
+    problems = check_directory_chain(report.path)
+    for text in problems:
+        report.refuse("directory", f"{text}: someone else could replace the store")
+    if st.st_uid == euid and not st.st_mode & 0o077 and not problems:
+        report.note("owner", f"{describe_uid(euid)}, mode {stat.S_IMODE(st.st_mode):04o}; directories on the way "
+                             "owned by root or us, none writable by others unless sticky")
 
 
 def _check_filesystem(fd: int, report: CheckReport, direct: bool) -> None:

@@ -19,6 +19,7 @@ from typing import Callable
 
 from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer, check
+from uswap.paths import check_directory_chain
 from uswap.store.checks import MEMORY_FILESYSTEMS, check_fd, fs_name
 from uswap.store.header import HeaderError, StoreHeader
 from uswap.store.lock import StoreError, StoreUnusable, take_lock
@@ -87,6 +88,9 @@ def mkswap(path: str, size: int, *, page_size: int = PAGE_SIZE, force: bool = Fa
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise StoreError(errno.ENOENT, f"directory {parent} does not exist", path)
+    unsafe = check_directory_chain(path)  # before writing anything there (check_fd would refuse it at the end)
+    if unsafe:
+        raise StoreError(errno.EPERM, f"refused: {unsafe[0]}", path)
     _refuse_existing(path, force)
     dirfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -5,8 +5,9 @@ transfer is O_DIRECT from page-aligned buffers, stays inside the slots the
 header declares, and is a pure overwrite (the activation checks guarantee the
 blocks are allocated and written).
 
-Each slot written since the store was opened has its crc32c in memory
-(uswap.store.checksums): wrong data is never handed back.
+Each slot goes through the store's slot codec (uswap.store.checksums): sealed
+with AES-256-GCM under a key only this process holds (uswap.store.sealing), or
+crc32c only; either way wrong data is never handed back.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import os
 
 from uswap._core import lib
 from uswap.core import AlignedBuffer, check
-from uswap.store.checksums import SlotChecksums
 from uswap.store.checks import CheckReport, check_fd
 from uswap.store.lock import StoreError, StoreUnusable, take_lock
 from uswap.store.header import StoreHeader
+from uswap.store.sealing import slot_codec
 
 
 def slot_span(header: StoreHeader, first: int, count: int, buf: AlignedBuffer, buf_page: int) -> tuple[int, int]:
@@ -34,17 +35,17 @@ def slot_span(header: StoreHeader, first: int, count: int, buf: AlignedBuffer, b
 class SwapStore:
     """A checked, locked store file.  Use :meth:`open`; close when done."""
 
-    def __init__(self, path: str, fd: int, header: StoreHeader, report: CheckReport):
+    def __init__(self, path: str, fd: int, header: StoreHeader, report: CheckReport, *, encrypt: bool = True):
         self.path = path
         self.fd = fd
         self.header = header
         self.report = report
         self.page_size = header.page_size
         self.slot_count = header.slot_count
-        self.checksums = SlotChecksums(path, self.slot_count, self.page_size)
+        self.codec = slot_codec(path, self.slot_count, self.page_size, encrypt=encrypt)
 
     @classmethod
-    def open(cls, path: str) -> "SwapStore":
+    def open(cls, path: str, *, encrypt: bool = True) -> "SwapStore":
         path = os.path.abspath(path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
@@ -57,14 +58,20 @@ class SwapStore:
             report = check_fd(fd, path, direct=True)
             if not report.usable:
                 raise StoreUnusable(report)
-            return cls(path, fd, report.header, report)
+            return cls(path, fd, report.header, report, encrypt=encrypt)
         except BaseException:
             os.close(fd)
             raise
 
+    @property
+    def local_fd(self) -> int:
+        """The O_DIRECT fd the fault engine reads slots through (a store Python serves says -1)."""
+        return self.fd
+
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
+            self.codec.close()
             os.close(fd)  # drops the flock with the last reference
 
     def __enter__(self) -> "SwapStore":
@@ -74,29 +81,31 @@ class SwapStore:
         self.close()
 
     def write_slots(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
-        """Write ``count`` pages from ``buf`` (starting at its page ``buf_page``) to contiguous slots."""
+        """Write ``count`` pages from ``buf`` (starting at its page ``buf_page``) to contiguous slots.
+
+        The pages are the store's from then on: sealed in place when encryption is on."""
         offset, length = slot_span(self.header, first, count, buf, buf_page)
         ptr = buf.ptr + buf_page * self.page_size
-        self.checksums.forget(first, count)
+        self.codec.encode(first, count, ptr)
         n = check(lib.uswap_pwrite_full(self.fd, ptr, length, offset), self.path)
         if n != length:
             raise OSError(errno.EIO, f"short write at offset {offset}: {n} of {length} bytes", self.path)
-        self.checksums.record(first, count, ptr)
+        self.codec.written(first, count)
 
     def read_slots(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
-        """Read contiguous slots into ``buf``; each must have been written since open, and match its crc."""
+        """Read contiguous slots into ``buf``; each must have been written since open, and verify."""
         offset, length = slot_span(self.header, first, count, buf, buf_page)
-        self.checksums.require_written(first, count)
+        self.codec.require_written(first, count)
         ptr = buf.ptr + buf_page * self.page_size
         n = check(lib.uswap_pread_full(self.fd, ptr, length, offset), self.path)
         if n != length:
             raise OSError(errno.EIO, f"short read at offset {offset}: {n} of {length} bytes", self.path)
-        self.checksums.verify(first, count, ptr)
+        self.codec.decode(first, count, ptr)
 
     def status(self) -> dict:
-        """Entries for `uswap status`: none beyond the path and counters everyone shows."""
-        return {}
+        """Entries for `uswap status` beyond the path and counters everyone shows."""
+        return {"encryption": self.codec.encryption}
 
     def discard_slots(self, first: int, count: int) -> None:
         """Forget slots (their pages were freed); reading them is then an error."""
-        self.checksums.forget(first, count)
+        self.codec.forget(first, count)

@@ -1,0 +1,737 @@
+/*
+ * The fault engine (see uswap_engine.h): the swap map, a thread per region
+ * serving faults, and writeback's per-page work.
+ *
+ * The engine thread reads like the kernel's fault path:
+ *   handle_fault (do_swap_page / do_wp_page) decides,
+ *   swap_in (swap_readpage with a readahead window) reads and checks,
+ *   install (UFFDIO_COPY / UFFDIO_ZEROPAGE) maps, publish updates the map.
+ *
+ * Invariants (each relied on below; DESIGN.md "The fault engine"):
+ *   - Only the holder of a page's BUSY bit changes its PTE, its memfd page or
+ *     its slot.  The engine claims a page with a CAS and never waits for a
+ *     busy one: it forwards that fault to Python.  Python (the trio thread)
+ *     claims through the same CAS, so the two never both hold a page.
+ *   - A slot is read only by the holder of the page that owns it, and freed
+ *     only by that holder (or by Python after the engine reported it free
+ *     through the ring), so a slot is never reused while a read of it is in
+ *     flight.
+ *   - The resident counts (region and budget) change only in publish, from
+ *     the old state to the new, so they are exact whoever publishes.
+ *   - The ring is the only channel from the engine to Python; it keeps order.
+ *   - The engine never calls into Python and never takes the GIL; its thread
+ *     has every signal blocked.
+ */
+#define _GNU_SOURCE
+#include "uswap_engine.h"
+#include "uswap_core.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#define NEG_ERRNO() (-(errno ? errno : EIO))
+#define RING_SIZE 4096                 /* messages; a power of two */
+#define RING_NOTIFY_AT (RING_SIZE / 4) /* wake Python at this fill even when it is not waiting for us */
+#define MAX_WINDOW 64
+
+/* ------------------------------------------------------------------ */
+/* the swap map                                                        */
+/* ------------------------------------------------------------------ */
+
+static inline uint32_t state_of(uint64_t e) { return (uint32_t)(e & USWAP_STATE_MASK); }
+static inline int64_t slot_of(uint64_t e) { return (int64_t)(e >> USWAP_SLOT_SHIFT) - 1; }
+static inline int is_resident(uint32_t s) { return s == USWAP_DIRTY || s == USWAP_CLEAN || s == USWAP_WRITEBACK; }
+
+static inline uint64_t load(struct uswap_swapmap *m, uint64_t page)
+{
+	return __atomic_load_n(&m->entry[page], __ATOMIC_ACQUIRE);
+}
+
+int uswap_swapmap_new(uint64_t pages, struct uswap_budget *budget, struct uswap_swapmap **out)
+{
+	struct uswap_swapmap *m = calloc(1, sizeof(*m));
+	if (!m)
+		return -ENOMEM;
+	m->entry = calloc(pages ? pages : 1, sizeof(uint64_t));
+	if (!m->entry) {
+		free(m);
+		return -ENOMEM;
+	}
+	m->pages = pages;
+	m->budget = budget;
+	*out = m;
+	return 0;
+}
+
+void uswap_swapmap_free(struct uswap_swapmap *m)
+{
+	if (!m)
+		return;
+	free(m->entry);
+	free(m);
+}
+
+uint64_t uswap_map_entry(struct uswap_swapmap *m, uint64_t page)
+{
+	return load(m, page);
+}
+
+/* Take the page's BUSY bit; -EBUSY if someone holds it.  *entry: the entry before. */
+int uswap_map_claim(struct uswap_swapmap *m, uint64_t page, uint64_t *entry)
+{
+	uint64_t e = load(m, page);
+	do {
+		if (e & USWAP_BUSY)
+			return -EBUSY;
+	} while (!__atomic_compare_exchange_n(&m->entry[page], &e, e | USWAP_BUSY, 0, __ATOMIC_ACQ_REL,
+					      __ATOMIC_ACQUIRE));
+	if (entry)
+		*entry = e;
+	return 0;
+}
+
+/* Set the page's state and slot (-1: none); BUSY dropped unless hold.
+ * referenced: 1 set, 0 clear, -1 keep. */
+static void transition(struct uswap_swapmap *m, uint64_t page, uint32_t state, int64_t slot, int referenced,
+		       int hold)
+{
+	uint64_t e = load(m, page), n;
+	do {
+		n = (uint64_t)state | ((uint64_t)(slot + 1) << USWAP_SLOT_SHIFT) | (hold ? USWAP_BUSY : 0);
+		if (referenced > 0 || (referenced < 0 && (e & USWAP_REFERENCED)))
+			n |= USWAP_REFERENCED;
+	} while (!__atomic_compare_exchange_n(&m->entry[page], &e, n, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+	int delta = is_resident(state) - is_resident(state_of(e));
+	if (delta) {
+		__atomic_add_fetch(&m->resident, delta, __ATOMIC_RELAXED);
+		__atomic_add_fetch(&m->budget->resident, delta, __ATOMIC_RELAXED);
+	}
+}
+
+/* Publish a claimed page's new state and slot (-1: none), and drop BUSY. */
+void uswap_map_publish(struct uswap_swapmap *m, uint64_t page, uint32_t state, int64_t slot, int referenced)
+{
+	transition(m, page, state, slot, referenced, 0);
+}
+
+/* 1 if any page of the run was referenced since the last call; clears the bits (the CLOCK hand). */
+int uswap_map_test_clear_referenced(struct uswap_swapmap *m, uint64_t first, uint64_t count)
+{
+	int any = 0;
+	for (uint64_t p = first; p < first + count && p < m->pages; p++)
+		any |= (__atomic_fetch_and(&m->entry[p], ~(uint64_t)USWAP_REFERENCED, __ATOMIC_ACQ_REL)
+			& USWAP_REFERENCED) != 0;
+	return any;
+}
+
+void uswap_map_set_referenced(struct uswap_swapmap *m, uint64_t page)
+{
+	__atomic_fetch_or(&m->entry[page], (uint64_t)USWAP_REFERENCED, __ATOMIC_ACQ_REL);
+}
+
+/* Claim the resident, unclaimed pages (DIRTY or CLEAN) of a run, up to max: the reclaimer's victims. */
+int uswap_map_claim_victims(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t *pages,
+			    uint32_t *states, int max)
+{
+	int n = 0;
+	for (uint64_t p = first; p < first + count && p < m->pages && n < max; p++) {
+		uint64_t e = load(m, p);
+		uint32_t s = state_of(e);
+		if ((s != USWAP_DIRTY && s != USWAP_CLEAN) || uswap_map_claim(m, p, &e) < 0)
+			continue;
+		if (state_of(e) != s) {   /* changed between the look and the claim: give it back */
+			uswap_map_publish(m, p, state_of(e), slot_of(e), -1);
+			continue;
+		}
+		pages[n] = p;
+		states[n] = s;
+		n++;
+	}
+	return n;
+}
+
+uint64_t uswap_map_count(struct uswap_swapmap *m, uint32_t state)
+{
+	uint64_t n = 0;
+	for (uint64_t p = 0; p < m->pages; p++)
+		n += state_of(load(m, p)) == state;
+	return n;
+}
+
+/* ------------------------------------------------------------------ */
+/* the codec                                                           */
+/* ------------------------------------------------------------------ */
+
+int uswap_codec_encode(const struct uswap_codec *c, void *buf, uint64_t first_slot, uint64_t count)
+{
+	if (c->sealer)
+		return uswap_seal_pages(c->sealer, buf, count, c->page_size, first_slot, c->gens + first_slot,
+					c->tags + first_slot * USWAP_SEAL_TAG_BYTES);
+	for (uint64_t i = 0; i < count; i++)
+		c->crc[first_slot + i] = uswap_crc32c(0, (char *)buf + i * c->page_size, c->page_size);
+	return 0;
+}
+
+int uswap_codec_decode(const struct uswap_codec *c, void *buf, uint64_t first_slot, uint64_t count, int *bad)
+{
+	for (uint64_t i = 0; i < count; i++) {
+		if (!c->valid[first_slot + i]) {
+			*bad = (int)i;
+			return -ENODATA;   /* nothing written there since the store was opened */
+		}
+	}
+	if (c->sealer)
+		return uswap_open_pages(c->sealer, buf, count, c->page_size, first_slot, c->gens + first_slot,
+					c->tags + first_slot * USWAP_SEAL_TAG_BYTES, bad);
+	for (uint64_t i = 0; i < count; i++) {
+		if (uswap_crc32c(0, (char *)buf + i * c->page_size, c->page_size) != c->crc[first_slot + i]) {
+			*bad = (int)i;
+			return -EBADMSG;
+		}
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* the engine thread                                                   */
+/* ------------------------------------------------------------------ */
+
+struct uswap_engine {
+	struct uswap_swapmap *map;
+	int uffd, memfd, store_fd;
+	int notify_fd;       /* eventfd: Python waits on it */
+	int stop_fd;         /* eventfd: tells the thread to stop */
+	uint64_t addr;
+	uint32_t page_size;
+	struct uswap_codec codec;
+	uint32_t ra_max, ra_size;
+	int64_t last_fault;
+	void *buf;           /* ra_max pages, aligned for O_DIRECT */
+
+	pthread_mutex_t lock;          /* guards the ring */
+	pthread_cond_t space;          /* the ring has room again */
+	struct uswap_engine_msg ring[RING_SIZE];
+	uint64_t head, tail;           /* tail - head messages; head advanced by drain */
+	int stopping;                  /* under lock */
+
+	struct uswap_engine_stats stats;   /* atomic fields */
+	pthread_t thread;
+	int started;
+};
+
+static void count(uint64_t *counter, uint64_t n)
+{
+	__atomic_add_fetch(counter, n, __ATOMIC_RELAXED);
+}
+
+/* Queue a message for Python; wakes it when it is waiting for us (a forwarded
+ * fault, or resident memory above the budget line) or the ring fills. */
+static void post(struct uswap_engine *e, const struct uswap_engine_msg *msg)
+{
+	pthread_mutex_lock(&e->lock);
+	while (e->tail - e->head == RING_SIZE && !e->stopping)
+		pthread_cond_wait(&e->space, &e->lock);
+	if (e->stopping) {
+		pthread_mutex_unlock(&e->lock);
+		return;
+	}
+	uint64_t queued = e->tail - e->head;
+	e->ring[e->tail % RING_SIZE] = *msg;
+	e->tail++;
+	pthread_mutex_unlock(&e->lock);
+	/* Python must hear at once of a forwarded fault; of the rest only when reclaim
+	 * needs it (resident above the budget line: one wake-up per drain, not per
+	 * message) or the ring fills. */
+	struct uswap_budget *b = e->map->budget;
+	int urgent = msg->kind == USWAP_MSG_FORWARD
+		     || (queued == 0 && __atomic_load_n(&b->resident, __ATOMIC_RELAXED) > b->soft)
+		     || queued + 1 == RING_NOTIFY_AT;
+	if (urgent) {
+		uint64_t one = 1;
+		if (write(e->notify_fd, &one, sizeof(one)) < 0) {
+			/* the counter is saturated: Python has a wake-up pending anyway */
+		}
+	}
+}
+
+static void forward(struct uswap_engine *e, const struct uffd_msg *m)
+{
+	struct uswap_engine_msg msg = { .kind = USWAP_MSG_FORWARD, .address = m->arg.pagefault.address,
+					.flags = m->arg.pagefault.flags, .slot = -1 };
+	count(&e->stats.forwarded, 1);
+	post(e, &msg);
+}
+
+/* A fill ioctl over [page, page+n) that finishes what it stops short of (EAGAIN)
+ * and steps over pages already there (EEXIST).  0, or -errno (the client's memory is gone). */
+static int fill(struct uswap_engine *e, int copy, uint64_t page, uint64_t n, int wp)
+{
+	uint64_t start = e->addr + page * e->page_size, end = start + n * e->page_size, at = start;
+	while (at < end) {
+		int64_t done = 0;
+		int ret = copy ? uswap_uffd_copy(e->uffd, at, (uint64_t)(uintptr_t)e->buf + (at - start), end - at,
+						 wp ? UFFDIO_COPY_MODE_WP : 0, &done)
+			       : uswap_uffd_zeropage(e->uffd, at, end - at, 0, &done);
+		if (ret == 0) {
+			at += done > 0 ? (uint64_t)done : end - at;
+		} else if (ret == -EAGAIN) {
+			at += done > 0 ? (uint64_t)done : 0;
+		} else if (ret == -EEXIST) {
+			uswap_uffd_wake(e->uffd, at, e->page_size);
+			at += e->page_size;
+		} else {
+			return ret;
+		}
+	}
+	return 0;
+}
+
+/* The readahead window's size for a fault at page (adaptive, like file readahead). */
+static uint32_t window(struct uswap_engine *e, uint64_t page)
+{
+	int64_t dist = (int64_t)page - e->last_fault;
+	if (dist < 0)
+		dist = -dist;
+	int64_t near = e->ra_size > 2 ? e->ra_size : 2;
+	if (dist <= near)
+		e->ra_size = e->ra_size * 2 < e->ra_max ? e->ra_size * 2 : e->ra_max;
+	else
+		e->ra_size = e->ra_size / 2 > 1 ? e->ra_size / 2 : 1;
+	e->last_fault = (int64_t)page;
+	return e->ra_size;
+}
+
+static int over_budget(struct uswap_engine *e, uint64_t pages)
+{
+	struct uswap_budget *b = e->map->budget;
+	return __atomic_load_n(&b->resident, __ATOMIC_RELAXED) + (int64_t)pages
+	       > b->hard;
+}
+
+/* Give back claims taken for a run that will not be installed (state unchanged). */
+static void unclaim(struct uswap_swapmap *m, uint64_t first, uint64_t n)
+{
+	for (uint64_t p = first; p < first + n; p++) {
+		uint64_t e = load(m, p);
+		uswap_map_publish(m, p, state_of(e), slot_of(e), -1);
+	}
+}
+
+/* Claim the run of SWAPPED pages around page whose slots continue page's slot
+ * (the faulting page is claimed already); returns its first page and length. */
+static uint64_t claim_window(struct uswap_engine *e, uint64_t page, int64_t slot, uint32_t limit, uint64_t *first)
+{
+	struct uswap_swapmap *m = e->map;
+	uint64_t lo = page, n = 1;
+	while (n < limit && lo > 0 && page - lo < limit / 4) {
+		uint64_t x = load(m, lo - 1);
+		if (state_of(x) != USWAP_SWAPPED || slot_of(x) != slot - (int64_t)(page - lo) - 1
+		    || uswap_map_claim(m, lo - 1, &x) < 0)
+			break;
+		if (state_of(x) != USWAP_SWAPPED || slot_of(x) != slot - (int64_t)(page - lo) - 1) {
+			uswap_map_publish(m, lo - 1, state_of(x), slot_of(x), -1);
+			break;
+		}
+		lo--;
+		n++;
+	}
+	uint64_t hi = page;
+	while (n < limit && hi + 1 < m->pages) {
+		uint64_t x = load(m, hi + 1);
+		int64_t want = slot + (int64_t)(hi + 1 - page);
+		if (state_of(x) != USWAP_SWAPPED || slot_of(x) != want || uswap_map_claim(m, hi + 1, &x) < 0)
+			break;
+		if (state_of(x) != USWAP_SWAPPED || slot_of(x) != want) {
+			uswap_map_publish(m, hi + 1, state_of(x), slot_of(x), -1);
+			break;
+		}
+		hi++;
+		n++;
+	}
+	*first = lo;
+	return n;
+}
+
+/* do_swap_page: the page is SWAPPED and claimed by us.  0 if served; else the
+ * claim is given back and the caller forwards the fault. */
+static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int write)
+{
+	struct uswap_swapmap *m = e->map;
+	int64_t slot = slot_of(entry);
+	uint64_t first;
+	uint64_t n = claim_window(e, page, slot, window(e, page), &first);
+	int64_t first_slot = slot - (int64_t)(page - first);
+	if (over_budget(e, n)) {
+		unclaim(m, first, n);
+		return -ENOMEM;
+	}
+	size_t len = n * e->page_size;
+	int bad = 0;
+	int64_t got = uswap_pread_full(e->store_fd, e->buf, len, (first_slot + 1) * (int64_t)e->page_size);
+	count(&e->stats.read_ios, 1);
+	int ret = got < 0 ? (int)got : got != (int64_t)len ? -EIO
+		: uswap_codec_decode(&e->codec, e->buf, (uint64_t)first_slot, n, &bad);
+	if (ret == 0)
+		ret = fill(e, 1, first, n, !write);
+	if (ret < 0) {   /* Python retries, reports, poisons, or learns the client is gone */
+		unclaim(m, first, n);
+		return ret;
+	}
+	for (uint64_t p = first; p < first + n; p++)
+		uswap_map_publish(m, p, write ? USWAP_DIRTY : USWAP_CLEAN, write ? -1 : first_slot + (int64_t)(p - first),
+				  p == page);
+	struct uswap_engine_msg msg = { .kind = USWAP_MSG_INSTALLED, .first = first, .count = (uint32_t)n,
+					.faulting = page, .slot = write ? first_slot : -1 };
+	count(&e->stats.pswpin, n);
+	post(e, &msg);
+	return 0;
+}
+
+/* First touch: zero pages for the faulting page and the never-touched pages after it. */
+static int zero_fill(struct uswap_engine *e, uint64_t page)
+{
+	struct uswap_swapmap *m = e->map;
+	uint32_t limit = window(e, page);
+	uint64_t n = 1;
+	while (n < limit && page + n < m->pages) {
+		uint64_t x = load(m, page + n);
+		if (state_of(x) != USWAP_ABSENT || uswap_map_claim(m, page + n, &x) < 0)
+			break;
+		if (state_of(x) != USWAP_ABSENT) {
+			uswap_map_publish(m, page + n, state_of(x), slot_of(x), -1);
+			break;
+		}
+		n++;
+	}
+	if (over_budget(e, n)) {
+		unclaim(m, page, n);
+		return -ENOMEM;
+	}
+	int ret = fill(e, 0, page, n, 0);
+	if (ret < 0) {
+		unclaim(m, page, n);
+		return ret;
+	}
+	for (uint64_t p = page; p < page + n; p++)
+		uswap_map_publish(m, p, USWAP_DIRTY, -1, p == page);
+	struct uswap_engine_msg msg = { .kind = USWAP_MSG_ZEROED, .first = page, .count = (uint32_t)n,
+					.faulting = page, .slot = -1 };
+	count(&e->stats.zero_fills, n);
+	post(e, &msg);
+	return 0;
+}
+
+/* do_wp_page on a clean page: its slot is stale from now on. */
+static int make_dirty(struct uswap_engine *e, uint64_t page, uint64_t entry)
+{
+	int ret = uswap_uffd_writeprotect(e->uffd, e->addr + page * e->page_size, e->page_size, 0);
+	if (ret < 0) {
+		uswap_map_publish(e->map, page, state_of(entry), slot_of(entry), -1);
+		return ret;
+	}
+	uswap_map_publish(e->map, page, USWAP_DIRTY, -1, 1);
+	struct uswap_engine_msg msg = { .kind = USWAP_MSG_DIRTIED, .first = page, .count = 1, .faulting = page,
+					.slot = slot_of(entry) };
+	post(e, &msg);
+	return 0;
+}
+
+/* Serve one fault, or forward it.  Anything unusual goes to Python unchanged. */
+static void handle_fault(struct uswap_engine *e, const struct uffd_msg *m)
+{
+	uint64_t address = m->arg.pagefault.address, flags = m->arg.pagefault.flags;
+	if (e->store_fd < 0 || address < e->addr || address >= e->addr + e->map->pages * e->page_size)
+		return forward(e, m);
+	uint64_t page = (address - e->addr) / e->page_size, entry;
+	if (uswap_map_claim(e->map, page, &entry) < 0)
+		return forward(e, m);   /* busy: Python waits for the holder */
+	uint32_t s = state_of(entry);
+	int ret;
+	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+		if (s == USWAP_CLEAN) {
+			ret = make_dirty(e, page, entry);
+			if (ret == 0)
+				count(&e->stats.wp_faults, 1);
+		} else if (s == USWAP_DIRTY) {
+			/* DIRTY means writable: a WP bit left on it (a marker a punch kept under a
+			 * zero page) is lifted; we hold the page, so no writeback has it. */
+			ret = uswap_uffd_writeprotect(e->uffd, address & ~(uint64_t)(e->page_size - 1), e->page_size, 0);
+			uswap_map_publish(e->map, page, s, -1, 1);
+		} else if (s == USWAP_ABSENT || s == USWAP_SWAPPED) {
+			/* stale: evicted since the fault was queued (the retry is a MISSING fault) */
+			uswap_map_publish(e->map, page, s, slot_of(entry), -1);
+			ret = uswap_uffd_wake(e->uffd, address & ~(uint64_t)(e->page_size - 1), e->page_size);
+		} else {
+			uswap_map_publish(e->map, page, s, slot_of(entry), -1);
+			ret = -EAGAIN;   /* WRITEBACK (a writer waits), POISONED: Python's */
+		}
+	} else if (s == USWAP_SWAPPED) {
+		ret = swap_in(e, page, entry, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0);
+	} else if (s == USWAP_ABSENT) {
+		ret = zero_fill(e, page);
+	} else {
+		uswap_map_publish(e->map, page, s, slot_of(entry), -1);
+		ret = is_resident(s) ? uswap_uffd_wake(e->uffd, address & ~(uint64_t)(e->page_size - 1), e->page_size)
+				     : -EAGAIN;   /* POISONED: Python installs the marker */
+	}
+	if (ret < 0)
+		return forward(e, m);
+	count(&e->stats.engine_faults, 1);
+}
+
+static void *engine_main(void *arg)
+{
+	struct uswap_engine *e = arg;
+	struct uffd_msg msgs[64];
+	for (;;) {
+		struct pollfd fds[2] = { { .fd = e->uffd, .events = POLLIN }, { .fd = e->stop_fd, .events = POLLIN } };
+		if (poll(fds, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (fds[1].revents)
+			break;
+		if (fds[0].revents & (POLLERR | POLLNVAL))
+			break;
+		ssize_t got = read(e->uffd, msgs, sizeof(msgs));
+		if (got < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				continue;
+			break;
+		}
+		for (ssize_t i = 0; i < got / (ssize_t)sizeof(msgs[0]); i++) {
+			if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+				handle_fault(e, &msgs[i]);
+			else if (msgs[i].event == UFFD_EVENT_FORK)
+				close((int)msgs[i].arg.fork.ufd);   /* refused at MAP; never keep an fd not asked for */
+		}
+	}
+	return NULL;
+}
+
+int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
+		       int store_fd, const struct uswap_codec *codec, uint32_t readahead, struct uswap_engine **out)
+{
+	struct uswap_engine *e = calloc(1, sizeof(*e));
+	if (!e)
+		return -ENOMEM;
+	e->map = m;
+	e->uffd = uffd;
+	e->memfd = memfd;
+	e->store_fd = store_fd;
+	e->addr = addr;
+	e->page_size = page_size;
+	if (codec)
+		e->codec = *codec;
+	e->ra_max = readahead < 1 ? 1 : readahead > MAX_WINDOW ? MAX_WINDOW : readahead;
+	e->ra_size = 1;
+	e->last_fault = -(1LL << 40);
+	e->notify_fd = e->stop_fd = -1;
+	int ret = -ENOMEM;
+	e->buf = uswap_alloc_aligned(page_size, (size_t)e->ra_max * page_size);
+	if (!e->buf)
+		goto fail;
+	e->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (e->notify_fd < 0 || e->stop_fd < 0) {
+		ret = NEG_ERRNO();
+		goto fail;
+	}
+	pthread_mutex_init(&e->lock, NULL);
+	pthread_cond_init(&e->space, NULL);
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);   /* the thread inherits a mask that blocks everything */
+	ret = -pthread_create(&e->thread, NULL, engine_main, e);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (ret < 0)
+		goto fail;
+	e->started = 1;
+	*out = e;
+	return 0;
+fail:
+	uswap_engine_free(e);
+	return ret;
+}
+
+int uswap_engine_notify_fd(struct uswap_engine *e)
+{
+	return e->notify_fd;
+}
+
+/* Take up to max queued messages, oldest first. */
+int uswap_engine_drain(struct uswap_engine *e, struct uswap_engine_msg *out, int max)
+{
+	int n = 0;
+	pthread_mutex_lock(&e->lock);
+	while (n < max && e->head != e->tail) {
+		out[n++] = e->ring[e->head % RING_SIZE];
+		e->head++;
+	}
+	pthread_cond_signal(&e->space);
+	pthread_mutex_unlock(&e->lock);
+	return n;
+}
+
+void uswap_engine_stats(struct uswap_engine *e, struct uswap_engine_stats *out)
+{
+	uint64_t *src = (uint64_t *)&e->stats, *dst = (uint64_t *)out;
+	for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
+		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
+/* Quiesce: the thread has returned when this returns (a fault it was serving is
+ * finished or given back).  Messages still queued stay for drain.  Idempotent. */
+void uswap_engine_stop(struct uswap_engine *e)
+{
+	if (!e->started)
+		return;
+	uint64_t one = 1;
+	if (write(e->stop_fd, &one, sizeof(one)) < 0) {
+		/* cannot fail for a fresh eventfd counter */
+	}
+	pthread_mutex_lock(&e->lock);
+	e->stopping = 1;
+	pthread_cond_broadcast(&e->space);
+	pthread_mutex_unlock(&e->lock);
+	pthread_join(e->thread, NULL);
+	e->started = 0;
+}
+
+void uswap_engine_free(struct uswap_engine *e)
+{
+	if (!e)
+		return;
+	uswap_engine_stop(e);
+	if (e->notify_fd >= 0)
+		close(e->notify_fd);
+	if (e->stop_fd >= 0)
+		close(e->stop_fd);
+	uswap_free(e->buf);
+	free(e);
+}
+
+/* ------------------------------------------------------------------ */
+/* writeback (swap_writepage), for pages the reclaimer claimed         */
+/* ------------------------------------------------------------------ */
+
+/* Write-protect the run, mark it WRITEBACK, copy it from the memfd into buf
+ * and note which pages are all zeros.  On failure the pages are as before. */
+int uswap_wb_prepare(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
+		     uint64_t first, uint64_t count, void *buf, uint8_t *zero)
+{
+	int ret = uswap_uffd_writeprotect(uffd, addr + first * page_size, count * page_size, UFFDIO_WRITEPROTECT_MODE_WP);
+	if (ret < 0)
+		return ret;
+	size_t len = count * page_size;
+	int64_t got = uswap_pread_full(memfd, buf, len, (int64_t)(first * page_size));
+	if (got != (int64_t)len) {
+		uswap_uffd_writeprotect(uffd, addr + first * page_size, len, 0);
+		return got < 0 ? (int)got : -EIO;
+	}
+	for (uint64_t i = 0; i < count; i++) {
+		uint64_t e = load(m, first + i);
+		transition(m, first + i, USWAP_WRITEBACK, slot_of(e), -1, 1);   /* still ours: BUSY kept */
+		zero[i] = (uint8_t)uswap_is_zero((char *)buf + i * page_size, page_size);
+	}
+	return 0;
+}
+
+/* Encode (crc or seal, in place) and write the buffer's pages to their slots
+ * (-1: an all-zero page, not written), one pwrite per run of contiguous slots.
+ * Slots are trusted (valid) only once their write completed. */
+int uswap_wb_write(int store_fd, const struct uswap_codec *c, void *buf, const int64_t *slots, uint64_t count,
+		   uint64_t *write_ios)
+{
+	uint64_t i = 0;
+	while (i < count) {
+		if (slots[i] < 0) {
+			i++;
+			continue;
+		}
+		uint64_t n = 1;
+		while (i + n < count && slots[i + n] == slots[i] + (int64_t)n)
+			n++;
+		memset(c->valid + slots[i], 0, n);
+		char *p = (char *)buf + i * c->page_size;
+		int ret = uswap_codec_encode(c, p, (uint64_t)slots[i], n);
+		if (ret < 0)
+			return ret;
+		int64_t done = uswap_pwrite_full(store_fd, p, n * c->page_size, (slots[i] + 1) * (int64_t)c->page_size);
+		if (write_ios)
+			(*write_ios)++;
+		if (done != (int64_t)(n * c->page_size))
+			return done < 0 ? (int)done : -EIO;
+		memset(c->valid + slots[i], 1, n);
+		i += n;
+	}
+	return 0;
+}
+
+/* end_page_writeback, then drop the pages nobody wanted meanwhile.
+ * ok: the write succeeded.  keep[i]: a writer waits for page first+i, so it
+ * stays resident (CLEAN with its slot, or DIRTY and writable if it was all
+ * zeros).  Others: punched out of the memfd, then published SWAPPED (or
+ * ABSENT for zeros) — punch before publish, so no fault can see SWAPPED
+ * while the page is still there.  Failed writes: DIRTY, writable again. */
+int uswap_wb_finish(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
+		    uint64_t first, uint64_t count, const int64_t *slots, const uint8_t *keep, int ok,
+		    uint64_t *punches)
+{
+	int ret = 0;
+	if (!ok) {
+		ret = uswap_uffd_writeprotect(uffd, addr + first * page_size, count * page_size, 0);
+		for (uint64_t i = 0; i < count; i++)
+			uswap_map_publish(m, first + i, USWAP_DIRTY, -1, 1);
+		return ret;
+	}
+	uint64_t i = 0;
+	while (i < count) {
+		uint64_t n = 1;
+		while (i + n < count && !keep[i] == !keep[i + n])
+			n++;
+		if (keep[i]) {
+			for (uint64_t k = i; k < i + n; k++) {
+				if (slots[k] < 0) {
+					int r = uswap_uffd_writeprotect(uffd, addr + (first + k) * page_size, page_size, 0);
+					if (r < 0 && !ret)
+						ret = r;
+				}
+				uswap_map_publish(m, first + k, slots[k] < 0 ? USWAP_DIRTY : USWAP_CLEAN, slots[k], 1);
+			}
+		} else {
+			int r = uswap_punch_hole(memfd, (int64_t)((first + i) * page_size), (int64_t)(n * page_size));
+			if (punches)
+				(*punches)++;
+			if (r < 0 && !ret)
+				ret = r;
+			for (uint64_t k = i; k < i + n; k++)
+				uswap_map_publish(m, first + k, slots[k] < 0 ? USWAP_ABSENT : USWAP_SWAPPED, slots[k], 0);
+		}
+		i += n;
+	}
+	return ret;
+}
+
+/* Drop claimed CLEAN pages (their slots hold their data): punch, then publish SWAPPED. */
+int uswap_drop_clean(struct uswap_swapmap *m, int memfd, uint32_t page_size, uint64_t first, uint64_t count)
+{
+	int ret = uswap_punch_hole(memfd, (int64_t)(first * page_size), (int64_t)(count * page_size));
+	for (uint64_t p = first; p < first + count; p++) {
+		uint64_t e = load(m, p);
+		if (ret < 0)
+			uswap_map_publish(m, p, state_of(e), slot_of(e), -1);
+		else
+			uswap_map_publish(m, p, USWAP_SWAPPED, slot_of(e), 0);
+	}
+	return ret;
+}

@@ -1,0 +1,130 @@
+/*
+ * The fault engine: the swap map of a region (one atomic word per page) and
+ * a C thread per region that serves the common faults with no Python in the
+ * loop; writeback's per-page work for the reclaimer.  Every decision that is
+ * not per-page (budget, victims, slot allocation, error policy, NFS) stays in
+ * Python; the engine forwards every fault it does not serve.
+ *
+ * Conventions as in uswap_core.h: -errno on failure, no Python, no globals.
+ * Everything from CDEF-BEGIN to CDEF-END is also read by build.py as cffi
+ * declarations.
+ */
+#ifndef USWAP_ENGINE_H
+#define USWAP_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+
+/* Page states (uswap.daemon.swapmap mirrors these) and the bits of a page's entry. */
+enum {
+	USWAP_ABSENT = 0,     /* never touched, or evicted while all zeros: a zero page on the next touch */
+	USWAP_SWAPPED = 1,    /* in slot (entry >> 32) - 1, not in the memfd */
+	USWAP_DIRTY = 2,      /* resident, writable, no slot */
+	USWAP_CLEAN = 3,      /* resident, write-protected, identical to its slot (a swap-cache page) */
+	USWAP_WRITEBACK = 4,  /* resident, write-protected, being written (busy is held by the writer) */
+	USWAP_POISONED = 5,   /* its slot could not be read: SIGBUS for the toucher */
+	USWAP_STATE_MASK = 7,
+	USWAP_BUSY = 8,       /* claimed: only the holder changes the PTE, the memfd page or the slot */
+	USWAP_REFERENCED = 16,/* touched since the CLOCK hand last passed */
+	USWAP_SLOT_SHIFT = 32 /* slot + 1 in the high half; 0: no slot */
+};
+
+/* Resident pages of all regions, the budget line (above it reclaim runs: the engine wakes Python
+ * with what it did) and the hard line (a fault that would pass it goes to Python, which throttles). */
+struct uswap_budget {
+	int64_t resident;     /* atomic */
+	int64_t soft;
+	int64_t hard;
+};
+
+struct uswap_swapmap {
+	uint64_t pages;
+	uint64_t *entry;      /* atomic, one per page */
+	int64_t resident;     /* atomic: this region's resident pages */
+	struct uswap_budget *budget;
+};
+
+/* How slots are checked (and decrypted) on the way back; the arrays belong to the store's codec. */
+struct uswap_codec {
+	uint32_t page_size;
+	uint64_t slot_count;
+	uint8_t *valid;                 /* per slot: 1 = written since the store was opened */
+	uint32_t *crc;                  /* crc32c per slot, when sealer is NULL */
+	struct uswap_sealer *sealer;    /* AES-256-GCM, else NULL */
+	uint64_t *gens;
+	uint8_t *tags;
+};
+
+/* What the engine tells Python, in order, through a ring and an eventfd. */
+enum {
+	USWAP_MSG_INSTALLED = 1,   /* pages first..first+count-1 swapped in; dirty: their slots (slot..) are free */
+	USWAP_MSG_ZEROED = 2,      /* pages first..first+count-1 zero-filled (DIRTY) */
+	USWAP_MSG_DIRTIED = 3,     /* a CLEAN page was written: its slot is free */
+	USWAP_MSG_FORWARD = 4      /* a fault the engine did not serve: address, flags */
+};
+
+struct uswap_engine_msg {
+	uint32_t kind;
+	uint32_t count;
+	uint64_t first;
+	uint64_t faulting;
+	int64_t slot;              /* a freed run's first slot, or -1 */
+	uint64_t address;
+	uint64_t flags;
+};
+
+struct uswap_engine_stats {
+	uint64_t engine_faults;    /* faults served in C */
+	uint64_t forwarded;        /* faults handed to Python */
+	uint64_t pswpin;
+	uint64_t zero_fills;
+	uint64_t wp_faults;
+	uint64_t read_ios;
+};
+
+struct uswap_engine;
+
+/* The swap map. */
+int uswap_swapmap_new(uint64_t pages, struct uswap_budget *budget, struct uswap_swapmap **out);
+void uswap_swapmap_free(struct uswap_swapmap *m);
+uint64_t uswap_map_entry(struct uswap_swapmap *m, uint64_t page);
+int uswap_map_claim(struct uswap_swapmap *m, uint64_t page, uint64_t *entry);
+void uswap_map_publish(struct uswap_swapmap *m, uint64_t page, uint32_t state, int64_t slot, int referenced);
+int uswap_map_test_clear_referenced(struct uswap_swapmap *m, uint64_t first, uint64_t count);
+void uswap_map_set_referenced(struct uswap_swapmap *m, uint64_t page);
+int uswap_map_claim_victims(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t *pages,
+			    uint32_t *states, int max);
+uint64_t uswap_map_count(struct uswap_swapmap *m, uint32_t state);
+
+/* The codec, for the engine and writeback. */
+int uswap_codec_encode(const struct uswap_codec *c, void *buf, uint64_t first_slot, uint64_t count);
+int uswap_codec_decode(const struct uswap_codec *c, void *buf, uint64_t first_slot, uint64_t count, int *bad);
+
+/* The engine thread.  store_fd < 0: forward every fault (a store Python serves, e.g. NFS). */
+int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
+		       int store_fd, const struct uswap_codec *codec, uint32_t readahead,
+		       struct uswap_engine **out);
+int uswap_engine_notify_fd(struct uswap_engine *e);
+int uswap_engine_drain(struct uswap_engine *e, struct uswap_engine_msg *out, int max);
+void uswap_engine_stats(struct uswap_engine *e, struct uswap_engine_stats *out);
+void uswap_engine_stop(struct uswap_engine *e);
+void uswap_engine_free(struct uswap_engine *e);
+
+/* Writeback of claimed pages (busy held by the caller), in three steps. */
+int uswap_wb_prepare(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
+		     uint64_t first, uint64_t count, void *buf, uint8_t *zero);
+int uswap_wb_write(int store_fd, const struct uswap_codec *codec, void *buf, const int64_t *slots, uint64_t count,
+		   uint64_t *write_ios);
+int uswap_wb_finish(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
+		    uint64_t first, uint64_t count, const int64_t *slots, const uint8_t *keep, int ok,
+		    uint64_t *punches);
+int uswap_drop_clean(struct uswap_swapmap *m, int memfd, uint32_t page_size, uint64_t first, uint64_t count);
+
+/* The C floor of a random swap-in (uswap_probe.c), for `uswap bench`. */
+int uswap_probe_swapin_floor(int store_fd, uint64_t slots, uint32_t page_size, uint32_t n, uint64_t *samples_ns);
+
+/* CDEF-END */
+
+#endif

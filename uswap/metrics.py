@@ -1,0 +1,145 @@
+"""`uswap status --format prometheus`: the status as Prometheus text exposition (format 0.0.4).
+
+For node_exporter's textfile collector (write to a temporary file in its
+directory, then rename) or any scrape that runs a command.  Names start with
+``uswap_``, carry their unit (``_bytes``, ``_seconds``, ``_pages``), and
+counters are counters (``_total``): the kernel-named ones keep their kernel
+names (``uswap_pswpin_pages_total`` is the daemon's pswpin, in pages, as in
+/proc/vmstat).  Sizes the status gives in pages are shown in bytes.
+
+The mapping below is the whole contract; a status key not listed is not
+exported (docs/DESIGN.md lists the keys).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+# (status key, metric name without "uswap_", type, help, how: "pages" = times the page size, "" = as is)
+DAEMON = [
+    ("budget_pages", "budget_bytes", "gauge", "Resident budget: beyond it, cold pages are written out.", "pages"),
+    ("resident_pages", "resident_bytes", "gauge", "Pages of client regions held in memory.", "pages"),
+    ("writeback_pages", "writeback_bytes", "gauge", "Pages being written to the store now.", "pages"),
+    ("mapped_pages", "mapped_bytes", "gauge", "Size of every client region together.", "pages"),
+    ("slots_total", "store_size_bytes", "gauge", "Store capacity (its slots).", "pages"),
+    ("slots_used", "store_used_bytes", "gauge", "Store slots holding a page.", "pages"),
+    ("page_size", "page_size_bytes", "gauge", "Page (and slot) size.", ""),
+    ("readahead", "readahead_pages", "gauge", "Largest swap-in readahead window.", ""),
+    ("pswpin", "pswpin_pages", "counter", "Pages read back from the store (as the kernel's pswpin).", ""),
+    ("pswpout", "pswpout_pages", "counter", "Pages written out to the store (as the kernel's pswpout).", ""),
+    ("read_errors", "read_errors", "counter", "Store reads that failed.", ""),
+    ("write_errors", "write_errors", "counter", "Store writes that failed.", ""),
+    ("writeback_waits", "writeback_waits", "counter", "Faults that waited for a page under writeback.", ""),
+]
+REGION = [
+    ("size_pages", "region_size_bytes", "gauge", "Size of the region.", "pages"),
+    ("resident_pages", "region_resident_bytes", "gauge", "Part of the region in memory.", "pages"),
+    ("swapped_pages", "region_swapped_bytes", "gauge", "Part of the region in the store.", "pages"),
+    ("poisoned", "region_poisoned_pages", "gauge", "Pages that could not be read back (a touch gets SIGBUS).", ""),
+    ("faults", "region_faults", "counter", "Page faults the daemon served.", ""),
+    ("zero_fills", "region_zero_fills", "counter", "First touches served with a zero page.", ""),
+    ("wp_faults", "region_wp_faults", "counter", "Write-protect faults (a clean page written).", ""),
+    ("writeback_waits", "region_writeback_waits", "counter", "Faults that waited for writeback.", ""),
+    ("pswpin", "region_pswpin_pages", "counter", "Pages of the region read back from the store.", ""),
+    ("pswpout", "region_pswpout_pages", "counter", "Pages of the region written to the store.", ""),
+    ("read_errors", "region_read_errors", "counter", "Store reads for the region that failed.", ""),
+    ("write_errors", "region_write_errors", "counter", "Store writes for the region that failed.", ""),
+]
+NFS = [
+    ("timeout_s", "nfs_timeout_seconds", "gauge", "How long a request waits for a server that is down.", ""),
+    ("since", "nfs_state_change_time_seconds", "gauge", "Unix time the server's state last changed.", ""),
+    ("connects", "nfs_connects", "counter", "Successful connects to the server, the first included.", ""),
+    ("retries", "nfs_retries", "counter", "Requests sent again after a failure.", ""),
+    ("most_in_flight", "nfs_most_in_flight_requests", "gauge", "Most requests awaiting an answer at once.", ""),
+]
+MOUNT = [
+    ("files", "mount_files", "gauge", "Swap files the mount serves.", ""),
+    ("file_bytes", "mount_file_size_bytes", "gauge", "Size of each swap file.", ""),
+    ("reads", "mount_reads", "counter", "Read requests from the kernel.", ""),
+    ("writes", "mount_writes", "counter", "Write requests from the kernel.", ""),
+    ("pages_read", "mount_read_pages", "counter", "Pages read from the store.", ""),
+    ("pages_written", "mount_written_pages", "counter", "Pages written to the store.", ""),
+    ("zero_reads", "mount_zero_reads", "counter", "Reads of never-written pages (served as zeros).", ""),
+    ("read_errors", "mount_read_errors", "counter", "Store reads that failed (the kernel got EIO).", ""),
+    ("write_errors", "mount_write_errors", "counter", "Store writes that failed (the kernel got EIO).", ""),
+]
+MOUNT_BUFFERS = [
+    ("count", "mount_io_buffers", "gauge", "I/O buffers the mount allocated at start.", ""),
+    ("in_use", "mount_io_buffers_in_use", "gauge", "I/O buffers in use now.", ""),
+    ("waits", "mount_io_buffer_waits", "counter", "Requests that waited for a free I/O buffer.", ""),
+]
+
+
+@dataclass
+class Family:
+    name: str
+    kind: str
+    help: str
+    samples: list[tuple[dict, float]] = field(default_factory=list)
+
+    def render(self) -> list[str]:
+        sample = f"{self.name}_total" if self.kind == "counter" else self.name
+        lines = [f"# HELP {sample} {self.help}", f"# TYPE {sample} {self.kind}"]
+        for labels, value in self.samples:
+            text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+            lines.append(f"{sample}{{{text}}} {_number(value)}" if text else f"{sample} {_number(value)}")
+        return lines
+
+
+class Exposition:
+    def __init__(self):
+        self.families: dict[str, Family] = {}
+
+    def add(self, name: str, kind: str, help: str, value: float, labels: dict | None = None) -> None:
+        family = self.families.setdefault(name, Family(f"uswap_{name}", kind, help))
+        family.samples.append((labels or {}, value))
+
+    def add_table(self, table: list, values: dict, labels: dict, page_size: int) -> None:
+        for key, name, kind, help, how in table:
+            if isinstance(values.get(key), (int, float)) and not isinstance(values.get(key), bool):
+                self.add(name, kind, help, values[key] * (page_size if how == "pages" else 1), labels)
+
+    def render(self) -> str:
+        return "\n".join(line for family in self.families.values() for line in family.render()) + "\n"
+
+
+def prometheus(status: dict | None, mounts: dict[str, dict], *, page_size: int) -> str:
+    """The exposition for a daemon's status (None: no daemon answered) and the FUSE mounts'."""
+    out = Exposition()
+    out.add("daemon_up", "gauge", "1 if the daemon answered uswap status.", 1 if status else 0)
+    if status:
+        d = status["daemon"]
+        ps = d.get("page_size", page_size)
+        out.add("daemon_info", "gauge", "The daemon's store, socket, I/O mode and encryption (value 1).", 1,
+                {"store": d["store"], "socket": d["socket"], "io": d["io"],
+                 "encryption": status.get("encryption", "")})
+        out.add("store_healthy", "gauge", "1 if writeback runs; 0 if paused by store errors.",
+                1 if d["store_health"] == "ok" else 0)
+        out.add_table(DAEMON, d, {}, ps)
+        if "uptime_s" in d:
+            out.add("start_time_seconds", "gauge", "Unix time the daemon started.", round(time.time() - d["uptime_s"]))
+        nfs = status.get("nfs")
+        if nfs:
+            server = {"server": nfs["server"]}
+            out.add("nfs_up", "gauge", "1 if the NFS server is connected.", 1 if nfs["state"] == "up" else 0, server)
+            out.add_table(NFS, nfs, server, ps)
+        for region in status.get("regions", []):
+            labels = {"region": region["id"], "pid": region["pid"], "uid": region.get("uid", "")}
+            out.add_table(REGION, region, labels, ps)
+    for mountpoint, m in mounts.items():
+        labels = {"mountpoint": mountpoint}
+        out.add("mount_up", "gauge", "1 if the FUSE mount answered (its .status file).", 0 if "error" in m else 1,
+                labels)
+        if "error" not in m:
+            out.add_table(MOUNT, m, {**labels, "store": m.get("store", "")}, page_size)
+            out.add_table(MOUNT_BUFFERS, m.get("io_buffers", {}), {**labels, "store": m.get("store", "")}, page_size)
+    return out.render()
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
