@@ -13,6 +13,7 @@ from uswap.core import PAGE_SIZE
 from uswap.daemon import notify
 from uswap.daemon.limits import UserLimits
 from uswap.daemon.server import Daemon, default_limits
+from uswap.store.base import StoreOptions
 from uswap.store.opening import opened_store
 
 log = logging.getLogger("uswap.daemon")
@@ -55,7 +56,8 @@ async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode:
                      user_max_regions: int = 64, user_max_connections: int = 64, map_timeout: float = 10.0,
                      encrypt: bool = True) -> None:
     """Open the store (a path or an nfs:// URL), serve until signalled, close the store."""
-    async with opened_store(store_spec, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable, encrypt=encrypt) as store:
+    options = StoreOptions(encrypt=encrypt, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable)
+    async with opened_store(store_spec, options) as store:
         limits = user_limits(store.slot_count, max_size=user_max_size, max_regions=user_max_regions,
                              max_connections=user_max_connections)
         daemon = Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead, group=group,

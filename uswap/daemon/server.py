@@ -45,12 +45,11 @@ from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_
 from uswap.daemon.reclaim import Reclaimer
 from uswap.daemon.region import Region
 from uswap.daemon.swapmap import SWAPPED, slot_of, state_of
-from uswap.daemon.slot_io import slot_io
 from uswap.daemon.slots import SlotAllocator
 from uswap.paths import secure_directory
 from uswap.protocol import (MAX_REQUEST_FDS, OP_DETACH, OP_FDS, OP_MAP, OP_STATUS, OP_UNMAP, OPS, REQUEST,
                             ProtocolError, Reply, Request)
-from uswap.store.swapfile import SwapStore
+from uswap.store.base import Store
 from uswap.uffd import Userfaultfd
 
 log = logging.getLogger("uswap.daemon")
@@ -89,7 +88,7 @@ class SocketInUse(OSError):
 
 
 class Daemon:
-    def __init__(self, store: SwapStore, socket_path: str, *, budget: int, io_mode: str = "sync",
+    def __init__(self, store: Store, socket_path: str, *, budget: int, io_mode: str = "sync",
                  readahead: int = 8, batch: int = 32, group: int | None = None,
                  limits: UserLimits | None = None, map_timeout: float = 10.0):
         if budget < PAGE_SIZE:
@@ -101,7 +100,7 @@ class Daemon:
         self.map_timeout = map_timeout
         self.budget = budget
         self.readahead = max(1, readahead)
-        self.io = slot_io(io_mode, store)
+        self.io = store.slot_io(io_mode)
         self.store_fd = store.local_fd     # the engines read slots here; -1: every fault goes to Python
         self.codec_c = self.io.codec_c if self.store_fd >= 0 else None
         self.slots = SlotAllocator(store.slot_count)

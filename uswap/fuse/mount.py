@@ -27,6 +27,7 @@ from uswap.child import uswap_argv
 from uswap.daemon import notify
 from uswap.fuse.mounts import FSNAME
 from uswap.fuse.ops import SwapStoreOps
+from uswap.store.base import StoreOptions
 from uswap.store.opening import opened_store
 
 log = logging.getLogger("uswap.fuse")
@@ -44,7 +45,8 @@ def prepare_process() -> None:
 async def run_mount(store_spec: str, mountpoint: str, *, files: int, file_pages: int, ready_fd: int | None,
                     nfs_timeout: float, nfs_stable: str, encrypt: bool = True) -> None:
     """Open the store (a path or an nfs:// URL) and serve the mount until unmounted or signalled."""
-    async with opened_store(store_spec, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable, encrypt=encrypt) as store:
+    options = StoreOptions(encrypt=encrypt, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable)
+    async with opened_store(store_spec, options) as store:
         await serve_mount(SwapStoreOps(store, files=files, file_pages=file_pages), mountpoint, ready_fd)
 
 

@@ -29,8 +29,7 @@ import pyfuse3
 import trio
 
 from uswap.core import PAGE_SIZE, AlignedBuffer
-from uswap.daemon.slot_io import slot_io
-from uswap.store.swapfile import SwapStore
+from uswap.store.base import Store
 
 log = logging.getLogger("uswap.fuse")
 
@@ -132,13 +131,13 @@ class SlotLocks:
 
 
 class SwapStoreOps(pyfuse3.Operations):
-    def __init__(self, store: SwapStore, *, files: int, file_pages: int, io_buffers: int = IO_BUFFERS):
+    def __init__(self, store: Store, *, files: int, file_pages: int, io_buffers: int = IO_BUFFERS):
         super().__init__()
         if files * file_pages > store.slot_count:
             raise ValueError(f"{files} file(s) of {file_pages} pages need {files * file_pages} slots; "
                              f"the store has {store.slot_count}")
         self.store = store
-        self.io = slot_io("sync", store)   # O_DIRECT in the event loop; an NFS store's own async I/O
+        self.io = store.slot_io("sync")   # O_DIRECT in the event loop; an NFS store's own async I/O
         self.files = files
         self.file_pages = file_pages
         self.stats = FuseStats()

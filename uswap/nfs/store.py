@@ -27,6 +27,7 @@ from uswap.nfs.lock import drop_lock, read_lock, take_lock
 from uswap.nfs.url import NfsUrl
 from uswap.store.checks import CheckReport, check_header_page, check_nfs_allocation
 from uswap.store.header import StoreHeader
+from uswap.store.base import SlotIO, Store, StoreOptions
 from uswap.store.lock import StoreUnusable
 from uswap.store.sealing import slot_codec
 from uswap.store.swapfile import slot_span
@@ -77,10 +78,13 @@ async def check_nfs_store(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> Chec
 
 # -- the open store ----------------------------------------------------------------
 
-class NfsStore:
-    """A checked, locked store on an NFS server.  Use :meth:`open`, then ``await aclose()``."""
+class NfsStore(Store, SlotIO):
+    """A checked, locked store on an NFS server.  Use :meth:`open`, then ``await aclose()``.
 
-    mode = "nfs"   # as a slot I/O (uswap.daemon.slot_io): read and write are awaited
+    It is its own slot I/O, whatever the mode: its reads and writes are
+    asynchronous by nature (libnfs on the event loop, several in flight)."""
+
+    mode = "nfs"
 
     def __init__(self, conn: NfsConnection, url: NfsUrl, header: StoreHeader, report: CheckReport, stable: str,
                  *, encrypt: bool = True):
@@ -94,7 +98,6 @@ class NfsStore:
         self.slot_count = header.slot_count
         self.codec = slot_codec(self.path, self.slot_count, self.page_size, encrypt=encrypt)
         self.write_ios = 0
-        self.local_fd = -1   # no local fd: the fault engine forwards every fault to Python
 
     @classmethod
     async def open(cls, url: str, *, timeout: float = DEFAULT_TIMEOUT, stable: str = "file_sync",
@@ -134,8 +137,19 @@ class NfsStore:
             await self._commit(offset, length, ptr)
         self.codec.written(first, count)
 
+    @classmethod
+    async def open_for_use(cls, spec: str, options: StoreOptions) -> "NfsStore":
+        return await cls.open(spec, timeout=options.nfs_timeout, stable=options.nfs_stable, encrypt=options.encrypt)
+
+    @property
+    def local_fd(self) -> int:
+        return -1   # no local fd: the fault engine forwards every fault to Python
+
+    def slot_io(self, mode: str) -> SlotIO:
+        return self
+
     async def write_batch(self, buf: AlignedBuffer, slots, count: int) -> None:
-        """A reclaim batch (the slot I/O interface, uswap.daemon.slot_io): buffer page i to
+        """A reclaim batch (the slot I/O interface, uswap.store.base.SlotIO): buffer page i to
         slot ``slots[i]`` (-1: not written), one WRITE per run of contiguous slots."""
         i = 0
         while i < count:

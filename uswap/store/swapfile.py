@@ -17,6 +17,7 @@ import os
 
 from uswap._core import lib
 from uswap.core import AlignedBuffer, check
+from uswap.store.base import SlotIO, Store, StoreOptions
 from uswap.store.checks import CheckReport, check_fd
 from uswap.store.lock import StoreError, StoreUnusable, take_lock
 from uswap.store.header import StoreHeader
@@ -32,7 +33,7 @@ def slot_span(header: StoreHeader, first: int, count: int, buf: AlignedBuffer, b
     return (first + 1) * header.page_size, count * header.page_size
 
 
-class SwapStore:
+class SwapStore(Store):
     """A checked, locked store file.  Use :meth:`open`; close when done."""
 
     def __init__(self, path: str, fd: int, header: StoreHeader, report: CheckReport, *, encrypt: bool = True):
@@ -63,10 +64,25 @@ class SwapStore:
             os.close(fd)
             raise
 
+    @classmethod
+    async def open_for_use(cls, spec: str, options: StoreOptions) -> "SwapStore":
+        return cls.open(spec, encrypt=options.encrypt)
+
+    async def aclose(self) -> None:
+        self.close()
+
     @property
     def local_fd(self) -> int:
-        """The O_DIRECT fd the fault engine reads slots through (a store Python serves says -1)."""
+        """The O_DIRECT fd the fault engine reads slots through."""
         return self.fd
+
+    def slot_io(self, mode: str) -> SlotIO:
+        """``sync``: in the event loop; ``async``: writeback on worker threads (uswap.store.slot_io)."""
+        from uswap.store.slot_io import SyncSlotIO, ThreadSlotIO
+        modes = {"sync": SyncSlotIO, "async": ThreadSlotIO}
+        if mode not in modes:
+            raise ValueError(f"unknown I/O mode {mode!r} (sync or async)")
+        return modes[mode](self)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -101,10 +117,6 @@ class SwapStore:
         if n != length:
             raise OSError(errno.EIO, f"short read at offset {offset}: {n} of {length} bytes", self.path)
         self.codec.decode(first, count, ptr)
-
-    def status(self) -> dict:
-        """Entries for `uswap status` beyond the path and counters everyone shows."""
-        return {"encryption": self.codec.encryption}
 
     def discard_slots(self, first: int, count: int) -> None:
         """Forget slots (their pages were freed); reading them is then an error."""

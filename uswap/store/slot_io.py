@@ -20,14 +20,13 @@ import trio
 
 from uswap._core import ffi, lib
 from uswap.core import AlignedBuffer, check
-from uswap.nfs.store import NfsStore
-from uswap.store.swapfile import SwapStore
+from uswap.store.base import SlotIO
 
 
-class SyncSlotIO:
+class SyncSlotIO(SlotIO):
     mode = "sync"
 
-    def __init__(self, store: SwapStore):
+    def __init__(self, store):      # a uswap.store.swapfile.SwapStore
         self.store = store
         self.codec_c = store.codec.c_view()   # the same codec, for C (engine and writeback)
         self.write_ios = 0
@@ -56,7 +55,7 @@ class SyncSlotIO:
 class ThreadSlotIO(SyncSlotIO):
     mode = "async"
 
-    def __init__(self, store: SwapStore, workers: int = 4):
+    def __init__(self, store, workers: int = 4):
         super().__init__(store)
         self.limiter = trio.CapacityLimiter(workers)
 
@@ -67,16 +66,3 @@ class ThreadSlotIO(SyncSlotIO):
     async def write_batch(self, buf: AlignedBuffer, slots, count: int) -> None:
         # Not abandonable: the thread reads from a buffer we still own.
         await trio.to_thread.run_sync(self._write_batch, buf, slots, count, limiter=self.limiter)
-
-
-def slot_io(mode: str, store):
-    """The slot I/O for ``store``.  An NFS store is its own: its reads and writes
-    are asynchronous by nature (libnfs on the event loop, several in flight),
-    whatever ``--io`` says."""
-    if isinstance(store, NfsStore):
-        return store
-    if mode == "sync":
-        return SyncSlotIO(store)
-    if mode == "async":
-        return ThreadSlotIO(store)
-    raise ValueError(f"unknown I/O mode {mode!r} (sync or async)")
