@@ -129,7 +129,10 @@ def supported_features() -> Feature:
     """Every feature this kernel offers (probed once with a throwaway uffd)."""
     global _cached_supported
     if _cached_supported is None:
-        fd = check(lib.uswap_uffd_open(lib.O_CLOEXEC))
+        fd = lib.uswap_uffd_open(lib.O_CLOEXEC)
+        if fd == -errno.EPERM:   # unprivileged, vm.unprivileged_userfaultfd=0: user-mode-only uffds still work
+            fd = lib.uswap_uffd_open(lib.O_CLOEXEC | lib.UFFD_USER_MODE_ONLY)
+        check(fd)
         try:
             features = ffi.new("uint64_t *")
             ioctls = ffi.new("uint64_t *")

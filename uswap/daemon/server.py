@@ -50,7 +50,7 @@ from uswap.paths import secure_directory
 from uswap.protocol import (MAX_REQUEST_FDS, OP_DETACH, OP_FDS, OP_MAP, OP_STATUS, OP_UNMAP, OPS, REQUEST,
                             ProtocolError, Reply, Request)
 from uswap.store.base import Store
-from uswap.uffd import Userfaultfd
+from uswap.uffd import RegisterMode, Userfaultfd
 
 log = logging.getLogger("uswap.daemon")
 
@@ -270,8 +270,11 @@ class Daemon:
         """Answer requests until the peer hangs up, unmaps, or sends what cannot be a request."""
         deadline = trio.current_time() + self.map_timeout
         while True:
-            with trio.move_on_at(deadline if client.region is None else math.inf) as waiting:
-                packet, fds, truncated = await self._recv(client.sock)
+            try:
+                with trio.move_on_at(deadline if client.region is None else math.inf) as waiting:
+                    packet, fds, truncated = await self._recv(client.sock)
+            except OSError:
+                return   # ECONNRESET and the like: the client hung up (with a reply unread)
             if waiting.cancelled_caught:
                 log.info("pid %d uid %d: no region mapped within %gs; closing the connection", client.pid,
                          client.uid, self.map_timeout)
@@ -292,6 +295,7 @@ class Daemon:
                 op = req.op
                 want = OP_FDS.get(op, 0)
                 if len(fds) != want:
+                    break_off = len(fds) > want   # fds it was not asked for: a hostile peer
                     raise ProtocolError(f"{OPS[op]} takes {want} file descriptors, got {len(fds)}"
                                         + (" (userfaultfd, memfd)" if op == OP_MAP else ""), errno.EINVAL)
                 if op == OP_MAP:
@@ -366,8 +370,11 @@ class Daemon:
             check_mapping(client.pid, addr, length, memfd_id)
             uffd = Userfaultfd.from_fd(uffd_fd)
             try:
-                # Proves the range is registered for write-protect with *this*
-                # uffd (ENOENT otherwise); lifting WP on fresh pages changes nothing.
+                # Registering again proves the range is this uffd's (EBUSY if another
+                # uffd of the client holds it: WRITEPROTECT alone would not tell, the
+                # kernel accepts it from any uffd of the mm); lifting WP on fresh pages
+                # changes nothing and proves WP mode.
+                uffd.register(addr, length, RegisterMode.MISSING | RegisterMode.WP)
                 uffd.write_protect(addr, length, False)
             except OSError as e:
                 raise ProtocolError(f"the userfaultfd does not cover {addr:#x}+{length} with MISSING|WP "
