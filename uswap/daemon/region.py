@@ -165,20 +165,25 @@ class Region:
             if kind == FORWARD:
                 if not self.connection.cancel_called:   # else the connection is ending: nothing to serve
                     self.nursery.start_soon(self.serve_forwarded, Pagefault(address, FaultFlag(flags), 0))
-                continue
-            if kind == INSTALLED:
-                if slot >= 0:   # installed dirty after a write fault: the slots are stale
-                    for s in range(slot, slot + count):
-                        self.daemon.release_slot(s)
-                self.stats.pswpin += count
-                self.daemon.stats.pswpin += count
-            elif kind == ZEROED:
-                self.stats.zero_fills += count
-            elif kind == DIRTIED:
-                self.daemon.release_slot(slot)
-                self.stats.wp_faults += 1
-                continue
-            self.daemon.reclaimer.add_run(self, first, count)
+            elif self._account(kind, first, count, slot):
+                self.daemon.reclaimer.add_run(self, first, count)
+
+    def _account(self, kind: int, first: int, count: int, slot: int) -> bool:
+        """Counters and freed slots for one message; True if it made a run resident."""
+        if kind == INSTALLED:
+            if slot >= 0:   # installed dirty after a write fault: the slots are stale
+                for s in range(slot, slot + count):
+                    self.daemon.release_slot(s)
+            self.stats.pswpin += count
+            self.daemon.stats.pswpin += count
+            return True
+        if kind == ZEROED:
+            self.stats.zero_fills += count
+            return True
+        if kind == DIRTIED:
+            self.daemon.release_slot(slot)
+            self.stats.wp_faults += 1
+        return False
 
     async def serve_forwarded(self, event: Pagefault) -> None:
         """A task per forwarded fault (it may wait: throttling, a writeback, a read).
@@ -449,11 +454,7 @@ class Region:
         self.closed = True
         self.engine.stop()
         for kind, first, count, faulting, slot, address, flags in self.engine.drain():
-            if kind == INSTALLED and slot >= 0:
-                for s in range(slot, slot + count):
-                    self.daemon.release_slot(s)
-            elif kind == DIRTIED:
-                self.daemon.release_slot(slot)
+            self._account(kind, first, count, slot)
         for event in self.wp_waiters.values():
             event.set()
         for page in range(self.pages):
