@@ -28,7 +28,8 @@ ffi.set_source(
     sources=["csrc/uswap_core.c", "csrc/uswap_client.c", "csrc/uswap_seal.c", "csrc/uswap_engine.c",
              "csrc/uswap_probe.c"],
     include_dirs=["csrc", "uswap/include"],
-    libraries=["crypto"],   # OpenSSL libcrypto: AES-256-GCM for sealed slots (uswap_seal.c) only
+    libraries=["crypto",    # OpenSSL libcrypto: AES-256-GCM for sealed slots (uswap_seal.c)
+               "uring"],    # liburing: the fault engine's readahead reads (uswap_engine.c)
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
     extra_link_args=["-pthread"],
 )

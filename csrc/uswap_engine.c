@@ -37,6 +37,8 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <liburing.h>
+
 #define NEG_ERRNO() (-(errno ? errno : EIO))
 #define RING_SIZE 4096                 /* messages; a power of two */
 #define RING_NOTIFY_AT (RING_SIZE / 4) /* wake Python at this fill even when it is not waiting for us */
@@ -215,6 +217,8 @@ struct uswap_engine {
 	uint32_t ra_max, ra_size;
 	int64_t last_fault;
 	void *buf;           /* ra_max pages, aligned for O_DIRECT */
+	struct io_uring uring;         /* readahead: several slot runs in flight at once */
+	int uring_ok;
 
 	pthread_mutex_t lock;          /* guards the ring */
 	pthread_cond_t space;          /* the ring has room again */
@@ -270,16 +274,40 @@ static void forward(struct uswap_engine *e, const struct uffd_msg *m)
 	post(e, &msg);
 }
 
+static int fill_from(struct uswap_engine *e, uint64_t page, uint64_t n, uint64_t buf_page, int wp);
+
 /* A fill ioctl over [page, page+n) that finishes what it stops short of (EAGAIN)
  * and steps over pages already there (EEXIST).  0, or -errno (the client's memory is gone). */
 static int fill(struct uswap_engine *e, int copy, uint64_t page, uint64_t n, int wp)
 {
+	if (copy)
+		return fill_from(e, page, n, 0, wp);
 	uint64_t start = e->addr + page * e->page_size, end = start + n * e->page_size, at = start;
 	while (at < end) {
 		int64_t done = 0;
-		int ret = copy ? uswap_uffd_copy(e->uffd, at, (uint64_t)(uintptr_t)e->buf + (at - start), end - at,
-						 wp ? UFFDIO_COPY_MODE_WP : 0, &done)
-			       : uswap_uffd_zeropage(e->uffd, at, end - at, 0, &done);
+		int ret = uswap_uffd_zeropage(e->uffd, at, end - at, 0, &done);
+		if (ret == 0) {
+			at += done > 0 ? (uint64_t)done : end - at;
+		} else if (ret == -EAGAIN) {
+			at += done > 0 ? (uint64_t)done : 0;
+		} else if (ret == -EEXIST) {
+			uswap_uffd_wake(e->uffd, at, e->page_size);
+			at += e->page_size;
+		} else {
+			return ret;
+		}
+	}
+	return 0;
+}
+
+/* UFFDIO_COPY pages page..page+n-1 from the buffer's page buf_page on, the same way. */
+static int fill_from(struct uswap_engine *e, uint64_t page, uint64_t n, uint64_t buf_page, int wp)
+{
+	uint64_t start = e->addr + page * e->page_size, end = start + n * e->page_size, at = start;
+	uint64_t src = (uint64_t)(uintptr_t)e->buf + buf_page * e->page_size;
+	while (at < end) {
+		int64_t done = 0;
+		int ret = uswap_uffd_copy(e->uffd, at, src + (at - start), end - at, wp ? UFFDIO_COPY_MODE_WP : 0, &done);
 		if (ret == 0) {
 			at += done > 0 ? (uint64_t)done : end - at;
 		} else if (ret == -EAGAIN) {
@@ -325,71 +353,156 @@ static void unclaim(struct uswap_swapmap *m, uint64_t first, uint64_t n)
 	}
 }
 
-/* Claim the run of SWAPPED pages around page whose slots continue page's slot
- * (the faulting page is claimed already); returns its first page and length. */
-static uint64_t claim_window(struct uswap_engine *e, uint64_t page, int64_t slot, uint32_t limit, uint64_t *first)
+/* Claim a page for the readahead window if it is SWAPPED and unclaimed; its slot, or -1. */
+static int64_t claim_swapped(struct uswap_swapmap *m, uint64_t page)
+{
+	uint64_t x = load(m, page);
+	if (state_of(x) != USWAP_SWAPPED || uswap_map_claim(m, page, &x) < 0)
+		return -1;
+	if (state_of(x) != USWAP_SWAPPED) {   /* changed between the look and the claim */
+		uswap_map_publish(m, page, state_of(x), slot_of(x), -1);
+		return -1;
+	}
+	return slot_of(x);
+}
+
+/* swap_vma_readahead: claim the run of SWAPPED pages around page (claimed already),
+ * a quarter of the window behind it and the rest ahead, wherever their slots are;
+ * slots[i] gets page first+i's slot.  Returns the run's length. */
+static uint64_t claim_window(struct uswap_engine *e, uint64_t page, int64_t slot, uint32_t limit, uint64_t *first,
+			     int64_t *slots)
 {
 	struct uswap_swapmap *m = e->map;
-	uint64_t lo = page, n = 1;
-	while (n < limit && lo > 0 && page - lo < limit / 4) {
-		uint64_t x = load(m, lo - 1);
-		if (state_of(x) != USWAP_SWAPPED || slot_of(x) != slot - (int64_t)(page - lo) - 1
-		    || uswap_map_claim(m, lo - 1, &x) < 0)
+	int64_t behind[MAX_WINDOW];
+	uint64_t nb = 0, n = 1;
+	while (n < limit && page > nb && nb < limit / 4) {
+		int64_t s = claim_swapped(m, page - nb - 1);
+		if (s < 0)
 			break;
-		if (state_of(x) != USWAP_SWAPPED || slot_of(x) != slot - (int64_t)(page - lo) - 1) {
-			uswap_map_publish(m, lo - 1, state_of(x), slot_of(x), -1);
-			break;
-		}
-		lo--;
+		behind[nb++] = s;
 		n++;
 	}
-	uint64_t hi = page;
-	while (n < limit && hi + 1 < m->pages) {
-		uint64_t x = load(m, hi + 1);
-		int64_t want = slot + (int64_t)(hi + 1 - page);
-		if (state_of(x) != USWAP_SWAPPED || slot_of(x) != want || uswap_map_claim(m, hi + 1, &x) < 0)
+	for (uint64_t i = 0; i < nb; i++)
+		slots[i] = behind[nb - 1 - i];
+	slots[nb] = slot;
+	while (n < limit && page + (n - nb) < m->pages) {
+		int64_t s = claim_swapped(m, page + (n - nb));
+		if (s < 0)
 			break;
-		if (state_of(x) != USWAP_SWAPPED || slot_of(x) != want) {
-			uswap_map_publish(m, hi + 1, state_of(x), slot_of(x), -1);
-			break;
-		}
-		hi++;
-		n++;
+		slots[n++] = s;
 	}
-	*first = lo;
+	*first = page - nb;
 	return n;
 }
 
+/* Read the window's slots into buf: one read per run of contiguous slots, all
+ * in flight at once through io_uring when there are several (the kernel's
+ * swap readahead plugs its reads the same way).  0, or -errno. */
+static int read_slots(struct uswap_engine *e, const int64_t *slots, uint64_t n)
+{
+	size_t ps = e->page_size;
+	uint64_t runs = 0;
+	for (uint64_t i = 0; i < n; i++)
+		runs += i == 0 || slots[i] != slots[i - 1] + 1;
+	if (runs == 1 || !e->uring_ok) {
+		for (uint64_t i = 0; i < n;) {
+			uint64_t k = 1;
+			while (i + k < n && slots[i + k] == slots[i] + (int64_t)k)
+				k++;
+			int64_t got = uswap_pread_full(e->store_fd, (char *)e->buf + i * ps, k * ps, (slots[i] + 1) * (int64_t)ps);
+			count(&e->stats.read_ios, 1);
+			if (got != (int64_t)(k * ps))
+				return got < 0 ? (int)got : -EIO;
+			i += k;
+		}
+		return 0;
+	}
+	uint64_t queued = 0;
+	for (uint64_t i = 0; i < n;) {
+		uint64_t k = 1;
+		while (i + k < n && slots[i + k] == slots[i] + (int64_t)k)
+			k++;
+		struct io_uring_sqe *sqe = io_uring_get_sqe(&e->uring);
+		if (!sqe)
+			return -EBUSY;   /* cannot happen: the ring has an entry per window page */
+		io_uring_prep_read(sqe, e->store_fd, (char *)e->buf + i * ps, (unsigned)(k * ps),
+				   (uint64_t)(slots[i] + 1) * ps);
+		sqe->user_data = k * ps;
+		queued++;
+		i += k;
+	}
+	count(&e->stats.read_ios, queued);
+	int ret = io_uring_submit_and_wait(&e->uring, (unsigned)queued);
+	if (ret < 0)
+		return ret;
+	int err = 0;
+	for (uint64_t done = 0; done < queued; done++) {
+		struct io_uring_cqe *cqe;
+		ret = io_uring_wait_cqe(&e->uring, &cqe);
+		if (ret < 0)
+			return ret;   /* the ring is unusable from here; the reads all completed or failed */
+		if (cqe->res < 0 && !err)
+			err = cqe->res;
+		else if ((uint64_t)cqe->res != cqe->user_data && !err)
+			err = -EIO;   /* a short read of a slot the checks said is allocated */
+		io_uring_cqe_seen(&e->uring, cqe);
+	}
+	return err;
+}
+
+/* Check (and decrypt) the window, one codec call per run of contiguous slots. */
+static int decode_slots(struct uswap_engine *e, const int64_t *slots, uint64_t n)
+{
+	for (uint64_t i = 0; i < n;) {
+		uint64_t k = 1;
+		while (i + k < n && slots[i + k] == slots[i] + (int64_t)k)
+			k++;
+		int bad = 0;
+		int ret = uswap_codec_decode(&e->codec, (char *)e->buf + i * e->page_size, (uint64_t)slots[i], k, &bad);
+		if (ret < 0)
+			return ret;
+		i += k;
+	}
+	return 0;
+}
+
 /* do_swap_page: the page is SWAPPED and claimed by us.  0 if served; else the
- * claim is given back and the caller forwards the fault. */
+ * claim is given back and the caller forwards the fault.  After a write fault
+ * the faulting page goes in writable (its slot is stale: freed) and the rest
+ * of the window clean, as the kernel does. */
 static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int write)
 {
 	struct uswap_swapmap *m = e->map;
-	int64_t slot = slot_of(entry);
+	int64_t slots[MAX_WINDOW];
 	uint64_t first;
-	uint64_t n = claim_window(e, page, slot, window(e, page), &first);
-	int64_t first_slot = slot - (int64_t)(page - first);
+	uint64_t n = claim_window(e, page, slot_of(entry), window(e, page), &first, slots);
 	if (over_budget(e, n)) {
 		unclaim(m, first, n);
 		return -ENOMEM;
 	}
-	size_t len = n * e->page_size;
-	int bad = 0;
-	int64_t got = uswap_pread_full(e->store_fd, e->buf, len, (first_slot + 1) * (int64_t)e->page_size);
-	count(&e->stats.read_ios, 1);
-	int ret = got < 0 ? (int)got : got != (int64_t)len ? -EIO
-		: uswap_codec_decode(&e->codec, e->buf, (uint64_t)first_slot, n, &bad);
+	int ret = read_slots(e, slots, n);
 	if (ret == 0)
-		ret = fill(e, 1, first, n, !write);
+		ret = decode_slots(e, slots, n);
+	if (ret == 0 && write) {
+		uint64_t k = page - first;
+		ret = fill(e, 1, first, k, 1);
+		if (ret == 0)
+			ret = fill_from(e, page, 1, k, 0);
+		if (ret == 0)
+			ret = fill_from(e, page + 1, n - k - 1, k + 1, 1);
+	} else if (ret == 0) {
+		ret = fill(e, 1, first, n, 1);
+	}
 	if (ret < 0) {   /* Python retries, reports, poisons, or learns the client is gone */
 		unclaim(m, first, n);
 		return ret;
 	}
-	for (uint64_t p = first; p < first + n; p++)
-		uswap_map_publish(m, p, write ? USWAP_DIRTY : USWAP_CLEAN, write ? -1 : first_slot + (int64_t)(p - first),
-				  p == page);
+	for (uint64_t p = first; p < first + n; p++) {
+		int dirty = write && p == page;
+		uswap_map_publish(m, p, dirty ? USWAP_DIRTY : USWAP_CLEAN, dirty ? -1 : slots[p - first], p == page);
+	}
 	struct uswap_engine_msg msg = { .kind = USWAP_MSG_INSTALLED, .first = first, .count = (uint32_t)n,
-					.faulting = page, .slot = write ? first_slot : -1 };
+					.faulting = page, .slot = write ? slots[page - first] : -1 };
 	count(&e->stats.pswpin, n);
 	post(e, &msg);
 	return 0;
@@ -540,6 +653,7 @@ int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t ad
 	e->buf = uswap_alloc_aligned(page_size, (size_t)e->ra_max * page_size);
 	if (!e->buf)
 		goto fail;
+	e->uring_ok = io_uring_queue_init(MAX_WINDOW, &e->uring, 0) == 0;   /* else: one pread per run */
 	e->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (e->notify_fd < 0 || e->stop_fd < 0) {
@@ -612,6 +726,8 @@ void uswap_engine_free(struct uswap_engine *e)
 	if (!e)
 		return;
 	uswap_engine_stop(e);
+	if (e->uring_ok)
+		io_uring_queue_exit(&e->uring);
 	if (e->notify_fd >= 0)
 		close(e->notify_fd);
 	if (e->stop_fd >= 0)

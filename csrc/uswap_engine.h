@@ -59,7 +59,8 @@ struct uswap_codec {
 
 /* What the engine tells Python, in order, through a ring and an eventfd. */
 enum {
-	USWAP_MSG_INSTALLED = 1,   /* pages first..first+count-1 swapped in; dirty: their slots (slot..) are free */
+	USWAP_MSG_INSTALLED = 1,   /* pages first..first+count-1 swapped in; slot >= 0: the faulting page went in
+				    * dirty (a write fault) and its slot is free */
 	USWAP_MSG_ZEROED = 2,      /* pages first..first+count-1 zero-filled (DIRTY) */
 	USWAP_MSG_DIRTIED = 3,     /* a CLEAN page was written: its slot is free */
 	USWAP_MSG_FORWARD = 4      /* a fault the engine did not serve: address, flags */

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from uswap.daemon.reclaim import Reclaimer, by_region, runs
+from uswap.daemon.reclaim import Reclaimer, WritebackBatch, by_region, runs
 from uswap.daemon.slots import NoSlots, SlotAllocator
 from uswap.daemon.swapmap import (ABSENT, BUSY, CLEAN, DIRTY, SWAPPED, WRITEBACK, Budget, SwapMap,
                                   slot_of)
@@ -133,11 +133,11 @@ def test_backoff_pauses_reclaim_with_an_injected_clock():
     now = [100.0]
     r = Reclaimer(SimpleNamespace(stats=SimpleNamespace(write_errors=0), log_limited=lambda *a: None),
                   budget_pages=4, clock=lambda: now[0])
-    r._write_failed([], OSError(5, "Input/output error"))
+    r._write_failed(WritebackBatch(1), OSError(5, "Input/output error"))
     assert r.paused and r.pause_reason.startswith("writeback failed: errno 5")
     now[0] += 0.06
     assert not r.paused
-    r._write_failed([], OSError(5, "Input/output error"))
+    r._write_failed(WritebackBatch(1), OSError(5, "Input/output error"))
     now[0] += 0.06
     assert r.paused                                # the second pause is twice as long
 

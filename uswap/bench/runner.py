@@ -72,14 +72,20 @@ class Bench:
             cmd += ["-o", dump]
         return cmd
 
+    @property
+    def swap_size(self) -> int:
+        """The kernel's swapfile, and uswap's store: the working set and 64 MiB more."""
+        return self.config.size + (64 << 20)
+
     def prepare(self) -> dict[str, str]:
         """The bench directory, its store and the workload binaries."""
         cfg = self.config
         os.makedirs(cfg.workdir, exist_ok=True)
         binaries = workload_binaries()   # built on first use, into the cache (uswap.bench.build)
         store = os.path.join(cfg.workdir, "bench.store")
-        if not os.path.exists(store):
-            mkswap(store, cfg.size + 64 * PAGE_SIZE + PAGE_SIZE, force=True)
+        size = self.swap_size + PAGE_SIZE      # as many slots as the kernel's swapfile has pages
+        if not os.path.exists(store) or os.path.getsize(store) != size:
+            mkswap(store, size, force=True)
         return binaries
 
     def run_breakdown(self) -> None:
@@ -117,7 +123,7 @@ class Bench:
                              readahead=cfg.readahead, daemon_cpu=cfg.daemon_cpu,
                              workload_cpu=cfg.workload_cpu) as daemon:
                 return daemon.run(cmd, timeout)
-        with KernelSwap(cfg.workdir, budget=cfg.resident, swap_size=cfg.size + (64 << 20),
+        with KernelSwap(cfg.workdir, budget=cfg.resident, swap_size=self.swap_size,
                         page_cluster=page_cluster, kind=backend, workload_cpu=cfg.workload_cpu) as swap:
             return swap.run(cmd, timeout)
 

@@ -57,7 +57,7 @@ REBUILD_AFTER = 50   # passes that found no victim while over the budget
 
 
 class Reclaimer:
-    def __init__(self, daemon, budget_pages: int, *, batch: int = 32, clock=time.monotonic):
+    def __init__(self, daemon, budget_pages: int, *, batch: int = 32, in_flight: int = 1, clock=time.monotonic):
         self.daemon = daemon
         self.budget_pages = budget_pages
         self.low = max(1, budget_pages - max(batch, budget_pages // 32))  # stop here
@@ -73,10 +73,12 @@ class Reclaimer:
         self._backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX)
         self._kick = trio.Event()
         self._progress = trio.Event()
-        self._buf = AlignedBuffer(batch * PAGE_SIZE)
-        self._zero = ffi.new("uint8_t[]", batch)
-        self._slots = ffi.new("int64_t[]", batch)
-        self._keep = ffi.new("uint8_t[]", batch)
+        # Batches in flight: one with sync I/O (each write completes before the next
+        # batch is chosen), IN_FLIGHT_ASYNC with async I/O (writes overlap the choice).
+        self.in_flight = in_flight
+        self._free = [WritebackBatch(batch) for _ in range(self.in_flight)]
+        self._batch_returned = trio.Event()
+        self._nursery: trio.Nursery | None = None
         self._count = ffi.new("uint64_t *")
 
     @property
@@ -128,26 +130,28 @@ class Reclaimer:
     # -- the reclaim task ---------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            # Engines report new resident runs lazily (no syscall per fault while
-            # under the budget line); looking every IDLE_LOOK keeps the CLOCK current.
-            with trio.move_on_after(IDLE_LOOK):
-                await self._kick.wait()
-            self._kick = trio.Event()
-            self.take_messages()
-            idle = 0
-            while self.resident > self.low:
-                if self.paused:
-                    await trio.sleep_until(self.paused_until)
-                    continue
-                progressed = await self.reclaim_batch()
-                self._progress.set()
-                self._progress = trio.Event()
-                idle = 0 if progressed else idle + 1
-                if idle == REBUILD_AFTER:
-                    self.rebuild_clock()
-                if not progressed:
-                    await trio.sleep(0.01)  # everything is in flight or referenced right now
+        async with trio.open_nursery() as nursery:   # batches in flight (async I/O) end with reclaim
+            self._nursery = nursery
+            while True:
+                # Engines report new resident runs lazily (no syscall per fault while
+                # under the budget line); looking every IDLE_LOOK keeps the CLOCK current.
+                with trio.move_on_after(IDLE_LOOK):
+                    await self._kick.wait()
+                self._kick = trio.Event()
+                self.take_messages()
+                idle = 0
+                while self.resident - self.writeback > self.low:
+                    if self.paused:
+                        await trio.sleep_until(self.paused_until)
+                        continue
+                    progressed = await self.reclaim_batch()
+                    self._progress.set()
+                    self._progress = trio.Event()
+                    idle = 0 if progressed else idle + 1
+                    if idle == REBUILD_AFTER:
+                        self.rebuild_clock()
+                    if not progressed:
+                        await trio.sleep(0.01)  # everything is in flight or referenced right now
 
     def take_messages(self) -> None:
         """What the engines did since we last looked: freed slots, new runs for the CLOCK."""
@@ -223,78 +227,104 @@ class Reclaimer:
 
         The pages may be scattered over regions and addresses; their slots are
         allocated as one cluster, so the batch is (usually) a single
-        sequential write, like the kernel's swap_iocb plugging.
+        sequential write, like the kernel's swap_iocb plugging.  With one batch
+        in flight (sync I/O) the write is awaited here; with more (async), it
+        goes on in its own task while the next batch is chosen.
         """
-        batch: list[tuple[Region, int, int, int]] = []   # (region, first, count, buffer index), buffer order
-        n = 0
+        while not self._free:
+            await self._batch_returned.wait()
+        batch = self._free.pop()
+        batch.clear()
         for region, pages in by_region([(r, p, 0) for r, p in victims]):
             with self.region_errors(region):
                 for first, count in runs([p for p, _ in pages]):
                     try:
                         check(lib.uswap_wb_prepare(region.map.c, region.uffd.fd, region.memfd, region.addr,
-                                                   PAGE_SIZE, first, count, self._buf.ptr + n * PAGE_SIZE,
-                                                   self._zero + n))
+                                                   PAGE_SIZE, first, count, batch.buf.ptr + batch.count * PAGE_SIZE,
+                                                   batch.zero + batch.count))
                     except OSError:
                         for p in range(first, first + count):
                             region.unclaim(p)
                         raise
-                    batch.append((region, first, count, n))
-                    n += count
-        if not n:
-            return
-        self.writeback += n
+                    batch.runs.append((region, first, count, batch.count))
+                    batch.count += count
+        if not batch.count:
+            return self._give_back(batch)
+        self.writeback += batch.count
         try:
-            self._allocate_slots(n)
-            await self.daemon.io.write_batch(self._buf, self._slots, n)
-        except OSError as e:
-            self._write_failed(batch, e)
-            return
-        finally:
-            self.writeback -= n
-        self._end_writeback(batch)
+            self._allocate_slots(batch)
+        except NoSlots as e:
+            return self._write_done(batch, e)
+        if self.in_flight == 1:
+            await self._write(batch)
+        else:
+            self._nursery.start_soon(self._write, batch)
 
-    def _allocate_slots(self, count: int) -> None:
+    async def _write(self, batch: "WritebackBatch") -> None:
+        try:
+            await self.daemon.io.write_batch(batch.buf, batch.slots, batch.count)
+        except OSError as e:
+            self._write_done(batch, e)
+        else:
+            self._write_done(batch, None)
+
+    def _write_done(self, batch: "WritebackBatch", error: OSError | None) -> None:
+        self.writeback -= batch.count
+        if error is None:
+            self._end_writeback(batch)
+        else:
+            self._write_failed(batch, error)
+        self._give_back(batch)
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def _give_back(self, batch: "WritebackBatch") -> None:
+        self._free.append(batch)
+        self._batch_returned.set()
+        self._batch_returned = trio.Event()
+
+    def _allocate_slots(self, batch: "WritebackBatch") -> None:
         """Give every non-zero buffer page a slot, in clusters (-1: an all-zero page)."""
-        for i in range(count):
-            self._slots[i] = -1
-        nonzero = [i for i in range(count) if not self._zero[i]]
+        for i in range(batch.count):
+            batch.slots[i] = -1
+        nonzero = [i for i in range(batch.count) if not batch.zero[i]]
         try:
             for run_first, run_count in runs(nonzero):
                 i = run_first
                 while i < run_first + run_count:
                     slot, got = self.daemon.slots.allocate(run_first + run_count - i)
                     for k in range(got):
-                        self._slots[i + k] = slot + k
+                        batch.slots[i + k] = slot + k
                     i += got
         except NoSlots:
-            self._release_slots(count)
+            self._release_slots(batch)
             raise
 
-    def _release_slots(self, count: int) -> None:
-        for i in range(count):
-            self.daemon.release_slot(self._slots[i])
-            self._slots[i] = -1
+    def _release_slots(self, batch: "WritebackBatch") -> None:
+        for i in range(batch.count):
+            self.daemon.release_slot(batch.slots[i])
+            batch.slots[i] = -1
 
-    def _end_writeback(self, batch: list[tuple[Region, int, int, int]]) -> None:
+    def _end_writeback(self, batch: "WritebackBatch") -> None:
         """end_page_writeback, then drop the pages nobody wanted meanwhile."""
-        for region, first, count, index in batch:
+        for region, first, count, index in batch.runs:
             if region.closed:
                 for i in range(index, index + count):
-                    self.daemon.release_slot(self._slots[i])
+                    self.daemon.release_slot(batch.slots[i])
                 continue
             kept = []
             for k in range(count):
-                self._keep[index + k] = first + k in region.wp_waiters
-                if self._keep[index + k]:
+                batch.keep[index + k] = first + k in region.wp_waiters
+                if batch.keep[index + k]:
                     kept.append(first + k)
-                elif self._slots[index + k] >= 0:
+                elif batch.slots[index + k] >= 0:
                     region.stats.pswpout += 1
                     self.daemon.stats.pswpout += 1
             self._count[0] = 0
             with self.region_errors(region):
                 self._finish_claims(region, first, count, lib.uswap_wb_finish(
                     region.map.c, region.uffd.fd, region.memfd, region.addr, PAGE_SIZE, first, count,
-                    self._slots + index, self._keep + index, 1, self._count))
+                    batch.slots + index, batch.keep + index, 1, self._count))
             self.punches += self._count[0]
             for page in kept:
                 self.runs.append((region, page, 1))   # wanted again: referenced, at the tail
@@ -302,31 +332,47 @@ class Reclaimer:
         self._backoff.reset()
         self.pause_reason = ""
 
-    def _write_failed(self, batch: list[tuple[Region, int, int, int]], error: OSError) -> None:
+    def _write_failed(self, batch: "WritebackBatch", error: OSError) -> None:
         """The kernel's policy: the pages stay resident and dirty; try later."""
         delay = self._backoff.next()
         self.paused_until = self.clock() + delay
         what = "no free slot" if isinstance(error, NoSlots) else f"errno {error.errno} ({error.strerror})"
         self.pause_reason = f"writeback failed: {what}; retrying in {delay:.2f}s"
-        pages = sum(count for _, _, count, _ in batch)
-        self.daemon.stats.write_errors += pages
-        self.daemon.log_limited("write", logging.ERROR, "writeback of %d page(s) failed: %s", pages, what)
+        self.daemon.stats.write_errors += batch.count
+        self.daemon.log_limited("write", logging.ERROR, "writeback of %d page(s) failed: %s", batch.count, what)
         if error.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EBADMSG, errno.ETIMEDOUT):
             log.error("unexpected writeback error", exc_info=error)
-        self._release_slots(sum(count for _, _, count, _ in batch))
-        for region, first, count, index in batch:
+        self._release_slots(batch)
+        for region, first, count, index in batch.runs:
             if region.closed:
                 continue
             region.stats.write_errors += count
             with self.region_errors(region):
                 self._finish_claims(region, first, count, lib.uswap_wb_finish(
                     region.map.c, region.uffd.fd, region.memfd, region.addr, PAGE_SIZE, first, count,
-                    self._slots + index, self._keep + index, 0, ffi.NULL))
+                    batch.slots + index, batch.keep + index, 0, ffi.NULL))
             self.runs.append((region, first, count))
             for page in range(first, first + count):
                 event = region.wp_waiters.pop(page, None)
                 if event:
                     event.set()
+
+
+class WritebackBatch:
+    """One batch's buffer and per-page arrays (zero, slot, keep), and its runs: (region, first, count, index).
+    A batch belongs to one writeback from ``write_batch`` until ``_give_back``."""
+
+    def __init__(self, pages: int):
+        self.buf = AlignedBuffer(pages * PAGE_SIZE)
+        self.zero = ffi.new("uint8_t[]", pages)
+        self.slots = ffi.new("int64_t[]", pages)
+        self.keep = ffi.new("uint8_t[]", pages)
+        self.runs: list[tuple[Region, int, int, int]] = []
+        self.count = 0
+
+    def clear(self) -> None:
+        self.runs = []
+        self.count = 0
 
 
 def by_region(victims) -> list[tuple[Region, list[tuple[int, int]]]]:

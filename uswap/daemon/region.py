@@ -171,9 +171,8 @@ class Region:
     def _account(self, kind: int, first: int, count: int, slot: int) -> bool:
         """Counters and freed slots for one message; True if it made a run resident."""
         if kind == INSTALLED:
-            if slot >= 0:   # installed dirty after a write fault: the slots are stale
-                for s in range(slot, slot + count):
-                    self.daemon.release_slot(s)
+            if slot >= 0:   # the faulting page went in dirty after a write fault: its slot is stale
+                self.daemon.release_slot(slot)
             self.stats.pswpin += count
             self.daemon.stats.pswpin += count
             return True

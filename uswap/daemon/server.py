@@ -60,6 +60,7 @@ _CMSG_SPACE = socket.CMSG_SPACE(MAX_REQUEST_FDS * _INT.size)
 MAX_USER_ADDRESS = 1 << 57          # above any x86-64/arm64 user address space (5-level paging included)
 ACCEPT_BACKOFF_FIRST = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
+ASYNC_BATCHES_IN_FLIGHT = 4
 RECLAIM_RESTART_FIRST = 0.1
 RECLAIM_RESTART_MAX = 10.0
 
@@ -104,7 +105,10 @@ class Daemon:
         self.store_fd = store.local_fd     # the engines read slots here; -1: every fault goes to Python
         self.codec_c = self.io.codec_c if self.store_fd >= 0 else None
         self.slots = SlotAllocator(store.slot_count)
-        self.reclaimer = Reclaimer(self, budget // PAGE_SIZE, batch=batch)
+        # Writeback batches in flight: one with sync I/O (each write completes before the
+        # next batch is chosen); with async I/O, writes overlap the choice of the next ones.
+        self.reclaimer = Reclaimer(self, budget // PAGE_SIZE, batch=batch,
+                                   in_flight=ASYNC_BATCHES_IN_FLIGHT if self.io.mode == "async" else 1)
         self.stats = DaemonStats()
         self.regions: dict[int, Region] = {}
         self._ended_engine_counts = {"engine_faults": 0, "slow_path_faults": 0}
