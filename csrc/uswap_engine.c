@@ -73,10 +73,13 @@ int uswap_swapmap_new(uint64_t pages, struct uswap_budget *budget, struct uswap_
 	return 0;
 }
 
+/* Free a map whose engine is stopped; its resident pages leave the budget (atomically:
+ * other regions' engines change the budget meanwhile). */
 void uswap_swapmap_free(struct uswap_swapmap *m)
 {
 	if (!m)
 		return;
+	__atomic_sub_fetch(&m->budget->resident, __atomic_load_n(&m->resident, __ATOMIC_ACQUIRE), __ATOMIC_RELAXED);
 	free(m->entry);
 	free(m);
 }
@@ -219,6 +222,7 @@ struct uswap_engine {
 	void *buf;           /* ra_max pages, aligned for O_DIRECT */
 	struct io_uring uring;         /* readahead: several slot runs in flight at once */
 	int uring_ok;
+	int install_dirty;             /* atomic: swap-ins go in writable (set by Python) */
 
 	pthread_mutex_t lock;          /* guards the ring */
 	pthread_cond_t space;          /* the ring has room again */
@@ -469,7 +473,10 @@ static int decode_slots(struct uswap_engine *e, const int64_t *slots, uint64_t n
 /* do_swap_page: the page is SWAPPED and claimed by us.  0 if served; else the
  * claim is given back and the caller forwards the fault.  After a write fault
  * the faulting page goes in writable (its slot is stale: freed) and the rest
- * of the window clean, as the kernel does. */
+ * of the window clean, as the kernel does; in install-dirty mode (Python's
+ * choice, for a region whose swapped-in pages are nearly all written next)
+ * the whole window goes in writable and every slot is freed, so no write
+ * fault comes back for them. */
 static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int write)
 {
 	struct uswap_swapmap *m = e->map;
@@ -480,10 +487,11 @@ static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int wr
 		unclaim(m, first, n);
 		return -ENOMEM;
 	}
+	int all_dirty = __atomic_load_n(&e->install_dirty, __ATOMIC_RELAXED);
 	int ret = read_slots(e, slots, n);
 	if (ret == 0)
 		ret = decode_slots(e, slots, n);
-	if (ret == 0 && write) {
+	if (ret == 0 && write && !all_dirty) {
 		uint64_t k = page - first;
 		ret = fill(e, 1, first, k, 1);
 		if (ret == 0)
@@ -491,21 +499,31 @@ static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int wr
 		if (ret == 0)
 			ret = fill_from(e, page + 1, n - k - 1, k + 1, 1);
 	} else if (ret == 0) {
-		ret = fill(e, 1, first, n, 1);
+		ret = fill(e, 1, first, n, !all_dirty);
 	}
 	if (ret < 0) {   /* Python retries, reports, poisons, or learns the client is gone */
 		unclaim(m, first, n);
 		return ret;
 	}
 	for (uint64_t p = first; p < first + n; p++) {
-		int dirty = write && p == page;
+		int dirty = all_dirty || (write && p == page);
 		uswap_map_publish(m, p, dirty ? USWAP_DIRTY : USWAP_CLEAN, dirty ? -1 : slots[p - first], p == page);
 	}
 	struct uswap_engine_msg msg = { .kind = USWAP_MSG_INSTALLED, .first = first, .count = (uint32_t)n,
-					.faulting = page, .slot = write ? slots[page - first] : -1 };
+					.faulting = page, .slot = write && !all_dirty ? slots[page - first] : -1 };
 	count(&e->stats.pswpin, n);
 	post(e, &msg);
+	for (uint64_t i = 0; all_dirty && i < n; i++) {
+		struct uswap_engine_msg freed = { .kind = USWAP_MSG_FREED, .first = first + i, .count = 1,
+						  .faulting = page, .slot = slots[i] };
+		post(e, &freed);
+	}
 	return 0;
+}
+
+void uswap_engine_set_install_dirty(struct uswap_engine *e, int on)
+{
+	__atomic_store_n(&e->install_dirty, on, __ATOMIC_RELAXED);
 }
 
 /* First touch: zero pages for the faulting page and the never-touched pages after it. */

@@ -63,7 +63,8 @@ enum {
 				    * dirty (a write fault) and its slot is free */
 	USWAP_MSG_ZEROED = 2,      /* pages first..first+count-1 zero-filled (DIRTY) */
 	USWAP_MSG_DIRTIED = 3,     /* a CLEAN page was written: its slot is free */
-	USWAP_MSG_FORWARD = 4      /* a fault the engine did not serve: address, flags */
+	USWAP_MSG_FORWARD = 4,     /* a fault the engine did not serve: address, flags */
+	USWAP_MSG_FREED = 5        /* page first went in writable (install-dirty mode): its old slot is free */
 };
 
 struct uswap_engine_msg {
@@ -111,6 +112,7 @@ int uswap_engine_notify_fd(struct uswap_engine *e);
 int uswap_engine_drain(struct uswap_engine *e, struct uswap_engine_msg *out, int max);
 void uswap_engine_stats(struct uswap_engine *e, struct uswap_engine_stats *out);
 void uswap_engine_stop(struct uswap_engine *e);
+void uswap_engine_set_install_dirty(struct uswap_engine *e, int on);
 void uswap_engine_free(struct uswap_engine *e);
 
 /* Writeback of claimed pages (busy held by the caller), in three steps. */

@@ -7,7 +7,7 @@ pages, WRITEBACK and POISONED pages, read errors and checksum mismatches,
 faults above the hard budget, and every fault of a store Python serves
 (NFS).  What it did goes to Python in order through a ring (INSTALLED,
 ZEROED, DIRTIED: resident runs for the CLOCK, slots to free), with an eventfd
-to wait on.
+to wait on; FREED reports slots of pages installed writable.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, check
 from uswap.daemon.swapmap import SwapMap
 
-INSTALLED, ZEROED, DIRTIED, FORWARD = (lib.USWAP_MSG_INSTALLED, lib.USWAP_MSG_ZEROED, lib.USWAP_MSG_DIRTIED,
-                                       lib.USWAP_MSG_FORWARD)
+INSTALLED, ZEROED, DIRTIED, FORWARD, FREED = (lib.USWAP_MSG_INSTALLED, lib.USWAP_MSG_ZEROED, lib.USWAP_MSG_DIRTIED,
+                                              lib.USWAP_MSG_FORWARD, lib.USWAP_MSG_FREED)
 DRAIN_BATCH = 256
 
 
@@ -62,6 +62,10 @@ class Engine:
         lib.uswap_engine_stats(self.c, self._stats)
         s = self._stats
         return EngineStats(s.engine_faults, s.forwarded, s.pswpin, s.zero_fills, s.wp_faults, s.read_ios)
+
+    def set_install_dirty(self, on: bool) -> None:
+        """Swap-ins go in writable, their slots freed (no write fault comes back), or clean."""
+        lib.uswap_engine_set_install_dirty(self.c, int(on))
 
     def stop(self) -> None:
         if self.c is not None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import trio
 
 from uswap.core import PAGE_SIZE, AlignedBuffer
-from uswap.daemon.engine import DIRTIED, FORWARD, INSTALLED, ZEROED, Engine
+from uswap.daemon.engine import DIRTIED, FORWARD, FREED, INSTALLED, ZEROED, Engine
 from uswap.daemon.swapmap import (ABSENT, BUSY, CLEAN, DIRTY, POISONED, SWAPPED, WRITEBACK, SwapMap, slot_of,
                                   state_of)
 from uswap.uffd import CopyMode, FaultFlag, Pagefault, PartialFill, Userfaultfd
@@ -37,6 +37,9 @@ from uswap.uffd import CopyMode, FaultFlag, Pagefault, PartialFill, Userfaultfd
 log = logging.getLogger("uswap.region")
 
 READ_RETRIES = 3
+PROBE_PAGES = 512     # clean swap-ins over which the install-dirty policy measures writes
+DIRTY_SHARE = 0.75    # written share of them above which swap-ins go in writable
+DIRTY_SPAN = 8192     # writable swap-ins before measuring again
 ENGINE_HOLD_POLL = 0.0002   # a page the engine holds is free again within one install
 # The client's memory is gone (exit, munmap, kill): stop serving, quietly.
 GONE_ERRNOS = (errno.ESRCH, errno.ENOENT, errno.EFAULT, errno.EINVAL)
@@ -85,6 +88,9 @@ class Region:
         self.released = trio.Event()   # set (and replaced) whenever Python publishes a page it held
         self.wp_waiters: dict[int, trio.Event] = {}  # pages whose writer waits for writeback to end
         self._bufs: list[AlignedBuffer] = []   # free read buffers: one per swap-in in flight, never shared
+        self.install_dirty = False      # the install-dirty policy's state (_installed)
+        self._since_decision = 0
+        self._dirtied = 0
         self._last_fault = -(1 << 40)   # readahead state of the Python path: previous fault, window size
         self._ra_size = 1
         local = daemon.store_fd
@@ -175,6 +181,7 @@ class Region:
                 self.daemon.release_slot(slot)
             self.stats.pswpin += count
             self.daemon.stats.pswpin += count
+            self._installed(count)
             return True
         if kind == ZEROED:
             self.stats.zero_fills += count
@@ -182,7 +189,27 @@ class Region:
         if kind == DIRTIED:
             self.daemon.release_slot(slot)
             self.stats.wp_faults += 1
+            self._dirtied += 1
+        elif kind == FREED:
+            self.daemon.release_slot(slot)
         return False
+
+    def _installed(self, count: int) -> None:
+        """The install-dirty policy (do_swap_page's choice of a writable PTE, per region):
+        when nearly every page swapped in clean is written soon after, a write fault per
+        page costs more than rewriting the few that were not, so swap-ins go in writable.
+        Measured over PROBE_PAGES clean installs; after DIRTY_SPAN writable ones, measure again."""
+        self._since_decision += count
+        if self.install_dirty:
+            if self._since_decision >= DIRTY_SPAN:
+                self._set_install_dirty(False)
+        elif self._since_decision >= PROBE_PAGES:
+            self._set_install_dirty(self._dirtied >= DIRTY_SHARE * self._since_decision)
+
+    def _set_install_dirty(self, on: bool) -> None:
+        self.install_dirty = on
+        self._since_decision = self._dirtied = 0
+        self.engine.set_install_dirty(on)
 
     async def serve_forwarded(self, event: Pagefault) -> None:
         """A task per forwarded fault (it may wait: throttling, a writeback, a read).

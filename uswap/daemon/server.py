@@ -72,7 +72,6 @@ class Client:
     pid: int
     uid: int
     region: Region | None = None
-    scope: trio.CancelScope | None = None
 
 
 @dataclass
@@ -258,7 +257,6 @@ class Daemon:
             client = Client(sock, pid, uid)
             try:
                 async with trio.open_nursery() as nursery:
-                    client.scope = nursery.cancel_scope
                     await self._converse(client, nursery)
                     nursery.cancel_scope.cancel()
             except Exception:

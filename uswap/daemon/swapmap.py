@@ -79,8 +79,7 @@ class SwapMap:
     def close(self) -> None:
         """Free the map; its resident pages leave the budget.  The engine must be stopped."""
         if self.c is not None:
-            self.budget.c.resident -= self.c.resident
-            lib.uswap_swapmap_free(self.c)
+            lib.uswap_swapmap_free(self.c)   # in C: the budget is shared with running engine threads
             self.c = None
 
     @property
