@@ -687,6 +687,7 @@ int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t ad
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (ret < 0)
 		goto fail;
+	pthread_setname_np(e->thread, "uswap-engine");   /* for top -H, perf -t, gdb */
 	e->started = 1;
 	*out = e;
 	return 0;

@@ -40,6 +40,7 @@ import trio
 from uswap._core import lib
 from uswap.core import PAGE_SIZE, AlignedBuffer, check
 from uswap.backoff import Backoff
+from uswap.config import DEFAULTS
 from uswap.daemon.limits import UserLedger, UserLimits
 from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_received
 from uswap.daemon.reclaim import Reclaimer
@@ -88,8 +89,8 @@ class SocketInUse(OSError):
 
 
 class Daemon:
-    def __init__(self, store: Store, socket_path: str, *, budget: int, io_mode: str = "sync",
-                 readahead: int = 8, batch: int = 32, group: int | None = None,
+    def __init__(self, store: Store, socket_path: str, *, budget: int, io_mode: str = DEFAULTS.io,
+                 readahead: int = DEFAULTS.readahead, batch: int = 32, group: int | None = None,
                  limits: UserLimits | None = None, map_timeout: float = 10.0):
         if budget < PAGE_SIZE:
             raise ValueError(f"resident budget {budget} is smaller than one page")
