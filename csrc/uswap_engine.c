@@ -278,40 +278,17 @@ static void forward(struct uswap_engine *e, const struct uffd_msg *m)
 	post(e, &msg);
 }
 
-static int fill_from(struct uswap_engine *e, uint64_t page, uint64_t n, uint64_t buf_page, int wp);
-
-/* A fill ioctl over [page, page+n) that finishes what it stops short of (EAGAIN)
+/* Install pages page..page+n-1: UFFDIO_COPY from the buffer's page buf_page on, or
+ * UFFDIO_ZEROPAGE when buf_page < 0; finishes what the kernel stops short of (EAGAIN)
  * and steps over pages already there (EEXIST).  0, or -errno (the client's memory is gone). */
-static int fill(struct uswap_engine *e, int copy, uint64_t page, uint64_t n, int wp)
-{
-	if (copy)
-		return fill_from(e, page, n, 0, wp);
-	uint64_t start = e->addr + page * e->page_size, end = start + n * e->page_size, at = start;
-	while (at < end) {
-		int64_t done = 0;
-		int ret = uswap_uffd_zeropage(e->uffd, at, end - at, 0, &done);
-		if (ret == 0) {
-			at += done > 0 ? (uint64_t)done : end - at;
-		} else if (ret == -EAGAIN) {
-			at += done > 0 ? (uint64_t)done : 0;
-		} else if (ret == -EEXIST) {
-			uswap_uffd_wake(e->uffd, at, e->page_size);
-			at += e->page_size;
-		} else {
-			return ret;
-		}
-	}
-	return 0;
-}
-
-/* UFFDIO_COPY pages page..page+n-1 from the buffer's page buf_page on, the same way. */
-static int fill_from(struct uswap_engine *e, uint64_t page, uint64_t n, uint64_t buf_page, int wp)
+static int fill(struct uswap_engine *e, uint64_t page, uint64_t n, int64_t buf_page, int wp)
 {
 	uint64_t start = e->addr + page * e->page_size, end = start + n * e->page_size, at = start;
-	uint64_t src = (uint64_t)(uintptr_t)e->buf + buf_page * e->page_size;
+	uint64_t src = (uint64_t)(uintptr_t)e->buf + (uint64_t)(buf_page < 0 ? 0 : buf_page) * e->page_size;
 	while (at < end) {
 		int64_t done = 0;
-		int ret = uswap_uffd_copy(e->uffd, at, src + (at - start), end - at, wp ? UFFDIO_COPY_MODE_WP : 0, &done);
+		int ret = buf_page < 0 ? uswap_uffd_zeropage(e->uffd, at, end - at, 0, &done)
+			  : uswap_uffd_copy(e->uffd, at, src + (at - start), end - at, wp ? UFFDIO_COPY_MODE_WP : 0, &done);
 		if (ret == 0) {
 			at += done > 0 ? (uint64_t)done : end - at;
 		} else if (ret == -EAGAIN) {
@@ -493,13 +470,13 @@ static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int wr
 		ret = decode_slots(e, slots, n);
 	if (ret == 0 && write && !all_dirty) {
 		uint64_t k = page - first;
-		ret = fill(e, 1, first, k, 1);
+		ret = fill(e, first, k, 0, 1);
 		if (ret == 0)
-			ret = fill_from(e, page, 1, k, 0);
+			ret = fill(e, page, 1, (int64_t)k, 0);
 		if (ret == 0)
-			ret = fill_from(e, page + 1, n - k - 1, k + 1, 1);
+			ret = fill(e, page + 1, n - k - 1, (int64_t)k + 1, 1);
 	} else if (ret == 0) {
-		ret = fill(e, 1, first, n, !all_dirty);
+		ret = fill(e, first, n, 0, !all_dirty);
 	}
 	if (ret < 0) {   /* Python retries, reports, poisons, or learns the client is gone */
 		unclaim(m, first, n);
@@ -546,7 +523,7 @@ static int zero_fill(struct uswap_engine *e, uint64_t page)
 		unclaim(m, page, n);
 		return -ENOMEM;
 	}
-	int ret = fill(e, 0, page, n, 0);
+	int ret = fill(e, page, n, -1, 0);
 	if (ret < 0) {
 		unclaim(m, page, n);
 		return ret;

@@ -167,6 +167,9 @@ def test_flipped_bit_on_disk_poisons_only_that_client(uswapd, hog, encrypt, mess
     code, out, err = finish_holder(victim)
     assert code == -signal.SIGBUS, (code, out, err)
     assert "CORRUPT" not in out and "intact" not in out  # wrong data was never handed back
+    deadline = time.monotonic() + 10
+    while daemon.status()["regions"] and time.monotonic() < deadline:
+        time.sleep(0.05)                               # the daemon sees the victim's connection close
     d = daemon.status()["daemon"]
     assert d["read_errors"] >= 3                       # retried before giving up
     assert message in daemon.log()

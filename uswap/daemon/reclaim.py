@@ -235,26 +235,44 @@ class Reclaimer:
             await self._batch_returned.wait()
         batch = self._free.pop()
         batch.clear()
-        for region, pages in by_region([(r, p, 0) for r, p in victims]):
-            with self.region_errors(region):
-                for first, count in runs([p for p, _ in pages]):
-                    try:
-                        check(lib.uswap_wb_prepare(region.map.c, region.uffd.fd, region.memfd, region.addr,
-                                                   PAGE_SIZE, first, count, batch.buf.ptr + batch.count * PAGE_SIZE,
-                                                   batch.zero + batch.count))
-                    except OSError:
-                        for p in range(first, first + count):
-                            region.unclaim(p)
-                        raise
-                    batch.runs.append((region, first, count, batch.count))
-                    batch.count += count
-        if not batch.count:
-            return self._give_back(batch)
-        self.writeback += batch.count
+        # Invariant: a batch goes back to the free list exactly once (``_write_done``, or
+        # below), whatever happens, or reclaim would wait for it forever; and prepared pages
+        # never stay WRITEBACK: a failure before the write puts them back dirty.
+        handed = False
         try:
-            self._allocate_slots(batch)
-        except NoSlots as e:
-            return self._write_done(batch, e)
+            for region, pages in by_region([(r, p, 0) for r, p in victims]):
+                if region.closed:
+                    continue   # released while we waited for a batch: its pages went with it
+                with self.region_errors(region):
+                    for first, count in runs([p for p, _ in pages]):
+                        try:
+                            check(lib.uswap_wb_prepare(region.map.c, region.uffd.fd, region.memfd, region.addr,
+                                                       PAGE_SIZE, first, count,
+                                                       batch.buf.ptr + batch.count * PAGE_SIZE,
+                                                       batch.zero + batch.count))
+                        except OSError:
+                            for p in range(first, first + count):
+                                region.unclaim(p)
+                            raise
+                        batch.runs.append((region, first, count, batch.count))
+                        batch.count += count
+            if not batch.count:
+                return
+            self.writeback += batch.count
+            handed = True
+            try:
+                self._allocate_slots(batch)
+            except NoSlots as e:
+                return self._write_done(batch, e)
+        except BaseException as e:
+            if not handed and batch.count:
+                self.writeback += batch.count
+                handed = True
+                self._write_done(batch, OSError(errno.EIO, f"writeback could not start: {e!r}"))
+            raise
+        finally:
+            if not handed:
+                self._give_back(batch)
         if self.in_flight == 1:
             await self._write(batch)
         else:
