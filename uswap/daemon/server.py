@@ -62,6 +62,9 @@ MAX_USER_ADDRESS = 1 << 57          # above any x86-64/arm64 user address space 
 ACCEPT_BACKOFF_FIRST = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
 ASYNC_BATCHES_IN_FLIGHT = 4
+# Pages per writeback batch (one cluster of slots, usually one write): the kernel's SWAP_CLUSTER_MAX.
+# 64 measured better only with a roomy store (docs/BENCHMARKS.md, "Writeback batch size").
+WRITEBACK_BATCH = 32
 RECLAIM_RESTART_FIRST = 0.1
 RECLAIM_RESTART_MAX = 10.0
 
@@ -90,7 +93,7 @@ class SocketInUse(OSError):
 
 class Daemon:
     def __init__(self, store: Store, socket_path: str, *, budget: int, io_mode: str = DEFAULTS.io,
-                 readahead: int = DEFAULTS.readahead, batch: int = 32, group: int | None = None,
+                 readahead: int = DEFAULTS.readahead, batch: int = WRITEBACK_BATCH, group: int | None = None,
                  limits: UserLimits | None = None, map_timeout: float = 10.0):
         if budget < PAGE_SIZE:
             raise ValueError(f"resident budget {budget} is smaller than one page")
