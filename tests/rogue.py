@@ -46,8 +46,7 @@ import threading
 import time
 import traceback
 
-from uswap._core import ffi, lib
-from uswap.core import PAGE_SIZE, check
+from uswap.core import PAGE_SIZE
 from uswap.protocol import MAGIC, OP_DETACH, OP_MAP, OP_STATUS, OP_UNMAP, REQUEST, VERSION, Reply, Request
 from uswap.uffd import Feature, RegisterMode, Userfaultfd
 
@@ -109,18 +108,8 @@ def drop_capabilities() -> None:
 
 def open_uffd(features: Feature = CLIENT_FEATURES) -> Userfaultfd:
     """A non-blocking userfaultfd; UFFD_USER_MODE_ONLY unless root (what an unprivileged uid may open
-    with vm.unprivileged_userfaultfd=0).  Not Userfaultfd.open: its feature probe opens a uffd without
-    UFFD_USER_MODE_ONLY, which an unprivileged uid may not."""
-    flags = lib.O_CLOEXEC | lib.O_NONBLOCK | (lib.UFFD_USER_MODE_ONLY if os.geteuid() != 0 else 0)
-    fd = check(lib.uswap_uffd_open(flags))
-    try:
-        got = ffi.new("uint64_t *")
-        ioctls = ffi.new("uint64_t *")
-        check(lib.uswap_uffd_api(fd, int(features), got, ioctls))
-    except BaseException:
-        os.close(fd)
-        raise
-    return Userfaultfd(fd, Feature(got[0] & sum(Feature)), ioctls[0])
+    with vm.unprivileged_userfaultfd=0)."""
+    return Userfaultfd.open(features, user_mode_only=os.geteuid() != 0)
 
 
 def new_memfd(length: int, *, sealing: bool = True) -> int:

@@ -85,10 +85,6 @@ class Reclaimer:
     def resident(self) -> int:
         return self.budget.resident
 
-    @property
-    def hard(self) -> int:
-        return self.budget.hard
-
     # -- bookkeeping, called by regions -----------------------------------------
 
     def add_run(self, region: Region, first: int, count: int) -> None:
@@ -123,7 +119,7 @@ class Reclaimer:
         Not while reclaim is paused by store errors: then resident memory grows
         past the budget instead of deadlocking the client.
         """
-        while self.resident >= self.hard and not self.paused:
+        while self.resident >= self.budget.hard and not self.paused:
             self._kick.set()
             await self._progress.wait()
 
@@ -216,10 +212,7 @@ class Reclaimer:
     @staticmethod
     def _finish_claims(region: Region, first: int, count: int, ret: int) -> None:
         """After a C call that published pages first..first+count-1: they are no longer held."""
-        for p in range(first, first + count):
-            region.held.discard(p)
-        region.released.set()
-        region.released = trio.Event()
+        region.end_claims(range(first, first + count))
         check(ret)
 
     async def write_batch(self, victims: list[tuple[Region, int]]) -> None:

@@ -123,7 +123,11 @@ class Region:
 
     def publish(self, page: int, state: int, slot: int = -1, *, referenced: int = -1) -> None:
         self.map.publish(page, state, slot, referenced=referenced)
-        self.held.discard(page)
+        self.end_claims((page,))
+
+    def end_claims(self, pages) -> None:
+        """Pages Python held were published (here, or by a C call): wake who waits for them."""
+        self.held.difference_update(pages)
         self.released.set()
         self.released = trio.Event()
 

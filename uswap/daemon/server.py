@@ -376,12 +376,10 @@ class Daemon:
             check_mapping(client.pid, addr, length, memfd_id)
             uffd = Userfaultfd.from_fd(uffd_fd)
             try:
-                # Registering again proves the range is this uffd's (EBUSY if another
-                # uffd of the client holds it: WRITEPROTECT alone would not tell, the
-                # kernel accepts it from any uffd of the mm); lifting WP on fresh pages
-                # changes nothing and proves WP mode.
+                # Registering again, MISSING|WP, proves the range is this uffd's in that
+                # mode (EBUSY if another uffd of the client holds it: WRITEPROTECT alone
+                # would not tell, the kernel accepts it from any uffd of the mm).
                 uffd.register(addr, length, RegisterMode.MISSING | RegisterMode.WP)
-                uffd.write_protect(addr, length, False)
             except OSError as e:
                 raise ProtocolError(f"the userfaultfd does not cover {addr:#x}+{length} with MISSING|WP "
                                     f"registration ({e.strerror})", errno.EINVAL) from None
