@@ -21,11 +21,12 @@ def declarations(header: str) -> str:
 
 
 ffi = cffi.FFI()
-ffi.cdef((HERE / "cdef.h").read_text() + declarations("uswap_core.h") + declarations("uswap_engine.h"))
+ffi.cdef((HERE / "cdef.h").read_text() + declarations("uswap_core.h") + declarations("uswap_slots.h")
+          + declarations("uswap_engine.h"))
 ffi.set_source(
     "uswap._core",
-    '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap_engine.h"\n#include "uswap.h"\n',
-    sources=["csrc/uswap_core.c", "csrc/uswap_client.c", "csrc/uswap_seal.c", "csrc/uswap_engine.c",
+    '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap_slots.h"\n#include "uswap_engine.h"\n#include "uswap.h"\n',
+    sources=["csrc/uswap_core.c", "csrc/uswap_client.c", "csrc/uswap_seal.c", "csrc/uswap_slots.c", "csrc/uswap_engine.c",
              "csrc/uswap_probe.c"],
     include_dirs=["csrc", "uswap/include"],
     libraries=["crypto",    # OpenSSL libcrypto: AES-256-GCM for sealed slots (uswap_seal.c)

@@ -25,6 +25,7 @@
 #define _GNU_SOURCE
 #include "uswap_engine.h"
 #include "uswap_core.h"
+#include "uswap_slots.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -217,6 +218,7 @@ struct uswap_engine {
 	uint64_t addr;
 	uint32_t page_size;
 	struct uswap_codec codec;
+	struct uswap_slots *slots;     /* the daemon's allocator: slots made stale here are freed here */
 	uint32_t ra_max, ra_size;
 	int64_t last_fault;
 	void *buf;           /* ra_max pages, aligned for O_DIRECT */
@@ -270,10 +272,10 @@ static void post(struct uswap_engine *e, const struct uswap_engine_msg *msg)
 	}
 }
 
-static void forward(struct uswap_engine *e, const struct uffd_msg *m)
+static void forward(struct uswap_engine *e, const struct uffd_msg *m, int why)
 {
 	struct uswap_engine_msg msg = { .kind = USWAP_MSG_FORWARD, .address = m->arg.pagefault.address,
-					.flags = m->arg.pagefault.flags, .slot = -1 };
+					.flags = m->arg.pagefault.flags, .slot = why };
 	count(&e->stats.forwarded, 1);
 	post(e, &msg);
 }
@@ -318,13 +320,6 @@ static uint32_t window(struct uswap_engine *e, uint64_t page)
 	return e->ra_size;
 }
 
-static int over_budget(struct uswap_engine *e, uint64_t pages)
-{
-	struct uswap_budget *b = e->map->budget;
-	return __atomic_load_n(&b->resident, __ATOMIC_RELAXED) + (int64_t)pages
-	       > b->hard;
-}
-
 /* Give back claims taken for a run that will not be installed (state unchanged). */
 static void unclaim(struct uswap_swapmap *m, uint64_t first, uint64_t n)
 {
@@ -332,6 +327,29 @@ static void unclaim(struct uswap_swapmap *m, uint64_t first, uint64_t n)
 		uint64_t e = load(m, p);
 		uswap_map_publish(m, p, state_of(e), slot_of(e), -1);
 	}
+}
+
+/* Direct reclaim's line: how many of the n claimed pages first..first+n-1 (the faulting
+ * page at index at) may go in.  At the hard line none: the claims are given back and
+ * the fault goes to Python, which throttles (the same test as Reclaimer.throttle, so a
+ * fault it lets through is served here).  Below it, the window is cut to what fits
+ * around the faulting page, the rest unclaimed. */
+static int fit_budget(struct uswap_engine *e, uint64_t *first, uint64_t *n, uint64_t at)
+{
+	struct uswap_budget *b = e->map->budget;
+	int64_t room = b->hard - __atomic_load_n(&b->resident, __ATOMIC_RELAXED);
+	if (room <= 0) {
+		unclaim(e->map, *first, *n);
+		return -ENOMEM;
+	}
+	if ((int64_t)*n > room) {
+		uint64_t keep = (uint64_t)room, lead = at < keep - 1 ? at : keep - 1;   /* pages kept before at */
+		unclaim(e->map, *first, at - lead);
+		unclaim(e->map, *first + at - lead + keep, *n - (at - lead) - keep);
+		*first += at - lead;
+		*n = keep;
+	}
+	return 0;
 }
 
 /* Claim a page for the readahead window if it is SWAPPED and unclaimed; its slot, or -1. */
@@ -459,11 +477,11 @@ static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int wr
 	struct uswap_swapmap *m = e->map;
 	int64_t slots[MAX_WINDOW];
 	uint64_t first;
-	uint64_t n = claim_window(e, page, slot_of(entry), window(e, page), &first, slots);
-	if (over_budget(e, n)) {
-		unclaim(m, first, n);
+	uint64_t n = claim_window(e, page, slot_of(entry), window(e, page), &first, slots), was = first;
+	if (fit_budget(e, &first, &n, page - first) < 0)
 		return -ENOMEM;
-	}
+	if (first != was)
+		memmove(slots, slots + (first - was), n * sizeof(slots[0]));
 	int all_dirty = __atomic_load_n(&e->install_dirty, __ATOMIC_RELAXED);
 	int ret = read_slots(e, slots, n);
 	if (ret == 0)
@@ -486,15 +504,15 @@ static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int wr
 		int dirty = all_dirty || (write && p == page);
 		uswap_map_publish(m, p, dirty ? USWAP_DIRTY : USWAP_CLEAN, dirty ? -1 : slots[p - first], p == page);
 	}
+	/* A page that went in writable has a stale slot: free it now that nothing reads it
+	 * (the read above was its last; published DIRTY, no entry names it). */
+	for (uint64_t p = first; p < first + n; p++)
+		if (all_dirty || (write && p == page))
+			uswap_slots_release(e->slots, (uint64_t)slots[p - first], 1);
 	struct uswap_engine_msg msg = { .kind = USWAP_MSG_INSTALLED, .first = first, .count = (uint32_t)n,
-					.faulting = page, .slot = write && !all_dirty ? slots[page - first] : -1 };
+					.faulting = page, .slot = -1 };
 	count(&e->stats.pswpin, n);
 	post(e, &msg);
-	for (uint64_t i = 0; all_dirty && i < n; i++) {
-		struct uswap_engine_msg freed = { .kind = USWAP_MSG_FREED, .first = first + i, .count = 1,
-						  .faulting = page, .slot = slots[i] };
-		post(e, &freed);
-	}
 	return 0;
 }
 
@@ -519,10 +537,9 @@ static int zero_fill(struct uswap_engine *e, uint64_t page)
 		}
 		n++;
 	}
-	if (over_budget(e, n)) {
-		unclaim(m, page, n);
+	uint64_t first = page;
+	if (fit_budget(e, &first, &n, 0) < 0)
 		return -ENOMEM;
-	}
 	int ret = fill(e, page, n, -1, 0);
 	if (ret < 0) {
 		unclaim(m, page, n);
@@ -546,8 +563,9 @@ static int make_dirty(struct uswap_engine *e, uint64_t page, uint64_t entry)
 		return ret;
 	}
 	uswap_map_publish(e->map, page, USWAP_DIRTY, -1, 1);
+	uswap_slots_release(e->slots, (uint64_t)slot_of(entry), 1);   /* stale from the first write on */
 	struct uswap_engine_msg msg = { .kind = USWAP_MSG_DIRTIED, .first = page, .count = 1, .faulting = page,
-					.slot = slot_of(entry) };
+					.slot = -1 };
 	post(e, &msg);
 	return 0;
 }
@@ -557,10 +575,10 @@ static void handle_fault(struct uswap_engine *e, const struct uffd_msg *m)
 {
 	uint64_t address = m->arg.pagefault.address, flags = m->arg.pagefault.flags;
 	if (e->store_fd < 0 || address < e->addr || address >= e->addr + e->map->pages * e->page_size)
-		return forward(e, m);
+		return forward(e, m, -ENODEV);
 	uint64_t page = (address - e->addr) / e->page_size, entry;
 	if (uswap_map_claim(e->map, page, &entry) < 0)
-		return forward(e, m);   /* busy: Python waits for the holder */
+		return forward(e, m, -EBUSY);   /* Python waits for the holder */
 	uint32_t s = state_of(entry);
 	int ret;
 	if (flags & UFFD_PAGEFAULT_FLAG_WP) {
@@ -591,7 +609,7 @@ static void handle_fault(struct uswap_engine *e, const struct uffd_msg *m)
 				     : -EAGAIN;   /* POISONED: Python installs the marker */
 	}
 	if (ret < 0)
-		return forward(e, m);
+		return forward(e, m, ret);
 	count(&e->stats.engine_faults, 1);
 }
 
@@ -627,7 +645,8 @@ static void *engine_main(void *arg)
 }
 
 int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
-		       int store_fd, const struct uswap_codec *codec, uint32_t readahead, struct uswap_engine **out)
+		       int store_fd, const struct uswap_codec *codec, struct uswap_slots *slots, uint32_t readahead,
+		       struct uswap_engine **out)
 {
 	struct uswap_engine *e = calloc(1, sizeof(*e));
 	if (!e)
@@ -636,6 +655,7 @@ int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t ad
 	e->uffd = uffd;
 	e->memfd = memfd;
 	e->store_fd = store_fd;
+	e->slots = slots;
 	e->addr = addr;
 	e->page_size = page_size;
 	if (codec)
@@ -797,7 +817,7 @@ int uswap_wb_write(int store_fd, const struct uswap_codec *c, void *buf, const i
  * while the page is still there.  Failed writes: DIRTY, writable again. */
 int uswap_wb_finish(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
 		    uint64_t first, uint64_t count, const int64_t *slots, const uint8_t *keep, int ok,
-		    uint64_t *punches)
+		    uint64_t *punches, uint64_t *swapped)
 {
 	int ret = 0;
 	if (!ok) {
@@ -826,8 +846,11 @@ int uswap_wb_finish(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr,
 				(*punches)++;
 			if (r < 0 && !ret)
 				ret = r;
-			for (uint64_t k = i; k < i + n; k++)
+			for (uint64_t k = i; k < i + n; k++) {
 				uswap_map_publish(m, first + k, slots[k] < 0 ? USWAP_ABSENT : USWAP_SWAPPED, slots[k], 0);
+				if (swapped && slots[k] >= 0)
+					(*swapped)++;
+			}
 		}
 		i += n;
 	}

@@ -17,6 +17,8 @@
 
 /* CDEF-BEGIN */
 
+struct uswap_slots;   /* uswap_slots.h */
+
 /* Page states (uswap.daemon.swapmap mirrors these) and the bits of a page's entry. */
 enum {
 	USWAP_ABSENT = 0,     /* never touched, or evicted while all zeros: a zero page on the next touch */
@@ -32,7 +34,8 @@ enum {
 };
 
 /* Resident pages of all regions, the budget line (above it reclaim runs: the engine wakes Python
- * with what it did) and the hard line (a fault that would pass it goes to Python, which throttles). */
+ * with what it did) and the hard line (at it, a fault goes to Python, which throttles; below it
+ * a readahead or zero-fill window is cut to what fits). */
 struct uswap_budget {
 	int64_t resident;     /* atomic */
 	int64_t soft;
@@ -59,12 +62,14 @@ struct uswap_codec {
 
 /* What the engine tells Python, in order, through a ring and an eventfd. */
 enum {
-	USWAP_MSG_INSTALLED = 1,   /* pages first..first+count-1 swapped in; slot >= 0: the faulting page went in
-				    * dirty (a write fault) and its slot is free */
+	USWAP_MSG_INSTALLED = 1,   /* pages first..first+count-1 swapped in (the slots of those that went in
+				    * writable are freed by the engine) */
 	USWAP_MSG_ZEROED = 2,      /* pages first..first+count-1 zero-filled (DIRTY) */
-	USWAP_MSG_DIRTIED = 3,     /* a CLEAN page was written: its slot is free */
-	USWAP_MSG_FORWARD = 4,     /* a fault the engine did not serve: address, flags */
-	USWAP_MSG_FREED = 5        /* page first went in writable (install-dirty mode): its old slot is free */
+	USWAP_MSG_DIRTIED = 3,     /* a CLEAN page was written (the engine freed its slot) */
+	USWAP_MSG_FORWARD = 4      /* a fault the engine did not serve: address, flags; slot: why (-errno:
+				    * -ENOMEM above the hard line, -EBUSY a held page, -EAGAIN a state
+				    * Python serves, -ENODEV a store the engine does not read, else the
+				    * error of the read, check or install) */
 };
 
 struct uswap_engine_msg {
@@ -104,10 +109,11 @@ uint64_t uswap_map_count(struct uswap_swapmap *m, uint32_t state);
 int uswap_codec_encode(const struct uswap_codec *c, void *buf, uint64_t first_slot, uint64_t count);
 int uswap_codec_decode(const struct uswap_codec *c, void *buf, uint64_t first_slot, uint64_t count, int *bad);
 
-/* The engine thread.  store_fd < 0: forward every fault (a store Python serves, e.g. NFS). */
+/* The engine thread.  store_fd < 0: forward every fault (a store Python serves, e.g. NFS).
+ * slots: the daemon's allocator; the engine frees the slots of pages it makes writable. */
 int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
-		       int store_fd, const struct uswap_codec *codec, uint32_t readahead,
-		       struct uswap_engine **out);
+		       int store_fd, const struct uswap_codec *codec, struct uswap_slots *slots,
+		       uint32_t readahead, struct uswap_engine **out);
 int uswap_engine_notify_fd(struct uswap_engine *e);
 int uswap_engine_drain(struct uswap_engine *e, struct uswap_engine_msg *out, int max);
 void uswap_engine_stats(struct uswap_engine *e, struct uswap_engine_stats *out);
@@ -122,7 +128,7 @@ int uswap_wb_write(int store_fd, const struct uswap_codec *codec, void *buf, con
 		   uint64_t *write_ios);
 int uswap_wb_finish(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
 		    uint64_t first, uint64_t count, const int64_t *slots, const uint8_t *keep, int ok,
-		    uint64_t *punches);
+		    uint64_t *punches, uint64_t *swapped);
 int uswap_drop_clean(struct uswap_swapmap *m, int memfd, uint32_t page_size, uint64_t first, uint64_t count);
 
 /* The C floor of a random swap-in (uswap_probe.c), for `uswap bench`. */

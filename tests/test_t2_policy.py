@@ -40,6 +40,22 @@ def test_slots_settle_for_shorter_runs_when_fragmented():
         SlotAllocator(4).free(0)
 
 
+def test_a_batch_gets_clustered_slots_and_none_for_zero_pages():
+    from uswap._core import ffi
+    slots = SlotAllocator(10)
+    zero = ffi.new("uint8_t[]", [0, 0, 1, 0, 0, 0])
+    out = ffi.new("int64_t[]", 6)
+    slots.assign(zero, out, 6)
+    assert list(out) == [0, 1, -1, 2, 3, 4] and slots.in_use == 5
+    with pytest.raises(NoSlots):
+        slots.assign(ffi.new("uint8_t[]", 6), out, 6)      # 6 needed, 5 free: nothing taken
+    assert slots.in_use == 5 and list(out) == [-1] * 6
+    slots.free_list(ffi.new("int64_t[]", [0, -1, 4]), 3)
+    assert slots.in_use == 3
+    with pytest.raises(AssertionError, match="freed twice"):
+        slots.free_list(ffi.new("int64_t[]", [0]), 1)
+
+
 def test_runs_and_grouping():
     assert runs([1, 2, 3, 7, 8, 10]) == [(1, 3), (7, 2), (10, 1)]
     assert runs([]) == []
@@ -131,7 +147,8 @@ def test_a_full_batch_leaves_the_rest_of_its_run_next_in_line():
 
 def test_backoff_pauses_reclaim_with_an_injected_clock():
     now = [100.0]
-    r = Reclaimer(SimpleNamespace(stats=SimpleNamespace(write_errors=0), log_limited=lambda *a: None),
+    r = Reclaimer(SimpleNamespace(stats=SimpleNamespace(write_errors=0), log_limited=lambda *a: None,
+                                  slots=SlotAllocator(4)),
                   budget_pages=4, clock=lambda: now[0])
     r._write_failed(WritebackBatch(1), OSError(5, "Input/output error"))
     assert r.paused and r.pause_reason.startswith("writeback failed: errno 5")

@@ -197,3 +197,25 @@ def test_interrupted_mkswap_leaves_nothing(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("value", ["0", "257", "-1"])
+def test_daemon_refuses_a_writeback_batch_out_of_range(tmp_path, value):
+    """Refused before anything is made: no store, no socket, one line naming the range."""
+    store, sock = tmp_path / "store", tmp_path / "d.sock"
+    r = uswap("daemon", "--store", str(store), "--socket", str(sock), "--writeback-batch", value, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"uswap daemon: error: --writeback-batch {value} is out of range: give 1 to 256 pages"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_writeback_batch_default_and_range():
+    from uswap.daemon.server import MAX_WRITEBACK_BATCH, WRITEBACK_BATCH, writeback_batch
+    assert (writeback_batch(None), writeback_batch(1), writeback_batch(256)) == (WRITEBACK_BATCH, 1, 256)
+    assert MAX_WRITEBACK_BATCH == 256
+    with pytest.raises(ValueError, match="--writeback-batch 300 is out of range"):
+        writeback_batch(300)
+    # The help states the default without importing the daemon: it must say the constant's value.
+    help_text = " ".join(uswap("daemon", "--help").stdout.split())
+    assert f"1 to 256 (default {WRITEBACK_BATCH}:" in help_text

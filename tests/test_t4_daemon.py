@@ -58,6 +58,20 @@ def test_writer_hammering_pages_under_writeback(uswapd, hammer):
     assert daemon.status()["daemon"]["writeback_waits"] > 0  # writes did land on pages under writeback
 
 
+@pytest.mark.parametrize("io", ["sync", "async"])
+def test_writer_hammering_a_tiny_budget_with_one_page_batches(uswapd, hammer, io):
+    """Batch 1: every write is one page, so pages sit under writeback alone and often."""
+    daemon = uswapd(resident="512K", io=io, extra=("--writeback-batch", "1"))
+    assert "writeback batch 1" in daemon.log()
+    r = subprocess.run([hammer, "4", "8"], capture_output=True, text=True, env=daemon.env(), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.endswith(" 0 wrong\n"), r.stdout
+    d = daemon.status()["daemon"]
+    assert d["writeback_waits"] > 0               # writes did land on pages under writeback
+    assert d["write_ios"] >= d["pswpout"] > 0      # one page per write: the option took effect
+    assert d["read_errors"] == d["write_errors"] == 0
+
+
 @pytest.mark.parametrize("mode", ["seq", "random", "zipf"])
 def test_workloads_verify_every_page(uswapd, workload, mode):
     daemon = uswapd(resident="4M")
@@ -249,6 +263,40 @@ def test_status_reports_a_failing_store(loopfs, uswapd):
     assert (code, out) == (0, "intact\n")
 
 
+def wait_for_no_regions(daemon, timeout: float = 10) -> None:
+    """Until the daemon has seen every client's connection close."""
+    deadline = time.monotonic() + timeout
+    while daemon.status()["regions"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_store_read_errors_give_sigbus_to_the_toucher_only(loopfs, uswapd):  # loopfs first: torn down last
+    """Injected read errors (the store's filesystem shut down under the daemon): the client whose pages
+    are in the store dies of SIGBUS at the first one it touches, never sees zeros or finishes its verify;
+    the daemon keeps serving, and a client that starts afterwards keeps its data."""
+    mnt = loopfs.make("ext4", size="64M", mkfs_args=("-q", "-F", "-b", "4096"))
+    daemon = uswapd(store=os.path.join(mnt, "store"), store_size="32M", resident="4M")
+    holder = start_holder(daemon, 16 * MiB)
+    try:
+        assert daemon.status()["regions"][0]["swapped_pages"] >= 8 * MiB // PAGE_SIZE
+        run("xfs_io", "-x", "-c", "shutdown", mnt)     # every read of a slot now fails with EIO
+    finally:
+        code, out, err = finish_holder(holder)
+    assert code == -signal.SIGBUS, (code, out, err)
+    assert out == ""                                   # neither "intact" nor "CORRUPT": no page came back
+    assert daemon.answers()
+    wait_for_no_regions(daemon)
+    d = daemon.status()["daemon"]
+    assert d["read_errors"] >= 3                       # retried before giving up
+    log = daemon.log()
+    assert "failed, attempt 1: [Errno 5]" in log and "poisoned" in log
+    # Writes fail too now, so the next client gets a region it can keep resident.
+    r = subprocess.run([sys.executable, "-c", NUMPY_CLIENT, str(2 * MiB)], capture_output=True, text=True,
+                       env=daemon.env(), timeout=120)
+    assert (r.returncode, r.stdout.strip()) == (0, "mismatches 0"), r.stderr
+    assert daemon.status()["daemon"]["pid"] == daemon.proc.pid
+
+
 def test_client_sigkill_frees_its_slots(uswapd, hog):
     daemon = uswapd(resident="4M")
     proc = subprocess.Popen([hog, "-s", "16", "-r", "50"], env=daemon.env(), stdout=subprocess.DEVNULL,
@@ -333,6 +381,95 @@ def test_daemon_sigterm_gives_every_page_back(uswapd):
     code, out, err = finish_holder(holder)
     assert (code, out) == (0, "intact\n"), err
     assert "read back" in daemon.log()
+
+
+def start_swapping(daemon, commands: list[list[str]]) -> list[subprocess.Popen]:
+    """A client per command, returned once the daemon has both written and read a good part
+    of their pages since they all mapped (its engines are mid-I/O from then on)."""
+    procs = [subprocess.Popen(cmd, env=daemon.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in commands]
+    try:
+        deadline = time.monotonic() + 30
+        while len(daemon.status()["regions"]) < len(procs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        d = daemon.status()["daemon"]
+        start_in, start_out = d["pswpin"], d["pswpout"]
+        while time.monotonic() < deadline:
+            d = daemon.status()["daemon"]
+            if d["pswpin"] - start_in > 1000 and d["pswpout"] - start_out > 1000:
+                break
+            time.sleep(0.02)
+        assert d["pswpin"] - start_in > 1000 and d["pswpout"] - start_out > 1000, d
+        assert [p.poll() for p in procs] == [None] * len(procs)    # all still paging
+    except BaseException:
+        end_clients(procs)
+        raise
+    return procs
+
+
+def end_clients(procs: list[subprocess.Popen], timeout: float = 30) -> list[tuple[int, str, str]]:
+    """Each client's (exit code, stdout, stderr); one still running at the deadline is killed (code -9)."""
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results.append((proc.returncode, out, err))
+    return results
+
+
+# Writes a word of every page and checks every word of the region, pass after pass, until it dies:
+# a page handed back wrong (zeros where data was) is reported at once, as CORRUPT.
+CHECKER = textwrap.dedent("""
+    import numpy, sys, uswap
+    words = int(sys.argv[1]) // 8
+    region = uswap.Region(words * 8)
+    a = numpy.frombuffer(region.buffer, dtype=numpy.uint64)
+    expect = numpy.arange(words, dtype=numpy.uint64)
+    a[:] = expect
+    for n in range(int(sys.argv[2])):
+        a[::512] += 1
+        expect[::512] += 1
+        if not (a == expect).all():
+            print(f"CORRUPT after {n} passes: {int((a != expect).sum())} words", flush=True)
+            sys.exit(3)
+    print("intact", flush=True)
+""")
+
+
+def test_daemon_sigkill_while_engines_swap(uswapd, hog):
+    """Clients paging hard when the daemon dies: each dies of SIGBUS at a page the daemon held (or
+    exits with an error), and none reports a mismatch or gets wrong data."""
+    daemon = uswapd(resident="4M", store_size="128M")
+    procs = start_swapping(daemon, [[hog, "-s", "8", "-t", "2", "-r", "100000"]] * 2      # hours at this budget
+                           + [[sys.executable, "-c", CHECKER, str(8 * MiB), "100000"]])
+    daemon.stop(signal.SIGKILL)
+    results = end_clients(procs, timeout=20)
+    for code, out, err in results:
+        assert "mismatches" not in out and "CORRUPT" not in out and "intact" not in out, results
+        assert code == -signal.SIGBUS or (code > 0 and err), results
+        assert "lost the daemon" in err, results
+    assert any(code == -signal.SIGBUS for code, _, _ in results), results
+
+
+def test_daemon_sigterm_while_engines_swap(uswapd, hog):
+    """swapoff with engines running: the daemon stops them, reads every page back and exits 0;
+    the clients go on in plain shared memory and verify every word."""
+    daemon = uswapd(resident="4M", store_size="128M")
+    procs = start_swapping(daemon, [[hog, "-s", "8", "-t", "2", "-r", "200"]] * 2
+                           + [[sys.executable, "-c", CHECKER, str(8 * MiB), "200"]])
+    try:
+        swapped = sum(r["swapped_pages"] for r in daemon.status()["regions"])
+        assert daemon.stop(signal.SIGTERM) == 0
+    finally:
+        results = end_clients(procs)
+    assert swapped > 0
+    assert [(code, out.count(" 0 mismatches") + out.count("intact")) for code, out, _ in results] == [(0, 1)] * 3, \
+        results
+    assert daemon.log().count("page(s) read back") == 3
+    assert "could not be read back" not in daemon.log()
 
 
 def test_fork_child_does_not_inherit_regions(uswapd):

@@ -119,7 +119,9 @@ def cmd_daemon(args) -> int:
     import trio
 
     from uswap.daemon.main import harden_process, lock_memory, run_daemon
+    from uswap.daemon.server import writeback_batch
     from uswap.protocol import daemon_socket_path
+    batch = writeback_batch(args.writeback_batch)   # refused before anything is made or started
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="uswap daemon[%(process)d]: %(levelname)s %(message)s")
     group = socket_group(args.group)
@@ -132,7 +134,7 @@ def cmd_daemon(args) -> int:
                                nfs_timeout=args.nfs_timeout, nfs_stable=args.nfs_stable, group=group,
                                user_max_size=args.user_max_size, user_max_regions=args.user_max_regions,
                                user_max_connections=args.user_max_connections, map_timeout=args.map_timeout,
-                               encrypt=args.encrypt == "on"))
+                               encrypt=args.encrypt == "on", writeback_batch=batch))
     return 0
 
 
@@ -370,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"slot I/O mode (default {DEFAULTS.io}: measured, docs/BENCHMARKS.md)")
     p.add_argument("--readahead", type=int, default=DEFAULTS.readahead,
                    help=f"swap-in window in pages (default {DEFAULTS.readahead}, 1 = off)")
+    p.add_argument("--writeback-batch", type=int, default=None, metavar="N",
+                   help="pages per writeback batch, 1 to 256 (default 32: the kernel's SWAP_CLUSTER_MAX; "
+                        "docs/BENCHMARKS.md)")
     p.add_argument("--encrypt", choices=ENCRYPT_MODES, default=ENCRYPT_MODES[0], help=ENCRYPT_HELP)
     _nfs_options(p, stable=True)
     access = p.add_argument_group("who may use the daemon (docs/SECURITY.md)")

@@ -6,8 +6,9 @@ C, and hands everything else to Python as FORWARD messages: faults on busy
 pages, WRITEBACK and POISONED pages, read errors and checksum mismatches,
 faults above the hard budget, and every fault of a store Python serves
 (NFS).  What it did goes to Python in order through a ring (INSTALLED,
-ZEROED, DIRTIED: resident runs for the CLOCK, slots to free), with an eventfd
-to wait on; FREED reports slots of pages installed writable.
+ZEROED: resident runs for the CLOCK; DIRTIED: a clean page written), with an
+eventfd to wait on.  The slots of pages it makes writable it frees itself, in
+the daemon's allocator (uswap.daemon.slots).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, check
 from uswap.daemon.swapmap import SwapMap
 
-INSTALLED, ZEROED, DIRTIED, FORWARD, FREED = (lib.USWAP_MSG_INSTALLED, lib.USWAP_MSG_ZEROED, lib.USWAP_MSG_DIRTIED,
-                                              lib.USWAP_MSG_FORWARD, lib.USWAP_MSG_FREED)
+INSTALLED, ZEROED, DIRTIED, FORWARD = (lib.USWAP_MSG_INSTALLED, lib.USWAP_MSG_ZEROED, lib.USWAP_MSG_DIRTIED,
+                                       lib.USWAP_MSG_FORWARD)
 DRAIN_BATCH = 256
 
 
@@ -36,12 +37,12 @@ class EngineStats:
 class Engine:
     """Started at construction; :meth:`stop` quiesces it (the thread has returned), :meth:`close` frees it."""
 
-    def __init__(self, swapmap: SwapMap, *, uffd: int, memfd: int, addr: int, store_fd: int, codec,
+    def __init__(self, swapmap: SwapMap, *, uffd: int, memfd: int, addr: int, store_fd: int, codec, slots,
                  readahead: int):
         out = ffi.new("struct uswap_engine **")
         self._codec = codec   # a struct uswap_codec * (or NULL); kept alive as long as the engine
         check(lib.uswap_engine_start(swapmap.c, uffd, memfd, addr, PAGE_SIZE, store_fd,
-                                     codec if codec is not None else ffi.NULL, readahead, out))
+                                     codec if codec is not None else ffi.NULL, slots.c, readahead, out))
         self.c = out[0]
         self.notify_fd = lib.uswap_engine_notify_fd(self.c)
         self._msgs = ffi.new("struct uswap_engine_msg[]", DRAIN_BATCH)

@@ -54,14 +54,14 @@ def user_limits(slot_count: int, *, max_size: int | None, max_regions: int, max_
 async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode: str, readahead: int,
                      nfs_timeout: float, nfs_stable: str, group: int | None = None, user_max_size: int | None = None,
                      user_max_regions: int = 64, user_max_connections: int = 64, map_timeout: float = 10.0,
-                     encrypt: bool = True) -> None:
+                     encrypt: bool = True, writeback_batch: int | None = None) -> None:
     """Open the store (a path or an nfs:// URL), serve until signalled, close the store."""
     options = StoreOptions(encrypt=encrypt, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable)
     async with opened_store(store_spec, options) as store:
         limits = user_limits(store.slot_count, max_size=user_max_size, max_regions=user_max_regions,
                              max_connections=user_max_connections)
         daemon = Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead, group=group,
-                        limits=limits, map_timeout=map_timeout)
+                        limits=limits, map_timeout=map_timeout, batch=writeback_batch)
         await serve_until_signalled(daemon)
 
 

@@ -79,7 +79,8 @@ class Reclaimer:
         self._free = [WritebackBatch(batch) for _ in range(self.in_flight)]
         self._batch_returned = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._count = ffi.new("uint64_t *")
+        self._punches = ffi.new("uint64_t *")
+        self._swapped = ffi.new("uint64_t *")
 
     @property
     def resident(self) -> int:
@@ -295,48 +296,29 @@ class Reclaimer:
         self._batch_returned = trio.Event()
 
     def _allocate_slots(self, batch: "WritebackBatch") -> None:
-        """Give every non-zero buffer page a slot, in clusters (-1: an all-zero page)."""
-        for i in range(batch.count):
-            batch.slots[i] = -1
-        nonzero = [i for i in range(batch.count) if not batch.zero[i]]
-        try:
-            for run_first, run_count in runs(nonzero):
-                i = run_first
-                while i < run_first + run_count:
-                    slot, got = self.daemon.slots.allocate(run_first + run_count - i)
-                    for k in range(got):
-                        batch.slots[i + k] = slot + k
-                    i += got
-        except NoSlots:
-            self._release_slots(batch)
-            raise
+        """Give every non-zero buffer page a slot, in clusters (-1: an all-zero page); NoSlots: none."""
+        self.daemon.slots.assign(batch.zero, batch.slots, batch.count)
 
     def _release_slots(self, batch: "WritebackBatch") -> None:
-        for i in range(batch.count):
-            self.daemon.release_slot(batch.slots[i])
-            batch.slots[i] = -1
+        self.daemon.slots.free_list(batch.slots, batch.count)
 
     def _end_writeback(self, batch: "WritebackBatch") -> None:
         """end_page_writeback, then drop the pages nobody wanted meanwhile."""
         for region, first, count, index in batch.runs:
             if region.closed:
-                for i in range(index, index + count):
-                    self.daemon.release_slot(batch.slots[i])
+                self.daemon.slots.free_list(batch.slots + index, count)
                 continue
-            kept = []
-            for k in range(count):
-                batch.keep[index + k] = first + k in region.wp_waiters
-                if batch.keep[index + k]:
-                    kept.append(first + k)
-                elif batch.slots[index + k] >= 0:
-                    region.stats.pswpout += 1
-                    self.daemon.stats.pswpout += 1
-            self._count[0] = 0
+            kept = [page for page in region.wp_waiters if first <= page < first + count]
+            for page in kept:
+                batch.keep[index + page - first] = 1
+            self._punches[0] = self._swapped[0] = 0
             with self.region_errors(region):
                 self._finish_claims(region, first, count, lib.uswap_wb_finish(
                     region.map.c, region.uffd.fd, region.memfd, region.addr, PAGE_SIZE, first, count,
-                    batch.slots + index, batch.keep + index, 1, self._count))
-            self.punches += self._count[0]
+                    batch.slots + index, batch.keep + index, 1, self._punches, self._swapped))
+            self.punches += self._punches[0]
+            region.stats.pswpout += self._swapped[0]
+            self.daemon.stats.pswpout += self._swapped[0]
             for page in kept:
                 self.runs.append((region, page, 1))   # wanted again: referenced, at the tail
                 region.wp_waiters.pop(page).set()
@@ -361,7 +343,7 @@ class Reclaimer:
             with self.region_errors(region):
                 self._finish_claims(region, first, count, lib.uswap_wb_finish(
                     region.map.c, region.uffd.fd, region.memfd, region.addr, PAGE_SIZE, first, count,
-                    batch.slots + index, batch.keep + index, 0, ffi.NULL))
+                    batch.slots + index, batch.keep + index, 0, ffi.NULL, ffi.NULL))
             self.runs.append((region, first, count))
             for page in range(first, first + count):
                 event = region.wp_waiters.pop(page, None)
@@ -384,6 +366,7 @@ class WritebackBatch:
     def clear(self) -> None:
         self.runs = []
         self.count = 0
+        ffi.buffer(self.keep)[:] = bytes(len(self.keep))
 
 
 def by_region(victims) -> list[tuple[Region, list[tuple[int, int]]]]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import trio
 
 from uswap.core import PAGE_SIZE, AlignedBuffer
-from uswap.daemon.engine import DIRTIED, FORWARD, FREED, INSTALLED, ZEROED, Engine
+from uswap.daemon.engine import DIRTIED, FORWARD, INSTALLED, ZEROED, Engine
 from uswap.daemon.swapmap import (ABSENT, BUSY, CLEAN, DIRTY, POISONED, SWAPPED, WRITEBACK, SwapMap, slot_of,
                                   state_of)
 from uswap.uffd import CopyMode, FaultFlag, Pagefault, PartialFill, Userfaultfd
@@ -55,6 +55,7 @@ class RegionStats:
     zero_fills: int = 0
     wp_faults: int = 0
     writeback_waits: int = 0   # writes that had to wait for their page's writeback to end
+    throttled: int = 0         # faults held at the hard budget line, then handed back to the engine
     pswpin: int = 0
     pswpout: int = 0
     read_errors: int = 0
@@ -95,7 +96,8 @@ class Region:
         self._ra_size = 1
         local = daemon.store_fd
         self.engine = Engine(self.map, uffd=uffd.fd, memfd=memfd, addr=addr, store_fd=local,
-                             codec=daemon.codec_c if local >= 0 else None, readahead=daemon.readahead)
+                             codec=daemon.codec_c if local >= 0 else None, slots=daemon.slots,
+                             readahead=daemon.readahead)
 
     # -- accounting -------------------------------------------------------
 
@@ -172,17 +174,15 @@ class Region:
         if self.closed:
             return
         for kind, first, count, faulting, slot, address, flags in self.engine.drain():
-            if kind == FORWARD:
+            if kind == FORWARD:   # slot: why the engine did not serve it (-errno)
                 if not self.connection.cancel_called:   # else the connection is ending: nothing to serve
-                    self.nursery.start_soon(self.serve_forwarded, Pagefault(address, FaultFlag(flags), 0))
-            elif self._account(kind, first, count, slot):
+                    self.nursery.start_soon(self.serve_forwarded, Pagefault(address, FaultFlag(flags), 0), -slot)
+            elif self._account(kind, count):
                 self.daemon.reclaimer.add_run(self, first, count)
 
-    def _account(self, kind: int, first: int, count: int, slot: int) -> bool:
-        """Counters and freed slots for one message; True if it made a run resident."""
+    def _account(self, kind: int, count: int) -> bool:
+        """Counters for one message; True if it made a run resident."""
         if kind == INSTALLED:
-            if slot >= 0:   # the faulting page went in dirty after a write fault: its slot is stale
-                self.daemon.release_slot(slot)
             self.stats.pswpin += count
             self.daemon.stats.pswpin += count
             self._installed(count)
@@ -191,11 +191,8 @@ class Region:
             self.stats.zero_fills += count
             return True
         if kind == DIRTIED:
-            self.daemon.release_slot(slot)
             self.stats.wp_faults += 1
             self._dirtied += 1
-        elif kind == FREED:
-            self.daemon.release_slot(slot)
         return False
 
     def _installed(self, count: int) -> None:
@@ -215,13 +212,28 @@ class Region:
         self._since_decision = self._dirtied = 0
         self.engine.set_install_dirty(on)
 
-    async def serve_forwarded(self, event: Pagefault) -> None:
+    async def serve_forwarded(self, event: Pagefault, why: int) -> None:
         """A task per forwarded fault (it may wait: throttling, a writeback, a read).
         Every await below is followed by a look at ``closed``: the region may be
-        released meanwhile, and then its map and fds are gone."""
+        released meanwhile, and then its map and fds are gone.
+
+        A fault the engine refused only for the hard budget line (ENOMEM) is
+        throttled here and then handed back: the thread is woken, faults again
+        and the engine serves it, unless resident memory is still at the line
+        (reclaim paused by store errors), when Python serves it itself."""
         try:
-            if not self.closed:
-                await self.handle_fault(event)
+            if self.closed:
+                return
+            if why == errno.ENOMEM:
+                reclaimer = self.daemon.reclaimer
+                await reclaimer.throttle()
+                if self.closed:
+                    return
+                if reclaimer.resident < reclaimer.budget.hard:
+                    self.stats.throttled += 1
+                    self.daemon.stats.throttled += 1
+                    return self._ioctl(self.uffd.wake, event.address & ~(PAGE_SIZE - 1), PAGE_SIZE)
+            await self.handle_fault(event)
         except RegionGone:
             self.daemon.end_region(self, "its client's memory is gone", level=logging.INFO)
 
@@ -484,7 +496,7 @@ class Region:
         self.closed = True
         self.engine.stop()
         for kind, first, count, faulting, slot, address, flags in self.engine.drain():
-            self._account(kind, first, count, slot)
+            self._account(kind, count)
         for event in self.wp_waiters.values():
             event.set()
         for page in range(self.pages):

@@ -65,6 +65,7 @@ ASYNC_BATCHES_IN_FLIGHT = 4
 # Pages per writeback batch (one cluster of slots, usually one write): the kernel's SWAP_CLUSTER_MAX.
 # 64 measured better only with a roomy store (docs/BENCHMARKS.md, "Writeback batch size").
 WRITEBACK_BATCH = 32
+MAX_WRITEBACK_BATCH = 256           # `uswap daemon --writeback-batch` accepts 1..MAX_WRITEBACK_BATCH
 RECLAIM_RESTART_FIRST = 0.1
 RECLAIM_RESTART_MAX = 10.0
 
@@ -85,18 +86,29 @@ class DaemonStats:
     read_errors: int = 0
     write_errors: int = 0
     writeback_waits: int = 0
+    throttled: int = 0
 
 
 class SocketInUse(OSError):
     pass
 
 
+def writeback_batch(pages: int | None) -> int:
+    """Pages per writeback batch: ``--writeback-batch`` checked (None: WRITEBACK_BATCH); ValueError otherwise."""
+    if pages is None:
+        return WRITEBACK_BATCH
+    if not 1 <= pages <= MAX_WRITEBACK_BATCH:
+        raise ValueError(f"--writeback-batch {pages} is out of range: give 1 to {MAX_WRITEBACK_BATCH} pages")
+    return pages
+
+
 class Daemon:
     def __init__(self, store: Store, socket_path: str, *, budget: int, io_mode: str = DEFAULTS.io,
-                 readahead: int = DEFAULTS.readahead, batch: int = WRITEBACK_BATCH, group: int | None = None,
+                 readahead: int = DEFAULTS.readahead, batch: int | None = None, group: int | None = None,
                  limits: UserLimits | None = None, map_timeout: float = 10.0):
         if budget < PAGE_SIZE:
             raise ValueError(f"resident budget {budget} is smaller than one page")
+        batch = writeback_batch(batch)
         self.store = store
         self.socket_path = socket_path
         self.group = group               # the socket's group (0660), or None: 0600
@@ -107,7 +119,7 @@ class Daemon:
         self.io = store.slot_io(io_mode)
         self.store_fd = store.local_fd     # the engines read slots here; -1: every fault goes to Python
         self.codec_c = self.io.codec_c if self.store_fd >= 0 else None
-        self.slots = SlotAllocator(store.slot_count)
+        self.slots = SlotAllocator(store.slot_count, store.codec)
         # Writeback batches in flight: one with sync I/O (each write completes before the
         # next batch is chosen); with async I/O, writes overlap the choice of the next ones.
         self.reclaimer = Reclaimer(self, budget // PAGE_SIZE, batch=batch,
@@ -129,8 +141,7 @@ class Daemon:
 
     def release_slot(self, slot: int) -> None:
         if slot >= 0:
-            self.slots.free(slot)
-            self.store.discard_slots(slot, 1)
+            self.slots.free(slot)   # and the codec forgets it
 
     def note_read_error(self, region: Region, error: OSError, slot: int, attempt: int) -> None:
         self.stats.read_errors += 1
@@ -182,8 +193,9 @@ class Daemon:
         """Serve until :meth:`request_stop`, then detach every region and return."""
         listener = self.bind()
         who = f"uid {os.geteuid()} and group {self.group}" if self.group is not None else f"uid {os.geteuid()} only"
-        log.info("serving %s on %s (%s): budget %d pages, %s I/O, readahead %d", self.store.path, self.socket_path,
-                 who, self.budget // PAGE_SIZE, self.io.mode, self.readahead)
+        log.info("serving %s on %s (%s): budget %d pages, %s I/O, readahead %d, writeback batch %d",
+                 self.store.path, self.socket_path, who, self.budget // PAGE_SIZE, self.io.mode, self.readahead,
+                 self.reclaimer.batch)
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery

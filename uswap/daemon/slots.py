@@ -1,13 +1,20 @@
-"""Which store slots are in use: the swap map's free list, allocated in clusters.
+"""Which store slots are in use: the swap map's free list, allocated in clusters (C: csrc/uswap_slots.c).
 
 Like the kernel's swap cluster allocator, allocation prefers a run of
 contiguous free slots after the last one handed out, so that a batch of
-victims becomes one write and, later, one readahead read.
+victims becomes one write and, later, one readahead read.  The bitmap is in C
+because the engines free slots from their own threads (a swapped-in page that
+goes in writable: its slot is stale at once); only the event loop allocates.
+A freed slot is forgotten by the store's codec in the same call, before it
+can be handed out again: reading it back is an error from then on.
 """
 
 from __future__ import annotations
 
 import errno
+
+from uswap._core import ffi, lib
+from uswap.core import check
 
 
 class NoSlots(OSError):
@@ -16,11 +23,17 @@ class NoSlots(OSError):
 
 
 class SlotAllocator:
-    def __init__(self, count: int):
+    def __init__(self, count: int, codec=None):
+        out = ffi.new("struct uswap_slots **")
+        self._valid = codec.valid_array() if codec is not None else ffi.NULL   # kept alive with us
+        check(lib.uswap_slots_new(count, self._valid, out))
+        self.c = ffi.gc(out[0], lib.uswap_slots_destroy)
         self.count = count
-        self.in_use = 0
-        self._used = bytearray(count)  # 1 = in use
-        self._next = 0                 # where the next search starts (next-fit)
+        self._first = ffi.new("uint64_t *")
+
+    @property
+    def in_use(self) -> int:
+        return self.c.in_use
 
     def allocate(self, want: int) -> tuple[int, int]:
         """A run of free slots: (first, length) with 1 <= length <= want.
@@ -28,26 +41,23 @@ class SlotAllocator:
         The longest run up to ``want`` found from the next-fit position, trying
         halves of ``want`` before settling for fewer.
         """
-        n = want
-        while n >= 1:
-            first = self._find(bytes(n))
-            if first >= 0:
-                self._used[first:first + n] = b"\x01" * n
-                self.in_use += n
-                self._next = first + n if first + n < self.count else 0
-                return first, n
-            n //= 2
-        raise NoSlots()
+        got = lib.uswap_slots_alloc(self.c, want, self._first)
+        if got == -errno.ENOSPC:
+            raise NoSlots()
+        check(got)
+        return self._first[0], got
 
-    def _find(self, run: bytes) -> int:
-        first = self._used.find(run, self._next)
-        if first < 0:
-            first = self._used.find(run, 0)
-        return first
+    def assign(self, zero, slots, count: int) -> None:
+        """A writeback batch's slots: ``slots[i]`` for each page not all zeros (``zero[i]``), -1 for
+        the others, in clusters; NoSlots with none taken."""
+        if lib.uswap_slots_assign(self.c, zero, slots, count) == -errno.ENOSPC:
+            raise NoSlots()
 
     def free(self, first: int, n: int = 1) -> None:
-        for slot in range(first, first + n):
-            if not self._used[slot]:
-                raise AssertionError(f"slot {slot} freed twice")
-            self._used[slot] = 0
-        self.in_use -= n
+        if lib.uswap_slots_release(self.c, first, n) == -errno.EINVAL:
+            raise AssertionError(f"slot in {first}..{first + n - 1} freed twice")
+
+    def free_list(self, slots, count: int) -> None:
+        """Free every ``slots[i] >= 0`` (i < count) and set it to -1."""
+        if lib.uswap_slots_release_list(self.c, slots, count) == -errno.EINVAL:
+            raise AssertionError("a slot of a writeback batch was freed twice")

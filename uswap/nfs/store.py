@@ -185,9 +185,6 @@ class NfsStore(Store, SlotIO):
         await read_at(self.conn, offset, length, ptr)
         self.codec.decode(first, count, ptr)
 
-    def discard_slots(self, first: int, count: int) -> None:
-        self.codec.forget(first, count)
-
     def status(self) -> dict:
         """Entries for `uswap status` (a daemon's, or a FUSE mount's .status)."""
         return {"encryption": self.codec.encryption,

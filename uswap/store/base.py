@@ -69,10 +69,6 @@ class Store(abc.ABC):
     def slot_io(self, mode: str) -> SlotIO:
         """The slot I/O for ``mode`` (sync or async; a store may have one way only)."""
 
-    @abc.abstractmethod
-    def discard_slots(self, first: int, count: int) -> None:
-        """Forget slots whose pages were freed: reading them is an error from now on."""
-
     def status(self) -> dict:
         """Entries for `uswap status` (top level): at least ``encryption``."""
         return {"encryption": self.codec.encryption}

@@ -13,8 +13,8 @@ owns the store.  A store calls, for a write: :meth:`SlotCodec.encode` before
 the I/O (the buffer may be transformed in place: its contents are the codec's
 from then on) and :meth:`SlotCodec.written` once it completed; for a read:
 :meth:`SlotCodec.require_written` before, :meth:`SlotCodec.decode` after (in
-place; a mismatch raises :class:`ChecksumError`, EBADMSG); and
-:meth:`SlotCodec.forget` when slots are discarded.
+place; a mismatch raises :class:`ChecksumError`, EBADMSG).  A freed slot is
+forgotten by the daemon's slot allocator, in C, through :meth:`valid_array`.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ class SlotCodec:
         self.path = path
         self.page_size = page_size
         self._valid = bytearray(slot_count)
+        self._c_valid = None
 
     def forget(self, first: int, count: int) -> None:
-        """On discard (and at the start of every write)."""
+        """At the start of every write (a freed slot is forgotten by the slot allocator)."""
         self._valid[first:first + count] = bytes(count)
 
     def encode(self, first: int, count: int, ptr) -> None:
@@ -80,10 +81,15 @@ class SlotCodec:
         view = ffi.new("struct uswap_codec *")
         view.page_size = self.page_size
         view.slot_count = len(self._valid)
-        self._c_valid = ffi.from_buffer("uint8_t[]", self._valid)
-        view.valid = self._c_valid
+        view.valid = self.valid_array()
         self._fill_c_view(view)
         return view
+
+    def valid_array(self):
+        """The per-slot "written" flags as a C array (the slot allocator clears a freed slot's)."""
+        if self._c_valid is None:
+            self._c_valid = ffi.from_buffer("uint8_t[]", self._valid)
+        return self._c_valid
 
     def _fill_c_view(self, view) -> None:
         raise NotImplementedError

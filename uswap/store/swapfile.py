@@ -118,6 +118,3 @@ class SwapStore(Store):
             raise OSError(errno.EIO, f"short read at offset {offset}: {n} of {length} bytes", self.path)
         self.codec.decode(first, count, ptr)
 
-    def discard_slots(self, first: int, count: int) -> None:
-        """Forget slots (their pages were freed); reading them is then an error."""
-        self.codec.forget(first, count)

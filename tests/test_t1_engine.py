@@ -1,0 +1,299 @@
+"""Layer 1: the fault engine (csrc/uswap_engine.c) against a real userfaultfd, in this process.
+
+Each test builds what the daemon builds for a region (a memfd mapped shared,
+a userfaultfd registered MISSING|WP with the client's features, a swap map,
+a store file read with O_DIRECT and its crc codec), sets page states through
+the swap map's transitions and the reclaimer's C calls, installs pages with
+the real ioctls, and starts the engine thread, the only reader of the uffd.
+A thread of the test then writes or reads a page (C memcpy, GIL released), and
+the test looks at what the engine did: the page's data in the memfd, its
+entry, the engine's counters and messages, and the uffd-wp bits of the page
+table (/proc/self/pagemap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import select
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import need
+from uswap import uffd
+from uswap._core import ffi, lib
+from uswap.core import PAGE_SIZE, AlignedBuffer, check, page_copy
+from uswap.daemon.engine import FORWARD, Engine
+from uswap.daemon.slots import SlotAllocator
+from uswap.daemon.swapmap import (ABSENT, BUSY, CLEAN, DIRTY, REFERENCED, STATE_MASK, SWAPPED, WRITEBACK, Budget,
+                                  SwapMap, slot_of, state_of)
+from uswap.store.checksums import SlotChecksums
+from uswap.uffd import CopyMode, FaultFlag, Feature, RegisterMode, Userfaultfd
+
+pytestmark = pytest.mark.kernel
+
+PAGES = 8
+SLOTS = 16
+# The features the client library asks for (csrc/uswap_client.c, UFFD_CLIENT_FEATURES).
+CLIENT_FEATURES = Feature.MISSING_SHMEM | Feature.WP_HUGETLBFS_SHMEM | Feature.THREAD_ID | Feature.POISON
+PM_UFFD_WP = 1 << 57          # /proc/PID/pagemap: the PTE (or its marker) is uffd write-protected
+SETTLE = 0.2                  # how long a blocked thread is given to prove it stays blocked
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def pattern(page: int) -> bytes:
+    return (f"page {page:4d} ".encode() * (PAGE_SIZE // 10 + 1))[:PAGE_SIZE]
+
+
+class Toucher(threading.Thread):
+    """Writes ``data`` at ``address`` (or reads a page there when ``data`` is None) with a C
+    memcpy, so it blocks in the kernel while its fault is not served, without the GIL."""
+
+    def __init__(self, address: int, data: bytes | None = None):
+        super().__init__(daemon=True)
+        self.address = address
+        self.length = PAGE_SIZE if data is None else len(data)
+        self.buf = AlignedBuffer(PAGE_SIZE)
+        self.write = data is not None
+        if data is not None:
+            self.buf.view[:len(data)] = data
+        self.done = threading.Event()
+
+    def run(self):
+        if self.write:
+            page_copy(self.address, self.buf.address, self.length)
+        else:
+            page_copy(self.buf.address, self.address, self.length)
+        self.done.set()
+
+
+class EngineRig:
+    """One region as the daemon sees it, torn down in the daemon's order (engine first)."""
+
+    def __init__(self, workdir):
+        self.memfd = os.memfd_create("uswap-engine-test", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, PAGES * PAGE_SIZE)
+        self.addr = _libc.mmap(None, PAGES * PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                               self.memfd, 0)
+        assert self.addr not in (None, ctypes.c_void_p(-1).value)
+        self.uffd = Userfaultfd.open(CLIENT_FEATURES)
+        self.uffd.register(self.addr, PAGES * PAGE_SIZE, RegisterMode.MISSING | RegisterMode.WP)
+        store = os.path.join(workdir, "store")
+        with open(store, "wb") as f:
+            f.truncate((SLOTS + 1) * PAGE_SIZE)      # slot N at (N + 1) * PAGE_SIZE, as in a store
+        self.store_fd = os.open(store, os.O_RDWR | os.O_DIRECT)
+        self.codec = SlotChecksums(store, SLOTS, PAGE_SIZE)
+        self.codec_c = self.codec.c_view()
+        self.slots = SlotAllocator(SLOTS, self.codec)
+        self.budget = Budget(1 << 20, soft=1 << 20)  # no budget line in the way
+        self.map = SwapMap(PAGES, self.budget)
+        self.engine: Engine | None = None
+        self.touchers: list[Toucher] = []
+
+    def start_engine(self) -> Engine:
+        self.engine = Engine(self.map, uffd=self.uffd.fd, memfd=self.memfd, addr=self.addr,
+                             store_fd=self.store_fd, codec=self.codec_c, slots=self.slots, readahead=1)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        self.uffd.close()                  # wakes a thread still blocked on a fault (the test failed)
+        for t in self.touchers:
+            t.join(5)
+        if self.engine is not None:
+            self.engine.close()
+        self.map.close()
+        _libc.munmap(self.addr, PAGES * PAGE_SIZE)
+        os.close(self.memfd)
+        os.close(self.store_fd)
+
+    # -- the page, as the test sets it up ---------------------------------------------
+
+    def address(self, page: int) -> int:
+        return self.addr + page * PAGE_SIZE
+
+    def set_state(self, page: int, state: int, slot: int = -1) -> None:
+        """Through the map's transition (claim, publish), as Python does."""
+        assert self.map.claim(page) is not None
+        self.map.publish(page, state, slot)
+
+    def install(self, page: int, data: bytes, *, wp: bool) -> None:
+        src = AlignedBuffer(PAGE_SIZE)
+        src.view[:] = data
+        assert self.uffd.copy(self.address(page), src.address, PAGE_SIZE, CopyMode.WP if wp else CopyMode.NONE) \
+            == PAGE_SIZE
+
+    def touch(self, page: int, data: bytes | None = None, offset: int = 0) -> Toucher:
+        t = Toucher(self.address(page) + offset, data)
+        self.touchers.append(t)
+        t.start()
+        return t
+
+    def end_writeback(self, page: int, slots, keep) -> None:
+        """uswap_wb_finish of one page after a successful write (the reclaimer's call)."""
+        check(lib.uswap_wb_finish(self.map.c, self.uffd.fd, self.memfd, self.addr, PAGE_SIZE, page, 1, slots, keep,
+                                  1, ffi.NULL, ffi.NULL))
+
+    # -- what the test looks at ----------------------------------------------------------
+
+    def memfd_page(self, page: int) -> bytes:
+        return os.pread(self.memfd, PAGE_SIZE, page * PAGE_SIZE)
+
+    def wp_bit(self, page: int) -> bool:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek((self.address(page) // PAGE_SIZE) * 8)
+            return bool(struct.unpack("<Q", f.read(8))[0] & PM_UFFD_WP)
+
+    def wait_message(self, kind: int, timeout: float = 5.0) -> tuple:
+        """The first message of that kind from the engine (the others are returned in order too)."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            select.select([self.engine.notify_fd], [], [], 0.05)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.engine.notify_fd, 8)
+            for msg in self.engine.drain():
+                seen.append(msg)
+                if msg[0] == kind:
+                    return msg, seen
+        raise AssertionError(f"no message of kind {kind} from the engine in {timeout}s; saw {seen}")
+
+    def wait_uffd_readable(self, timeout: float = 5.0) -> None:
+        """A fault is queued (nobody reads it yet: the engine is not started)."""
+        poller = select.poll()
+        poller.register(self.uffd.fd, select.POLLIN)
+        assert poller.poll(timeout * 1000), "the toucher's fault never reached the userfaultfd"
+
+
+@pytest.fixture
+def rig(tmp_path):
+    need(os.path.exists("/dev/userfaultfd") or os.geteuid() == 0, "no /dev/userfaultfd and not root")
+    need(Feature.WP_HUGETLBFS_SHMEM in uffd.supported_features(), "kernel lacks uffd-wp on shmem")
+    r = EngineRig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def joined(t: Toucher, timeout: float = 5.0) -> bool:
+    return t.done.wait(timeout)
+
+
+def wait_until(condition, what: str, timeout: float = 5.0) -> None:
+    """The engine wakes the faulting thread with its ioctl, then publishes and counts: a test
+    that saw the thread go on waits for the rest before it looks."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"the engine never {what}"
+        time.sleep(0.001)
+
+
+def test_stale_wp_fault_on_a_dirty_page_is_resolved_by_the_engine(rig):
+    """A WP bit left on a page the map calls DIRTY (writable by definition): the engine lifts it
+    for that page only; the write lands, the page stays DIRTY, Python hears nothing."""
+    rig.install(0, pattern(0), wp=True)
+    rig.install(1, pattern(1), wp=True)
+    rig.set_state(0, DIRTY)
+    rig.set_state(1, CLEAN, slot=5)                     # a neighbour that must keep its protection
+    assert rig.wp_bit(0) and rig.wp_bit(1)              # the pagemap probe sees protection at all
+    engine = rig.start_engine()
+    writer = rig.touch(0, b"written by the test", offset=100)
+    assert joined(writer), "the writer stayed blocked on a DIRTY page"
+    wait_until(lambda: engine.stats().engine_faults + engine.stats().forwarded, "finished with the fault")
+    assert rig.memfd_page(0) == pattern(0)[:100] + b"written by the test" + pattern(0)[119:]
+    assert rig.map.entry(0) & ~REFERENCED == DIRTY      # DIRTY, not BUSY, no slot
+    assert (rig.map.state(1), slot_of(rig.map.entry(1))) == (CLEAN, 5)
+    assert not rig.wp_bit(0) and rig.wp_bit(1)
+    stats = engine.stats()
+    assert (stats.engine_faults, stats.forwarded, stats.wp_faults) == (1, 0, 0)
+    assert [m for m in engine.drain() if m[0] == FORWARD] == []
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["writer-holds-busy", "state-only"])
+def test_wp_fault_on_a_page_under_writeback_is_forwarded(rig, held):
+    """wait_on_page_writeback: the engine forwards the write to Python and never resolves it; the
+    writer stays blocked until the test (as Python) ends the writeback, while other faults go on."""
+    rig.install(0, pattern(0), wp=not held)
+    if held:   # the reclaimer's way: claim, then uswap_wb_prepare write-protects and marks WRITEBACK
+        rig.set_state(0, DIRTY)
+        assert rig.map.claim(0) is not None
+        buf, zero = AlignedBuffer(PAGE_SIZE), ffi.new("uint8_t[]", 1)
+        check(lib.uswap_wb_prepare(rig.map.c, rig.uffd.fd, rig.memfd, rig.addr, PAGE_SIZE, 0, 1, buf.ptr, zero))
+        assert bytes(buf.view) == pattern(0) and not zero[0]
+    else:
+        rig.set_state(0, WRITEBACK)
+    assert rig.map.state(0) == WRITEBACK and bool(rig.map.entry(0) & BUSY) == held and rig.wp_bit(0)
+    engine = rig.start_engine()
+    writer = rig.touch(0, b"after writeback", offset=8)
+    msg, seen = rig.wait_message(FORWARD)
+    assert msg[5] & ~(PAGE_SIZE - 1) == rig.address(0) and msg[6] & FaultFlag.WP, msg
+    # Other faults are served meanwhile: a first touch of another page.
+    reader = rig.touch(3)
+    assert joined(reader), "a fault on another page waited for the writeback"
+    wait_until(lambda: engine.stats().engine_faults == 1, "counted the zero fill")
+    assert bytes(reader.buf.view) == bytes(PAGE_SIZE) and rig.map.state(3) == DIRTY
+    assert not joined(writer, SETTLE), "the engine let a write through to a page under writeback"
+    assert rig.memfd_page(0) == pattern(0) and rig.map.state(0) == WRITEBACK and rig.wp_bit(0)
+    # End the writeback as Python does: the page is kept (a writer waits), then made writable.
+    if held:
+        slots, keep = ffi.new("int64_t[]", [7]), ffi.new("uint8_t[]", [1])
+        rig.end_writeback(0, slots, keep)
+        assert (rig.map.state(0), slot_of(rig.map.entry(0))) == (CLEAN, 7) and rig.wp_bit(0)
+        assert not joined(writer, SETTLE)               # still Python's to answer
+    assert rig.map.claim(0) is not None
+    rig.uffd.write_protect(rig.address(0), PAGE_SIZE, protect=False)   # wakes the writer
+    rig.map.publish(0, DIRTY)
+    assert joined(writer)
+    assert rig.memfd_page(0) == pattern(0)[:8] + b"after writeback" + pattern(0)[23:]
+    stats = engine.stats()
+    assert (stats.forwarded, stats.engine_faults, stats.zero_fills) == (1, 1, 1)   # the forward; the reader
+    assert [m[0] for m in seen + engine.drain()].count(FORWARD) == 1
+
+
+@pytest.mark.parametrize("evicted_as", [SWAPPED, ABSENT], ids=["swapped", "absent"])
+def test_stale_wp_fault_on_an_evicted_page_only_wakes(rig, evicted_as):
+    """A WP fault queued on a page that writeback then evicted (punched, SWAPPED or ABSENT) before
+    the engine read it: the engine only wakes the writer, whose retry is a MISSING fault the engine
+    serves (a swap-in from the slot, or a zero page); no other page loses its protection."""
+    data = pattern(0) if evicted_as == SWAPPED else bytes(PAGE_SIZE)   # an all-zero page gets no slot
+    rig.install(0, data, wp=False)
+    rig.set_state(0, DIRTY)
+    rig.install(1, pattern(1), wp=True)
+    rig.set_state(1, CLEAN, slot=9)                     # a neighbour that must keep its protection
+    # Writeback of page 0, as the reclaimer does it: claim, prepare (write-protect, WRITEBACK) ...
+    assert rig.map.claim(0) is not None
+    buf, zero = AlignedBuffer(PAGE_SIZE), ffi.new("uint8_t[]", 1)
+    check(lib.uswap_wb_prepare(rig.map.c, rig.uffd.fd, rig.memfd, rig.addr, PAGE_SIZE, 0, 1, buf.ptr, zero))
+    writer = rig.touch(0, b"late write", offset=40)    # ... a write faults on it (WP), queued unread ...
+    rig.wait_uffd_readable()
+    slot = -1 if zero[0] else rig.slots.allocate(1)[0]
+    slots, keep = ffi.new("int64_t[]", [slot]), ffi.new("uint8_t[]", [0])
+    check(lib.uswap_wb_write(rig.store_fd, rig.codec_c, buf.ptr, slots, 1, ffi.NULL))
+    rig.end_writeback(0, slots, keep)                   # ... and the write ends: punched, then evicted
+    assert rig.map.state(0) == evicted_as and rig.map.state(1) == CLEAN
+    assert rig.slots.in_use == (evicted_as == SWAPPED)
+    assert not joined(writer, SETTLE)
+    engine = rig.start_engine()                         # it reads the stale WP fault first
+    assert joined(writer), "the writer was never woken"
+    wait_until(lambda: rig.map.entry(0) & (BUSY | STATE_MASK) == DIRTY and engine.stats().engine_faults >= 2,
+               "served the retry")
+    assert rig.memfd_page(0) == data[:40] + b"late write" + data[50:]
+    assert state_of(rig.map.entry(0)) == DIRTY and not rig.map.entry(0) & BUSY
+    assert (rig.map.state(1), slot_of(rig.map.entry(1))) == (CLEAN, 9) and rig.wp_bit(1)
+    stats = engine.stats()
+    assert stats.forwarded == 0 and stats.wp_faults == 0   # nothing forwarded, no CLEAN page made dirty
+    assert (stats.pswpin, stats.zero_fills) == ((1, 0) if evicted_as == SWAPPED else (0, 1))
+    assert stats.engine_faults >= 2                     # the wake, then the retry's MISSING fault
+    assert rig.slots.in_use == 0                        # a page that went in writable has no slot
+    assert [m for m in engine.drain() if m[0] == FORWARD] == []
