@@ -31,33 +31,32 @@ void uswap_slots_destroy(struct uswap_slots *s)
 	}
 }
 
-/* The first run of n clear bits in [from, to), or -1.  Whole words are skipped at once. */
-static int64_t find_run(struct uswap_slots *s, uint64_t from, uint64_t to, uint64_t n)
+/* The first clear (free) bit in [i, end), or end; whole words at a time. */
+static uint64_t next_clear(struct uswap_slots *s, uint64_t i, uint64_t end)
 {
-	uint64_t run = 0, start = from;
-	for (uint64_t i = from; i < to;) {
-		uint64_t w = __atomic_load_n(&s->bits[WORD(i)], __ATOMIC_ACQUIRE);
-		if ((i & 63) == 0 && w == UINT64_MAX) {
-			run = 0;
-			i += 64;
-		} else if ((i & 63) == 0 && w == 0 && i + 64 <= to) {
-			if (run == 0)
-				start = i;
-			run += 64;
-			i += 64;
-		} else if (w & BIT(i)) {
-			run = 0;
-			i++;
-		} else {
-			if (run == 0)
-				start = i;
-			run++;
-			i++;
+	while (i < end) {
+		uint64_t free_bits = ~__atomic_load_n(&s->bits[WORD(i)], __ATOMIC_ACQUIRE) & (UINT64_MAX << (i & 63));
+		if (free_bits) {
+			uint64_t j = (i & ~63ULL) + (uint64_t)__builtin_ctzll(free_bits);
+			return j < end ? j : end;
 		}
-		if (run >= n)
-			return (int64_t)start;
+		i = (i | 63) + 1;
 	}
-	return -1;
+	return end;
+}
+
+/* The first set (used) bit in [i, end), or end. */
+static uint64_t next_set(struct uswap_slots *s, uint64_t i, uint64_t end)
+{
+	while (i < end) {
+		uint64_t used = __atomic_load_n(&s->bits[WORD(i)], __ATOMIC_ACQUIRE) & (UINT64_MAX << (i & 63));
+		if (used) {
+			uint64_t j = (i & ~63ULL) + (uint64_t)__builtin_ctzll(used);
+			return j < end ? j : end;
+		}
+		i = (i | 63) + 1;
+	}
+	return end;
 }
 
 static void mark_used(struct uswap_slots *s, uint64_t first, uint64_t n)
@@ -71,23 +70,43 @@ static void mark_used(struct uswap_slots *s, uint64_t first, uint64_t n)
 	__atomic_add_fetch(&s->in_use, (int64_t)n, __ATOMIC_RELAXED);
 }
 
-/* A run of free slots after the last one handed out (then from the start): the
- * longest up to want, trying halves of want before settling for fewer, like the
- * kernel's cluster allocator settling for a fragment.  Its length, or -ENOSPC. */
+/* How far a search looks for a whole cluster before it settles for the longest run
+ * it has seen: bounded, so a fragmented store costs a short scan, not a full one. */
+#define SCAN_LIMIT 8192
+
+/* A run of free slots from the next-fit position on (wrapping once): the first of
+ * length want, else the longest seen in the first SCAN_LIMIT slots looked at (the
+ * kernel's cluster allocator likewise settles for a fragment of a free cluster).
+ * Its length, or -ENOSPC. */
 int64_t uswap_slots_alloc(struct uswap_slots *s, uint64_t want, uint64_t *first)
 {
-	for (uint64_t n = want; n >= 1; n /= 2) {
-		int64_t at = find_run(s, s->next, s->count, n);
-		if (at < 0)
-			at = find_run(s, 0, s->count, n);
-		if (at >= 0) {
-			mark_used(s, (uint64_t)at, n);
-			s->next = (uint64_t)at + n < s->count ? (uint64_t)at + n : 0;
-			*first = (uint64_t)at;
-			return (int64_t)n;
+	uint64_t best = 0, best_len = 0, scanned = 0;
+	if (want == 0)
+		return -EINVAL;
+	for (int pass = 0; pass < 2; pass++) {
+		uint64_t i = pass ? 0 : s->next, end = pass ? s->next : s->count;
+		while (i < end) {
+			uint64_t j = next_clear(s, i, end);
+			if (j >= end)
+				break;
+			uint64_t k = next_set(s, j, j + want < end ? j + want : end);
+			if (k - j > best_len) {
+				best = j;
+				best_len = k - j;
+			}
+			scanned += k - i;
+			i = k;
+			if (best_len == want || (scanned >= SCAN_LIMIT))
+				goto found;
 		}
 	}
-	return -ENOSPC;
+	if (best_len == 0)
+		return -ENOSPC;
+found:
+	mark_used(s, best, best_len);
+	s->next = best + best_len < s->count ? best + best_len : 0;
+	*first = best;
+	return (int64_t)best_len;
 }
 
 /* Free slots first..first+count-1: the codec forgets them first (reading one is an

@@ -40,6 +40,19 @@ def test_slots_settle_for_shorter_runs_when_fragmented():
         SlotAllocator(4).free(0)
 
 
+def test_a_fragmented_store_costs_a_bounded_look():
+    slots = SlotAllocator(40000)
+    assert slots.allocate(40000) == (0, 40000)
+    for slot in range(0, 40000, 2):                 # every other slot free: runs of 1
+        slots.free(slot)
+    for slot in range(30001, 30064, 2):             # 30000..30064 free: far past the look's bound
+        slots.free(slot)
+    for slot in range(5001, 5032, 2):               # 5000..5032 free: a 33-run within it
+        slots.free(slot)
+    assert slots.allocate(32) == (5000, 32)         # a whole cluster within the look is found
+    assert slots.allocate(64) == (5032, 1)          # the 65-run is past the look: the longest seen
+
+
 def test_a_batch_gets_clustered_slots_and_none_for_zero_pages():
     from uswap._core import ffi
     slots = SlotAllocator(10)

@@ -38,8 +38,9 @@ class SlotAllocator:
     def allocate(self, want: int) -> tuple[int, int]:
         """A run of free slots: (first, length) with 1 <= length <= want.
 
-        The longest run up to ``want`` found from the next-fit position, trying
-        halves of ``want`` before settling for fewer.
+        The first run of ``want`` from the next-fit position on, else the
+        longest run seen in a bounded look (a fragmented store costs a short
+        scan, and a batch becomes a few writes instead of one).
         """
         got = lib.uswap_slots_alloc(self.c, want, self._first)
         if got == -errno.ENOSPC:
