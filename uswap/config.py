@@ -28,7 +28,7 @@ class Defaults:
     # the daemon's resident budget, slot I/O mode and swap-in window (measured: docs/BENCHMARKS.md)
     budget: int = 256 << 20
     io: str = "sync"
-    readahead: int = 16
+    readahead: int = 32
     # the group whose members may use the daemon, when it exists (docs/SECURITY.md)
     group: str = "uswap"
     # launchers: how long a daemon may take to say READY=1, and to stop after SIGTERM
