@@ -144,24 +144,48 @@ void uswap_map_set_referenced(struct uswap_swapmap *m, uint64_t page)
 }
 
 /* Claim the resident, unclaimed pages (DIRTY or CLEAN) of a run, up to max: the reclaimer's victims. */
-int uswap_map_claim_victims(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t *pages,
-			    uint32_t *states, int max)
+/* Add page p (in state s) to a list of runs, extending the last run when p continues it
+ * in the same state.  0 when a new run is needed and the list is full. */
+static int add_to_runs(struct uswap_run *runs, int *n, int max, uint64_t p, uint32_t s)
 {
-	int n = 0;
-	for (uint64_t p = first; p < first + count && p < m->pages && n < max; p++) {
+	if (*n > 0 && runs[*n - 1].first + runs[*n - 1].count == p && runs[*n - 1].state == s) {
+		runs[*n - 1].count++;
+		return 1;
+	}
+	if (*n == max)
+		return 0;
+	runs[*n] = (struct uswap_run){ .first = p, .count = 1, .state = s };
+	(*n)++;
+	return 1;
+}
+
+int uswap_map_claim_runs(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t most,
+			 struct uswap_run *taken, struct uswap_run *held, int max_runs, struct uswap_claimed *out)
+{
+	out->taken = out->held = 0;
+	out->pages = 0;
+	uint64_t p = first, stop = first + count < m->pages ? first + count : m->pages;
+	for (; p < stop && out->pages < most; p++) {
 		uint64_t e = load(m, p);
 		uint32_t s = state_of(e);
-		if ((s != USWAP_DIRTY && s != USWAP_CLEAN) || uswap_map_claim(m, p, &e) < 0)
+		if (s != USWAP_DIRTY && s != USWAP_CLEAN)
 			continue;
-		if (state_of(e) != s) {   /* changed between the look and the claim: give it back */
-			uswap_map_publish(m, p, state_of(e), slot_of(e), -1);
+		if (uswap_map_claim(m, p, &e) < 0) {   /* someone holds it: it stays on the CLOCK */
+			if (!add_to_runs(held, &out->held, max_runs, p, 0))
+				break;
 			continue;
 		}
-		pages[n] = p;
-		states[n] = s;
-		n++;
+		s = state_of(e);   /* it may have changed between the look and the claim */
+		if ((s != USWAP_DIRTY && s != USWAP_CLEAN) || !add_to_runs(taken, &out->taken, max_runs, p, s)) {
+			uswap_map_publish(m, p, s, slot_of(e), -1);   /* give it back */
+			if (s == USWAP_DIRTY || s == USWAP_CLEAN)
+				break;   /* no room for another run: stop here */
+			continue;
+		}
+		out->pages++;
 	}
-	return n;
+	out->end = p;
+	return 0;
 }
 
 uint64_t uswap_map_count(struct uswap_swapmap *m, uint32_t state)

@@ -49,6 +49,20 @@ struct uswap_swapmap {
 	struct uswap_budget *budget;
 };
 
+/* A run of pages, and what uswap_map_claim_runs did. */
+struct uswap_run {
+	uint64_t first;
+	uint32_t count;
+	uint32_t state;
+};
+
+struct uswap_claimed {
+	int taken;            /* runs claimed, one state each */
+	int held;             /* runs of resident pages another holder has */
+	uint64_t pages;       /* pages claimed */
+	uint64_t end;         /* the first page not looked at */
+};
+
 /* How slots are checked (and decrypted) on the way back; the arrays belong to the store's codec. */
 struct uswap_codec {
 	uint32_t page_size;
@@ -101,8 +115,11 @@ int uswap_map_claim(struct uswap_swapmap *m, uint64_t page, uint64_t *entry);
 void uswap_map_publish(struct uswap_swapmap *m, uint64_t page, uint32_t state, int64_t slot, int referenced);
 int uswap_map_test_clear_referenced(struct uswap_swapmap *m, uint64_t first, uint64_t count);
 void uswap_map_set_referenced(struct uswap_swapmap *m, uint64_t page);
-int uswap_map_claim_victims(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t *pages,
-			    uint32_t *states, int max);
+/* Reclaim's claim of a CLOCK run: the unheld DIRTY and CLEAN pages of first..first+count-1, up to
+ * most, as runs of one state (taken); resident pages someone else holds as runs (held: they stay
+ * on the CLOCK); out->end: the first page not looked at (the batch or a run list filled up). */
+int uswap_map_claim_runs(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t most,
+			 struct uswap_run *taken, struct uswap_run *held, int max_runs, struct uswap_claimed *out);
 uint64_t uswap_map_count(struct uswap_swapmap *m, uint32_t state);
 
 /* The codec, for the engine and writeback. */

@@ -155,11 +155,13 @@ class Reclaimer:
         for region in list(self.daemon.regions.values()):
             region.take_messages()
 
-    def pick_victims(self) -> list[tuple[Region, int, int]]:
-        """Up to ``batch`` claimed pages (region, page, state) from unreferenced runs of the CLOCK."""
-        victims: list[tuple[Region, int, int]] = []
+    def pick_victims(self) -> list[tuple[Region, int, int, int]]:
+        """Up to ``batch`` claimed pages from unreferenced runs of the CLOCK, as runs of one
+        state: (region, first, count, state), in CLOCK order."""
+        victims: list[tuple[Region, int, int, int]] = []
+        pages = 0
         scans = 2 * len(self.runs)
-        while self.runs and len(victims) < self.batch and scans > 0:
+        while self.runs and pages < self.batch and scans > 0:
             scans -= 1
             region, first, count = self.runs.popleft()
             if region.closed:
@@ -167,20 +169,17 @@ class Reclaimer:
             if region.map.test_clear_referenced(first, count):
                 self.runs.append((region, first, count))   # second chance: to the tail, bits cleared
                 continue
-            claimed = region.map.claim_victims(first, count, self.batch - len(victims))
-            for page, state in claimed:
-                region.held.add(page)
-                victims.append((region, page, state))
+            taken, held, end = region.map.claim_runs(first, count, self.batch - pages)
+            for run_first, run_count, state in taken:
+                region.held.update(range(run_first, run_first + run_count))
+                victims.append((region, run_first, run_count, state))
+                pages += run_count
             # Invariant: every DIRTY or CLEAN page is in some run of the CLOCK.  Pages of
             # this run that were not taken stay: the unexamined rest (the batch filled up)
             # next in line, those held by someone right now at the tail.
-            end = first + count
-            if len(victims) == self.batch and claimed and claimed[-1][0] + 1 < end:
-                end = claimed[-1][0] + 1
+            if end < first + count:
                 self.runs.appendleft((region, end, first + count - end))
-            taken = {page for page, _ in claimed}
-            held = [p for p in range(first, end) if p not in taken and region.map.state(p) in (DIRTY, CLEAN)]
-            self.runs.extend((region, p, n) for p, n in runs(held))
+            self.runs.extend((region, held_first, held_count) for held_first, held_count in held)
         return victims
 
     def rebuild_clock(self) -> None:
@@ -197,15 +196,15 @@ class Reclaimer:
     async def reclaim_batch(self) -> bool:
         self.take_messages()
         victims = self.pick_victims()
-        dirty: list[tuple[Region, int]] = []
-        for region, pages in by_region(victims):
-            clean = [p for p, state in pages if state == CLEAN]
+        dirty: list[tuple[Region, int, int]] = []
+        for region, first, count, state in victims:
+            if state != CLEAN:
+                dirty.append((region, first, count))
+                continue
             with self.region_errors(region):
-                for first, count in runs(clean):
-                    self._finish_claims(region, first, count,
-                                        lib.uswap_drop_clean(region.map.c, region.memfd, PAGE_SIZE, first, count))
-                    self.punches += 1
-            dirty += [(region, p) for p, state in pages if state != CLEAN]
+                self._finish_claims(region, first, count,
+                                    lib.uswap_drop_clean(region.map.c, region.memfd, PAGE_SIZE, first, count))
+                self.punches += 1
         if dirty:
             await self.write_batch(dirty)
         return bool(victims)
@@ -216,10 +215,11 @@ class Reclaimer:
         region.end_claims(range(first, first + count))
         check(ret)
 
-    async def write_batch(self, victims: list[tuple[Region, int]]) -> None:
-        """swap_writepage for a batch: one write per cluster of contiguous slots.
+    async def write_batch(self, victims: list[tuple[Region, int, int]]) -> None:
+        """swap_writepage for a batch of claimed dirty runs (region, first, count): one write
+        per cluster of contiguous slots.
 
-        The pages may be scattered over regions and addresses; their slots are
+        The runs may be scattered over regions and addresses; their slots are
         allocated as one cluster, so the batch is (usually) a single
         sequential write, like the kernel's swap_iocb plugging.  With one batch
         in flight (sync I/O) the write is awaited here; with more (async), it
@@ -234,22 +234,20 @@ class Reclaimer:
         # never stay WRITEBACK: a failure before the write puts them back dirty.
         handed = False
         try:
-            for region, pages in by_region([(r, p, 0) for r, p in victims]):
+            for region, first, count in victims:
                 if region.closed:
                     continue   # released while we waited for a batch: its pages went with it
                 with self.region_errors(region):
-                    for first, count in runs([p for p, _ in pages]):
-                        try:
-                            check(lib.uswap_wb_prepare(region.map.c, region.uffd.fd, region.memfd, region.addr,
-                                                       PAGE_SIZE, first, count,
-                                                       batch.buf.ptr + batch.count * PAGE_SIZE,
-                                                       batch.zero + batch.count))
-                        except OSError:
-                            for p in range(first, first + count):
-                                region.unclaim(p)
-                            raise
-                        batch.runs.append((region, first, count, batch.count))
-                        batch.count += count
+                    try:
+                        check(lib.uswap_wb_prepare(region.map.c, region.uffd.fd, region.memfd, region.addr,
+                                                   PAGE_SIZE, first, count, batch.buf.ptr + batch.count * PAGE_SIZE,
+                                                   batch.zero + batch.count))
+                    except OSError:
+                        for p in range(first, first + count):
+                            region.unclaim(p)
+                        raise
+                    batch.runs.append((region, first, count, batch.count))
+                    batch.count += count
             if not batch.count:
                 return
             self.writeback += batch.count
@@ -367,14 +365,6 @@ class WritebackBatch:
         self.runs = []
         self.count = 0
         ffi.buffer(self.keep)[:] = bytes(len(self.keep))
-
-
-def by_region(victims) -> list[tuple[Region, list[tuple[int, int]]]]:
-    """(region, page, state) triples grouped per region, pages sorted."""
-    grouped: dict[Region, list[tuple[int, int]]] = collections.defaultdict(list)
-    for region, page, state in victims:
-        grouped[region].append((page, state))
-    return [(region, sorted(pages)) for region, pages in grouped.items()]
 
 
 def runs(pages: list[int]) -> list[tuple[int, int]]:
