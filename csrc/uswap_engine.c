@@ -44,6 +44,8 @@
 #define RING_SIZE 4096                 /* messages; a power of two */
 #define RING_NOTIFY_AT (RING_SIZE / 4) /* wake Python at this fill even when it is not waiting for us */
 #define MAX_WINDOW 64
+#define AHEAD_DEPTH 2                  /* windows read ahead of a stream, in flight at once */
+#define AHEAD_REACH (4 * MAX_WINDOW)   /* how far past the stream's last fault they may go */
 
 /* ------------------------------------------------------------------ */
 /* the swap map                                                        */
@@ -234,6 +236,17 @@ int uswap_codec_decode(const struct uswap_codec *c, void *buf, uint64_t first_sl
 /* the engine thread                                                   */
 /* ------------------------------------------------------------------ */
 
+/* A window read ahead of a stream: its pages are claimed (BUSY) by the engine from its
+ * read's start to its install (finish_window). */
+struct ahead_window {
+	int active;
+	uint64_t first, n;
+	uint32_t in_flight;           /* its reads not yet completed */
+	int err;                      /* the first error among them */
+	void *buf;                    /* MAX_WINDOW pages, aligned for O_DIRECT */
+	int64_t slots[MAX_WINDOW];
+};
+
 struct uswap_engine {
 	struct uswap_swapmap *map;
 	int uffd, memfd, store_fd;
@@ -248,6 +261,14 @@ struct uswap_engine {
 	void *buf;           /* ra_max pages, aligned for O_DIRECT */
 	struct io_uring uring;         /* readahead: several slot runs in flight at once */
 	int uring_ok;
+	/* Async readahead of a forward stream (start_window and after): its windows, each
+	 * with its own buffer, read on their own ring. */
+	struct ahead_window ahead[AHEAD_DEPTH];
+	struct io_uring ahead_ring;
+	int ahead_ring_ok;
+	int streaming;                 /* faults stream forward: keep windows in flight */
+	uint64_t stream_next;          /* the stream's next page to read ahead */
+	uint64_t stream_fault;         /* its last fault */
 	int install_dirty;             /* atomic: swap-ins go in writable (set by Python) */
 
 	pthread_mutex_t lock;          /* guards the ring */
@@ -307,10 +328,10 @@ static void forward(struct uswap_engine *e, const struct uffd_msg *m, int why)
 /* Install pages page..page+n-1: UFFDIO_COPY from the buffer's page buf_page on, or
  * UFFDIO_ZEROPAGE when buf_page < 0; finishes what the kernel stops short of (EAGAIN)
  * and steps over pages already there (EEXIST).  0, or -errno (the client's memory is gone). */
-static int fill(struct uswap_engine *e, uint64_t page, uint64_t n, int64_t buf_page, int wp)
+static int fill(struct uswap_engine *e, const void *buf, uint64_t page, uint64_t n, int64_t buf_page, int wp)
 {
 	uint64_t start = e->addr + page * e->page_size, end = start + n * e->page_size, at = start;
-	uint64_t src = (uint64_t)(uintptr_t)e->buf + (uint64_t)(buf_page < 0 ? 0 : buf_page) * e->page_size;
+	uint64_t src = (uint64_t)(uintptr_t)buf + (uint64_t)(buf_page < 0 ? 0 : buf_page) * e->page_size;
 	while (at < end) {
 		int64_t done = 0;
 		int ret = buf_page < 0 ? uswap_uffd_zeropage(e->uffd, at, end - at, 0, &done)
@@ -474,19 +495,176 @@ static int read_slots(struct uswap_engine *e, const int64_t *slots, uint64_t n)
 }
 
 /* Check (and decrypt) the window, one codec call per run of contiguous slots. */
-static int decode_slots(struct uswap_engine *e, const int64_t *slots, uint64_t n)
+static int decode_slots(struct uswap_engine *e, void *buf, const int64_t *slots, uint64_t n)
 {
 	for (uint64_t i = 0; i < n;) {
 		uint64_t k = 1;
 		while (i + k < n && slots[i + k] == slots[i] + (int64_t)k)
 			k++;
 		int bad = 0;
-		int ret = uswap_codec_decode(&e->codec, (char *)e->buf + i * e->page_size, (uint64_t)slots[i], k, &bad);
+		int ret = uswap_codec_decode(&e->codec, (char *)buf + i * e->page_size, (uint64_t)slots[i], k, &bad);
 		if (ret < 0)
 			return ret;
 		i += k;
 	}
 	return 0;
+}
+
+/* Publish an installed run (the faulting page, or -1 for readahead, referenced), free the
+ * slots of the pages that went in writable, tell Python. */
+static void publish_installed(struct uswap_engine *e, uint64_t first, uint64_t n, const int64_t *slots,
+			      int64_t page, int write, int all_dirty)
+{
+	for (uint64_t p = first; p < first + n; p++) {
+		int dirty = all_dirty || (write && (int64_t)p == page);
+		uswap_map_publish(e->map, p, dirty ? USWAP_DIRTY : USWAP_CLEAN, dirty ? -1 : slots[p - first],
+				  (int64_t)p == page);
+	}
+	/* A page that went in writable has a stale slot: free it now that nothing reads it
+	 * (the read above was its last; published DIRTY, no entry names it). */
+	for (uint64_t p = first; p < first + n; p++)
+		if (all_dirty || (write && (int64_t)p == page))
+			uswap_slots_release(e->slots, (uint64_t)slots[p - first], 1);
+	struct uswap_engine_msg msg = { .kind = USWAP_MSG_INSTALLED, .first = first, .count = (uint32_t)n,
+					.faulting = (uint64_t)page, .slot = -1 };
+	count(&e->stats.pswpin, n);
+	post(e, &msg);
+}
+
+/* The kernel's async readahead (PG_readahead): once faults stream forward through full
+ * windows, the windows after the one just installed are read on their own ring while
+ * the faulting thread goes on, AHEAD_DEPTH of them in flight at once (the disk serves
+ * them in parallel) but never more than AHEAD_REACH pages past the stream's last fault.
+ * A window is installed (clean, unreferenced) when its reads complete (the ring is
+ * polled with the uffd) or when a fault reaches it first; either way the stream is
+ * topped up.  Its pages are claimed (BUSY) by the engine from the start of the read to
+ * the install; a fault on one waits for its window here.  Best effort: on any failure a
+ * window's pages stay SWAPPED and fault as usual (reporting what fails). */
+
+/* Note completed reads: every one there is (wait_for < 0), or until window wait_for has
+ * all of its own. */
+static void take_completions(struct uswap_engine *e, int wait_for)
+{
+	for (;;) {
+		if (wait_for >= 0 && e->ahead[wait_for].in_flight == 0)
+			return;
+		struct io_uring_cqe *cqe;
+		int ret = wait_for >= 0 ? io_uring_wait_cqe(&e->ahead_ring, &cqe) : io_uring_peek_cqe(&e->ahead_ring, &cqe);
+		if (ret < 0) {
+			if (wait_for >= 0) {   /* cannot happen (signals are blocked): no readahead from here on */
+				e->ahead_ring_ok = 0;
+				e->ahead[wait_for].err = ret;
+				e->ahead[wait_for].in_flight = 0;
+			}
+			return;
+		}
+		struct ahead_window *w = &e->ahead[cqe->user_data >> 32];
+		uint64_t want = cqe->user_data & 0xffffffffu;
+		if (cqe->res < 0 && !w->err)
+			w->err = cqe->res;
+		else if ((uint64_t)cqe->res != want && !w->err)
+			w->err = -EIO;   /* a short read of a slot the checks said is allocated */
+		w->in_flight--;
+		io_uring_cqe_seen(&e->ahead_ring, cqe);
+	}
+}
+
+/* Install window i once its reads are done (waiting for them), or give its pages back. */
+static void finish_window(struct uswap_engine *e, int i, int install)
+{
+	struct ahead_window *w = &e->ahead[i];
+	take_completions(e, i);
+	w->active = 0;
+	int all_dirty = __atomic_load_n(&e->install_dirty, __ATOMIC_RELAXED);
+	if (!install || w->err || decode_slots(e, w->buf, w->slots, w->n) < 0
+	    || fill(e, w->buf, w->first, w->n, 0, !all_dirty) < 0) {
+		unclaim(e->map, w->first, w->n);
+		return;
+	}
+	publish_installed(e, w->first, w->n, w->slots, -1, 0, all_dirty);
+	count(&e->stats.readahead, w->n);
+	e->last_fault = (int64_t)w->first;   /* the stream goes on from this window */
+}
+
+/* Start reading the stream's next window into free window i; 0 if nothing was started
+ * (the stream ended: its next page is not SWAPPED, or held, or over the budget line). */
+static int start_window(struct uswap_engine *e, int i)
+{
+	struct ahead_window *w = &e->ahead[i];
+	size_t ps = e->page_size;
+	uint64_t n = 0, first = e->stream_next;
+	while (n < e->ra_max && first + n < e->map->pages) {
+		int64_t s = claim_swapped(e->map, first + n);
+		if (s < 0)
+			break;
+		w->slots[n++] = s;
+	}
+	if (n == 0 || fit_budget(e, &first, &n, 0) < 0)
+		return 0;
+	uint32_t queued = 0;
+	for (uint64_t k = 0; k < n;) {
+		uint64_t run = 1;
+		while (k + run < n && w->slots[k + run] == w->slots[k] + (int64_t)run)
+			run++;
+		struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ahead_ring);   /* entries for every window: never NULL */
+		io_uring_prep_read(sqe, e->store_fd, (char *)w->buf + k * ps, (unsigned)(run * ps),
+				   (uint64_t)(w->slots[k] + 1) * ps);
+		sqe->user_data = ((uint64_t)i << 32) | (run * ps);
+		queued++;
+		k += run;
+	}
+	int submitted = io_uring_submit(&e->ahead_ring);
+	w->active = 1;
+	w->first = first;
+	w->n = n;
+	w->err = 0;
+	w->in_flight = submitted < 0 ? 0 : (uint32_t)submitted;
+	count(&e->stats.read_ios, w->in_flight);
+	if (w->in_flight != queued) {   /* not all in flight: no readahead from here on */
+		e->ahead_ring_ok = 0;
+		finish_window(e, i, 0);
+		return 0;
+	}
+	e->stream_next = first + n;
+	return 1;
+}
+
+/* Keep the stream's windows in flight, within its reach. */
+static void top_up(struct uswap_engine *e)
+{
+	for (int i = 0; i < AHEAD_DEPTH && e->streaming && e->ahead_ring_ok; i++) {
+		if (e->ahead[i].active)
+			continue;
+		if (e->stream_next >= e->stream_fault + AHEAD_REACH || !start_window(e, i))
+			e->streaming = 0;
+	}
+}
+
+/* A fault at page: install the windows it reached (those starting at or before it). */
+static void stream_reached(struct uswap_engine *e, uint64_t page)
+{
+	int reached = 0;
+	for (int i = 0; i < AHEAD_DEPTH; i++) {
+		if (e->ahead[i].active && e->ahead[i].first <= page) {
+			finish_window(e, i, 1);
+			reached = 1;
+		}
+	}
+	if (reached) {
+		e->stream_fault = page;
+		e->streaming = e->ahead_ring_ok;
+		top_up(e);
+	}
+}
+
+/* The ring said reads completed: install the windows that are whole, keep streaming. */
+static void stream_completed(struct uswap_engine *e)
+{
+	take_completions(e, -1);
+	for (int i = 0; i < AHEAD_DEPTH; i++)
+		if (e->ahead[i].active && e->ahead[i].in_flight == 0)
+			finish_window(e, i, 1);
+	top_up(e);
 }
 
 /* do_swap_page: the page is SWAPPED and claimed by us.  0 if served; else the
@@ -509,34 +687,28 @@ static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int wr
 	int all_dirty = __atomic_load_n(&e->install_dirty, __ATOMIC_RELAXED);
 	int ret = read_slots(e, slots, n);
 	if (ret == 0)
-		ret = decode_slots(e, slots, n);
+		ret = decode_slots(e, e->buf, slots, n);
 	if (ret == 0 && write && !all_dirty) {
 		uint64_t k = page - first;
-		ret = fill(e, first, k, 0, 1);
+		ret = fill(e, e->buf, first, k, 0, 1);
 		if (ret == 0)
-			ret = fill(e, page, 1, (int64_t)k, 0);
+			ret = fill(e, e->buf, page, 1, (int64_t)k, 0);
 		if (ret == 0)
-			ret = fill(e, page + 1, n - k - 1, (int64_t)k + 1, 1);
+			ret = fill(e, e->buf, page + 1, n - k - 1, (int64_t)k + 1, 1);
 	} else if (ret == 0) {
-		ret = fill(e, first, n, 0, !all_dirty);
+		ret = fill(e, e->buf, first, n, 0, !all_dirty);
 	}
 	if (ret < 0) {   /* Python retries, reports, poisons, or learns the client is gone */
 		unclaim(m, first, n);
 		return ret;
 	}
-	for (uint64_t p = first; p < first + n; p++) {
-		int dirty = all_dirty || (write && p == page);
-		uswap_map_publish(m, p, dirty ? USWAP_DIRTY : USWAP_CLEAN, dirty ? -1 : slots[p - first], p == page);
+	publish_installed(e, first, n, slots, (int64_t)page, write, all_dirty);
+	if (n == e->ra_max && page - first <= n / 4) {   /* a full window, entered at its front: a stream */
+		e->streaming = e->ahead_ring_ok;
+		e->stream_next = first + n;
+		e->stream_fault = page;
+		top_up(e);
 	}
-	/* A page that went in writable has a stale slot: free it now that nothing reads it
-	 * (the read above was its last; published DIRTY, no entry names it). */
-	for (uint64_t p = first; p < first + n; p++)
-		if (all_dirty || (write && p == page))
-			uswap_slots_release(e->slots, (uint64_t)slots[p - first], 1);
-	struct uswap_engine_msg msg = { .kind = USWAP_MSG_INSTALLED, .first = first, .count = (uint32_t)n,
-					.faulting = page, .slot = -1 };
-	count(&e->stats.pswpin, n);
-	post(e, &msg);
 	return 0;
 }
 
@@ -564,7 +736,7 @@ static int zero_fill(struct uswap_engine *e, uint64_t page)
 	uint64_t first = page;
 	if (fit_budget(e, &first, &n, 0) < 0)
 		return -ENOMEM;
-	int ret = fill(e, page, n, -1, 0);
+	int ret = fill(e, NULL, page, n, -1, 0);
 	if (ret < 0) {
 		unclaim(m, page, n);
 		return ret;
@@ -601,6 +773,7 @@ static void handle_fault(struct uswap_engine *e, const struct uffd_msg *m)
 	if (e->store_fd < 0 || address < e->addr || address >= e->addr + e->map->pages * e->page_size)
 		return forward(e, m, -ENODEV);
 	uint64_t page = (address - e->addr) / e->page_size, entry;
+	stream_reached(e, page);
 	if (uswap_map_claim(e->map, page, &entry) < 0)
 		return forward(e, m, -EBUSY);   /* Python waits for the holder */
 	uint32_t s = state_of(entry);
@@ -642,8 +815,13 @@ static void *engine_main(void *arg)
 	struct uswap_engine *e = arg;
 	struct uffd_msg msgs[64];
 	for (;;) {
-		struct pollfd fds[2] = { { .fd = e->uffd, .events = POLLIN }, { .fd = e->stop_fd, .events = POLLIN } };
-		if (poll(fds, 2, -1) < 0) {
+		/* the readahead ring is readable when its reads completed: install them then */
+		int reading = 0;
+		for (int i = 0; i < AHEAD_DEPTH; i++)
+			reading |= e->ahead[i].active;
+		struct pollfd fds[3] = { { .fd = e->uffd, .events = POLLIN }, { .fd = e->stop_fd, .events = POLLIN },
+					 { .fd = reading ? e->ahead_ring.ring_fd : -1, .events = POLLIN } };
+		if (poll(fds, 3, -1) < 0) {
 			if (errno == EINTR)
 				continue;
 			break;
@@ -652,6 +830,10 @@ static void *engine_main(void *arg)
 			break;
 		if (fds[0].revents & (POLLERR | POLLNVAL))
 			break;
+		if (fds[2].revents)
+			stream_completed(e);
+		if (!(fds[0].revents & POLLIN))
+			continue;
 		ssize_t got = read(e->uffd, msgs, sizeof(msgs));
 		if (got < 0) {
 			if (errno == EAGAIN || errno == EINTR)
@@ -665,6 +847,9 @@ static void *engine_main(void *arg)
 				close((int)msgs[i].arg.fork.ufd);   /* refused at MAP; never keep an fd not asked for */
 		}
 	}
+	for (int i = 0; i < AHEAD_DEPTH; i++)   /* quiesced: nothing is installed after stop */
+		if (e->ahead[i].active)
+			finish_window(e, i, 0);
 	return NULL;
 }
 
@@ -693,6 +878,12 @@ int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t ad
 	if (!e->buf)
 		goto fail;
 	e->uring_ok = io_uring_queue_init(MAX_WINDOW, &e->uring, 0) == 0;   /* else: one pread per run */
+	e->ahead_ring_ok = io_uring_queue_init(AHEAD_DEPTH * MAX_WINDOW, &e->ahead_ring, 0) == 0;   /* else none */
+	for (int i = 0; i < AHEAD_DEPTH; i++) {
+		e->ahead[i].buf = uswap_alloc_aligned(page_size, (size_t)MAX_WINDOW * page_size);
+		if (!e->ahead[i].buf)
+			goto fail;
+	}
 	e->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (e->notify_fd < 0 || e->stop_fd < 0) {
@@ -768,6 +959,10 @@ void uswap_engine_free(struct uswap_engine *e)
 	uswap_engine_stop(e);
 	if (e->uring_ok)
 		io_uring_queue_exit(&e->uring);
+	if (e->ahead_ring_ok)
+		io_uring_queue_exit(&e->ahead_ring);
+	for (int i = 0; i < AHEAD_DEPTH; i++)
+		uswap_free(e->ahead[i].buf);
 	if (e->notify_fd >= 0)
 		close(e->notify_fd);
 	if (e->stop_fd >= 0)

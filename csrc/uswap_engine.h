@@ -103,6 +103,7 @@ struct uswap_engine_stats {
 	uint64_t zero_fills;
 	uint64_t wp_faults;
 	uint64_t read_ios;
+	uint64_t readahead;        /* pages installed ahead of a forward stream, before its fault */
 };
 
 struct uswap_engine;

@@ -80,6 +80,9 @@ def test_workloads_verify_every_page(uswapd, workload, mode):
     assert r.returncode == 0, r.stdout + r.stderr
     fields = dict(kv.split("=") for kv in r.stdout.split())
     assert fields["mismatches"] == "0" and int(fields["faults"]) > 0
+    if mode == "seq":    # a forward stream: most pages come in read ahead, before their fault
+        d = daemon.status()["daemon"]
+        assert d["readahead_pages"] > d["pswpin"] // 2, d
 
 
 NUMPY_CLIENT = textwrap.dedent("""

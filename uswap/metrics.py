@@ -34,6 +34,7 @@ DAEMON = [
     ("throttled", "throttled_faults", "counter", "Faults held at the hard budget line until reclaim progressed.", ""),
     ("engine_faults", "engine_faults", "counter", "Faults the C engines served.", ""),
     ("slow_path_faults", "slow_path_faults", "counter", "Faults the engines forwarded to the daemon's Python.", ""),
+    ("readahead_pages", "readahead_pages", "counter", "Pages async readahead installed before their fault.", ""),
     ("write_ios", "write_ios", "counter", "Writeback writes issued to the store.", ""),
     ("punches", "punches", "counter", "Hole punches that dropped written-out pages from memory.", ""),
 ]

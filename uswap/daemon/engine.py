@@ -32,6 +32,7 @@ class EngineStats:
     zero_fills: int
     wp_faults: int
     read_ios: int
+    readahead: int
 
 
 class Engine:
@@ -62,7 +63,7 @@ class Engine:
     def stats(self) -> EngineStats:
         lib.uswap_engine_stats(self.c, self._stats)
         s = self._stats
-        return EngineStats(s.engine_faults, s.forwarded, s.pswpin, s.zero_fills, s.wp_faults, s.read_ios)
+        return EngineStats(s.engine_faults, s.forwarded, s.pswpin, s.zero_fills, s.wp_faults, s.read_ios, s.readahead)
 
     def set_install_dirty(self, on: bool) -> None:
         """Swap-ins go in writable, their slots freed (no write fault comes back), or clean."""

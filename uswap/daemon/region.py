@@ -113,7 +113,8 @@ class Region:
 
     def engine_stats(self) -> dict:
         s = self.engine.stats() if self.engine.c is not None else None
-        return {"engine_faults": s.engine_faults if s else 0, "slow_path_faults": s.forwarded if s else 0}
+        return {"engine_faults": s.engine_faults if s else 0, "slow_path_faults": s.forwarded if s else 0,
+                "readahead_pages": s.readahead if s else 0}
 
     # -- claims (Python's side of the BUSY bit) ----------------------------------
 

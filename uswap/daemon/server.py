@@ -126,7 +126,7 @@ class Daemon:
                                    in_flight=ASYNC_BATCHES_IN_FLIGHT if self.io.mode == "async" else 1)
         self.stats = DaemonStats()
         self.regions: dict[int, Region] = {}
-        self._ended_engine_counts = {"engine_faults": 0, "slow_path_faults": 0}
+        self._ended_engine_counts = {"engine_faults": 0, "slow_path_faults": 0, "readahead_pages": 0}
         self.mapped_pages = 0
         self.nursery: trio.Nursery | None = None
         self._next_id = 1
