@@ -37,6 +37,7 @@ import collections
 import contextlib
 import errno
 import logging
+import math
 import time
 
 import trio
@@ -131,8 +132,10 @@ class Reclaimer:
             self._nursery = nursery
             while True:
                 # Engines report new resident runs lazily (no syscall per fault while
-                # under the budget line); looking every IDLE_LOOK keeps the CLOCK current.
-                with trio.move_on_after(IDLE_LOOK):
+                # under the budget line); looking every IDLE_LOOK keeps the CLOCK current
+                # above it.  Under it nothing needs reclaim until an engine wakes Python
+                # (resident memory crossed the line: add_run kicks) or a fault throttles.
+                with trio.move_on_after(IDLE_LOOK if self.resident > self.budget_pages else math.inf):
                     await self._kick.wait()
                 self._kick = trio.Event()
                 self.take_messages()
