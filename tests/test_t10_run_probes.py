@@ -44,3 +44,99 @@ def test_daemon_serves_a_client_through_its_uffd(run_probe):
     # /proc/PID/mem reads keep pages shared; pages shared after a fork cannot be moved
     assert "procmem_read_keeps_cow_sharing=1" in out
     assert "child_alive=Device or resource busy" in out and "after_parent_rewrite=moved" in out
+
+
+# ---- the preload library (csrc/uswap_run.c) against tests/c/run_server.c, a stand-in for the daemon ----
+
+import re
+import sys
+
+import uswap
+
+LIBRUN = os.path.join(os.path.dirname(uswap.__file__), "lib", "libuswaprun.so")
+PYTHON = os.path.realpath(sys.executable)   # the binary itself: a shell wrapper would fork
+
+BIGLIST = """
+import hashlib, sys
+n = int(sys.argv[1])
+xs = list(range(n))
+ys = [x * 3 for x in xs]
+h = hashlib.sha256()
+for i in range(0, n, 1000):
+    h.update(repr(ys[i:i + 1000]).encode())
+print(n, sum(ys), h.hexdigest())
+"""
+
+RAW_FORK = """
+import ctypes, os, signal, sys, time
+xs = [x * 7 for x in range(int(sys.argv[1]))]
+time.sleep(0.3)                       # let the server swap most of it out
+pid = ctypes.CDLL(None, use_errno=True).syscall(57)   # SYS_fork: no atfork handlers, no fork() wrapper
+if pid == 0:
+    print("child sum", sum(xs), flush=True)          # reads swapped pages: SIGBUS expected, never zeros
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child", "signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status) else "exit %d" % os.WEXITSTATUS(status))
+print("parent sum", sum(xs) == 7 * sum(range(len(xs))))
+"""
+
+
+@pytest.fixture(scope="module")
+def run_server(tmp_path_factory):
+    need_root()
+    need(os.path.exists("/dev/userfaultfd"), "no /dev/userfaultfd")
+    need(os.path.exists(LIBRUN), "libuswaprun.so not built (python3 setup.py build_ext --inplace)")
+    out = tmp_path_factory.mktemp("bin") / "run_server"
+    run("cc", "-O2", "-Wall", "-Werror", "-pthread", "-I", os.path.join(ROOT, "csrc"),
+        os.path.join(HERE, "c", "run_server.c"), "-o", str(out))
+    return str(out)
+
+
+def serve(run_server, tmp_path, resident_pages: int, *cmd: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run cmd under run_server; its counters as a dict."""
+    r = subprocess.run([run_server, str(tmp_path / "run.sock"), str(tmp_path / "store"), str(resident_pages),
+                        LIBRUN, "--", *cmd], capture_output=True, text=True, timeout=120)
+    line = [x for x in r.stderr.splitlines() if x.startswith("run_server: pswpout=")]
+    assert line, r.stderr
+    return r, {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line[0])}
+
+
+def test_unmodified_python_under_a_small_budget(run_server, tmp_path):
+    script = tmp_path / "biglist.py"
+    script.write_text(BIGLIST)
+    plain = subprocess.run([PYTHON, str(script), "300000"], capture_output=True, text=True, check=True)
+    r, c = serve(run_server, tmp_path, 2048, PYTHON, str(script), "300000")
+    print(r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == plain.stdout
+    assert c["pswpout"] > 0 and c["pswpin"] > 0
+    assert "not budgeted" not in r.stderr
+
+
+def test_exec_keeps_the_run(run_server, tmp_path):
+    script = tmp_path / "biglist.py"
+    script.write_text(BIGLIST)
+    plain = subprocess.run([PYTHON, str(script), "200000"], capture_output=True, text=True, check=True)
+    r, c = serve(run_server, tmp_path, 2048, "/bin/sh", "-c", f"exec {PYTHON} {script} 200000")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == plain.stdout
+    assert c["execs"] == 1 and c["pswpout"] > 0
+
+
+def test_fork_is_refused_loudly(run_server, tmp_path):
+    r, _ = serve(run_server, tmp_path, 2048, PYTHON, "-c",
+                 "import os\ntry:\n    os.fork()\nexcept OSError as e:\n    print('refused', e.errno)")
+    assert r.stdout.strip() == "refused 38"     # ENOSYS
+    assert "fork() refused" in r.stderr
+
+
+def test_raw_fork_child_gets_sigbus_not_zeros(run_server, tmp_path):
+    script = tmp_path / "rawfork.py"
+    script.write_text(RAW_FORK)
+    r, c = serve(run_server, tmp_path, 2048, PYTHON, str(script), "300000")
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert "child signal 7" in r.stdout          # SIGBUS
+    assert "child sum" not in r.stdout
+    assert "parent sum True" in r.stdout
+    assert c["fork"] == 1 and c["poisoned"] >= 1

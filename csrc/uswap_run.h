@@ -1,0 +1,39 @@
+/*
+ * The `uswap run` wire protocol (issue 12, docs/RUN-DESIGN.md): between the preload library
+ * (libuswaprun.so, in the program) and whoever serves the run (today tests/c/run_server.c; the
+ * daemon next).  One SOCK_SEQPACKET connection per process; the path is in USWAP_RUN_SOCKET.
+ *
+ *   server -> lib   DEVFD  + an fd of /dev/userfaultfd (the lib makes its uffd from it)
+ *   lib -> server   HELLO  + the process's uffd (not yet API'd: the server negotiates)
+ *   server -> lib   READY  (status 0: registered, the constructor returns; else -errno: unbudgeted)
+ *   server -> agent DROP   runs to move out of the process (they are write-protected, their data written)
+ *   agent -> server DROPPED bytes moved and errno per run (EAGAIN: events pending, drain and retry;
+ *                   EBUSY: shared copy-on-write; ENOENT: the program dropped the page itself)
+ */
+#ifndef USWAP_RUN_H
+#define USWAP_RUN_H
+
+#include <stdint.h>
+
+#define USWAP_RUN_MAGIC 0x4e525355u   /* "USRN" */
+#define USWAP_RUN_VERSION 1
+#define USWAP_RUN_ENV_SOCKET "USWAP_RUN_SOCKET"
+#define USWAP_RUN_MAX_RUNS 16
+
+enum { USWAP_RUN_DEVFD = 1, USWAP_RUN_HELLO = 2, USWAP_RUN_READY = 3, USWAP_RUN_DROP = 4, USWAP_RUN_DROPPED = 5 };
+
+struct uswap_run_msg {
+	uint32_t magic;
+	uint16_t version;
+	uint16_t op;
+	int32_t status;
+	uint32_t count;          /* DROP/DROPPED: runs */
+	uint64_t pid;            /* HELLO */
+	uint64_t staging, staging_len;          /* HELLO: never register these */
+	uint64_t agent_stack, agent_stack_len;  /* HELLO: the agent's stack: never register */
+	uint64_t addr[USWAP_RUN_MAX_RUNS];      /* DROP: run start */
+	uint64_t len[USWAP_RUN_MAX_RUNS];       /* DROP: run length; DROPPED: bytes moved */
+	int32_t err[USWAP_RUN_MAX_RUNS];        /* DROPPED: errno of the run, 0 if all moved */
+};
+
+#endif
