@@ -140,3 +140,48 @@ def test_raw_fork_child_gets_sigbus_not_zeros(run_server, tmp_path):
     assert "child sum" not in r.stdout
     assert "parent sum True" in r.stdout
     assert c["fork"] == 1 and c["poisoned"] >= 1
+
+
+ORPHAN = """
+import os, sys, time
+print(os.getpid(), flush=True)
+xs = [x * 5 for x in range(int(sys.argv[1]))]
+print("built", flush=True)
+time.sleep(1.0)                      # the server is killed meanwhile
+print("sum", sum(xs), flush=True)    # swapped pages: SIGBUS from the agent's fallback, never zeros
+"""
+
+
+# A subreaper between the test and run_server: the program, orphaned when the server dies, is reaped here
+# and its status printed.
+REAPER = """
+import ctypes, os, signal, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1)       # PR_SET_CHILD_SUBREAPER
+srv = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, text=True)
+pid = int(srv.stdout.readline())
+assert srv.stdout.readline() == "built\\n"
+time.sleep(0.3)
+srv.kill()
+srv.wait()
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    got, status = os.waitpid(pid, os.WNOHANG)
+    if got:
+        print("program", "signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status) else "exit %d" % os.WEXITSTATUS(status))
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, signal.SIGKILL)
+    print("program hung")
+print("rest", srv.stdout.read().replace("\\n", " "))
+"""
+
+
+def test_server_killed_swapped_pages_give_sigbus_and_nothing_hangs(run_server, tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    r = subprocess.run([PYTHON, "-c", REAPER, run_server, str(tmp_path / "run.sock"), str(tmp_path / "store"), "2048",
+                        LIBRUN, "--", PYTHON, str(script), "300000"], capture_output=True, text=True, timeout=60)
+    print(r.stdout, r.stderr)
+    assert "program signal 7" in r.stdout, r.stdout + r.stderr     # SIGBUS on a swapped page: never zeros, no hang
+    assert "sum" not in r.stdout
