@@ -43,6 +43,8 @@ def test_daemon_serves_a_client_through_its_uffd(run_probe):
     assert " zero_fills=0 " in out
     # /proc/PID/mem reads keep pages shared; pages shared after a fork cannot be moved
     assert "procmem_read_keeps_cow_sharing=1" in out
+    # a fork uffd finds its process: the first fault through it carries the child's pid (THREAD_ID)
+    assert out.count("child_first_fault_thread_id_is_child_pid=1") == 2
     assert "child_alive=Device or resource busy" in out and "after_parent_rewrite=moved" in out
 
 

@@ -247,6 +247,7 @@ static int client(int sock, int agent_sock)
 				_exit(bad > 100 ? 100 : (int)bad);
 			}
 			r.ns1 = now_ns() - t0;
+			r.c = p;
 			int st;
 			waitpid(p, &st, 0);
 			r.a = WIFEXITED(st) ? WEXITSTATUS(st) : 1000 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
@@ -260,6 +261,7 @@ static int client(int sock, int agent_sock)
 
 struct proc {                    /* one process's view: which pages D holds in its "slots" */
 	int uffd, pid;
+	_Atomic int first_ptid;          /* THREAD_ID of the first fault: how a fork uffd finds its pid */
 	_Atomic uint8_t swapped[NPAGES];
 };
 
@@ -285,6 +287,8 @@ static void serve_fault(struct proc *p, const struct uffd_msg *m)
 		return;
 	}
 	uint64_t i = (addr - d.region) / PS;
+	if (!p->first_ptid)
+		p->first_ptid = (int)m->arg.pagefault.feat.ptid;
 	if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
 		d.wp++;
 		struct uffdio_writeprotect w = { .range = { addr, PS }, .mode = 0 };
@@ -335,6 +339,7 @@ static void *server(void *arg)
 			case UFFD_EVENT_FORK: {    /* the child references every slot the parent does */
 				struct proc *c = &d.procs[n];
 				c->uffd = (int)m.arg.fork.ufd;
+				c->first_ptid = 0;
 				/* the child's uffd inherits the creation flags (here O_CLOEXEC only), not the
 				 * O_NONBLOCK set later by fcntl; poll() on a blocking uffd is always POLLERR */
 				fcntl(c->uffd, F_SETFL, fcntl(c->uffd, F_GETFL) | O_NONBLOCK);
@@ -570,6 +575,10 @@ int main(void)
 		printf("fork_%s: fork_us=%.0f fork_events=%ld child_bad_pages=%ld parent_bad_pages=%ld "
 		       "copies_served=%ld (swapped in parent at fork: %ld)\n", f ? "raw" : "libc", r.ns1 / 1e3,
 		       d.forks - forks0, r.a, r.b, d.copies - c0, m2);
+		int ptid = d.nprocs > 1 ? d.procs[d.nprocs - 1].first_ptid : 0;
+		printf("fork_%s: child_first_fault_thread_id_is_child_pid=%d\n", f ? "raw" : "libc", ptid == r.c);
+		if (ptid != r.c)
+			fail = "the fork uffd's first fault did not name the child";
 		if (d.forks - forks0 != 1)
 			fail = "no FORK event";
 		if (r.a || r.b)
