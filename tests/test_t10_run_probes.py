@@ -187,3 +187,35 @@ def test_server_killed_swapped_pages_give_sigbus_and_nothing_hangs(run_server, t
     print(r.stdout, r.stderr)
     assert "program signal 7" in r.stdout, r.stdout + r.stderr     # SIGBUS on a swapped page: never zeros, no hang
     assert "sum" not in r.stdout
+
+
+# ---- which programs uswap run can budget (uswap/run.py) ----
+
+def test_static_setuid_and_scripts_are_judged(tmp_path):
+    import shutil as sh
+    from uswap.run import NotPreloadable, check_preloadable
+    assert check_preloadable("true").endswith("/true")
+    assert check_preloadable(PYTHON) == PYTHON
+    static = tmp_path / "static"
+    src = tmp_path / "static.c"
+    src.write_text("int main(void) { return 0; }\n")
+    built = subprocess.run(["cc", "-static", str(src), "-o", str(static)], capture_output=True)
+    if built.returncode == 0:
+        with pytest.raises(NotPreloadable, match="statically linked"):
+            check_preloadable(str(static))
+    with pytest.raises(NotPreloadable, match="statically linked"):
+        check_preloadable("/sbin/ldconfig")          # static-pie on Debian
+    suid = tmp_path / "suid"
+    sh.copy("/bin/true", suid)
+    os.chmod(suid, 0o4755)
+    with pytest.raises(NotPreloadable, match="setuid"):
+        check_preloadable(str(suid))
+    script = tmp_path / "script"
+    script.write_text("#!/sbin/ldconfig -p\n")
+    os.chmod(script, 0o755)
+    with pytest.raises(NotPreloadable, match="ldconfig: statically linked"):
+        check_preloadable(str(script))
+    ok = tmp_path / "ok"
+    ok.write_text("#!/bin/sh\nexit 0\n")
+    os.chmod(ok, 0o755)
+    assert check_preloadable(str(ok)) == str(ok)
