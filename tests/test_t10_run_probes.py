@@ -219,3 +219,16 @@ def test_static_setuid_and_scripts_are_judged(tmp_path):
     ok.write_text("#!/bin/sh\nexit 0\n")
     os.chmod(ok, 0o755)
     assert check_preloadable(str(ok)) == str(ok)
+
+
+def test_swapped_memory_behaves_like_memory(run_server, tmp_path):
+    """tests/c/run_workload.c (issue 12, tests 3-5): read(2)/write(2) on swapped pages, MADV_DONTNEED, realloc
+    moving with mremap, MAP_FIXED over swapped pages, 4 threads with a 1 ms signal reading swapped memory."""
+    work = tmp_path / "run_workload"
+    run("cc", "-O2", "-Wall", "-Werror", "-pthread", os.path.join(HERE, "c", "run_workload.c"), "-o", str(work))
+    r, c = serve(run_server, tmp_path, 4096, str(work), "32", "4", "1")
+    print(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    steps = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("ok ")]
+    assert steps == ["fill", "write2", "read2", "dontneed", "mremap", "fixed", "threads"], r.stdout
+    assert c["pswpout"] > 0 and c["pswpin"] > 0 and c["remove"] > 0 and c["remap"] > 0

@@ -146,59 +146,67 @@ static void forget(uint64_t i)      /* drop a page's entry and its slot */
 
 /* ---- faults and events ---- */
 
-static int ioctl_retry(int fd, unsigned long op, void *arg)
+/* One fill or protection ioctl: 0, -EAGAIN (events are pending: the caller defers the fault until the
+ * queue is read; retrying here would wait for ourselves), or another -errno (the thread is woken). */
+static int fill(int fd, unsigned long op, void *arg, uint64_t a)
 {
-	for (int tries = 0;; tries++) {
-		if (ioctl(fd, op, arg) == 0)
-			return 0;
-		if (errno != EAGAIN || tries > 1000)
-			return -errno;
+	if (ioctl(fd, op, arg) == 0)
+		return 0;
+	int e = errno;
+	if (e == EAGAIN) {
 		s.eagain++;
-		usleep(20);     /* a program thread finishing its event (mmap_changing) */
+		return -EAGAIN;
 	}
+	struct uffdio_range w = { a, PS };    /* EEXIST (served meanwhile), or the range went away */
+	ioctl(fd, UFFDIO_WAKE, &w);
+	return -e;
 }
 
-static void serve_fault(int uffd, const struct uffd_msg *m, const struct map *snap)
+/* 0 when served, -EAGAIN when it must be retried after the queued events are read. */
+static int serve_fault(int uffd, const struct uffd_msg *m, const struct map *snap)
 {
 	uint64_t a = m->arg.pagefault.address & ~(uint64_t)(PS - 1);
 	if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
-		s.wp++;
 		int64_t i = snap ? -1 : map_find(&s.map, a);
 		if (i >= 0 && (s.map.val[i] & INFLIGHT)) {   /* a write to a page we were about to drop: keep it */
 			forget((uint64_t)i);
 			s.cancelled++;
 		}
 		struct uffdio_writeprotect w = { .range = { a, PS }, .mode = 0 };
-		ioctl_retry(uffd, UFFDIO_WRITEPROTECT, &w);
-		return;
+		if (fill(uffd, UFFDIO_WRITEPROTECT, &w, a) == -EAGAIN)
+			return -EAGAIN;
+		s.wp++;
+		return 0;
 	}
-	s.missing++;
 	int64_t i = map_find(snap ? snap : &s.map, a);
 	if (snap && i >= 0) {            /* a raw-fork child touching a page swapped in its parent: SIGBUS, not zeros */
 		struct uffdio_poison p = { .range = { a, PS } };
-		ioctl_retry(uffd, UFFDIO_POISON, &p);
+		if (fill(uffd, UFFDIO_POISON, &p, a) == -EAGAIN)
+			return -EAGAIN;
 		s.poisoned++;
-		return;
+		return 0;
 	}
 	if (i >= 0 && !(s.map.val[i] & INFLIGHT)) {
 		uint64_t slot = s.map.val[i] & 0xffffffffull;
 		if (pread(s.store, s.buf, PS, (off_t)(slot * PS)) != PS)
 			die("slot read");
 		struct uffdio_copy c = { .dst = a, .src = (uint64_t)s.buf, .len = PS };
-		int r = ioctl_retry(uffd, UFFDIO_COPY, &c);
+		int r = fill(uffd, UFFDIO_COPY, &c, a);
+		if (r == -EAGAIN)
+			return -EAGAIN;          /* the slot stays: the fault comes back */
 		if (r < 0 && r != -EEXIST)
 			fprintf(stderr, "run_server: UFFDIO_COPY %#lx: %s\n", (unsigned long)a, strerror(-r));
 		forget((uint64_t)i);
 		s.pswpin++;
-		return;
+		s.missing++;
+		return 0;
 	}
 	struct uffdio_zeropage z = { .range = { a, PS } };
-	int r = ioctl_retry(uffd, UFFDIO_ZEROPAGE, &z);
-	if (r == -EEXIST) {
-		struct uffdio_range w = { a, PS };
-		ioctl(uffd, UFFDIO_WAKE, &w);
-	}
+	if (fill(uffd, UFFDIO_ZEROPAGE, &z, a) == -EAGAIN)
+		return -EAGAIN;
 	s.zero_fills++;
+	s.missing++;
+	return 0;
 }
 
 /* REMOVE/UNMAP: the pages' contents are gone; so are their slots (also a pending eviction's). */
@@ -235,12 +243,11 @@ static void remap(uint64_t from, uint64_t to, uint64_t len)
 	}
 }
 
-static void handle(int uffd, const struct uffd_msg *m, const struct map *snap)
+static int handle(int uffd, const struct uffd_msg *m, const struct map *snap)
 {
 	switch (m->event) {
 	case UFFD_EVENT_PAGEFAULT:
-		serve_fault(uffd, m, snap);
-		break;
+		return serve_fault(uffd, m, snap);
 	case UFFD_EVENT_REMOVE:
 		s.ev_remove++;
 		if (!snap)
@@ -274,18 +281,37 @@ static void handle(int uffd, const struct uffd_msg *m, const struct map *snap)
 	default:
 		s.ev_other++;
 	}
+	return 0;
 }
 
-/* Read and handle every queued message of one uffd; 0 when the queue is empty. */
+/* Read and handle every queued message of one uffd, in order; faults refused with EAGAIN (events
+ * queued behind them) are retried once the queue is empty.  0 when nothing is left; -errno when the
+ * uffd is unusable. */
 static int drain(int uffd, const struct map *snap)
 {
+	static struct uffd_msg deferred[4096];
+	int ndeferred = 0;
 	struct uffd_msg m[64];
-	for (;;) {
+	for (int rounds = 0;; rounds++) {
 		ssize_t n = read(uffd, m, sizeof(m));
-		if (n < 0)
-			return errno == EAGAIN ? 0 : -errno;
+		if (n < 0 && errno != EAGAIN)
+			return -errno;
 		for (ssize_t i = 0; i < n / (ssize_t)sizeof(m[0]); i++)
-			handle(uffd, &m[i], snap);
+			if (handle(uffd, &m[i], snap) == -EAGAIN) {
+				if (ndeferred == 4096)
+					die("too many deferred faults");
+				deferred[ndeferred++] = m[i];
+			}
+		if (n > 0)
+			continue;
+		int left = 0;
+		for (int i = 0; i < ndeferred; i++)
+			if (handle(uffd, &deferred[i], snap) == -EAGAIN)
+				deferred[left++] = deferred[i];
+		ndeferred = left;
+		if (!ndeferred)
+			return 0;
+		usleep(rounds < 10 ? 1 : 50);   /* a program thread is finishing its event (mmap_changing) */
 	}
 }
 
