@@ -69,16 +69,22 @@ static void say(const char *what)
 /* Move [addr, addr+len) out through staging; the bytes moved, *err the first errno. */
 static uint64_t drop_run(const struct agent_ctx *c, uint64_t addr, uint64_t len, int32_t *err)
 {
-	uint64_t done = 0;
+	uint64_t done = 0, most = c->staging_len;
 	*err = 0;
 	while (done < len) {
-		uint64_t n = len - done < c->staging_len ? len - done : c->staging_len;
+		uint64_t n = len - done < most ? len - done : most;
 		struct uffdio_move mv = { .dst = c->staging, .src = addr + done, .len = n, .mode = 0 };
 		long r = raw6(SYS_ioctl, c->staging_uffd, (long)UFFDIO_MOVE, (long)&mv, 0, 0, 0);
 		uint64_t moved = mv.move > 0 ? (uint64_t)mv.move : 0;
 		if (moved)
 			raw6(SYS_madvise, (long)c->staging, (long)moved, MADV_DONTNEED, 0, 0, 0);
 		done += moved;
+		if (r == -EINVAL && most > c->page_size) {
+			/* the run crosses VMAs (madvise/mprotect split them, which raises no uffd event):
+			 * MOVE takes one VMA at a time; go on page by page */
+			most = c->page_size;
+			continue;
+		}
 		if (r < 0) {
 			*err = (int32_t)-r;
 			break;

@@ -232,3 +232,23 @@ def test_swapped_memory_behaves_like_memory(run_server, tmp_path):
     steps = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("ok ")]
     assert steps == ["fill", "write2", "read2", "dontneed", "mremap", "fixed", "threads"], r.stdout
     assert c["pswpout"] > 0 and c["pswpin"] > 0 and c["remove"] > 0 and c["remap"] > 0
+
+
+NUMPY = """
+import hashlib, numpy as np
+a = np.arange(2 << 20, dtype=np.int64)   # 16 MiB, madvise(MADV_HUGEPAGE)d by numpy
+b = (a * 3 + 1) % 1000003
+print(int(b.sum()), hashlib.sha256(b.tobytes()).hexdigest())
+"""
+
+
+def test_unmodified_numpy_under_a_small_budget(run_server, tmp_path):
+    need(subprocess.run([PYTHON, "-c", "import numpy"], capture_output=True).returncode == 0, "no numpy")
+    script = tmp_path / "np.py"
+    script.write_text(NUMPY)
+    plain = subprocess.run([PYTHON, str(script)], capture_output=True, text=True, check=True)
+    r, c = serve(run_server, tmp_path, 4096, PYTHON, str(script))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == plain.stdout
+    assert c["pswpout"] > 0 and c["overwrites"] == 0
+    assert c["other_refusals"] == 0, r.stderr      # MOVE across a VMA split: the agent goes page by page

@@ -77,7 +77,8 @@ static int64_t map_find(const struct map *m, uint64_t k)
 	}
 }
 
-static void map_put(struct map *m, uint64_t k, uint64_t v)
+/* Insert or replace; the replaced value, or -1. */
+static int64_t map_put(struct map *m, uint64_t k, uint64_t v)
 {
 	if (m->count * 4 > m->mask * 3) {
 		errno = ENOSPC;
@@ -86,10 +87,14 @@ static void map_put(struct map *m, uint64_t k, uint64_t v)
 	uint64_t i = hsh(k);
 	while (m->key[i] != EMPTY_KEY && m->key[i] != k)
 		i = (i + 1) & m->mask;
+	int64_t old = -1;
 	if (m->key[i] == EMPTY_KEY)
 		m->count++;
+	else
+		old = (int64_t)(m->val[i] & ~(1ull << 63));
 	m->key[i] = k;
 	m->val[i] = v;
+	return old;
 }
 
 static void map_del_at(struct map *m, uint64_t i)
@@ -122,7 +127,7 @@ static struct {
 	struct { int uffd; struct map snap; } child[MAX_CHILDREN];
 	int nchildren;
 	uint64_t pswpout, pswpin, zero_fills, missing, wp, ev_remove, ev_unmap, ev_remap, ev_fork, ev_other,
-		eagain, ebusy, enoent, cancelled, drops, execs, max_resident, max_rss_kb, registered, poisoned, ticks;
+		eagain, ebusy, enoent, cancelled, drops, execs, overwrites, other_refusals, max_resident, max_rss_kb, registered, poisoned, ticks;
 } s;
 
 static uint64_t slot_alloc(void)
@@ -238,7 +243,11 @@ static void remap(uint64_t from, uint64_t to, uint64_t len)
 			slot_free(v & 0xffffffffull);
 			s.cancelled++;
 		} else {
-			map_put(&s.map, to + off, v);
+			int64_t old = map_put(&s.map, to + off, v);
+			if (old >= 0) {
+				slot_free((uint64_t)old & 0xffffffffull);
+				s.overwrites++;
+			}
 		}
 	}
 }
@@ -400,7 +409,11 @@ static void evict(struct run *runs, int nruns)
 			uint64_t slot = slot_alloc();
 			if (pwrite(s.store, p + i * PS, PS, (off_t)(slot * PS)) != PS)
 				die("slot write");
-			map_put(&s.map, runs[r].addr + i * PS, slot | INFLIGHT);   /* slot complete, page still here */
+			int64_t old = map_put(&s.map, runs[r].addr + i * PS, slot | INFLIGHT);   /* slot complete, page here */
+			if (old >= 0) {      /* a resident page with a slot entry: an invariant broke; never leak */
+				slot_free((uint64_t)old & 0xffffffffull);
+				s.overwrites++;
+			}
 		}
 		p += len;
 	}
@@ -435,7 +448,7 @@ static void evict(struct run *runs, int nruns)
 			return;
 		}
 		s.drops++;
-		int again = 0;
+		int again = 0, refused = 0;
 		for (uint32_t k = 0; k < m.count; k++) {
 			uint64_t moved = m.len[k] / PS;
 			for (uint64_t i = 0; i < moved; i++) {     /* gone from the process: SWAPPED */
@@ -451,14 +464,19 @@ static void evict(struct run *runs, int nruns)
 			}
 			s.ebusy += m.err[k] == EBUSY;
 			s.enoent += m.err[k] == ENOENT;
+			if (m.err[k] != EBUSY && m.err[k] != ENOENT && !s.other_refusals++)
+				fprintf(stderr, "run_server: agent: %s (first of its kind; counted)\n", strerror(m.err[k]));
 			int64_t h = map_find(&s.map, m.addr[k] + moved * PS);   /* the page MOVE refused stays */
 			if (h >= 0)
 				forget((uint64_t)h);
+			refused = 1;     /* the rest of that run is still pending: the next attempt sends it */
 		}
-		if (!again)
+		if (!again && !refused)
 			return;
-		s.eagain++;
-		drain_all();
+		if (again) {
+			s.eagain++;
+			drain_all();
+		}
 	}
 	for (int r = 0; r < nruns; r++)      /* still refused: the pages stay, their slots go */
 		for (uint64_t i = 0; i < runs[r].pages; i++) {
@@ -710,10 +728,10 @@ int main(int argc, char **argv)
 	fprintf(stderr, "run_server: pswpout=%lu pswpin=%lu zero_fills=%lu missing=%lu wp=%lu registered=%lu "
 		"remove=%lu unmap=%lu remap=%lu fork=%lu other=%lu eagain=%lu ebusy=%lu enoent=%lu cancelled=%lu "
 		"drops=%lu poisoned=%lu max_resident_pages=%lu budget_pages=%lu max_rss_anon_kb=%lu slots_used=%lu "
-		"ticks=%lu execs=%lu\n",
+		"ticks=%lu execs=%lu overwrites=%lu other_refusals=%lu\n",
 		s.pswpout, s.pswpin, s.zero_fills, s.missing, s.wp, s.registered, s.ev_remove, s.ev_unmap, s.ev_remap,
 		s.ev_fork, s.ev_other, s.eagain, s.ebusy, s.enoent, s.cancelled, s.drops, s.poisoned, s.max_resident,
-		s.budget, s.max_rss_kb, s.map.count, s.ticks, s.execs);
+		s.budget, s.max_rss_kb, s.map.count, s.ticks, s.execs, s.overwrites, s.other_refusals);
 	unlink(argv[1]);
 	return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
