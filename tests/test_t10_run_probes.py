@@ -7,11 +7,16 @@ result means for the design.  The probe prints key=value lines and ``RESULT ok``
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
+import sys
 
 import pytest
 
+import uswap
 from conftest import HERE, need, need_root, run
+from uswap.run import NotPreloadable, check_preloadable
 
 pytestmark = pytest.mark.kernel
 
@@ -49,11 +54,6 @@ def test_daemon_serves_a_client_through_its_uffd(run_probe):
 
 
 # ---- the preload library (csrc/uswap_run.c) against tests/c/run_server.c, a stand-in for the daemon ----
-
-import re
-import sys
-
-import uswap
 
 LIBRUN = os.path.join(os.path.dirname(uswap.__file__), "lib", "libuswaprun.so")
 PYTHON = os.path.realpath(sys.executable)   # the binary itself: a shell wrapper would fork
@@ -192,8 +192,6 @@ def test_server_killed_swapped_pages_give_sigbus_and_nothing_hangs(run_server, t
 # ---- which programs uswap run can budget (uswap/run.py) ----
 
 def test_static_setuid_and_scripts_are_judged(tmp_path):
-    import shutil as sh
-    from uswap.run import NotPreloadable, check_preloadable
     assert check_preloadable("true").endswith("/true")
     assert check_preloadable(PYTHON) == PYTHON
     static = tmp_path / "static"
@@ -206,7 +204,7 @@ def test_static_setuid_and_scripts_are_judged(tmp_path):
     with pytest.raises(NotPreloadable, match="statically linked"):
         check_preloadable("/sbin/ldconfig")          # static-pie on Debian
     suid = tmp_path / "suid"
-    sh.copy("/bin/true", suid)
+    shutil.copy("/bin/true", suid)
     os.chmod(suid, 0o4755)
     with pytest.raises(NotPreloadable, match="setuid"):
         check_preloadable(str(suid))
