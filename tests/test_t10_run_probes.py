@@ -42,6 +42,8 @@ def test_daemon_serves_a_client_through_its_uffd(run_probe):
     assert "cross_process_register=1" in out and "fork_negotiated=1" in out
     # the agent's move raised no event; a drop through a staging area on the shared uffd raises REMOVE
     assert "other_events_during_moves=0" in out
+    # a MOVE whose source crosses a VMA split (madvise raises no event) is refused whole: runs stay in one VMA
+    assert "move_across_vma_split=Invalid argument" in out and "move_within_one_vma=ok" in out
     # a libc fork and a raw SYS_fork child read every swapped page from the parent's slots
     assert "fork_libc:" in out and "fork_raw:" in out
     assert out.count("fork_events=1 child_bad_pages=0 parent_bad_pages=0") == 2

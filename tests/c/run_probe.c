@@ -481,10 +481,36 @@ static int evict(int memfd, int agent_sock, int variant_b_ok, const char *tag, l
 	return fails;
 }
 
+/* Is a MOVE refused when its source run crosses a VMA split (madvise: no uffd event)?  In-process. */
+static void vma_split_probe(void)
+{
+	int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_MOVE };
+	if (uffd < 0 || ioctl(uffd, UFFDIO_API, &api) < 0)
+		DIE("userfaultfd for the VMA split probe");
+	char *src = mmap(NULL, 64 * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	char *dst = mmap(NULL, 64 * PS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	memset(src, 7, 64 * PS);
+	madvise(src + 32 * PS, 32 * PS, MADV_NOHUGEPAGE);     /* splits src into two VMAs */
+	struct uffdio_register r = { .range = { (uint64_t)dst, 64 * PS }, .mode = UFFDIO_REGISTER_MODE_MISSING };
+	if (ioctl(uffd, UFFDIO_REGISTER, &r) < 0)
+		DIE("register dst");
+	struct uffdio_move across = { .dst = (uint64_t)dst, .src = (uint64_t)(src + 16 * PS), .len = 32 * PS };
+	int e1 = ioctl(uffd, UFFDIO_MOVE, &across) < 0 ? errno : 0;
+	struct uffdio_move within = { .dst = (uint64_t)dst + 32 * PS, .src = (uint64_t)(src + 32 * PS), .len = 16 * PS };
+	int e2 = ioctl(uffd, UFFDIO_MOVE, &within) < 0 ? errno : 0;
+	printf("move_across_vma_split=%s moved=%lld move_within_one_vma=%s\n", e1 ? strerror(e1) : "ok",
+	       (long long)across.move, e2 ? strerror(e2) : "ok");
+	munmap(src, 64 * PS);
+	munmap(dst, 64 * PS);
+	close(uffd);
+}
+
 int main(void)
 {
 	PS = sysconf(_SC_PAGESIZE);
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	vma_split_probe();
 	int sv[2], av[2];
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv) || socketpair(AF_UNIX, SOCK_SEQPACKET, 0, av))
 		DIE("socketpair");
