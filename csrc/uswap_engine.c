@@ -705,7 +705,7 @@ static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int wr
 		return ret;
 	}
 	publish_installed(e, first, n, slots, (int64_t)page, write, all_dirty);
-	if (n == e->ra_max && page - first <= n / 4) {   /* a full window, entered at its front: a stream */
+	if (e->ra_max > 1 && n == e->ra_max && page - first <= n / 4) {   /* a full window entered at its front */
 		e->streaming = e->ahead_ring_ok;
 		e->stream_next = first + n;
 		e->stream_fault = page;
