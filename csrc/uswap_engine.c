@@ -640,12 +640,14 @@ static void top_up(struct uswap_engine *e)
 	}
 }
 
-/* A fault at page: install the windows it reached (those starting at or before it). */
+/* A fault at page: if a window in flight holds it, install that window (waiting for its
+ * reads) and keep the stream going from there.  Other windows go on as they are: a fault
+ * elsewhere (another thread's) neither waits for them nor moves the stream. */
 static void stream_reached(struct uswap_engine *e, uint64_t page)
 {
 	int reached = 0;
 	for (int i = 0; i < AHEAD_DEPTH; i++) {
-		if (e->ahead[i].active && e->ahead[i].first <= page) {
+		if (e->ahead[i].active && e->ahead[i].first <= page && page < e->ahead[i].first + e->ahead[i].n) {
 			finish_window(e, i, 1);
 			reached = 1;
 		}
@@ -703,7 +705,7 @@ static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int wr
 		return ret;
 	}
 	publish_installed(e, first, n, slots, (int64_t)page, write, all_dirty);
-	if (n == e->ra_max && page - first <= n / 4) {   /* a full window, entered at its front: a stream */
+	if (e->ra_max > 1 && n == e->ra_max && page - first <= n / 4) {   /* a full window entered at its front */
 		e->streaming = e->ahead_ring_ok;
 		e->stream_next = first + n;
 		e->stream_fault = page;

@@ -31,27 +31,14 @@ void uswap_slots_destroy(struct uswap_slots *s)
 	}
 }
 
-/* The first clear (free) bit in [i, end), or end; whole words at a time. */
-static uint64_t next_clear(struct uswap_slots *s, uint64_t i, uint64_t end)
+/* The first bit in [i, end) that is set in the bitmap XOR flip (flip 0: the first used
+ * slot; all ones: the first free one), or end; whole words at a time. */
+static uint64_t next_bit(struct uswap_slots *s, uint64_t i, uint64_t end, uint64_t flip)
 {
 	while (i < end) {
-		uint64_t free_bits = ~__atomic_load_n(&s->bits[WORD(i)], __ATOMIC_ACQUIRE) & (UINT64_MAX << (i & 63));
-		if (free_bits) {
-			uint64_t j = (i & ~63ULL) + (uint64_t)__builtin_ctzll(free_bits);
-			return j < end ? j : end;
-		}
-		i = (i | 63) + 1;
-	}
-	return end;
-}
-
-/* The first set (used) bit in [i, end), or end. */
-static uint64_t next_set(struct uswap_slots *s, uint64_t i, uint64_t end)
-{
-	while (i < end) {
-		uint64_t used = __atomic_load_n(&s->bits[WORD(i)], __ATOMIC_ACQUIRE) & (UINT64_MAX << (i & 63));
-		if (used) {
-			uint64_t j = (i & ~63ULL) + (uint64_t)__builtin_ctzll(used);
+		uint64_t w = (__atomic_load_n(&s->bits[WORD(i)], __ATOMIC_ACQUIRE) ^ flip) & (UINT64_MAX << (i & 63));
+		if (w) {
+			uint64_t j = (i & ~63ULL) + (uint64_t)__builtin_ctzll(w);
 			return j < end ? j : end;
 		}
 		i = (i | 63) + 1;
@@ -86,17 +73,17 @@ int64_t uswap_slots_alloc(struct uswap_slots *s, uint64_t want, uint64_t *first)
 	for (int pass = 0; pass < 2; pass++) {
 		uint64_t i = pass ? 0 : s->next, end = pass ? s->next : s->count;
 		while (i < end) {
-			uint64_t j = next_clear(s, i, end);
+			uint64_t j = next_bit(s, i, end, UINT64_MAX);   /* a free slot */
 			if (j >= end)
 				break;
-			uint64_t k = next_set(s, j, j + want < end ? j + want : end);
+			uint64_t k = next_bit(s, j, j + want < end ? j + want : end, 0);   /* its run's end */
 			if (k - j > best_len) {
 				best = j;
 				best_len = k - j;
 			}
 			scanned += k - i;
 			i = k;
-			if (best_len == want || (scanned >= SCAN_LIMIT))
+			if (best_len == want || scanned >= SCAN_LIMIT)
 				goto found;
 		}
 	}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import select
@@ -99,9 +100,9 @@ class EngineRig:
         self.engine: Engine | None = None
         self.touchers: list[Toucher] = []
 
-    def start_engine(self) -> Engine:
+    def start_engine(self, readahead: int = 1) -> Engine:
         self.engine = Engine(self.map, uffd=self.uffd.fd, memfd=self.memfd, addr=self.addr,
-                             store_fd=self.store_fd, codec=self.codec_c, slots=self.slots, readahead=1)
+                             store_fd=self.store_fd, codec=self.codec_c, slots=self.slots, readahead=readahead)
         return self.engine
 
     def close(self) -> None:
@@ -143,6 +144,26 @@ class EngineRig:
         """uswap_wb_finish of one page after a successful write (the reclaimer's call)."""
         check(lib.uswap_wb_finish(self.map.c, self.uffd.fd, self.memfd, self.addr, PAGE_SIZE, page, 1, slots, keep,
                                   1, ffi.NULL, ffi.NULL))
+
+    def swap_out_all(self) -> None:
+        """Every page SWAPPED, page p in slot p holding pattern(p), written and recorded by the
+        reclaimer's C write (so the codec checks them on the way back)."""
+        buf = AlignedBuffer(PAGES * PAGE_SIZE)
+        for page in range(PAGES):
+            buf.view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = pattern(page)
+        assert self.slots.allocate(PAGES) == (0, PAGES)
+        slots = ffi.new("int64_t[]", list(range(PAGES)))
+        check(lib.uswap_wb_write(self.store_fd, self.codec_c, buf.ptr, slots, PAGES, ffi.NULL))
+        for page in range(PAGES):
+            self.set_state(page, SWAPPED, slot=page)
+
+    def corrupt_slot(self, slot: int) -> None:
+        """Flip one bit of a slot on disk, behind the codec's back."""
+        buf = AlignedBuffer(PAGE_SIZE)
+        offset = (slot + 1) * PAGE_SIZE
+        assert lib.uswap_pread_full(self.store_fd, buf.ptr, PAGE_SIZE, offset) == PAGE_SIZE
+        buf.view[123] ^= 0x10
+        assert lib.uswap_pwrite_full(self.store_fd, buf.ptr, PAGE_SIZE, offset) == PAGE_SIZE
 
     # -- what the test looks at ----------------------------------------------------------
 
@@ -297,3 +318,38 @@ def test_stale_wp_fault_on_an_evicted_page_only_wakes(rig, evicted_as):
     assert stats.engine_faults >= 2                     # the wake, then the retry's MISSING fault
     assert rig.slots.in_use == 0                        # a page that went in writable has no slot
     assert [m for m in engine.drain() if m[0] == FORWARD] == []
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["clean", "corrupted-slot"])
+def test_a_forward_stream_is_read_ahead_and_a_bad_window_never_goes_in(rig, corrupt):
+    """Async readahead: two faults walking forward through full windows start a stream, and the
+    engine reads and installs the pages after them before anyone touches them.  Negative control:
+    a window whose slot does not verify is given back SWAPPED, never installed; the fault on that
+    page then reads it itself and forwards the checksum failure (Python's to retry and poison)."""
+    rig.swap_out_all()
+    if corrupt:
+        rig.corrupt_slot(5)
+    engine = rig.start_engine(readahead=2)
+    for page in (0, 1):      # the second fault is near the first: a full window, entered at its front
+        reader = rig.touch(page)
+        assert joined(reader)
+        assert bytes(reader.buf.view) == pattern(page)
+    bad = {5, 6} if corrupt else set()   # windows of 2 from page 3: [3, 4], [5, 6], [7]
+    wait_until(lambda: engine.stats().readahead == PAGES - 3 - len(bad), "read the stream ahead")
+    faults = engine.stats().engine_faults
+    for page in range(3, PAGES):
+        if page in bad:
+            assert rig.map.state(page) == SWAPPED and not rig.map.entry(page) & BUSY   # given back, not in
+        else:   # in place before any fault: clean, write-protected, the data of its slot
+            assert rig.map.state(page) == CLEAN and rig.memfd_page(page) == pattern(page) and rig.wp_bit(page)
+            reader = rig.touch(page)
+            assert joined(reader) and bytes(reader.buf.view) == pattern(page)
+    assert engine.stats().engine_faults == faults   # none of those reads faulted
+    if corrupt:
+        reader = rig.touch(5)
+        msg, _ = rig.wait_message(FORWARD)
+        assert msg[5] & ~(PAGE_SIZE - 1) == rig.address(5) and msg[4] == -errno.EBADMSG, msg
+        assert not joined(reader, SETTLE)   # never handed wrong data (or zeros): Python decides
+        assert rig.map.state(5) == SWAPPED
+        good = rig.touch(6)                 # its neighbour verifies: served as usual
+        assert joined(good) and bytes(good.buf.view) == pattern(6)

@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readahead", type=int, default=DEFAULTS.readahead,
                    help=f"swap-in window in pages (default {DEFAULTS.readahead}, 1 = off)")
     p.add_argument("--writeback-batch", type=int, default=None, metavar="N",
-                   help="pages per writeback batch, 1 to 256 (default 32: the kernel's SWAP_CLUSTER_MAX; "
+                   help="pages per writeback batch, 1 to 256 (default 64: measured; "
                         "docs/BENCHMARKS.md)")
     p.add_argument("--encrypt", choices=ENCRYPT_MODES, default=ENCRYPT_MODES[0], help=ENCRYPT_HELP)
     _nfs_options(p, stable=True)

@@ -37,7 +37,7 @@ class SlotCodec:
     """The shared half: which slots hold something this process wrote.
 
     Invariant: a slot is trusted (``_valid`` set) only between a completed
-    write and the next write or discard; a failed write leaves it untrusted.
+    write and the next write or its free; a failed write leaves it untrusted.
     Subclasses keep, per trusted slot, what :meth:`decode` checks against.
     """
 
