@@ -22,10 +22,12 @@ def declarations(header: str) -> str:
 
 ffi = cffi.FFI()
 ffi.cdef((HERE / "cdef.h").read_text() + declarations("uswap_core.h") + declarations("uswap_slots.h")
-          + declarations("uswap_engine.h"))
+          + declarations("uswap_engine.h")
+          # the run protocol's struct: array lengths from the compiler, like the constants
+          + declarations("uswap_run.h").replace("[USWAP_RUN_MAX_RUNS]", "[...]"))
 ffi.set_source(
     "uswap._core",
-    '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap_slots.h"\n#include "uswap_engine.h"\n#include "uswap.h"\n',
+    '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap_slots.h"\n#include "uswap_engine.h"\n#include "uswap_run.h"\n#include "uswap.h"\n',
     sources=["csrc/uswap_core.c", "csrc/uswap_client.c", "csrc/uswap_seal.c", "csrc/uswap_slots.c", "csrc/uswap_engine.c",
              "csrc/uswap_probe.c"],
     include_dirs=["csrc", "uswap/include"],

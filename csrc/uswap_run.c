@@ -1,7 +1,7 @@
 /*
  * libuswaprun.so: the preload library of `uswap run` (issue 12, docs/RUN-DESIGN.md).
  *
- * In a constructor: connect to USWAP_RUN_SOCKET, receive the server's /dev/userfaultfd fd, make
+ * In a constructor: connect to USWAP_RUN_SOCKET, send CONNECT (with USWAP_RUN_RESIDENT), receive the server's /dev/userfaultfd fd, make
  * this process's uffd from it (the server negotiates its features: it has CAP_SYS_PTRACE for
  * EVENT_FORK), map a staging area (MADV_DONTFORK) registered on a private uffd without events,
  * send HELLO, wait for READY (the program's memory is registered when main() starts), then start
@@ -198,7 +198,12 @@ static int start(const char *path)
 	strcpy(sa.sun_path, path);
 	if (connect(sock, (struct sockaddr *)&sa, sizeof(sa)) < 0)
 		return -errno;
-	struct uswap_run_msg m;
+	struct uswap_run_msg m = { .magic = USWAP_RUN_MAGIC, .version = USWAP_RUN_VERSION, .op = USWAP_RUN_CONNECT,
+				   .pid = (uint64_t)getpid() };
+	const char *resident = getenv(USWAP_RUN_ENV_RESIDENT);
+	m.resident = resident ? strtoull(resident, NULL, 10) : 0;
+	if (send(sock, &m, sizeof(m), MSG_NOSIGNAL) != (ssize_t)sizeof(m))
+		return -errno;
 	int devfd = -1;
 	int ret = recv_msg(sock, &m, &devfd);
 	if (ret < 0 || m.op != USWAP_RUN_DEVFD)

@@ -1,7 +1,7 @@
 /*
  * The `uswap run` wire protocol (issue 12, docs/RUN-DESIGN.md): between the preload library
  * (libuswaprun.so, in the program) and whoever serves the run (today tests/c/run_server.c; the
- * daemon next).  One SOCK_SEQPACKET connection per process; the path is in USWAP_RUN_SOCKET.
+ * the daemon, uswap/daemon/runs.py).  One SOCK_SEQPACKET connection per process; the path is in USWAP_RUN_SOCKET.
  *
  *   server -> lib   DEVFD  + an fd of /dev/userfaultfd (the lib makes its uffd from it)
  *   lib -> server   HELLO  + the process's uffd (not yet API'd: the server negotiates)
@@ -18,9 +18,13 @@
 #define USWAP_RUN_MAGIC 0x4e525355u   /* "USRN" */
 #define USWAP_RUN_VERSION 1
 #define USWAP_RUN_ENV_SOCKET "USWAP_RUN_SOCKET"
+#define USWAP_RUN_ENV_RESIDENT "USWAP_RUN_RESIDENT"
 #define USWAP_RUN_MAX_RUNS 16
 
-enum { USWAP_RUN_DEVFD = 1, USWAP_RUN_HELLO = 2, USWAP_RUN_READY = 3, USWAP_RUN_DROP = 4, USWAP_RUN_DROPPED = 5 };
+/* CDEF-BEGIN */
+
+enum { USWAP_RUN_DEVFD = 1, USWAP_RUN_HELLO = 2, USWAP_RUN_READY = 3, USWAP_RUN_DROP = 4, USWAP_RUN_DROPPED = 5,
+       USWAP_RUN_CONNECT = 6 };
 
 struct uswap_run_msg {
 	uint32_t magic;
@@ -34,6 +38,9 @@ struct uswap_run_msg {
 	uint64_t addr[USWAP_RUN_MAX_RUNS];      /* DROP: run start */
 	uint64_t len[USWAP_RUN_MAX_RUNS];       /* DROP: run length; DROPPED: bytes moved */
 	int32_t err[USWAP_RUN_MAX_RUNS];        /* DROPPED: errno of the run, 0 if all moved */
+	uint64_t resident;                      /* CONNECT: the run's budget in bytes (0: the server's) */
 };
+
+/* CDEF-END */
 
 #endif

@@ -189,6 +189,39 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """Exec CMD with the preload library and the daemon's socket: its anonymous memory is then swapped
+    by the daemon under --resident (docs/RUN-DESIGN.md).  Refuses what would run unbudgeted."""
+    import socket
+    from uswap.daemon.status import default_socket_path
+    from uswap.run import LIBRUN, NotPreloadable, check_preloadable
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise ValueError("no command: uswap run [--resident SIZE] [--socket PATH] -- CMD ARGS")
+    try:
+        check_preloadable(cmd[0])
+    except NotPreloadable as e:
+        raise ValueError(f"refused: {e}") from None
+    if not os.path.exists(LIBRUN):
+        raise ValueError(f"{LIBRUN}: the preload library is not built (python3 setup.py build_ext --inplace)")
+    path = os.path.abspath(args.socket or default_socket_path())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.connect(path)     # the daemon closes a connection that says nothing, quietly
+        except OSError as e:
+            raise OSError(e.errno, f"no uswap daemon answers: {e.strerror} (the program would run unbudgeted)",
+                          path) from None
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(x for x in (LIBRUN, env.get("LD_PRELOAD")) if x)
+    env["USWAP_RUN_SOCKET"] = path
+    env["USWAP_RUN_RESIDENT"] = str(args.resident or 0)
+    sys.stdout.flush()
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, cmd[0]) from None
+
+
 def cmd_config(args) -> int:
     package = os.path.dirname(os.path.abspath(__file__))
     if args.udev_rule:
@@ -391,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     access.add_argument("--map-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="close a connection that has not mapped a region by then (default 10)")
     p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("run", help="run an unmodified program with its anonymous memory swapped by the daemon")
+    p.add_argument("--resident", type=_size, default=None, metavar="SIZE",
+                   help="the program's resident budget (default and most: the daemon's budget)")
+    p.add_argument("--socket", default=None, help="the daemon's socket (default: as for uswap status)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="show a running daemon's store and regions")
     p.add_argument("--socket", default=None)

@@ -598,9 +598,11 @@ static void reply_ready(int sock, int status)
 /* One process's HELLO: negotiate on its uffd, register, READY.  0, or -errno (connection refused). */
 static int accept_process(int sock)
 {
+	struct uswap_run_msg m;
+	if (recv(sock, &m, sizeof(m), 0) != sizeof(m) || m.magic != USWAP_RUN_MAGIC || m.op != USWAP_RUN_CONNECT)
+		return -EPROTO;      /* the budget it asks for is ignored here: RESIDENT_PAGES */
 	if (send_devfd(sock) < 0)
 		return -EIO;
-	struct uswap_run_msg m;
 	struct iovec iov = { &m, sizeof(m) };
 	char cbuf[CMSG_SPACE(sizeof(int))];
 	struct msghdr h = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };

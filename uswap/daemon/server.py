@@ -45,6 +45,7 @@ from uswap.daemon.limits import UserLedger, UserLimits
 from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_received
 from uswap.daemon.reclaim import Reclaimer
 from uswap.daemon.region import Region
+from uswap.daemon.runs import RunProcess, accept_run, is_run_connection
 from uswap.daemon.swapmap import SWAPPED, slot_of, state_of
 from uswap.daemon.slots import SlotAllocator
 from uswap.paths import secure_directory
@@ -127,6 +128,7 @@ class Daemon:
                                    in_flight=ASYNC_BATCHES_IN_FLIGHT if self.io.mode == "async" else 1)
         self.stats = DaemonStats()
         self.regions: dict[int, Region] = {}
+        self.runs: dict[int, RunProcess] = {}     # processes of `uswap run`, by connection (uswap.daemon.runs)
         self._ended_engine_counts = {"engine_faults": 0, "slow_path_faults": 0, "readahead_pages": 0}
         self.mapped_pages = 0
         self.nursery: trio.Nursery | None = None
@@ -273,6 +275,22 @@ class Daemon:
                 return
             client = Client(sock, pid, uid)
             try:
+                # The first packet says what the connection is: a region's request, or a run's CONNECT.
+                head = None
+                with trio.move_on_after(self.map_timeout):
+                    try:
+                        head = await sock.recv(4, socket.MSG_PEEK)
+                    except OSError:
+                        return  # reset before a word
+                if head is None:
+                    log.info("pid %d uid %d: no region mapped within %gs; closing the connection", pid, uid,
+                             self.map_timeout)
+                    return
+                if not head:
+                    return      # closed at once (a liveness probe)
+                if is_run_connection(head):
+                    await self._serve_run(client)
+                    return
                 async with trio.open_nursery() as nursery:
                     await self._converse(client, nursery)
                     nursery.cancel_scope.cancel()
@@ -284,6 +302,31 @@ class Daemon:
                 if client.region is not None and client.region.id in self.regions:
                     self._drop(client.region)
                 self.ledger.close_connection(uid)
+
+    async def _serve_run(self, client: "Client") -> None:
+        """A process of `uswap run` (csrc/uswap_run.h): accepted, served until it exits or execs, released."""
+        run_id = self._next_id
+        self._next_id += 1
+        try:
+            run = await accept_run(self, client, run_id)
+        except ProtocolError as e:
+            self.log_limited(f"run {client.uid}", logging.WARNING, "pid %d uid %d: run refused: %s", client.pid,
+                             client.uid, e)
+            return
+        except OSError as e:
+            log.info("pid %d: run connection lost before READY: %s", client.pid, e)
+            return
+        self.runs[run.id] = run
+        log.info("run %d: pid %d uid %d, budget %d pages, %d range(s) registered", run.id, run.pid, run.uid,
+                 run.budget_pages, len(run.ranges))
+        try:
+            await run.serve()
+        finally:
+            del self.runs[run.id]
+            run.release()
+            run.done.set()
+            log.info("run %d released (pid %d): pswpout %d pswpin %d", run.id, run.pid, run.stats.pswpout,
+                     run.stats.pswpin)
 
     async def _converse(self, client: "Client", nursery: trio.Nursery) -> None:
         """Answer requests until the peer hangs up, unmaps, or sends what cannot be a request."""
@@ -454,6 +497,11 @@ class Daemon:
     # -- shutdown: swapoff and detach -------------------------------------------------------
 
     async def detach_all(self) -> None:
+        for run in list(self.runs.values()):
+            run.detach = True       # its task reads every page back and unregisters at its next tick
+        for run in list(self.runs.values()):
+            with trio.move_on_after(30):
+                await run.done.wait()
         for region in list(self.regions.values()):
             region.serve_scope.cancel()
             lost = await self.swapoff(region)
@@ -532,6 +580,7 @@ class Daemon:
                 "resident_pages": reg.resident, "swapped_pages": reg.swapped_pages(), **asdict(reg.stats),
                 **reg.engine_stats(),
             } for reg in self.regions.values() if everything or reg.uid == for_uid],
+            "runs": [run.status() for run in self.runs.values() if everything or run.uid == for_uid],
         }
 
 

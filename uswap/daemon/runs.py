@@ -1,0 +1,623 @@
+"""Runs (`uswap run -- CMD`, issue 12): the daemon swaps an unmodified process through its own uffd.
+
+**First version, separate from the fault engine** (docs/RUN-DESIGN.md, "Status"): one trio task per
+process serves its faults and events in Python, one page per fault, no readahead, and evicts in address
+order (no CLOCK); what it shares with memfd regions is the store, its slot allocator and codec, the
+daemon's counters and the budget.  The engine serving a process's range table is the next step; the
+invariants below are the ones that step must keep.
+
+The wire protocol is csrc/uswap_run.h (read through the cdef).  A connection is a run's process when its
+first packet is CONNECT: the daemon hands over a /dev/userfaultfd fd, the preload (libuswaprun.so) makes
+its uffd from it and sends it back with HELLO, the daemon negotiates the events (it holds CAP_SYS_PTRACE,
+needed for EVENT_FORK), registers the process's anonymous private writable ranges (rescanned every tick)
+and answers READY before the program's main() runs.
+
+Page state, per process: ``swapped[addr] = slot`` (the page is out of the process; its data is in the
+slot) and ``inflight[addr] = slot`` (written to its slot, still resident and write-protected, not yet
+dropped by the agent).  An address in neither is resident or never touched.  Invariants (RUN-DESIGN):
+
+1. A page leaves the process only by the agent's move, only after its slot write completed, only while
+   write-protected: ``evict`` protects, reads /proc/PID/mem, writes slots, *then* sends DROP.
+2. A missing page with a slot is filled from that slot, never with zeros; REMOVE/UNMAP forget the slot
+   first (events and faults are handled in queue order, in this one task), so a later fault zero-fills.
+   A slot that cannot be read back poisons the page (SIGBUS), never zeros.
+3. A WP fault on an INFLIGHT page cancels its eviction (the slot is freed, the page stays): nothing is
+   ever dropped after the program wrote it.  There is no await between taking a DROP reply and
+   publishing SWAPPED, and no fault is served while a DROP is in flight (one task), so "in flight" and
+   "served" never overlap.
+4. EAGAIN (events pending: mmap_changing) is never retried in place: the fault waits on a deferred list
+   until the queue has been read, the eviction drains the queue before asking again.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import re
+import select
+import socket
+from dataclasses import asdict, dataclass
+
+import trio
+
+from uswap._core import ffi, lib
+from uswap.core import PAGE_SIZE, AlignedBuffer, check
+from uswap.daemon.mapcheck import check_uffd
+from uswap.daemon.slots import NoSlots
+from uswap.protocol import ProtocolError
+from uswap.uffd import Fork, Pagefault, PartialFill, Remap, Remove, RegisterMode, Unmap, Userfaultfd
+
+log = logging.getLogger("uswap.daemon")
+
+PS = PAGE_SIZE
+MSG_SIZE = ffi.sizeof("struct uswap_run_msg")
+MAGIC = lib.USWAP_RUN_MAGIC.to_bytes(4, "little")
+MAX_RUNS = lib.USWAP_RUN_MAX_RUNS
+RUN_PAGES = 32                 # pages per eviction run (one MOVE)
+TICK = 0.01                    # rescan and budget check
+MIN_LINE = 256                 # pages a run keeps however full the daemon's budget is
+DROP_TIMEOUT = 10.0            # an agent that does not answer a DROP: the process is stopped or gone
+DRAIN_ROUNDS = 100             # eviction: drains before a refused (EAGAIN) drop is given up
+FEATURES = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP | lib.UFFD_FEATURE_EVENT_FORK | lib.UFFD_FEATURE_EVENT_REMAP
+            | lib.UFFD_FEATURE_EVENT_REMOVE | lib.UFFD_FEATURE_EVENT_UNMAP | lib.UFFD_FEATURE_THREAD_ID
+            | lib.UFFD_FEATURE_POISON | lib.UFFD_FEATURE_MOVE)
+# /proc/PID/pagemap, top byte of an entry: bit 7 present, bit 0 exclusively mapped (bit 56)
+_PRESENT = bytes(range(0x80))                                   # translate(None, _PRESENT): present bytes
+_EVICTABLE = bytes(1 if b & 0x81 == 0x81 else 0 for b in range(256))
+_MAPS = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+)[ \t]*(.*)$", re.M)
+
+
+def is_run_connection(head: bytes) -> bool:
+    """Whether a connection's first bytes are a run's CONNECT (the preload's), not a region's request."""
+    return head[:4] == MAGIC
+
+
+def message(op: int, **fields) -> bytes:
+    m = ffi.new("struct uswap_run_msg *")
+    m.magic, m.version, m.op = lib.USWAP_RUN_MAGIC, lib.USWAP_RUN_VERSION, op
+    for key, value in fields.items():
+        setattr(m, key, value)
+    return bytes(ffi.buffer(m))
+
+
+def parse(data: bytes, op: int):
+    """A received message of kind ``op``; ProtocolError otherwise."""
+    if len(data) != MSG_SIZE:
+        raise ProtocolError(f"run message of {len(data)} bytes, expected {MSG_SIZE}", errno.EPROTO)
+    m = ffi.new("struct uswap_run_msg *")
+    ffi.memmove(m, ffi.from_buffer(data), MSG_SIZE)
+    if m.magic != lib.USWAP_RUN_MAGIC or m.version != lib.USWAP_RUN_VERSION or m.op != op:
+        raise ProtocolError(f"run message op {m.op} version {m.version}, expected op {op} version "
+                            f"{lib.USWAP_RUN_VERSION}", errno.EPROTO)
+    return m
+
+
+@dataclass
+class RunStats:
+    pswpin: int = 0
+    pswpout: int = 0
+    zero_fills: int = 0
+    wp_faults: int = 0
+    poisoned: int = 0
+    registered: int = 0
+    remove: int = 0
+    unmap: int = 0
+    remap: int = 0
+    fork: int = 0
+    eagain: int = 0
+    ebusy: int = 0
+    enoent: int = 0
+    cancelled: int = 0
+    drops: int = 0
+    other_refusals: int = 0
+    max_resident_pages: int = 0
+
+
+class RunProcess:
+    """One process of a run, on its own connection (exec gives a new one: a process is never keyed by pid)."""
+
+    def __init__(self, id: int, pid: int, uid: int, sock, uffd: Userfaultfd, *, budget_pages: int,
+                 staging: tuple[int, int], agent_stack: tuple[int, int], daemon):
+        self.id, self.pid, self.uid = id, pid, uid
+        self.sock = sock
+        self.uffd = uffd
+        self.budget_pages = budget_pages
+        self.excluded = (staging, agent_stack)     # never registered: the agent's own memory
+        self.daemon = daemon
+        self.mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(self.mem)
+            raise
+        self.ranges: list[tuple[int, int]] = []    # registered, as /proc/PID/maps showed them at the last rescan
+        self.swapped: dict[int, int] = {}
+        self.inflight: dict[int, int] = {}
+        self.children: list[Userfaultfd] = []      # raw SYS_fork children's uffds (served with poison)
+        self.resident = 0                          # registered present pages at the last pagemap count
+        self.filled = 0                            # pages faulted in since
+        self.cursor = 0
+        self.stats = RunStats()
+        self.buf = AlignedBuffer(RUN_PAGES * MAX_RUNS * PS)
+        self.page = AlignedBuffer(PS)
+        self.detach = False                        # the daemon is stopping: read everything back, unregister
+        self.done = trio.Event()
+
+    # -- the budget ---------------------------------------------------------------
+
+    def line(self) -> int:
+        """Resident pages this process may hold: its own budget, within what the daemon's budget leaves
+        after memfd regions and the other runs (floored at MIN_LINE: a run always makes progress)."""
+        d = self.daemon
+        others = sum(r.resident + r.filled for r in d.runs.values() if r is not self)
+        left = d.reclaimer.budget_pages - d.reclaimer.resident - others
+        return max(min(self.budget_pages, left), min(MIN_LINE, self.budget_pages))
+
+    # -- serving -----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Faults and events until the process is gone (its connection closes: exit or exec)."""
+        next_tick = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            while True:
+                with trio.move_on_at(next_tick):
+                    await trio.lowlevel.wait_readable(self.uffd.fd)
+                await self.drain()
+                now = trio.current_time()
+                if now >= next_tick or self.resident + self.filled > self.line():
+                    next_tick = now + TICK
+                    if self.detach:
+                        await self.swapoff()
+                        break
+                    if self.gone():
+                        break
+                    self.rescan()
+                    await self.reclaim()
+            nursery.cancel_scope.cancel()
+
+    def gone(self) -> bool:
+        """The connection is readable only at EOF (the agent speaks only when asked): exit or exec."""
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLIN | select.POLLHUP)
+        return bool(p.poll(0))
+
+    async def drain(self) -> None:
+        """Handle every queued message in order; faults refused with EAGAIN wait until the queue is empty
+        (the event that holds mmap_changing may be queued behind them: retrying in place waits for ourselves)."""
+        deferred: list[Pagefault] = []
+        rounds = 0
+        while True:
+            try:
+                events = self.uffd.read_events()
+            except OSError as e:
+                if e.errno in (errno.ESRCH, errno.EBADF):
+                    return
+                raise
+            for ev in events:
+                if not await self.handle(ev):
+                    deferred.append(ev)
+            if events:
+                continue
+            deferred = [ev for ev in deferred if not await self.handle(ev)]
+            if not deferred:
+                return
+            rounds += 1
+            await trio.sleep(0 if rounds < 10 else 0.0005)   # a program thread is finishing its event
+
+    async def handle(self, ev) -> bool:
+        """One message; False if it must be retried after the queue is read (EAGAIN)."""
+        if isinstance(ev, Pagefault):
+            return await self.fault(ev)
+        if isinstance(ev, (Remove, Unmap)):
+            if isinstance(ev, Remove):
+                self.stats.remove += 1
+            else:
+                self.stats.unmap += 1
+            self.invalidate(ev.start, ev.end)
+        elif isinstance(ev, Remap):
+            self.stats.remap += 1
+            self.remap(ev.old, ev.new, ev.length)
+        elif isinstance(ev, Fork):
+            self.stats.fork += 1
+            self.serve_child(ev.uffd)
+        return True
+
+    async def fault(self, ev: Pagefault) -> bool:
+        a = ev.address & ~(PS - 1)
+        if ev.is_wp:
+            slot = self.inflight.pop(a, None)
+            if slot is not None:           # invariant 3: a written page is never dropped
+                self.daemon.release_slot(slot)
+                self.stats.cancelled += 1
+            try:
+                self.uffd.write_protect(a, PS, protect=False)
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    self.stats.eagain += 1
+                    return False
+                self._wake(a)
+            self.stats.wp_faults += 1
+            return True
+        slot = self.swapped.get(a)
+        if slot is not None:               # invariant 2: from its slot, never zeros
+            try:
+                await self.daemon.io.read(slot, 1, self.page)
+            except OSError as e:
+                self.daemon.stats.read_errors += 1
+                log.error("run %d (pid %d): slot %d of page %#x unreadable (%s): the page is poisoned",
+                          self.id, self.pid, slot, a, e)
+                return self._fill(a, lambda: self.uffd.poison(a, PS), "poisoned", slot)
+            return self._fill(a, lambda: self.uffd.copy(a, self.page.address, PS), "pswpin", slot)
+        return self._fill(a, lambda: self.uffd.zeropage(a, PS), "zero_fills", None)
+
+    def _fill(self, a: int, op, counter: str, slot: int | None) -> bool:
+        try:
+            op()
+        except PartialFill:
+            self.stats.eagain += 1
+            return False                   # the slot stays: the fault is retried
+        except OSError as e:
+            if e.errno != errno.EEXIST:    # ENOENT/ESRCH: the range or the process went away meanwhile
+                self.daemon.log_limited("runfill", logging.WARNING, "run %d (pid %d): fill of %#x: %s",
+                                        self.id, self.pid, a, e.strerror)
+            self._wake(a)
+        if slot is not None:
+            del self.swapped[a]
+            self.daemon.release_slot(slot)
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        if counter == "pswpin":
+            self.daemon.stats.pswpin += 1
+        self.filled += 1
+        return True
+
+    def _wake(self, a: int) -> None:
+        try:
+            self.uffd.wake(a, PS)
+        except OSError:
+            pass
+
+    def _forget(self, table: dict[int, int], a: int) -> None:
+        self.daemon.release_slot(table.pop(a))
+
+    def invalidate(self, start: int, end: int) -> None:
+        """REMOVE/UNMAP: the contents of [start, end) are gone, and so are their slots."""
+        for table in (self.swapped, self.inflight):
+            if (end - start) // PS > len(table):
+                hit = [a for a in table if start <= a < end]
+            else:
+                hit = [a for a in range(start, end, PS) if a in table]
+            for a in hit:
+                self._forget(table, a)
+
+    def remap(self, old: int, new: int, length: int) -> None:
+        """REMAP: swapped pages move with their range; a pending eviction of a moved page is cancelled."""
+        moved = {a: s for a, s in self.swapped.items() if old <= a < old + length}
+        for a in [a for a in self.inflight if old <= a < old + length]:
+            self._forget(self.inflight, a)
+            self.stats.cancelled += 1
+        for a in moved:
+            del self.swapped[a]
+        for a, s in moved.items():
+            b = a - old + new
+            if b in self.swapped:          # cannot happen: the destination was unmapped (UNMAP) first
+                self._forget(self.swapped, b)
+            self.swapped[b] = s
+
+    def serve_child(self, fd: int) -> None:
+        """A raw SYS_fork child (fork() itself is refused by the preload): its pages swapped in the parent
+        give SIGBUS (they are not shared with it yet), never zeros; the rest is served as usual."""
+        child = Userfaultfd.from_fd(fd)
+        os.set_blocking(fd, False)         # not inherited from the parent's fcntl (RUN-DESIGN)
+        self.children.append(child)
+        snapshot = frozenset(self.swapped) | frozenset(self.inflight)
+        self.nursery.start_soon(self._serve_child, child, snapshot)
+
+    async def _serve_child(self, child: Userfaultfd, snapshot: frozenset) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(child.fd)
+            try:
+                events = child.read_events()
+            except OSError:
+                return
+            for ev in events:
+                if isinstance(ev, Fork):
+                    os.close(ev.uffd)
+                if not isinstance(ev, Pagefault):
+                    continue
+                a = ev.address & ~(PS - 1)
+                try:
+                    if ev.is_wp:
+                        child.write_protect(a, PS, protect=False)
+                    elif a in snapshot:
+                        child.poison(a, PS)
+                        self.stats.poisoned += 1
+                    else:
+                        child.zeropage(a, PS)
+                except OSError:
+                    try:
+                        child.wake(a, PS)
+                    except OSError:
+                        pass
+
+    # -- registration --------------------------------------------------------------
+
+    def rescan(self) -> None:
+        """Register every anonymous private writable VMA (and [heap]; not [stack] yet, not the agent's
+        memory).  brk and mmap make new VMAs, madvise/mprotect split them without an event: the range
+        list is only a walk order for reclaim; registration is the kernel's."""
+        try:
+            with open(f"/proc/{self.pid}/maps", "rb") as f:
+                text = f.read()
+        except OSError:
+            return
+        known = set(self.ranges)
+        ranges = []
+        for m in _MAPS.finditer(text):
+            a, b = int(m[1], 16), int(m[2], 16)
+            name = m[5].strip()
+            if m[3] != b"rw-p" or m[4] != b"0" or (name and name != b"[heap]"):
+                continue
+            if any(a < s + n and s < b for s, n in self.excluded):
+                continue
+            ranges.append((a, b))
+            if (a, b) in known:
+                continue
+            try:
+                self.uffd.register(a, b - a, RegisterMode.MISSING | RegisterMode.WP)
+                self.stats.registered += 1
+            except OSError:
+                pass                       # gone meanwhile, or not registrable (e.g. VM_DONTEXPAND)
+        self.ranges = ranges
+
+    # -- eviction ------------------------------------------------------------------
+
+    def _tops(self, a: int, b: int) -> bytes:
+        """The top byte of each pagemap entry of [a, b)."""
+        data = os.pread(self.pagemap, (b - a) // PS * 8, a // PS * 8)
+        return data[7::8]
+
+    async def reclaim(self) -> None:
+        """Count the registered resident pages; above the line, evict runs in address order from where
+        the last pass stopped (a FIFO, not a CLOCK: the engine's reclaim is what the next step brings)."""
+        tops = []
+        for a, b in self.ranges:
+            try:
+                tops.append(self._tops(a, b))
+            except OSError:
+                tops.append(b"")
+        self.resident = sum(len(t.translate(None, _PRESENT)) for t in tops)
+        self.filled = 0
+        self.stats.max_resident_pages = max(self.stats.max_resident_pages, self.resident)
+        line = self.line()
+        if self.resident <= line:
+            return
+        want = self.resident - line * 7 // 8
+        order = sorted(range(len(self.ranges)), key=lambda k: (self.ranges[k][1] <= self.cursor, self.ranges[k][0]))
+        batch: list[tuple[int, int]] = []
+        for k in order:
+            a0, b0 = self.ranges[k]
+            start = max(a0, self.cursor) if a0 < self.cursor < b0 else a0
+            t = tops[k][(start - a0) // PS:]
+            for m in re.finditer(b"\x01+", t.translate(_EVICTABLE)):
+                first = start + m.start() * PS
+                count = min(m.end() - m.start(), want)
+                for off in range(0, count, RUN_PAGES):
+                    batch.append((first + off * PS, min(RUN_PAGES, count - off)))
+                    if len(batch) == MAX_RUNS:
+                        await self.evict(batch)
+                        batch = []
+                want -= count
+                self.cursor = first + count * PS
+                if want <= 0:
+                    break
+            if want <= 0:
+                break
+        else:
+            self.cursor = 0
+        if batch:
+            await self.evict(batch)
+
+    async def evict(self, runs: list[tuple[int, int]]) -> None:
+        """Invariant 1, in this order: write-protect, read through /proc/PID/mem, write slots, agent drop,
+        publish SWAPPED."""
+        kept = []
+        for a, n in runs:
+            for _ in range(DRAIN_ROUNDS):
+                try:
+                    self.uffd.write_protect(a, n * PS)
+                except OSError as e:
+                    if e.errno == errno.EAGAIN:
+                        self.stats.eagain += 1
+                        await self.drain()      # nothing of ours is in flight yet
+                        continue
+                    break                       # gone meanwhile
+                kept.append((a, n))
+                break
+        pos = 0
+        read = []
+        for a, n in kept:
+            try:
+                got = os.preadv(self.mem, [self.buf.view[pos * PS:(pos + n) * PS]], a)
+            except OSError:
+                got = 0
+            if got != n * PS:
+                continue                        # unmapped meanwhile; a WP fault lifts the protection
+            read.append((a, n, pos))
+            pos += n
+        for a, n, at in read:
+            done = 0
+            while done < n:
+                try:
+                    first, got = self.daemon.slots.allocate(n - done)
+                except NoSlots:
+                    self.daemon.log_limited("runslots", logging.ERROR, "run %d: the store is full", self.id)
+                    break
+                try:
+                    await self.daemon.io.write(first, got, self.buf, at + done)
+                except OSError as e:
+                    self.daemon.slots.free(first, got)
+                    self.daemon.stats.write_errors += 1
+                    self.daemon.log_limited("runwrite", logging.ERROR, "run %d: slot write failed: %s", self.id, e)
+                    break
+                for i in range(got):            # the slot is complete; the page is still here
+                    self.inflight[a + (done + i) * PS] = first + i
+                done += got
+        await self.drop(kept)
+
+    async def drop(self, runs: list[tuple[int, int]]) -> None:
+        """Ask the agent to move the still-pending pages of ``runs`` out; what it moved is SWAPPED."""
+        for _ in range(DRAIN_ROUNDS):
+            addrs, lens = [], []
+            for a, n in runs:
+                i = 0
+                while i < n and len(addrs) < MAX_RUNS:
+                    if a + i * PS not in self.inflight:
+                        i += 1
+                        continue
+                    k = 1
+                    while i + k < n and a + (i + k) * PS in self.inflight:
+                        k += 1
+                    addrs.append(a + i * PS)
+                    lens.append(k * PS)
+                    i += k
+            if not addrs:
+                return
+            try:
+                with trio.fail_after(DROP_TIMEOUT):
+                    await self.sock.send(message(lib.USWAP_RUN_DROP, count=len(addrs), addr=addrs, len=lens))
+                    reply = parse(await self.sock.recv(MSG_SIZE + 1), lib.USWAP_RUN_DROPPED)
+            except (OSError, trio.TooSlowError, ProtocolError) as e:
+                log.info("run %d (pid %d): agent gone (%s)", self.id, self.pid, e)
+                break
+            self.stats.drops += 1
+            again = refused = False
+            # no await from here to the end of the loop body: invariant 3
+            for k in range(reply.count):
+                moved = reply.len[k] // PS
+                for i in range(moved):
+                    a = reply.addr[k] + i * PS
+                    self.swapped[a] = self.inflight.pop(a)
+                self.stats.pswpout += moved
+                self.daemon.stats.pswpout += moved
+                err = reply.err[k]
+                if not err:
+                    continue
+                if err == errno.EAGAIN:
+                    again = True
+                    continue
+                self.stats.ebusy += err == errno.EBUSY
+                self.stats.enoent += err == errno.ENOENT
+                if err not in (errno.EBUSY, errno.ENOENT) and not self.stats.other_refusals:
+                    log.warning("run %d (pid %d): the agent could not move a page: %s (first of its kind; "
+                                "counted)", self.id, self.pid, os.strerror(err))
+                self.stats.other_refusals += err not in (errno.EBUSY, errno.ENOENT)
+                a = reply.addr[k] + moved * PS     # the page MOVE refused stays resident
+                if a in self.inflight:
+                    self._forget(self.inflight, a)
+                refused = True
+            if not again and not refused:
+                return
+            if again:
+                self.stats.eagain += 1
+                await self.drain()
+        for first, n in runs:                 # still refused: the pages stay, their slots go
+            for a in range(first, first + n * PS, PS):
+                if a in self.inflight:
+                    self._forget(self.inflight, a)
+
+    # -- the end ----------------------------------------------------------------------
+
+    async def swapoff(self) -> None:
+        """The daemon stops: put every swapped page back (UFFDIO_COPY needs no fault) and unregister, so
+        that the process goes on without us, all data in place."""
+        await self.drain()
+        lost = 0
+        for a, slot in list(self.swapped.items()):
+            try:
+                await self.daemon.io.read(slot, 1, self.page)
+                self.uffd.copy(a, self.page.address, PS)
+            except OSError as e:
+                if e.errno != errno.EEXIST:
+                    lost += 1
+                    continue
+            self._forget(self.swapped, a)
+        for a, b in self.ranges:
+            try:
+                self.uffd.unregister(a, b - a)
+            except OSError:
+                pass
+        if lost:
+            log.error("run %d (pid %d): %d page(s) not read back: the process gets SIGBUS there", self.id,
+                      self.pid, lost)
+
+    def release(self) -> None:
+        """Free every slot this process holds and close what we opened (no fd outlives the process)."""
+        for table in (self.swapped, self.inflight):
+            for slot in table.values():
+                self.daemon.release_slot(slot)
+            table.clear()
+        for u in [self.uffd, *self.children]:
+            if u.fd >= 0:
+                trio.lowlevel.notify_closing(u.fd)
+                u.close()
+        self.children = []
+        for fd in (self.mem, self.pagemap):
+            os.close(fd)
+        self.mem = self.pagemap = -1
+
+    def status(self) -> dict:
+        return {"id": self.id, "pid": self.pid, "uid": self.uid, "budget_pages": self.budget_pages,
+                "line_pages": self.line(), "resident_pages": self.resident,
+                "swapped_pages": len(self.swapped), "registered_ranges": len(self.ranges), **asdict(self.stats)}
+
+
+async def accept_run(daemon, client, run_id: int) -> RunProcess:
+    """CONNECT, DEVFD, HELLO: negotiate on the process's uffd, register, READY.  ProtocolError if refused."""
+    sock = client.sock
+    connect = parse(await sock.recv(MSG_SIZE + 1), lib.USWAP_RUN_CONNECT)
+    asked = connect.resident // PS
+    budget = min(asked, daemon.budget // PS) if asked else daemon.budget // PS
+    dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        await sock.sendmsg([message(lib.USWAP_RUN_DEVFD)],
+                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dev]))])
+    finally:
+        os.close(dev)
+    data, ancdata, flags, _ = await sock.recvmsg(MSG_SIZE + 1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+    fds = [fd for level, kind, payload in ancdata if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+           for fd in array.array("i", payload[:len(payload) - len(payload) % 4])]
+    try:
+        hello = parse(data, lib.USWAP_RUN_HELLO)
+        if len(fds) != 1 or flags & socket.MSG_CTRUNC:
+            raise ProtocolError(f"HELLO takes one userfaultfd, got {len(fds)} fds", errno.EINVAL)
+        if hello.pid != client.pid:
+            raise ProtocolError(f"HELLO names pid {hello.pid}, the connection is pid {client.pid}", errno.EPERM)
+        check_uffd(fds[0], [])
+        got, ioctls = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        ret = lib.uswap_uffd_api(fds[0], FEATURES, got, ioctls)
+        if ret < 0:
+            raise ProtocolError(f"UFFDIO_API with fork/remap/remove/unmap/move events: {os.strerror(-ret)}", -ret)
+        uffd = Userfaultfd.from_fd(fds[0])
+        fds = []
+        os.set_blocking(uffd.fd, False)
+        try:
+            run = RunProcess(run_id, client.pid, client.uid, sock, uffd, budget_pages=budget,
+                             staging=(hello.staging, hello.staging_len),
+                             agent_stack=(hello.agent_stack, hello.agent_stack_len), daemon=daemon)
+        except OSError as e:
+            uffd.close()
+            raise ProtocolError(f"pid {client.pid}: /proc/PID/mem or pagemap: {e.strerror}", e.errno) from None
+    except ProtocolError as e:
+        for fd in fds:
+            os.close(fd)
+        try:
+            await sock.send(message(lib.USWAP_RUN_READY, status=-e.errno))
+        except OSError:
+            pass
+        raise
+    run.rescan()
+    await sock.send(message(lib.USWAP_RUN_READY, status=0))
+    return run
