@@ -1,4 +1,7 @@
-"""Layer 10 (issue 12, `uswap run`): the kernel mechanisms the design relies on, probed in C.
+"""Layer 10 (issue 12, `uswap run`): the kernel mechanisms the design relies on, probed in C, and
+unmodified programs run under `uswap run` against the real daemon (uswap/daemon/runs.py) and against
+tests/c/run_server.c, the stand-in the daemon replaced (kept: it is the reference the engine step
+will be measured against).
 
 tests/c/run_probe.c plays daemon, client and agent thread; docs/RUN-DESIGN.md says what each
 result means for the design.  The probe prints key=value lines and ``RESULT ok``.
@@ -9,13 +12,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 import uswap
 from conftest import HERE, need, need_root, run
+from uswap.child import uswap_argv
 from uswap.run import NotPreloadable, check_preloadable
 
 pytestmark = pytest.mark.kernel
@@ -96,7 +102,7 @@ def run_server(tmp_path_factory):
     return str(out)
 
 
-def serve(run_server, tmp_path, resident_pages: int, *cmd: str) -> tuple[subprocess.CompletedProcess, dict]:
+def serve_stand_in(run_server, tmp_path, resident_pages: int, *cmd: str) -> tuple[subprocess.CompletedProcess, dict]:
     """Run cmd under run_server; its counters as a dict."""
     r = subprocess.run([run_server, str(tmp_path / "run.sock"), str(tmp_path / "store"), str(resident_pages),
                         LIBRUN, "--", *cmd], capture_output=True, text=True, timeout=120)
@@ -105,11 +111,54 @@ def serve(run_server, tmp_path, resident_pages: int, *cmd: str) -> tuple[subproc
     return r, {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line[0])}
 
 
-def test_unmodified_python_under_a_small_budget(run_server, tmp_path):
+RELEASED = re.compile(r"run (\d+) released \(pid (\d+)\): (.*)")
+
+
+def released(daemon) -> list[dict]:
+    """The counters of every run process the daemon released, from its log, in order."""
+    return [{"pid": int(m[2]), **{k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m[3])}}
+            for m in RELEASED.finditer(daemon.log())]
+
+
+def serve_daemon(daemon, tmp_path, resident_pages: int, *cmd: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run cmd with `uswap run` against the real daemon; the counters of its processes, summed, with
+    ``execs`` (processes after the first: one pid, one connection per image).  Asserts what every run must
+    leave behind: no run left, every slot free, no userfaultfd or /proc fd in the daemon."""
+    before = len(released(daemon))
+    r = subprocess.run(uswap_argv("run", "--resident", str(resident_pages * 4096), "--socket", daemon.socket, "--",
+                                  *cmd), capture_output=True, text=True, timeout=180)
+    deadline = time.monotonic() + 10
+    while daemon.status()["runs"]:
+        assert time.monotonic() < deadline, "the daemon did not release the run's processes"
+        time.sleep(0.05)
+    runs = released(daemon)[before:]
+    assert runs, r.stderr + daemon.log()
+    counters = {k: sum(run[k] for run in runs) for k in runs[0] if k != "pid"}
+    counters["execs"] = len(runs) - 1
+    status = daemon.status()["daemon"]
+    assert status["slots_used"] == 0, status
+    leaked = [fd for fd in daemon.open_fds() if "userfaultfd" in fd or fd.startswith("/proc/")]
+    assert not leaked, leaked
+    return r, counters
+
+
+@pytest.fixture(params=["daemon", "stand-in"])
+def serve(request, tmp_path, uswapd):
+    """serve(tmp_path, resident_pages, *cmd) -> (CompletedProcess, counters): the real daemon, or run_server."""
+    if request.param == "stand-in":
+        run_server = request.getfixturevalue("run_server")
+        return lambda tmp_path, pages, *cmd: serve_stand_in(run_server, tmp_path, pages, *cmd)
+    need_root()
+    need(os.path.exists(LIBRUN), "libuswaprun.so not built (python3 setup.py build_ext --inplace)")
+    daemon = uswapd("run", resident="64M", store_size="256M")
+    return lambda tmp_path, pages, *cmd: serve_daemon(daemon, tmp_path, pages, *cmd)
+
+
+def test_unmodified_python_under_a_small_budget(serve, tmp_path):
     script = tmp_path / "biglist.py"
     script.write_text(BIGLIST)
     plain = subprocess.run([PYTHON, str(script), "300000"], capture_output=True, text=True, check=True)
-    r, c = serve(run_server, tmp_path, 2048, PYTHON, str(script), "300000")
+    r, c = serve(tmp_path, 2048, PYTHON, str(script), "300000")
     print(r.stderr)
     assert r.returncode == 0, r.stderr
     assert r.stdout == plain.stdout
@@ -117,27 +166,27 @@ def test_unmodified_python_under_a_small_budget(run_server, tmp_path):
     assert "not budgeted" not in r.stderr
 
 
-def test_exec_keeps_the_run(run_server, tmp_path):
+def test_exec_keeps_the_run(serve, tmp_path):
     script = tmp_path / "biglist.py"
     script.write_text(BIGLIST)
     plain = subprocess.run([PYTHON, str(script), "200000"], capture_output=True, text=True, check=True)
-    r, c = serve(run_server, tmp_path, 2048, "/bin/sh", "-c", f"exec {PYTHON} {script} 200000")
+    r, c = serve(tmp_path, 2048, "/bin/sh", "-c", f"exec {PYTHON} {script} 200000")
     assert r.returncode == 0, r.stderr
     assert r.stdout == plain.stdout
     assert c["execs"] == 1 and c["pswpout"] > 0
 
 
-def test_fork_is_refused_loudly(run_server, tmp_path):
-    r, _ = serve(run_server, tmp_path, 2048, PYTHON, "-c",
+def test_fork_is_refused_loudly(serve, tmp_path):
+    r, _ = serve(tmp_path, 2048, PYTHON, "-c",
                  "import os\ntry:\n    os.fork()\nexcept OSError as e:\n    print('refused', e.errno)")
     assert r.stdout.strip() == "refused 38"     # ENOSYS
     assert "fork() refused" in r.stderr
 
 
-def test_raw_fork_child_gets_sigbus_not_zeros(run_server, tmp_path):
+def test_raw_fork_child_gets_sigbus_not_zeros(serve, tmp_path):
     script = tmp_path / "rawfork.py"
     script.write_text(RAW_FORK)
-    r, c = serve(run_server, tmp_path, 2048, PYTHON, str(script), "300000")
+    r, c = serve(tmp_path, 2048, PYTHON, str(script), "300000")
     print(r.stdout, r.stderr)
     assert r.returncode == 0, r.stderr
     assert "child signal 7" in r.stdout          # SIGBUS
@@ -191,6 +240,67 @@ def test_server_killed_swapped_pages_give_sigbus_and_nothing_hangs(run_server, t
     assert "sum" not in r.stdout
 
 
+def start_orphan(daemon, tmp_path, script_text: str) -> subprocess.Popen:
+    """ORPHAN-like script under `uswap run` at 2048 pages, once it has built its list (partly swapped)."""
+    script = tmp_path / "orphan.py"
+    script.write_text(script_text)
+    p = subprocess.Popen(uswap_argv("run", "--resident", "8M", "--socket", daemon.socket, "--", PYTHON, str(script),
+                                    "300000"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    int(p.stdout.readline())
+    if p.stdout.readline() != "built\n":
+        p.kill()
+        pytest.fail(p.communicate()[1])
+    time.sleep(0.3)
+    return p
+
+
+def test_daemon_killed_swapped_pages_give_sigbus_and_nothing_hangs(uswapd, tmp_path):
+    need_root()
+    daemon = uswapd("run", resident="64M", store_size="256M")
+    p = start_orphan(daemon, tmp_path, ORPHAN)
+    assert daemon.status()["daemon"]["pswpout"] > 0        # some of the list is in the store now
+    daemon.proc.kill()
+    daemon.proc.wait()
+    try:
+        out, err = p.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("the program hung after the daemon died")
+    assert p.returncode == -signal.SIGBUS, (p.returncode, out, err)   # never zeros, no hang
+    assert "sum" not in out
+
+
+def test_daemon_stop_gives_every_page_back(uswapd, tmp_path):
+    """SIGTERM: the daemon reads every swapped page back into the process and unregisters it; the program
+    goes on unbudgeted with its data whole."""
+    need_root()
+    daemon = uswapd("run", resident="64M", store_size="256M")
+    p = start_orphan(daemon, tmp_path, ORPHAN)
+    assert daemon.status()["daemon"]["pswpout"] > 0
+    assert daemon.stop() == 0
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out.strip() == f"sum {5 * sum(range(300000))}"
+    assert "page(s) not read back" not in daemon.log()
+
+
+def test_uswap_run_refuses_what_would_run_unbudgeted(tmp_path):
+    r = subprocess.run(uswap_argv("run", "--socket", str(tmp_path / "none.sock"), "--", "/sbin/ldconfig", "-p"),
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().endswith("statically linked: the preload library cannot be loaded, it would run "
+                                     "unbudgeted"), r.stderr
+    r = subprocess.run(uswap_argv("run", "--socket", str(tmp_path / "none.sock"), "--", "true"),
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"uswap run: error: {tmp_path / 'none.sock'}: no uswap daemon answers: No such file "
+                                "or directory (the program would run unbudgeted)"), r.stderr
+    r = subprocess.run(uswap_argv("run", "--socket", str(tmp_path / "none.sock"), "--", "echo", "ran"),
+                       capture_output=True, text=True)
+    assert "ran" not in r.stdout          # negative control: nothing ran
+
+
 # ---- which programs uswap run can budget (uswap/run.py) ----
 
 def test_static_setuid_and_scripts_are_judged(tmp_path):
@@ -221,12 +331,12 @@ def test_static_setuid_and_scripts_are_judged(tmp_path):
     assert check_preloadable(str(ok)) == str(ok)
 
 
-def test_swapped_memory_behaves_like_memory(run_server, tmp_path):
+def test_swapped_memory_behaves_like_memory(serve, tmp_path):
     """tests/c/run_workload.c (issue 12, tests 3-5): read(2)/write(2) on swapped pages, MADV_DONTNEED, realloc
     moving with mremap, MAP_FIXED over swapped pages, 4 threads with a 1 ms signal reading swapped memory."""
     work = tmp_path / "run_workload"
     run("cc", "-O2", "-Wall", "-Werror", "-pthread", os.path.join(HERE, "c", "run_workload.c"), "-o", str(work))
-    r, c = serve(run_server, tmp_path, 4096, str(work), "32", "4", "1")
+    r, c = serve(tmp_path, 4096, str(work), "32", "4", "1")
     print(r.stdout, r.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
     steps = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("ok ")]
@@ -242,12 +352,12 @@ print(int(b.sum()), hashlib.sha256(b.tobytes()).hexdigest())
 """
 
 
-def test_unmodified_numpy_under_a_small_budget(run_server, tmp_path):
+def test_unmodified_numpy_under_a_small_budget(serve, tmp_path):
     need(subprocess.run([PYTHON, "-c", "import numpy"], capture_output=True).returncode == 0, "no numpy")
     script = tmp_path / "np.py"
     script.write_text(NUMPY)
     plain = subprocess.run([PYTHON, str(script)], capture_output=True, text=True, check=True)
-    r, c = serve(run_server, tmp_path, 4096, PYTHON, str(script))
+    r, c = serve(tmp_path, 4096, PYTHON, str(script))
     assert r.returncode == 0, r.stderr
     assert r.stdout == plain.stdout
     assert c["pswpout"] > 0 and c["overwrites"] == 0

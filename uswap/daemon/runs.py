@@ -112,6 +112,7 @@ class RunStats:
     cancelled: int = 0
     drops: int = 0
     other_refusals: int = 0
+    overwrites: int = 0            # a REMAP onto a swapped page (an invariant broke: counted, never leaked)
     max_resident_pages: int = 0
 
 
@@ -304,6 +305,7 @@ class RunProcess:
             b = a - old + new
             if b in self.swapped:          # cannot happen: the destination was unmapped (UNMAP) first
                 self._forget(self.swapped, b)
+                self.stats.overwrites += 1
             self.swapped[b] = s
 
     def serve_child(self, fd: int) -> None:

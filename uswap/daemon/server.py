@@ -325,8 +325,8 @@ class Daemon:
             del self.runs[run.id]
             run.release()
             run.done.set()
-            log.info("run %d released (pid %d): pswpout %d pswpin %d", run.id, run.pid, run.stats.pswpout,
-                     run.stats.pswpin)
+            log.info("run %d released (pid %d): %s", run.id, run.pid,
+                     " ".join(f"{k}={v}" for k, v in asdict(run.stats).items()))
 
     async def _converse(self, client: "Client", nursery: trio.Nursery) -> None:
         """Answer requests until the peer hangs up, unmaps, or sends what cannot be a request."""
