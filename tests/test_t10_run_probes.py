@@ -164,6 +164,8 @@ def test_unmodified_python_under_a_small_budget(serve, tmp_path):
     assert r.stdout == plain.stdout
     assert c["pswpout"] > 0 and c["pswpin"] > 0
     assert "not budgeted" not in r.stderr
+    # the budget plus a slack: memory touched between two rescans (10 ms) is seen only at the next one
+    assert c["max_resident_pages"] <= 2048 * 5 // 2
 
 
 def test_exec_keeps_the_run(serve, tmp_path):
@@ -240,24 +242,24 @@ def test_server_killed_swapped_pages_give_sigbus_and_nothing_hangs(run_server, t
     assert "sum" not in r.stdout
 
 
-def start_orphan(daemon, tmp_path, script_text: str) -> subprocess.Popen:
+def start_orphan(daemon, tmp_path, script_text: str) -> tuple[subprocess.Popen, int]:
     """ORPHAN-like script under `uswap run` at 2048 pages, once it has built its list (partly swapped)."""
     script = tmp_path / "orphan.py"
     script.write_text(script_text)
     p = subprocess.Popen(uswap_argv("run", "--resident", "8M", "--socket", daemon.socket, "--", PYTHON, str(script),
                                     "300000"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    int(p.stdout.readline())
+    pid = int(p.stdout.readline())
     if p.stdout.readline() != "built\n":
         p.kill()
         pytest.fail(p.communicate()[1])
     time.sleep(0.3)
-    return p
+    return p, pid
 
 
 def test_daemon_killed_swapped_pages_give_sigbus_and_nothing_hangs(uswapd, tmp_path):
     need_root()
     daemon = uswapd("run", resident="64M", store_size="256M")
-    p = start_orphan(daemon, tmp_path, ORPHAN)
+    p, _ = start_orphan(daemon, tmp_path, ORPHAN)
     assert daemon.status()["daemon"]["pswpout"] > 0        # some of the list is in the store now
     daemon.proc.kill()
     daemon.proc.wait()
@@ -276,8 +278,12 @@ def test_daemon_stop_gives_every_page_back(uswapd, tmp_path):
     goes on unbudgeted with its data whole."""
     need_root()
     daemon = uswapd("run", resident="64M", store_size="256M")
-    p = start_orphan(daemon, tmp_path, ORPHAN)
-    assert daemon.status()["daemon"]["pswpout"] > 0
+    p, pid = start_orphan(daemon, tmp_path, ORPHAN)
+    runs = daemon.status()["runs"]
+    assert [r["pid"] for r in runs] == [pid] and runs[0]["swapped_pages"] > 0 and runs[0]["budget_pages"] == 2048
+    shown = subprocess.run(uswap_argv("status", "--socket", daemon.socket), capture_output=True, text=True)
+    row = [line.split() for line in shown.stdout.splitlines() if line.split()[1:2] == [str(pid)]]
+    assert row and row[0][2] == "8M", shown.stdout      # RUN, PID, BUDGET, ...
     assert daemon.stop() == 0
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
