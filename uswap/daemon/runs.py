@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import trio
 
 from uswap._core import ffi, lib
-from uswap.core import PAGE_SIZE, AlignedBuffer, check
+from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.daemon.mapcheck import check_uffd
 from uswap.daemon.slots import NoSlots
 from uswap.protocol import ProtocolError
@@ -58,7 +58,6 @@ MAX_RUNS = lib.USWAP_RUN_MAX_RUNS
 RUN_PAGES = 32                 # pages per eviction run (one MOVE)
 TICK = 0.01                    # rescan and budget check
 MIN_LINE = 256                 # pages a run keeps however full the daemon's budget is
-DROP_TIMEOUT = 10.0            # an agent that does not answer a DROP: the process is stopped or gone
 DRAIN_ROUNDS = 100             # eviction: drains before a refused (EAGAIN) drop is given up
 FEATURES = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP | lib.UFFD_FEATURE_EVENT_FORK | lib.UFFD_FEATURE_EVENT_REMAP
             | lib.UFFD_FEATURE_EVENT_REMOVE | lib.UFFD_FEATURE_EVENT_UNMAP | lib.UFFD_FEATURE_THREAD_ID
@@ -144,6 +143,7 @@ class RunProcess:
         self.buf = AlignedBuffer(RUN_PAGES * MAX_RUNS * PS)
         self.page = AlignedBuffer(PS)
         self.detach = False                        # the daemon is stopping: read everything back, unregister
+        self.agent_gone = False                    # a DROP went unanswered: stop serving (see drop)
         self.done = trio.Event()
 
     # -- the budget ---------------------------------------------------------------
@@ -177,6 +177,8 @@ class RunProcess:
                         break
                     self.rescan()
                     await self.reclaim()
+                if self.agent_gone:
+                    break
             nursery.cancel_scope.cancel()
 
     def gone(self) -> bool:
@@ -261,7 +263,7 @@ class RunProcess:
             self.stats.eagain += 1
             return False                   # the slot stays: the fault is retried
         except OSError as e:
-            if e.errno != errno.EEXIST:    # ENOENT/ESRCH: the range or the process went away meanwhile
+            if e.errno not in (errno.EEXIST, errno.ESRCH):   # ESRCH: the process is gone; ENOENT: the range
                 self.daemon.log_limited("runfill", logging.WARNING, "run %d (pid %d): fill of %#x: %s",
                                         self.id, self.pid, a, e.strerror)
             self._wake(a)
@@ -411,6 +413,8 @@ class RunProcess:
                     if len(batch) == MAX_RUNS:
                         await self.evict(batch)
                         batch = []
+                        if self.agent_gone:
+                            return
                 want -= count
                 self.cursor = first + count * PS
                 if want <= 0:
@@ -487,13 +491,17 @@ class RunProcess:
                     i += k
             if not addrs:
                 return
+            # No timeout: a stopped process (SIGSTOP) answers when it runs again, and faults nothing meanwhile.
             try:
-                with trio.fail_after(DROP_TIMEOUT):
-                    await self.sock.send(message(lib.USWAP_RUN_DROP, count=len(addrs), addr=addrs, len=lens))
-                    reply = parse(await self.sock.recv(MSG_SIZE + 1), lib.USWAP_RUN_DROPPED)
-            except (OSError, trio.TooSlowError, ProtocolError) as e:
-                log.info("run %d (pid %d): agent gone (%s)", self.id, self.pid, e)
-                break
+                await self.sock.send(message(lib.USWAP_RUN_DROP, count=len(addrs), addr=addrs, len=lens))
+                reply = parse(await self.sock.recv(MSG_SIZE + 1), lib.USWAP_RUN_DROPPED)
+            except (OSError, ProtocolError) as e:
+                # Gone (exit, exec: EOF), or an answer that cannot be trusted: which pages moved is
+                # unknown, so no slot may be dropped as if its page were still there.  Serving ends;
+                # the agent, if alive, sees the connection close and answers faults with SIGBUS.
+                log.info("run %d (pid %d): no answer to DROP (%s); ending the run", self.id, self.pid, e)
+                self.agent_gone = True
+                return
             self.stats.drops += 1
             again = refused = False
             # no await from here to the end of the loop body: invariant 3
