@@ -291,6 +291,21 @@ def test_daemon_stop_gives_every_page_back(uswapd, tmp_path):
     assert "page(s) not read back" not in daemon.log()
 
 
+def test_a_run_takes_only_the_store_room_regions_leave(uswapd, tmp_path):
+    """A 4 MiB store (1023 slots) cannot hold what the list needs swapped under 2048 pages: the run swaps what
+    fits, stays above its budget, says so once, and its result is still right."""
+    need_root()
+    daemon = uswapd("small", resident="64M", store_size="4M")
+    script = tmp_path / "biglist.py"
+    script.write_text(BIGLIST)
+    plain = subprocess.run([PYTHON, str(script), "300000"], capture_output=True, text=True, check=True)
+    r, c = serve_daemon(daemon, tmp_path, 2048, PYTHON, str(script), "300000")
+    assert r.returncode == 0 and r.stdout == plain.stdout, r.stderr
+    assert c["pswpout"] > 0 and c["no_room"] > 0
+    assert c["max_resident_pages"] > 2048 * 5 // 2         # negative control of the budget assertion above
+    assert "no store room left for it" in daemon.log()
+
+
 def test_uswap_run_refuses_what_would_run_unbudgeted(tmp_path):
     r = subprocess.run(uswap_argv("run", "--socket", str(tmp_path / "none.sock"), "--", "/sbin/ldconfig", "-p"),
                        capture_output=True, text=True)

@@ -111,6 +111,7 @@ class RunStats:
     cancelled: int = 0
     drops: int = 0
     other_refusals: int = 0
+    no_room: int = 0               # eviction batches cut short: no store room (regions' reservations, uid limit)
     overwrites: int = 0            # a REMAP onto a swapped page (an invariant broke: counted, never leaked)
     max_resident_pages: int = 0
 
@@ -155,6 +156,22 @@ class RunProcess:
         others = sum(r.resident + r.filled for r in d.runs.values() if r is not self)
         left = d.reclaimer.budget_pages - d.reclaimer.resident - others
         return max(min(self.budget_pages, left), min(MIN_LINE, self.budget_pages))
+
+    def slot_room(self) -> int:
+        """Slots this process may still take: the store is not overcommitted (memfd regions reserve their
+        whole size, runs take what is left), and a limited uid's runs and regions together stay within
+        --user-max-size."""
+        d = self.daemon
+        room = d.store.slot_count - d.mapped_pages - d.run_slots_held()
+        limits = d.ledger.limits
+        if self.uid != limits.exempt_uid:
+            mapped = d.ledger.usage[self.uid].pages if self.uid in d.ledger.usage else 0
+            room = min(room, limits.max_pages - mapped - d.run_slots_held(self.uid))
+        return room
+
+    @property
+    def slots_held(self) -> int:
+        return len(self.swapped) + len(self.inflight)
 
     # -- serving -----------------------------------------------------------------
 
@@ -399,6 +416,15 @@ class RunProcess:
         if self.resident <= line:
             return
         want = self.resident - line * 7 // 8
+        room = self.slot_room()
+        if room < want:
+            self.stats.no_room += 1
+            self.daemon.log_limited(f"runroom {self.id}", logging.WARNING, "run %d (pid %d): no store room "
+                                    "left for it (%d slot(s)): it stays above its budget", self.id, self.pid,
+                                    max(room, 0))
+            want = room
+            if want <= 0:
+                return
         order = sorted(range(len(self.ranges)), key=lambda k: (self.ranges[k][1] <= self.cursor, self.ranges[k][0]))
         batch: list[tuple[int, int]] = []
         for k in order:
@@ -442,9 +468,12 @@ class RunProcess:
                     break                       # gone meanwhile
                 kept.append((a, n))
                 break
+        room = self.slot_room()       # other runs may have taken slots since reclaim looked
         pos = 0
         read = []
         for a, n in kept:
+            if pos + n > room:
+                continue                        # write-protected but kept: a WP fault lifts the protection
             try:
                 got = os.preadv(self.mem, [self.buf.view[pos * PS:(pos + n) * PS]], a)
             except OSError:

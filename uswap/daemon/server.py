@@ -142,6 +142,10 @@ class Daemon:
 
     # -- services for regions -----------------------------------------------
 
+    def run_slots_held(self, uid: int | None = None) -> int:
+        """Slots held by processes of `uswap run` (all, or one uid's): the store room regions cannot reserve."""
+        return sum(run.slots_held for run in self.runs.values() if uid is None or run.uid == uid)
+
     def release_slot(self, slot: int) -> None:
         if slot >= 0:
             self.slots.free(slot)   # and the codec forgets it
@@ -420,7 +424,7 @@ class Daemon:
             if req.c != 0:
                 raise ProtocolError(f"unknown MAP flags {req.c:#x}", errno.EINVAL)
             pages = length // PAGE_SIZE
-            free = self.store.slot_count - self.mapped_pages
+            free = self.store.slot_count - self.mapped_pages - self.run_slots_held()
             if pages > free:
                 raise ProtocolError(f"region of {length} bytes does not fit: the store has room for "
                                     f"{free * PAGE_SIZE} more bytes (uswap does not overcommit its store)",
