@@ -9,6 +9,7 @@ result means for the design.  The probe prints key=value lines and ``RESULT ok``
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -304,6 +305,53 @@ def test_a_run_takes_only_the_store_room_regions_leave(uswapd, tmp_path):
     assert c["pswpout"] > 0 and c["no_room"] > 0
     assert c["max_resident_pages"] > 2048 * 5 // 2         # negative control of the budget assertion above
     assert "no store room left for it" in daemon.log()
+
+
+def test_a_hello_that_lies_is_refused(uswapd):
+    """HELLO naming another pid, or carrying something other than a userfaultfd: READY with -errno, a one-line
+    reason in the log, nothing registered (the positive case is every other test here)."""
+    import array
+    import fcntl
+    import socket
+    from uswap._core import lib
+    from uswap.daemon.runs import MSG_SIZE, message, parse
+    need_root()
+    daemon = uswapd("hostile", resident="64M", store_size="16M")
+
+    def hello(pid: int, make_fd) -> int:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.connect(daemon.socket)
+            s.send(message(lib.USWAP_RUN_CONNECT))
+            data, anc, _, _ = s.recvmsg(MSG_SIZE, socket.CMSG_SPACE(4))
+            parse(data, lib.USWAP_RUN_DEVFD)
+            dev = array.array("i", anc[0][2])[0]
+            fd = make_fd(dev)
+            try:
+                s.sendmsg([message(lib.USWAP_RUN_HELLO, pid=pid)],
+                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                return parse(s.recv(MSG_SIZE), lib.USWAP_RUN_READY).status
+            finally:
+                os.close(fd)
+                os.close(dev)
+
+    def new_uffd(dev: int) -> int:
+        return fcntl.ioctl(dev, 0xAA00, os.O_CLOEXEC | os.O_NONBLOCK)     # USERFAULTFD_IOC_NEW
+
+    def a_pipe(dev: int) -> int:
+        r, w = os.pipe()
+        os.close(w)
+        return r
+
+    assert hello(os.getpid() + 1, new_uffd) == -errno.EPERM
+    time.sleep(1.1)                    # refusals are logged at most once a second per uid
+    assert hello(os.getpid(), a_pipe) == -errno.EBADF
+    deadline = time.monotonic() + 5           # the reason is logged just after READY is sent
+    while "not a userfaultfd" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = daemon.log()
+    assert f"run refused: HELLO names pid {os.getpid() + 1}, the connection is pid {os.getpid()}" in log
+    assert "run refused: the first descriptor is not a userfaultfd" in log
+    assert daemon.status()["runs"] == [] and "registered" not in log
 
 
 def test_uswap_run_refuses_what_would_run_unbudgeted(tmp_path):
