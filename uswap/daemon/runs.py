@@ -56,6 +56,7 @@ MSG_SIZE = ffi.sizeof("struct uswap_run_msg")
 MAGIC = lib.USWAP_RUN_MAGIC.to_bytes(4, "little")
 MAX_RUNS = lib.USWAP_RUN_MAX_RUNS
 RUN_PAGES = 32                 # pages per eviction run (one MOVE)
+READAHEAD = 8                  # pages read per swap-in at most: the faulting one and the swapped ones after it
 TICK = 0.01                    # rescan and budget check
 MIN_LINE = 256                 # pages a run keeps however full the daemon's budget is
 DRAIN_ROUNDS = 100             # eviction: drains before a refused (EAGAIN) drop is given up
@@ -111,6 +112,7 @@ class RunStats:
     cancelled: int = 0
     drops: int = 0
     other_refusals: int = 0
+    readahead_pages: int = 0       # swapped in without a fault of their own (in pswpin too)
     no_room: int = 0               # eviction batches cut short: no store room (regions' reservations, uid limit)
     overwrites: int = 0            # a REMAP onto a swapped page (an invariant broke: counted, never leaked)
     max_resident_pages: int = 0
@@ -142,7 +144,7 @@ class RunProcess:
         self.cursor = 0
         self.stats = RunStats()
         self.buf = AlignedBuffer(RUN_PAGES * MAX_RUNS * PS)
-        self.page = AlignedBuffer(PS)
+        self.ra = AlignedBuffer(READAHEAD * PS)
         self.detach = False                        # the daemon is stopping: read everything back, unregister
         self.agent_gone = False                    # a DROP went unanswered: stop serving (see drop)
         self.done = trio.Event()
@@ -263,14 +265,34 @@ class RunProcess:
             return True
         slot = self.swapped.get(a)
         if slot is not None:               # invariant 2: from its slot, never zeros
+            n = 1                          # readahead: the swapped pages after it whose slots follow its slot
+            while n < READAHEAD and self.swapped.get(a + n * PS) == slot + n:
+                n += 1
             try:
-                await self.daemon.io.read(slot, 1, self.page)
+                await self.daemon.io.read(slot, n, self.ra)
             except OSError as e:
-                self.daemon.stats.read_errors += 1
-                log.error("run %d (pid %d): slot %d of page %#x unreadable (%s): the page is poisoned",
-                          self.id, self.pid, slot, a, e)
-                return self._fill(a, lambda: self.uffd.poison(a, PS), "poisoned", slot)
-            return self._fill(a, lambda: self.uffd.copy(a, self.page.address, PS), "pswpin", slot)
+                try:
+                    n = 1
+                    await self.daemon.io.read(slot, 1, self.ra)
+                except OSError:
+                    self.daemon.stats.read_errors += 1
+                    log.error("run %d (pid %d): slot %d of page %#x unreadable (%s): the page is poisoned",
+                              self.id, self.pid, slot, a, e)
+                    return self._fill(a, lambda: self.uffd.poison(a, PS), "poisoned", slot)
+            if not self._fill(a, lambda: self.uffd.copy(a, self.ra.address, PS), "pswpin", slot):
+                return False
+            for i in range(1, n):          # no fault waits on these: EAGAIN or EEXIST ends the window
+                b = a + i * PS
+                try:
+                    self.uffd.copy(b, self.ra.address + i * PS, PS)
+                except OSError:            # events pending (mmap_changing), or the range changed
+                    break
+                self._forget(self.swapped, b)
+                self.stats.pswpin += 1
+                self.stats.readahead_pages += 1
+                self.daemon.stats.pswpin += 1
+                self.filled += 1
+            return True
         return self._fill(a, lambda: self.uffd.zeropage(a, PS), "zero_fills", None)
 
     def _fill(self, a: int, op, counter: str, slot: int | None) -> bool:
@@ -576,8 +598,8 @@ class RunProcess:
         lost = 0
         for a, slot in list(self.swapped.items()):
             try:
-                await self.daemon.io.read(slot, 1, self.page)
-                self.uffd.copy(a, self.page.address, PS)
+                await self.daemon.io.read(slot, 1, self.ra)
+                self.uffd.copy(a, self.ra.address, PS)
             except OSError as e:
                 if e.errno != errno.EEXIST:
                     lost += 1
