@@ -282,6 +282,8 @@ def test_daemon_stop_gives_every_page_back(uswapd, tmp_path):
     p, pid = start_orphan(daemon, tmp_path, ORPHAN)
     runs = daemon.status()["runs"]
     assert [r["pid"] for r in runs] == [pid] and runs[0]["swapped_pages"] > 0 and runs[0]["budget_pages"] == 2048
+    totals = daemon.status()["daemon"]
+    assert totals["run_slots"] >= runs[0]["swapped_pages"] and 0 < totals["run_resident_pages"] <= 2048 * 5 // 2
     shown = subprocess.run(uswap_argv("status", "--socket", daemon.socket), capture_output=True, text=True)
     row = [line.split() for line in shown.stdout.splitlines() if line.split()[1:2] == [str(pid)]]
     assert row and row[0][2] == "8M", shown.stdout      # RUN, PID, BUDGET, ...

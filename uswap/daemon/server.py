@@ -572,6 +572,8 @@ class Daemon:
                 "slots_total": self.store.slot_count,
                 "slots_used": self.slots.in_use,
                 "mapped_pages": self.mapped_pages,
+                "run_resident_pages": sum(run.resident for run in self.runs.values()),
+                "run_slots": self.run_slots_held(),
                 **asdict(self.stats),
                 **self.engine_counts(),
                 "write_ios": self.io.write_ios,
