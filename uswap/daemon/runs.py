@@ -58,6 +58,7 @@ MAX_RUNS = lib.USWAP_RUN_MAX_RUNS
 RUN_PAGES = 32                 # pages per eviction run (one MOVE)
 READAHEAD = 8                  # pages read per swap-in at most: the faulting one and the swapped ones after it
 TICK = 0.01                    # rescan and budget check
+RECOUNT = 0.002                # between two pagemap counts at least
 MIN_LINE = 256                 # pages a run keeps however full the daemon's budget is
 DRAIN_ROUNDS = 100             # eviction: drains before a refused (EAGAIN) drop is given up
 FEATURES = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP | lib.UFFD_FEATURE_EVENT_FORK | lib.UFFD_FEATURE_EVENT_REMAP
@@ -141,6 +142,7 @@ class RunProcess:
         self.children: list[Userfaultfd] = []      # raw SYS_fork children's uffds (served with poison)
         self.resident = 0                          # registered present pages at the last pagemap count
         self.filled = 0                            # pages faulted in since
+        self.counted = 0.0                         # when (trio clock)
         self.cursor = 0
         self.stats = RunStats()
         self.buf = AlignedBuffer(RUN_PAGES * MAX_RUNS * PS)
@@ -187,8 +189,12 @@ class RunProcess:
                     await trio.lowlevel.wait_readable(self.uffd.fd)
                 await self.drain()
                 now = trio.current_time()
-                if now >= next_tick or self.resident + self.filled > self.line():
+                # Over the line, reclaim now rather than at the tick, but count at most every RECOUNT: pages
+                # it cannot take (no store room, shared) must not make every fault a pagemap walk.
+                over = self.resident + self.filled > self.line() and now >= self.counted + RECOUNT
+                if now >= next_tick or over:
                     next_tick = now + TICK
+                    self.counted = now
                     if self.detach:
                         await self.swapoff()
                         break
