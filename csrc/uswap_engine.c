@@ -439,6 +439,34 @@ static uint64_t claim_window(struct uswap_engine *e, uint64_t page, int64_t slot
 	return n;
 }
 
+/* How many slots from slots[i] on continue it (at least 1): what one read covers. */
+static uint64_t slot_run(const int64_t *slots, uint64_t i, uint64_t n)
+{
+	uint64_t k = 1;
+	while (i + k < n && slots[i + k] == slots[i] + (int64_t)k)
+		k++;
+	return k;
+}
+
+/* Queue one read per run of contiguous slots into buf (page i of the window at page i of
+ * buf); user_data is tag << 32 | the run's bytes.  How many were queued, or -EBUSY (the
+ * rings have an entry for every page they can be asked for: it cannot happen). */
+static int queue_reads(struct io_uring *ring, int fd, void *buf, size_t ps, const int64_t *slots, uint64_t n,
+		       uint64_t tag)
+{
+	int queued = 0;
+	for (uint64_t i = 0, k; i < n; i += k) {
+		k = slot_run(slots, i, n);
+		struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+		if (!sqe)
+			return -EBUSY;
+		io_uring_prep_read(sqe, fd, (char *)buf + i * ps, (unsigned)(k * ps), (uint64_t)(slots[i] + 1) * ps);
+		sqe->user_data = (tag << 32) | (k * ps);
+		queued++;
+	}
+	return queued;
+}
+
 /* Read the window's slots into buf: one read per run of contiguous slots, all
  * in flight at once through io_uring when there are several (the kernel's
  * swap readahead plugs its reads the same way).  0, or -errno. */
@@ -449,38 +477,26 @@ static int read_slots(struct uswap_engine *e, const int64_t *slots, uint64_t n)
 	for (uint64_t i = 0; i < n; i++)
 		runs += i == 0 || slots[i] != slots[i - 1] + 1;
 	if (runs == 1 || !e->uring_ok) {
-		for (uint64_t i = 0; i < n;) {
-			uint64_t k = 1;
-			while (i + k < n && slots[i + k] == slots[i] + (int64_t)k)
-				k++;
+		for (uint64_t i = 0, k; i < n; i += k) {
+			k = slot_run(slots, i, n);
 			int64_t got = uswap_pread_full(e->store_fd, (char *)e->buf + i * ps, k * ps, (slots[i] + 1) * (int64_t)ps);
 			count(&e->stats.read_ios, 1);
 			if (got != (int64_t)(k * ps))
 				return got < 0 ? (int)got : -EIO;
-			i += k;
 		}
 		return 0;
 	}
-	uint64_t queued = 0;
-	for (uint64_t i = 0; i < n;) {
-		uint64_t k = 1;
-		while (i + k < n && slots[i + k] == slots[i] + (int64_t)k)
-			k++;
-		struct io_uring_sqe *sqe = io_uring_get_sqe(&e->uring);
-		if (!sqe)
-			return -EBUSY;   /* cannot happen: the ring has an entry per window page */
-		io_uring_prep_read(sqe, e->store_fd, (char *)e->buf + i * ps, (unsigned)(k * ps),
-				   (uint64_t)(slots[i] + 1) * ps);
-		sqe->user_data = k * ps;
-		queued++;
-		i += k;
+	int queued = queue_reads(&e->uring, e->store_fd, e->buf, ps, slots, n, 0);
+	if (queued < 0) {
+		e->uring_ok = 0;   /* what was queued is never submitted: the ring is not used again */
+		return queued;
 	}
-	count(&e->stats.read_ios, queued);
+	count(&e->stats.read_ios, (uint64_t)queued);
 	int ret = io_uring_submit_and_wait(&e->uring, (unsigned)queued);
 	if (ret < 0)
 		return ret;
 	int err = 0;
-	for (uint64_t done = 0; done < queued; done++) {
+	for (int done = 0; done < queued; done++) {
 		struct io_uring_cqe *cqe;
 		ret = io_uring_wait_cqe(&e->uring, &cqe);
 		if (ret < 0)
@@ -497,15 +513,12 @@ static int read_slots(struct uswap_engine *e, const int64_t *slots, uint64_t n)
 /* Check (and decrypt) the window, one codec call per run of contiguous slots. */
 static int decode_slots(struct uswap_engine *e, void *buf, const int64_t *slots, uint64_t n)
 {
-	for (uint64_t i = 0; i < n;) {
-		uint64_t k = 1;
-		while (i + k < n && slots[i + k] == slots[i] + (int64_t)k)
-			k++;
+	for (uint64_t i = 0, k; i < n; i += k) {
+		k = slot_run(slots, i, n);
 		int bad = 0;
 		int ret = uswap_codec_decode(&e->codec, (char *)buf + i * e->page_size, (uint64_t)slots[i], k, &bad);
 		if (ret < 0)
 			return ret;
-		i += k;
 	}
 	return 0;
 }
@@ -591,7 +604,6 @@ static void finish_window(struct uswap_engine *e, int i, int install)
 static int start_window(struct uswap_engine *e, int i)
 {
 	struct ahead_window *w = &e->ahead[i];
-	size_t ps = e->page_size;
 	uint64_t n = 0, first = e->stream_next;
 	while (n < e->ra_max && first + n < e->map->pages) {
 		int64_t s = claim_swapped(e->map, first + n);
@@ -601,26 +613,15 @@ static int start_window(struct uswap_engine *e, int i)
 	}
 	if (n == 0 || fit_budget(e, &first, &n, 0) < 0)
 		return 0;
-	uint32_t queued = 0;
-	for (uint64_t k = 0; k < n;) {
-		uint64_t run = 1;
-		while (k + run < n && w->slots[k + run] == w->slots[k] + (int64_t)run)
-			run++;
-		struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ahead_ring);   /* entries for every window: never NULL */
-		io_uring_prep_read(sqe, e->store_fd, (char *)w->buf + k * ps, (unsigned)(run * ps),
-				   (uint64_t)(w->slots[k] + 1) * ps);
-		sqe->user_data = ((uint64_t)i << 32) | (run * ps);
-		queued++;
-		k += run;
-	}
-	int submitted = io_uring_submit(&e->ahead_ring);
+	int queued = queue_reads(&e->ahead_ring, e->store_fd, w->buf, e->page_size, w->slots, n, (uint64_t)i);
+	int submitted = queued < 0 ? queued : io_uring_submit(&e->ahead_ring);
 	w->active = 1;
 	w->first = first;
 	w->n = n;
 	w->err = 0;
 	w->in_flight = submitted < 0 ? 0 : (uint32_t)submitted;
 	count(&e->stats.read_ios, w->in_flight);
-	if (w->in_flight != queued) {   /* not all in flight: no readahead from here on */
+	if (queued < 0 || w->in_flight != (uint32_t)queued) {   /* not all in flight: no readahead from here on */
 		e->ahead_ring_ok = 0;
 		finish_window(e, i, 0);
 		return 0;

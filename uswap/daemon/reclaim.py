@@ -125,6 +125,13 @@ class Reclaimer:
             self._kick.set()
             await self._progress.wait()
 
+    def progressed(self) -> None:
+        """Resident memory went down (a batch written or dropped, a region released) or reclaim
+        paused: throttled faults look again.  Every way resident memory falls must call this,
+        or a fault throttled at the hard line waits forever."""
+        self._progress.set()
+        self._progress = trio.Event()
+
     # -- the reclaim task ---------------------------------------------------------------
 
     async def run(self) -> None:
@@ -145,8 +152,7 @@ class Reclaimer:
                         await trio.sleep_until(self.paused_until)
                         continue
                     progressed = await self.reclaim_batch()
-                    self._progress.set()
-                    self._progress = trio.Event()
+                    self.progressed()
                     idle = 0 if progressed else idle + 1
                     if idle == REBUILD_AFTER:
                         self.rebuild_clock()
@@ -288,8 +294,7 @@ class Reclaimer:
         else:
             self._write_failed(batch, error)
         self._give_back(batch)
-        self._progress.set()
-        self._progress = trio.Event()
+        self.progressed()
 
     def _give_back(self, batch: "WritebackBatch") -> None:
         self._free.append(batch)

@@ -496,6 +496,7 @@ class Daemon:
         self.mapped_pages -= region.pages
         self.ledger.remove_region(region.uid, region.pages)
         region.release()
+        self.reclaimer.progressed()   # its pages left the budget: faults throttled elsewhere look again
         log.info("region %d released (pid %d)", region.id, region.pid)
 
     # -- shutdown: swapoff and detach -------------------------------------------------------
