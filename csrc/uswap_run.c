@@ -13,15 +13,24 @@
  * the server never registers, reads no globals after start, and calls the kernel directly (no
  * libc: libc's .bss is anonymous memory the server may swap).
  *
- * fork() is refused (ENOSYS, with a message) until the server copies swap maps for children;
- * a raw SYS_fork child gets SIGBUS on a swapped page from the server, never zeros.  If the server
- * goes away, the agent answers the faults itself: MISSING with UFFDIO_POISON (SIGBUS for the
- * toucher: the data may have been the server's), WP by lifting protection.
+ * fork: the server negotiated EVENT_FORK, so a child's registered memory is served through a uffd
+ * fork made, which only the server holds; it fills the child's missing pages from the parent's slots
+ * (counted per process, like the kernel's swap_map).  The atfork child handler closes what the
+ * child inherited of the parent's connection, touches the doorbell page (its fault names the child
+ * to the server: the FORK event does not), drops it again (so a grandchild's touch faults too), and
+ * connects as a child: the server hands back the child's uffd for the fallback below, and the child
+ * gets its own staging area and agent.  A raw SYS_fork child has no agent: it is served, not evicted.
+ *
+ * If the server goes away, the agent answers the faults itself: MISSING with UFFDIO_POISON (SIGBUS
+ * for the toucher: the data may have been the server's), WP by lifting protection; it keeps the
+ * uffds raw forks make and answers them the same way while this process lives.  fork() is then
+ * refused (EAGAIN, with a message): the child's swapped pages would be nobody's.
  */
 #define _GNU_SOURCE
 #include "uswap_core.h"
 #include "uswap_run.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -41,13 +50,27 @@
 #define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
 #endif
 
-enum { STAGING_BYTES = 2 << 20, AGENT_STACK = 256 << 10 };
+enum { STAGING_BYTES = 2 << 20, AGENT_STACK = 256 << 10, MAX_ORPHAN_FORKS = 64 };
 
-/* Everything the agent needs, copied onto its own stack before it starts. */
+/* Everything the agent needs, at the base of its own mapping (never registered, mlocked),
+ * written before it starts.  server_gone is the one field written later (by the agent) and read by
+ * fork(): it must not live in the library's .bss, which is anonymous memory the server swaps. */
 struct agent_ctx {
 	int sock, uffd, staging_uffd;
-	uint64_t staging, staging_len, page_size;
+	volatile int server_gone;
+	uint64_t staging, staging_len, page_size, doorbell;
+	int child, ready_pipe;                /* the handshake: see handshake() */
+	struct uswap_run_msg hello;
 };
+enum { SERVED = 0, SERVER_GONE = 1, DETACHED = 2 };   /* server_gone */
+
+/* Written by the constructor (and the atfork child handler) before any agent runs; read by the
+ * program's threads only (fork() and the child handler), never by an agent. */
+static struct agent_ctx *agent_of_process;
+static const char *socket_path;
+static char *doorbell;
+static int state_at_fork = -1;                /* server_gone when this process last forked; -1: no agent */
+static int process_fds[3] = { -1, -1, -1 };   /* the connection, the uffd, the staging uffd: a child closes them */
 
 static long raw6(long n, long a, long b, long c, long d, long e, long f)
 {
@@ -93,81 +116,147 @@ static uint64_t drop_run(const struct agent_ctx *c, uint64_t addr, uint64_t len,
 	return done;
 }
 
-/* The server is gone: answer this process's faults so that none waits forever and none reads zeros. */
-static void orphaned(const struct agent_ctx *c)
+static void answer_faults(int uffd, const struct uffd_msg *m, uint64_t page_size)
 {
+	uint64_t a = m->arg.pagefault.address & ~(page_size - 1);
+	if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
+		struct uffdio_writeprotect w = { .range = { a, page_size }, .mode = 0 };
+		raw6(SYS_ioctl, uffd, (long)UFFDIO_WRITEPROTECT, (long)&w, 0, 0, 0);
+	} else {
+		struct uffdio_poison p = { .range = { a, page_size }, .mode = 0 };
+		raw6(SYS_ioctl, uffd, (long)UFFDIO_POISON, (long)&p, 0, 0, 0);
+	}
+}
+
+/* Whether the process behind a uffd is gone (its mm: exit or exec): ioctls then fail with ESRCH. */
+static int uffd_mm_gone(int uffd, const struct agent_ctx *c)
+{
+	struct uffdio_writeprotect w = { .range = { c->doorbell, c->page_size }, .mode = 0 };
+	return raw6(SYS_ioctl, uffd, (long)UFFDIO_WRITEPROTECT, (long)&w, 0, 0, 0) == -ESRCH;
+}
+
+/* The server is gone: answer this process's faults, and those of children raw forks made (their uffds
+ * arrive here as FORK events), so that none waits forever and none reads zeros. */
+static void orphaned(struct agent_ctx *c)
+{
+	struct pollfd p[1 + MAX_ORPHAN_FORKS];
 	struct uffd_msg m[16];
+	int n = 1;
+	c->server_gone = SERVER_GONE;
+	p[0] = (struct pollfd){ .fd = c->uffd, .events = POLLIN };
 	for (;;) {
-		struct pollfd p = { .fd = c->uffd, .events = POLLIN };
-		if (raw6(SYS_poll, (long)&p, 1, -1, 0, 0, 0) < 0)
+		if (raw6(SYS_poll, (long)p, n, -1, 0, 0, 0) < 0)
 			continue;
-		long got = raw6(SYS_read, c->uffd, (long)m, sizeof(m), 0, 0, 0);
-		if (got == -EAGAIN || got == -EINTR)
-			continue;
-		if (got <= 0)
-			return;
-		for (long i = 0; i < got / (long)sizeof(m[0]); i++) {
-			if (m[i].event == UFFD_EVENT_FORK) {
-				raw6(SYS_close, (long)m[i].arg.fork.ufd, 0, 0, 0, 0, 0);
+		for (int k = 0; k < n; k++) {
+			if (!(p[k].revents & POLLIN))
+				continue;
+			long got = raw6(SYS_read, p[k].fd, (long)m, sizeof(m), 0, 0, 0);
+			if (got <= 0) {
+				if (k == 0 && got != -EAGAIN && got != -EINTR)
+					return;
 				continue;
 			}
-			if (m[i].event != UFFD_EVENT_PAGEFAULT)
-				continue;
-			uint64_t a = m[i].arg.pagefault.address & ~(c->page_size - 1);
-			if (m[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
-				struct uffdio_writeprotect w = { .range = { a, c->page_size }, .mode = 0 };
-				raw6(SYS_ioctl, c->uffd, (long)UFFDIO_WRITEPROTECT, (long)&w, 0, 0, 0);
-			} else {
-				struct uffdio_poison p = { .range = { a, c->page_size }, .mode = 0 };
-				raw6(SYS_ioctl, c->uffd, (long)UFFDIO_POISON, (long)&p, 0, 0, 0);
+			for (long i = 0; i < got / (long)sizeof(m[0]); i++) {
+				if (m[i].event == UFFD_EVENT_PAGEFAULT) {
+					answer_faults(p[k].fd, &m[i], c->page_size);
+				} else if (m[i].event == UFFD_EVENT_FORK) {
+					int fd = (int)m[i].arg.fork.ufd;
+					for (int j = 1; j < n && n == 1 + MAX_ORPHAN_FORKS; j++)
+						if (uffd_mm_gone(p[j].fd, c)) {     /* make room: a child that is gone */
+							raw6(SYS_close, p[j].fd, 0, 0, 0, 0, 0);
+							p[j] = p[--n];
+						}
+					if (n < 1 + MAX_ORPHAN_FORKS)
+						p[n++] = (struct pollfd){ .fd = fd, .events = POLLIN };
+					else
+						raw6(SYS_close, fd, 0, 0, 0, 0, 0);   /* a 65th live child: its swapped pages read zeros */
+				}
 			}
 		}
 	}
 }
 
+/* HELLO (with this process's uffd; a child's comes back with READY) and READY, in the agent: once READY is
+ * sent the server may evict and ask for a DROP, and it serves no fault of this process until the DROP is
+ * answered, so the agent must exist before READY (a program thread creating it after READY could fault on
+ * an evicted page of libc's and wait forever).  Raw syscalls: libc's state is memory the server may swap. */
+static int32_t handshake(struct agent_ctx *c)
+{
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { &c->hello, sizeof(c->hello) };
+	struct msghdr h = { .msg_iov = &iov, .msg_iovlen = 1 };
+	if (!c->child) {
+		h.msg_control = cbuf;
+		h.msg_controllen = sizeof(cbuf);
+		struct cmsghdr *cm = CMSG_FIRSTHDR(&h);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int));
+		__builtin_memcpy(CMSG_DATA(cm), &c->uffd, sizeof(int));
+	}
+	long n = raw6(SYS_sendmsg, c->sock, (long)&h, MSG_NOSIGNAL, 0, 0, 0);
+	if (n != (long)sizeof(c->hello))
+		return n < 0 ? (int32_t)n : -EPROTO;
+	struct uswap_run_msg m;
+	iov = (struct iovec){ &m, sizeof(m) };
+	h = (struct msghdr){ .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
+	n = raw6(SYS_recvmsg, c->sock, (long)&h, MSG_CMSG_CLOEXEC, 0, 0, 0);
+	if (n != (long)sizeof(m) || m.magic != USWAP_RUN_MAGIC || m.version != USWAP_RUN_VERSION ||
+	    m.op != USWAP_RUN_READY)
+		return n < 0 ? (int32_t)n : -EPROTO;
+	if (m.status)
+		return m.status;
+	if (c->child) {
+		struct cmsghdr *cm = CMSG_FIRSTHDR(&h);
+		if (!cm || cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+			return -EPROTO;
+		__builtin_memcpy(&c->uffd, CMSG_DATA(cm), sizeof(int));
+	}
+	return 0;
+}
+
 static void *agent(void *arg)
 {
-	struct agent_ctx c = *(struct agent_ctx *)arg;
+	struct agent_ctx *c = arg;
 	struct uswap_run_msg m;
+	int32_t status = handshake(c);
+	raw6(SYS_write, c->ready_pipe, (long)&status, sizeof(status), 0, 0, 0);
+	if (status)
+		return NULL;
 	for (;;) {
-		long n = raw6(SYS_recvfrom, c.sock, (long)&m, sizeof(m), 0, 0, 0);
+		long n = raw6(SYS_recvfrom, c->sock, (long)&m, sizeof(m), 0, 0, 0);
 		if (n == -EINTR)
 			continue;
+		if (n == (long)sizeof(m) && m.magic == USWAP_RUN_MAGIC && m.op == USWAP_RUN_DETACH) {
+			c->server_gone = DETACHED;    /* nothing is registered any more: no fault, no event */
+			return NULL;
+		}
 		if (n != (long)sizeof(m) || m.magic != USWAP_RUN_MAGIC || m.op != USWAP_RUN_DROP ||
 		    m.count > USWAP_RUN_MAX_RUNS)
 			break;
 		for (uint32_t i = 0; i < m.count; i++)
-			m.len[i] = drop_run(&c, m.addr[i], m.len[i], &m.err[i]);
+			m.len[i] = drop_run(c, m.addr[i], m.len[i], &m.err[i]);
 		m.op = USWAP_RUN_DROPPED;
-		if (raw6(SYS_sendto, c.sock, (long)&m, sizeof(m), MSG_NOSIGNAL, 0, 0) != (long)sizeof(m))
+		if (raw6(SYS_sendto, c->sock, (long)&m, sizeof(m), MSG_NOSIGNAL, 0, 0) != (long)sizeof(m))
 			break;
 	}
-	orphaned(&c);
+	orphaned(c);
 	return NULL;
 }
 
-/* fork() copies registered memory whose swapped pages this run cannot yet hand to a child. */
+/* With the server gone, a child's swapped pages (the parent's slots) could be served by nobody once this
+ * process exits: refuse rather than risk zeros. */
 pid_t fork(void)
 {
-	if (getenv(USWAP_RUN_ENV_SOCKET)) {
-		say("fork() refused (ENOSYS): `uswap run` does not support fork yet (issue 12)");
-		errno = ENOSYS;
+	static pid_t (*libc_fork)(void);
+	if (agent_of_process && agent_of_process->server_gone == SERVER_GONE) {
+		say("fork() refused (EAGAIN): the uswap daemon is gone, a child could not get its swapped pages");
+		errno = EAGAIN;
 		return -1;
 	}
-	return (pid_t)syscall(SYS_fork);
-}
-
-static int send_fd(int sock, const struct uswap_run_msg *m, int fd)
-{
-	struct iovec iov = { (void *)m, sizeof(*m) };
-	char cbuf[CMSG_SPACE(sizeof(int))] = { 0 };
-	struct msghdr h = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
-	struct cmsghdr *cm = CMSG_FIRSTHDR(&h);
-	cm->cmsg_level = SOL_SOCKET;
-	cm->cmsg_type = SCM_RIGHTS;
-	cm->cmsg_len = CMSG_LEN(sizeof(int));
-	memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-	return sendmsg(sock, &h, MSG_NOSIGNAL) == (ssize_t)sizeof(*m) ? 0 : -errno;
+	if (!libc_fork)
+		libc_fork = (pid_t (*)(void))dlsym(RTLD_NEXT, "fork");
+	return libc_fork ? libc_fork() : (pid_t)syscall(SYS_fork);
 }
 
 static int recv_msg(int sock, struct uswap_run_msg *m, int *fd)
@@ -187,9 +276,10 @@ static int recv_msg(int sock, struct uswap_run_msg *m, int *fd)
 	return 0;
 }
 
-static int start(const char *path)
+/* Connect, be registered (READY), start the agent.  child: a forked child of a process of the run, whose
+ * uffd fork made and the server holds (it comes back with READY). */
+static int start(const char *path, int child)
 {
-	static struct agent_ctx c;
 	long ps = sysconf(_SC_PAGESIZE);
 	int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -199,29 +289,37 @@ static int start(const char *path)
 	if (connect(sock, (struct sockaddr *)&sa, sizeof(sa)) < 0)
 		return -errno;
 	struct uswap_run_msg m = { .magic = USWAP_RUN_MAGIC, .version = USWAP_RUN_VERSION, .op = USWAP_RUN_CONNECT,
-				   .pid = (uint64_t)getpid() };
+				   .pid = (uint64_t)getpid(), .flags = child ? USWAP_RUN_CHILD : 0 };
 	const char *resident = getenv(USWAP_RUN_ENV_RESIDENT);
 	m.resident = resident ? strtoull(resident, NULL, 10) : 0;
 	if (send(sock, &m, sizeof(m), MSG_NOSIGNAL) != (ssize_t)sizeof(m))
 		return -errno;
+	int ret;
 	int devfd = -1;
-	int ret = recv_msg(sock, &m, &devfd);
+	ret = recv_msg(sock, &m, &devfd);
 	if (ret < 0 || m.op != USWAP_RUN_DEVFD)
 		return ret < 0 ? ret : -EPROTO;
-	int uffd = ioctl(devfd, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+	int uffd = child ? -1 : ioctl(devfd, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
 	int suffd = ioctl(devfd, USERFAULTFD_IOC_NEW, O_CLOEXEC);
 	close(devfd);
-	if (uffd < 0 || suffd < 0)
+	if ((!child && uffd < 0) || suffd < 0)
 		return -errno;
 	struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_MOVE };
 	if (ioctl(suffd, UFFDIO_API, &api) < 0)
 		return -errno;
+	if (!doorbell) {
+		/* registered with the rest of the program's memory and never touched but by a child's handler */
+		doorbell = mmap(NULL, (size_t)ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (doorbell == MAP_FAILED)
+			return -ENOMEM;
+	}
 	void *staging = mmap(NULL, STAGING_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	void *stack = mmap(NULL, AGENT_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	char *stack = mmap(NULL, AGENT_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (staging == MAP_FAILED || stack == MAP_FAILED)
 		return -ENOMEM;
 	madvise(staging, STAGING_BYTES, MADV_DONTFORK);
-	madvise(stack, AGENT_STACK, MADV_DONTFORK);
+	/* not MADV_DONTFORK: glibc keeps the agent's thread descriptor at the top of this stack and walks it in
+	 * a forked child (before the atfork handlers run, which then unmap the copy) */
 	madvise(staging, STAGING_BYTES, MADV_NOHUGEPAGE);
 	struct uffdio_register reg = { .range = { (uint64_t)staging, STAGING_BYTES },
 				       .mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP };
@@ -229,34 +327,66 @@ static int start(const char *path)
 		return -errno;
 	mlock(stack, AGENT_STACK);   /* best effort: the agent's stack is never swapped by anyone */
 
-	memset(&m, 0, sizeof(m));
-	m.magic = USWAP_RUN_MAGIC;
-	m.version = USWAP_RUN_VERSION;
-	m.op = USWAP_RUN_HELLO;
-	m.pid = (uint64_t)getpid();
-	m.staging = (uint64_t)staging;
-	m.staging_len = STAGING_BYTES;
-	m.agent_stack = (uint64_t)stack;
-	m.agent_stack_len = AGENT_STACK;
-	if ((ret = send_fd(sock, &m, uffd)) < 0)
-		return ret;
-	if ((ret = recv_msg(sock, &m, NULL)) < 0)
-		return ret;
-	if (m.op != USWAP_RUN_READY || m.status)
-		return m.op != USWAP_RUN_READY ? -EPROTO : m.status;
-
-	c = (struct agent_ctx){ sock, uffd, suffd, (uint64_t)staging, STAGING_BYTES, (uint64_t)ps };
+	int ready[2];
+	if (pipe2(ready, O_CLOEXEC) < 0)
+		return -errno;
+	struct agent_ctx *c = (struct agent_ctx *)stack;
+	*c = (struct agent_ctx){ .sock = sock, .uffd = uffd, .staging_uffd = suffd, .staging = (uint64_t)staging,
+				 .staging_len = STAGING_BYTES, .page_size = (uint64_t)ps, .doorbell = (uint64_t)doorbell,
+				 .child = child, .ready_pipe = ready[1] };
+	c->hello = (struct uswap_run_msg){ .magic = USWAP_RUN_MAGIC, .version = USWAP_RUN_VERSION,
+					   .op = USWAP_RUN_HELLO, .pid = (uint64_t)getpid(), .staging = (uint64_t)staging,
+					   .staging_len = STAGING_BYTES, .agent_stack = (uint64_t)stack,
+					   .agent_stack_len = AGENT_STACK, .doorbell = (uint64_t)doorbell };
 	pthread_attr_t attr;
 	pthread_attr_init(&attr);
-	pthread_attr_setstack(&attr, stack, AGENT_STACK);
+	pthread_attr_setstack(&attr, stack + ps, AGENT_STACK - ps);
 	sigset_t all, old;
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, &old);
 	pthread_t t;
-	ret = -pthread_create(&t, &attr, agent, &c);
+	ret = -pthread_create(&t, &attr, agent, c);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	pthread_attr_destroy(&attr);
-	return ret;
+	int32_t status = ret;
+	if (ret == 0 && read(ready[0], &status, sizeof(status)) != (ssize_t)sizeof(status))
+		status = -EPROTO;
+	close(ready[0]);
+	close(ready[1]);
+	if (status == 0) {
+		agent_of_process = c;
+		process_fds[0] = sock, process_fds[1] = c->uffd, process_fds[2] = suffd;
+	}
+	return status;
+}
+
+/* In a forked child: what it inherited of the parent's run is the parent's (the connection, the uffd whose
+ * context is the parent's, the staging uffd; staging and the agent's stack are MADV_DONTFORK); the doorbell's
+ * fault names this process to the server, the DONTNEED re-arms it for a grandchild (its REMOVE event is
+ * read by the server like any other); then connect as a child. */
+static void before_fork(void)
+{
+	state_at_fork = agent_of_process ? agent_of_process->server_gone : -1;
+}
+
+static void after_fork_in_child(void)
+{
+	if (state_at_fork < 0)
+		return;
+	munmap(agent_of_process, AGENT_STACK);   /* the parent agent's stack: no thread here uses it */
+	agent_of_process = NULL;
+	for (int i = 0; i < 3; i++)
+		close(process_fds[i]);
+	if (state_at_fork != SERVED)
+		return;                  /* detached: nothing registered; gone: fork() was refused (a raw fork) */
+	(void)*(volatile char *)doorbell;
+	madvise(doorbell, (size_t)sysconf(_SC_PAGESIZE), MADV_DONTNEED);
+	int ret = start(socket_path, 1);
+	if (ret < 0) {
+		char what[160];
+		snprintf(what, sizeof(what), "this child is served but never swapped out: %s", strerror(-ret));
+		say(what);
+	}
 }
 
 __attribute__((constructor)) static void uswap_run_init(void)
@@ -264,7 +394,10 @@ __attribute__((constructor)) static void uswap_run_init(void)
 	const char *path = getenv(USWAP_RUN_ENV_SOCKET);
 	if (!path)
 		return;
-	int ret = start(path);
+	socket_path = path;
+	int ret = start(path, 0);
+	if (ret == 0)
+		pthread_atfork(before_fork, NULL, after_fork_in_child);
 	if (ret < 0) {
 		char what[160];
 		snprintf(what, sizeof(what), "not budgeted: %s", strerror(-ret));

@@ -6,7 +6,14 @@
  *   server -> lib   DEVFD  + an fd of /dev/userfaultfd (the lib makes its uffd from it)
  *   lib -> server   HELLO  + the process's uffd (not yet API'd: the server negotiates)
  *   server -> lib   READY  (status 0: registered, the constructor returns; else -errno: unbudgeted)
+ * A forked child (the preload's atfork handler) connects with CONNECT flags USWAP_RUN_CHILD, after it touched
+ * the doorbell page (its fault on the child's uffd, which only the server holds, names the child to the server):
+ *   server -> lib   DEVFD  (for the child's private staging uffd)
+ *   lib -> server   HELLO  (no fd: the child's uffd is the one fork made, read by the server from EVENT_FORK)
+ *   server -> lib   READY  + that uffd (the agent answers faults through it if the server goes away)
  *   server -> agent DROP   runs to move out of the process (they are write-protected, their data written)
+ *   server -> agent DETACH every page is back and nothing registered (the daemon stops): the program goes on
+ *                   unbudgeted, and may fork
  *   agent -> server DROPPED bytes moved and errno per run (EAGAIN: events pending, drain and retry;
  *                   EBUSY: shared copy-on-write; ENOENT: the program dropped the page itself)
  */
@@ -16,7 +23,7 @@
 #include <stdint.h>
 
 #define USWAP_RUN_MAGIC 0x4e525355u   /* "USRN" */
-#define USWAP_RUN_VERSION 1
+#define USWAP_RUN_VERSION 2
 #define USWAP_RUN_ENV_SOCKET "USWAP_RUN_SOCKET"
 #define USWAP_RUN_ENV_RESIDENT "USWAP_RUN_RESIDENT"
 #define USWAP_RUN_MAX_RUNS 16
@@ -24,7 +31,8 @@
 /* CDEF-BEGIN */
 
 enum { USWAP_RUN_DEVFD = 1, USWAP_RUN_HELLO = 2, USWAP_RUN_READY = 3, USWAP_RUN_DROP = 4, USWAP_RUN_DROPPED = 5,
-       USWAP_RUN_CONNECT = 6 };
+       USWAP_RUN_CONNECT = 6, USWAP_RUN_DETACH = 7 };
+enum { USWAP_RUN_CHILD = 1 };   /* CONNECT flags: a forked child of a process of a run */
 
 struct uswap_run_msg {
 	uint32_t magic;
@@ -39,6 +47,9 @@ struct uswap_run_msg {
 	uint64_t len[USWAP_RUN_MAX_RUNS];       /* DROP: run length; DROPPED: bytes moved */
 	int32_t err[USWAP_RUN_MAX_RUNS];        /* DROPPED: errno of the run, 0 if all moved */
 	uint64_t resident;                      /* CONNECT: the run's budget in bytes (0: the server's) */
+	uint32_t flags;                         /* CONNECT: USWAP_RUN_CHILD */
+	uint32_t reserved;
+	uint64_t doorbell;                      /* HELLO: a page the program never touches (see above) */
 };
 
 /* CDEF-END */

@@ -119,27 +119,81 @@ class RunStats:
     max_resident_pages: int = 0
 
 
-class RunProcess:
-    """One process of a run, on its own connection (exec gives a new one: a process is never keyed by pid)."""
+class Run:
+    """The process tree of one `uswap run`: one budget over all its processes (like a memory cgroup's limit),
+    inside the daemon's; exec and fork keep a process in its run.
 
-    def __init__(self, id: int, pid: int, uid: int, sock, uffd: Userfaultfd, *, budget_pages: int,
-                 staging: tuple[int, int], agent_stack: tuple[int, int], daemon):
-        self.id, self.pid, self.uid = id, pid, uid
-        self.sock = sock
-        self.uffd = uffd
-        self.budget_pages = budget_pages
-        self.excluded = (staging, agent_stack)     # never registered: the agent's own memory
+    Slots are counted per process, as the kernel's swap_map counts references: a fork gives the child a
+    reference to every slot the parent's SWAPPED pages hold (``refs`` counts the references beyond the
+    first), and a slot is freed when its last reference goes (``unref``).  A page is in a slot only while
+    the slot has a reference, so a child that reads its swapped pages while the parent frees its own
+    reads the data the parent had at the fork."""
+
+    def __init__(self, id: int, uid: int, budget_pages: int, daemon):
+        self.id, self.uid, self.budget_pages = id, uid, budget_pages
         self.daemon = daemon
-        self.mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            os.close(self.mem)
-            raise
+        self.members: list[RunProcess] = []
+        self.refs: dict[int, int] = {}
+
+    def ref(self, slot: int) -> None:
+        self.refs[slot] = self.refs.get(slot, 0) + 1
+
+    def unref(self, slot: int) -> None:
+        n = self.refs.get(slot)
+        if n is None:
+            self.daemon.release_slot(slot)
+        elif n == 1:
+            del self.refs[slot]
+        else:
+            self.refs[slot] = n - 1
+
+    @property
+    def slots_held(self) -> int:
+        return sum(p.slots_held for p in self.members) - sum(self.refs.values())
+
+    @property
+    def resident(self) -> int:
+        return sum(p.resident + p.filled for p in self.members)
+
+    def line(self) -> int:
+        """Resident pages the run may hold: its own budget, within what the daemon's budget leaves after
+        memfd regions and the other runs (floored at MIN_LINE: a run always makes progress)."""
+        d = self.daemon
+        others = sum(r.resident for r in d.run_trees.values() if r is not self)
+        left = d.reclaimer.budget_pages - d.reclaimer.resident - others
+        return max(min(self.budget_pages, left), min(MIN_LINE, self.budget_pages))
+
+    def member(self, pid: int) -> "RunProcess | None":
+        return next((p for p in self.members if p.pid == pid), None)
+
+    def status(self) -> dict:
+        return {"id": self.id, "uid": self.uid, "budget_pages": self.budget_pages, "line_pages": self.line(),
+                "resident_pages": self.resident, "slots": self.slots_held, "shared_slots": len(self.refs),
+                "processes": [p.status() for p in self.members]}
+
+
+class RunProcess:
+    """One process image of a run: on its own connection (exec gives a new one: a process is never keyed by
+    pid), or a fork child, known first by the uffd fork made (its pid comes with its first fault)."""
+
+    def __init__(self, id: int, pid: int | None, sock, uffd: Userfaultfd, *, tree: Run,
+                 excluded: tuple = (), doorbell: int = 0, parent: int | None = None):
+        self.id, self.pid, self.uid = id, None, tree.uid
+        self.tree = tree
+        self.parent = parent                       # pid of the process it was forked from
+        self.sock = sock                           # None: a fork child before its HELLO (or a raw fork's)
+        self.uffd = uffd
+        self.excluded = excluded                   # never registered: the agent's own memory
+        self.doorbell = doorbell
+        self.daemon = tree.daemon
+        self.mem = self.pagemap = -1
+        if pid is not None:
+            self.attach(pid)
         self.ranges: list[tuple[int, int]] = []    # registered, as /proc/PID/maps showed them at the last rescan
         self.swapped: dict[int, int] = {}
         self.inflight: dict[int, int] = {}
-        self.children: list[Userfaultfd] = []      # raw SYS_fork children's uffds (served with poison)
+        self.nursery = None
+        tree.members.append(self)                  # before any reference it takes (slots_held)
         self.resident = 0                          # registered present pages at the last pagemap count
         self.filled = 0                            # pages faulted in since
         self.counted = 0.0                         # when (trio clock)
@@ -151,15 +205,26 @@ class RunProcess:
         self.agent_gone = False                    # a DROP went unanswered: stop serving (see drop)
         self.done = trio.Event()
 
+    def attach(self, pid: int) -> None:
+        """Open what eviction and counting read: /proc/PID/mem and pagemap (of this image: after exec, they
+        read nothing)."""
+        mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(mem)
+            raise
+        self.mem, self.pid = mem, pid
+
     # -- the budget ---------------------------------------------------------------
 
-    def line(self) -> int:
-        """Resident pages this process may hold: its own budget, within what the daemon's budget leaves
-        after memfd regions and the other runs (floored at MIN_LINE: a run always makes progress)."""
-        d = self.daemon
-        others = sum(r.resident + r.filled for r in d.runs.values() if r is not self)
-        left = d.reclaimer.budget_pages - d.reclaimer.resident - others
-        return max(min(self.budget_pages, left), min(MIN_LINE, self.budget_pages))
+    def over_line(self) -> int:
+        """Pages this process should give up: its share of what the run holds above its line."""
+        total, line = self.tree.resident, self.tree.line()
+        if total <= line:
+            return 0
+        mine = self.resident + self.filled
+        return -(-(total - line * 7 // 8) * mine // total)
 
     def slot_room(self) -> int:
         """Slots this process may still take: the store is not overcommitted (memfd regions reserve their
@@ -191,7 +256,7 @@ class RunProcess:
                 now = trio.current_time()
                 # Over the line, reclaim now rather than at the tick, but count at most every RECOUNT: pages
                 # it cannot take (no store room, shared) must not make every fault a pagemap walk.
-                over = self.resident + self.filled > self.line() and now >= self.counted + RECOUNT
+                over = self.tree.resident > self.tree.line() and now >= self.counted + RECOUNT
                 if now >= next_tick or over:
                     next_tick = now + TICK
                     self.counted = now
@@ -200,17 +265,27 @@ class RunProcess:
                         break
                     if self.gone():
                         break
-                    self.rescan()
-                    await self.reclaim()
+                    if self.sock is not None:      # its HELLO said what is the agent's (a child's: later)
+                        self.rescan()
+                    if self.pid is not None:
+                        await self.reclaim()
                 if self.agent_gone:
                     break
             nursery.cancel_scope.cancel()
 
     def gone(self) -> bool:
-        """The connection is readable only at EOF (the agent speaks only when asked): exit or exec."""
-        p = select.poll()
-        p.register(self.sock.fileno(), select.POLLIN | select.POLLHUP)
-        return bool(p.poll(0))
+        """Exit or exec.  The connection is readable only at EOF (the agent speaks only when asked); a child
+        without one (before its HELLO, or a raw fork's) is gone when ioctls through its uffd fail with ESRCH
+        (its mm is: a dead process's uffd shows nothing else)."""
+        if self.sock is not None:
+            p = select.poll()
+            p.register(self.sock.fileno(), select.POLLIN | select.POLLHUP)
+            return bool(p.poll(0))
+        try:
+            self.uffd.write_protect(self.doorbell, PS, protect=False)   # never protected: changes nothing
+        except OSError as e:
+            return e.errno == errno.ESRCH
+        return False
 
     async def drain(self) -> None:
         """Handle every queued message in order; faults refused with EAGAIN wait until the queue is empty
@@ -250,15 +325,17 @@ class RunProcess:
             self.remap(ev.old, ev.new, ev.length)
         elif isinstance(ev, Fork):
             self.stats.fork += 1
-            self.serve_child(ev.uffd)
+            self.fork(ev.uffd)
         return True
 
     async def fault(self, ev: Pagefault) -> bool:
         a = ev.address & ~(PS - 1)
+        if self.pid is None:
+            self.learn_pid(ev.thread_id)
         if ev.is_wp:
             slot = self.inflight.pop(a, None)
             if slot is not None:           # invariant 3: a written page is never dropped
-                self.daemon.release_slot(slot)
+                self.tree.unref(slot)
                 self.stats.cancelled += 1
             try:
                 self.uffd.write_protect(a, PS, protect=False)
@@ -314,7 +391,7 @@ class RunProcess:
             self._wake(a)
         if slot is not None:
             del self.swapped[a]
-            self.daemon.release_slot(slot)
+            self.tree.unref(slot)
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         if counter == "pswpin":
             self.daemon.stats.pswpin += 1
@@ -328,7 +405,7 @@ class RunProcess:
             pass
 
     def _forget(self, table: dict[int, int], a: int) -> None:
-        self.daemon.release_slot(table.pop(a))
+        self.tree.unref(table.pop(a))
 
     def invalidate(self, start: int, end: int) -> None:
         """REMOVE/UNMAP: the contents of [start, end) are gone, and so are their slots."""
@@ -355,41 +432,30 @@ class RunProcess:
                 self.stats.overwrites += 1
             self.swapped[b] = s
 
-    def serve_child(self, fd: int) -> None:
-        """A raw SYS_fork child (fork() itself is refused by the preload): its pages swapped in the parent
-        give SIGBUS (they are not shared with it yet), never zeros; the rest is served as usual."""
-        child = Userfaultfd.from_fd(fd)
+    def fork(self, fd: int) -> None:
+        """EVENT_FORK, read while the parent still waits in fork() and before the child runs: the child's
+        registered memory is served through ``fd``; its missing pages that are swapped here are filled from
+        the same slots (one more reference each).  Pages in flight here are resident at the fork: the child
+        has its own copy (write-protected, as here), and their slots stay ours.  Which process the child is
+        comes with its first fault (THREAD_ID; the preload's atfork handler makes one at once)."""
+        child_uffd = Userfaultfd.from_fd(fd)
         os.set_blocking(fd, False)         # not inherited from the parent's fcntl (RUN-DESIGN)
-        self.children.append(child)
-        snapshot = frozenset(self.swapped) | frozenset(self.inflight)
-        self.nursery.start_soon(self._serve_child, child, snapshot)
+        child = RunProcess(self.daemon.next_id(), None, None, child_uffd, tree=self.tree, doorbell=self.doorbell,
+                           parent=self.pid)
+        child.ranges = list(self.ranges)   # registration is inherited
+        child.swapped = dict(self.swapped)
+        for slot in child.swapped.values():
+            self.tree.ref(slot)
+        self.daemon.nursery.start_soon(self.daemon.serve_run_process, child)
 
-    async def _serve_child(self, child: Userfaultfd, snapshot: frozenset) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(child.fd)
-            try:
-                events = child.read_events()
-            except OSError:
-                return
-            for ev in events:
-                if isinstance(ev, Fork):
-                    os.close(ev.uffd)
-                if not isinstance(ev, Pagefault):
-                    continue
-                a = ev.address & ~(PS - 1)
-                try:
-                    if ev.is_wp:
-                        child.write_protect(a, PS, protect=False)
-                    elif a in snapshot:
-                        child.poison(a, PS)
-                        self.stats.poisoned += 1
-                    else:
-                        child.zeropage(a, PS)
-                except OSError:
-                    try:
-                        child.wake(a, PS)
-                    except OSError:
-                        pass
+    def learn_pid(self, tid: int) -> None:
+        """A fork child's first fault names it: the faulting thread's process."""
+        try:
+            with open(f"/proc/{tid}/status", "rb") as f:
+                tgid = int(re.search(rb"^Tgid:\s*(\d+)", f.read(), re.M)[1])
+            self.attach(tgid)
+        except (OSError, TypeError):
+            return                         # gone already; gone() sees it
 
     # -- registration --------------------------------------------------------------
 
@@ -440,10 +506,9 @@ class RunProcess:
         self.resident = sum(len(t.translate(None, _PRESENT)) for t in tops)
         self.filled = 0
         self.stats.max_resident_pages = max(self.stats.max_resident_pages, self.resident)
-        line = self.line()
-        if self.resident <= line:
+        want = self.over_line()
+        if want <= 0 or self.sock is None:  # no agent (a raw fork's child): counted, served, never evicted
             return
-        want = self.resident - line * 7 // 8
         room = self.slot_room()
         if room < want:
             self.stats.no_room += 1
@@ -619,34 +684,74 @@ class RunProcess:
         if lost:
             log.error("run %d (pid %d): %d page(s) not read back: the process gets SIGBUS there", self.id,
                       self.pid, lost)
+        elif self.sock is not None:        # the agent: nothing is registered, fork() may go on
+            try:
+                await self.sock.send(message(lib.USWAP_RUN_DETACH))
+            except OSError:
+                pass
 
     def release(self) -> None:
-        """Free every slot this process holds and close what we opened (no fd outlives the process)."""
+        """Drop every slot reference this process holds and close what we opened (no fd outlives it)."""
         for table in (self.swapped, self.inflight):
             for slot in table.values():
-                self.daemon.release_slot(slot)
+                self.tree.unref(slot)
             table.clear()
-        for u in [self.uffd, *self.children]:
-            if u.fd >= 0:
-                trio.lowlevel.notify_closing(u.fd)
-                u.close()
-        self.children = []
+        if self.uffd.fd >= 0:
+            trio.lowlevel.notify_closing(self.uffd.fd)
+            self.uffd.close()
         for fd in (self.mem, self.pagemap):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self.mem = self.pagemap = -1
 
     def status(self) -> dict:
-        return {"id": self.id, "pid": self.pid, "uid": self.uid, "budget_pages": self.budget_pages,
-                "line_pages": self.line(), "resident_pages": self.resident,
+        return {"id": self.id, "run": self.tree.id, "pid": self.pid, "parent": self.parent, "uid": self.uid,
+                "budget_pages": self.tree.budget_pages, "line_pages": self.tree.line(),
+                "agent": self.sock is not None, "resident_pages": self.resident,
                 "swapped_pages": len(self.swapped), "registered_ranges": len(self.ranges), **asdict(self.stats)}
 
 
-async def accept_run(daemon, client, run_id: int) -> RunProcess:
-    """CONNECT, DEVFD, HELLO: negotiate on the process's uffd, register, READY.  ProtocolError if refused."""
+CHILD_WAIT = 2.0                 # s: a child's HELLO waits this long for the doorbell fault that names it
+
+
+def find_run(daemon, pid: int, uid: int) -> Run | None:
+    """The run a new image joins: the one its pid (exec) or nearest ancestor (posix_spawn, vfork) is in,
+    among runs of the same uid; None for a new run."""
+    trees = [t for t in daemon.run_trees.values() if t.uid == uid]
+    for _ in range(16):
+        for t in trees:
+            if t.member(pid) is not None:
+                return t
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])     # ppid
+        except (OSError, IndexError, ValueError):
+            return None
+        if pid <= 1:
+            return None
+    return None
+
+
+async def fork_child_of(daemon, pid: int, uid: int) -> RunProcess:
+    """The fork child ``pid`` whose HELLO this is, once its doorbell fault has named it."""
+    with trio.move_on_after(CHILD_WAIT):
+        while True:
+            for t in daemon.run_trees.values():
+                p = t.member(pid) if t.uid == uid else None
+                if p is not None and p.sock is None:     # only fork children are without a connection
+                    return p
+            await trio.sleep(0.002)
+    raise ProtocolError(f"pid {pid}: no fork of a run names it (no doorbell fault within {CHILD_WAIT:g}s)",
+                        errno.ESRCH)
+
+
+async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
+    """CONNECT, DEVFD, HELLO: negotiate on the process's uffd, register, READY.  A fork child's uffd is the
+    one its parent's FORK event gave; it goes back to the child with READY.  Returns the process and
+    whether it is new (a child is served already).  ProtocolError if refused."""
     sock = client.sock
     connect = parse(await sock.recv(MSG_SIZE + 1), lib.USWAP_RUN_CONNECT)
-    asked = connect.resident // PS
-    budget = min(asked, daemon.budget // PS) if asked else daemon.budget // PS
+    child = bool(connect.flags & lib.USWAP_RUN_CHILD)
     dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
     try:
         await sock.sendmsg([message(lib.USWAP_RUN_DEVFD)],
@@ -658,10 +763,17 @@ async def accept_run(daemon, client, run_id: int) -> RunProcess:
            for fd in array.array("i", payload[:len(payload) - len(payload) % 4])]
     try:
         hello = parse(data, lib.USWAP_RUN_HELLO)
-        if len(fds) != 1 or flags & socket.MSG_CTRUNC:
-            raise ProtocolError(f"HELLO takes one userfaultfd, got {len(fds)} fds", errno.EINVAL)
+        if len(fds) != (0 if child else 1) or flags & socket.MSG_CTRUNC:
+            raise ProtocolError(f"HELLO takes {0 if child else 1} userfaultfd, got {len(fds)} fds", errno.EINVAL)
         if hello.pid != client.pid:
             raise ProtocolError(f"HELLO names pid {hello.pid}, the connection is pid {client.pid}", errno.EPERM)
+        excluded = ((hello.staging, hello.staging_len), (hello.agent_stack, hello.agent_stack_len))
+        if child:
+            proc = await fork_child_of(daemon, client.pid, client.uid)
+            await sock.sendmsg([message(lib.USWAP_RUN_READY, status=0)],
+                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [proc.uffd.fd]))])
+            proc.excluded, proc.sock = excluded, sock    # now it rescans and evicts
+            return proc, False
         check_uffd(fds[0], [])
         got, ioctls = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         ret = lib.uswap_uffd_api(fds[0], FEATURES, got, ioctls)
@@ -670,12 +782,19 @@ async def accept_run(daemon, client, run_id: int) -> RunProcess:
         uffd = Userfaultfd.from_fd(fds[0])
         fds = []
         os.set_blocking(uffd.fd, False)
+        tree = find_run(daemon, client.pid, client.uid)
+        if tree is None:
+            asked = connect.resident // PS
+            tree = Run(daemon.next_id(), client.uid, min(asked, daemon.budget // PS) if asked
+                       else daemon.budget // PS, daemon)
+            daemon.run_trees[tree.id] = tree
         try:
-            run = RunProcess(run_id, client.pid, client.uid, sock, uffd, budget_pages=budget,
-                             staging=(hello.staging, hello.staging_len),
-                             agent_stack=(hello.agent_stack, hello.agent_stack_len), daemon=daemon)
+            run = RunProcess(daemon.next_id(), client.pid, sock, uffd, tree=tree, excluded=excluded,
+                             doorbell=hello.doorbell)
         except OSError as e:
             uffd.close()
+            if not tree.members:
+                del daemon.run_trees[tree.id]
             raise ProtocolError(f"pid {client.pid}: /proc/PID/mem or pagemap: {e.strerror}", e.errno) from None
     except ProtocolError as e:
         for fd in fds:
@@ -687,4 +806,4 @@ async def accept_run(daemon, client, run_id: int) -> RunProcess:
         raise
     run.rescan()
     await sock.send(message(lib.USWAP_RUN_READY, status=0))
-    return run
+    return run, True

@@ -45,7 +45,7 @@ from uswap.daemon.limits import UserLedger, UserLimits
 from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_received
 from uswap.daemon.reclaim import Reclaimer
 from uswap.daemon.region import Region
-from uswap.daemon.runs import RunProcess, accept_run, is_run_connection
+from uswap.daemon.runs import Run, RunProcess, accept_run, is_run_connection
 from uswap.daemon.swapmap import SWAPPED, slot_of, state_of
 from uswap.daemon.slots import SlotAllocator
 from uswap.paths import secure_directory
@@ -128,7 +128,8 @@ class Daemon:
                                    in_flight=ASYNC_BATCHES_IN_FLIGHT if self.io.mode == "async" else 1)
         self.stats = DaemonStats()
         self.regions: dict[int, Region] = {}
-        self.runs: dict[int, RunProcess] = {}     # processes of `uswap run`, by connection (uswap.daemon.runs)
+        self.runs: dict[int, RunProcess] = {}     # processes of `uswap run`, by id (uswap.daemon.runs)
+        self.run_trees: dict[int, Run] = {}       # the runs themselves: process trees with one budget
         self._ended_engine_counts = {"engine_faults": 0, "slow_path_faults": 0, "readahead_pages": 0}
         self.mapped_pages = 0
         self.nursery: trio.Nursery | None = None
@@ -144,7 +145,11 @@ class Daemon:
 
     def run_slots_held(self, uid: int | None = None) -> int:
         """Slots held by processes of `uswap run` (all, or one uid's): the store room regions cannot reserve."""
-        return sum(run.slots_held for run in self.runs.values() if uid is None or run.uid == uid)
+        return sum(run.slots_held for run in self.run_trees.values() if uid is None or run.uid == uid)
+
+    def next_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
 
     def release_slot(self, slot: int) -> None:
         if slot >= 0:
@@ -308,11 +313,10 @@ class Daemon:
                 self.ledger.close_connection(uid)
 
     async def _serve_run(self, client: "Client") -> None:
-        """A process of `uswap run` (csrc/uswap_run.h): accepted, served until it exits or execs, released."""
-        run_id = self._next_id
-        self._next_id += 1
+        """A process of `uswap run` (csrc/uswap_run.h): accepted, served until it exits or execs, released.
+        A fork child is served from its FORK event on (serve_run_process); its connection only pairs."""
         try:
-            run = await accept_run(self, client, run_id)
+            run, new = await accept_run(self, client)
         except ProtocolError as e:
             self.log_limited(f"run {client.uid}", logging.WARNING, "pid %d uid %d: run refused: %s", client.pid,
                              client.uid, e)
@@ -320,16 +324,28 @@ class Daemon:
         except OSError as e:
             log.info("pid %d: run connection lost before READY: %s", client.pid, e)
             return
+        if new:
+            await self.serve_run_process(run)
+        else:
+            log.info("run %d: pid %d (forked from pid %s) has its agent", run.tree.id, run.pid, run.parent)
+            await run.done.wait()
+
+    async def serve_run_process(self, run: RunProcess) -> None:
+        """Serve one process image of a run until it is gone, then drop its slot references."""
         self.runs[run.id] = run
-        log.info("run %d: pid %d uid %d, budget %d pages, %d range(s) registered", run.id, run.pid, run.uid,
-                 run.budget_pages, len(run.ranges))
+        log.info("run %d: pid %s uid %d, budget %d pages, %d range(s) registered%s", run.tree.id, run.pid,
+                 run.uid, run.tree.budget_pages, len(run.ranges),
+                 f", forked from pid {run.parent}" if run.parent else "")
         try:
             await run.serve()
         finally:
             del self.runs[run.id]
             run.release()
+            run.tree.members.remove(run)
+            if not run.tree.members:
+                del self.run_trees[run.tree.id]
             run.done.set()
-            log.info("run %d released (pid %d): %s", run.id, run.pid,
+            log.info("run %d released (pid %s): %s", run.id, run.pid,
                      " ".join(f"{k}={v}" for k, v in asdict(run.stats).items()))
 
     async def _converse(self, client: "Client", nursery: trio.Nursery) -> None:
@@ -573,7 +589,7 @@ class Daemon:
                 "slots_total": self.store.slot_count,
                 "slots_used": self.slots.in_use,
                 "mapped_pages": self.mapped_pages,
-                "run_resident_pages": sum(run.resident for run in self.runs.values()),
+                "run_resident_pages": sum(run.resident for run in self.run_trees.values()),
                 "run_slots": self.run_slots_held(),
                 **asdict(self.stats),
                 **self.engine_counts(),

@@ -72,10 +72,11 @@ def render_status(status: dict) -> str:
                          f"{r['write_errors']:>5} {r['poisoned']:>8}")
     if status.get("runs"):      # processes of `uswap run` (uswap.daemon.runs)
         lines.append("")
-        lines.append(f"{'RUN':>6} {'PID':>7} {'BUDGET':>7} {'RESIDENT':>8} {'SWAPPED':>8} {'PSWPIN':>8} "
-                     f"{'PSWPOUT':>8} {'RANGES':>6} {'POISONED':>8}")
-        for r in status["runs"]:
-            lines.append(f"{r['id']:>6} {r['pid']:>7} {_pages(r['budget_pages'], ps):>7} "
+        lines.append(f"{'RUN':>6} {'PID':>7} {'PARENT':>7} {'BUDGET':>7} {'RESIDENT':>8} {'SWAPPED':>8} "
+                     f"{'PSWPIN':>8} {'PSWPOUT':>8} {'RANGES':>6} {'POISONED':>8}")
+        for r in sorted(status["runs"], key=lambda r: (r["run"], r["id"])):   # a run's processes together
+            lines.append(f"{r['run']:>6} {r['pid'] or '?':>7} {r['parent'] or '-':>7} "
+                         f"{_pages(r['budget_pages'], ps):>7} "
                          f"{_pages(r['resident_pages'], ps):>8} {_pages(r['swapped_pages'], ps):>8} "
                          f"{r['pswpin']:>8} {r['pswpout']:>8} {r['registered_ranges']:>6} {r['poisoned']:>8}")
     return "\n".join(lines)
