@@ -60,6 +60,7 @@ struct agent_ctx {
 	volatile int server_gone;
 	uint64_t staging, staging_len, page_size, doorbell;
 	int child, ready_pipe;                /* the handshake: see handshake() */
+	int refused;                          /* READY said no (the server lives: a child's uffd is served) */
 	struct uswap_run_msg hello;
 };
 enum { SERVED = 0, SERVER_GONE = 1, DETACHED = 2 };   /* server_gone */
@@ -204,8 +205,10 @@ static int32_t handshake(struct agent_ctx *c)
 	if (n != (long)sizeof(m) || m.magic != USWAP_RUN_MAGIC || m.version != USWAP_RUN_VERSION ||
 	    m.op != USWAP_RUN_READY)
 		return n < 0 ? (int32_t)n : -EPROTO;
-	if (m.status)
+	if (m.status) {
+		c->refused = 1;
 		return m.status;
+	}
 	if (c->child) {
 		struct cmsghdr *cm = CMSG_FIRSTHDR(&h);
 		if (!cm || cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
@@ -353,6 +356,8 @@ static int start(const char *path, int child)
 		status = -EPROTO;
 	close(ready[0]);
 	close(ready[1]);
+	if (status < 0 && child && !c->refused)
+		return -ECONNABORTED;
 	if (status == 0) {
 		agent_of_process = c;
 		process_fds[0] = sock, process_fds[1] = c->uffd, process_fds[2] = suffd;
@@ -382,6 +387,18 @@ static void after_fork_in_child(void)
 	(void)*(volatile char *)doorbell;
 	madvise(doorbell, (size_t)sysconf(_SC_PAGESIZE), MADV_DONTNEED);
 	int ret = start(socket_path, 1);
+	if (ret == -ECONNREFUSED || ret == -ENOENT || ret == -ECONNRESET || ret == -EPIPE || ret == -ECONNABORTED) {
+		/* The server went away between the fork and READY: the uffd fork made for this child was only
+		 * the server's, so it is closed and this child's swapped pages would read as zeros.  Never. */
+		say("the uswap daemon went away while this child was forked: its swapped memory is lost (SIGBUS)");
+		signal(SIGBUS, SIG_DFL);
+		sigset_t bus;
+		sigemptyset(&bus);
+		sigaddset(&bus, SIGBUS);
+		sigprocmask(SIG_UNBLOCK, &bus, NULL);
+		raise(SIGBUS);
+		_exit(128 + SIGBUS);
+	}
 	if (ret < 0) {
 		char what[160];
 		snprintf(what, sizeof(what), "this child is served but never swapped out: %s", strerror(-ret));

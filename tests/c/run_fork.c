@@ -6,11 +6,17 @@
  * again; the parent verifies its own pattern after each child, so no side ever sees the other's writes.
  *
  *   run_fork MIB   ->  "ok <who>" lines, exit 0; "BAD <who> ..." and exit 1 on the first wrong word
+ *
+ *   run_fork MIB orphan   (the test kills the daemon after "built"): a child forked before, then fork()
+ *   after the daemon died, then the parent verifies.  Prints with write(2) from the stack only (stdio's
+ *   buffer is heap memory the daemon may have swapped).
  */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
+#include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -63,6 +69,37 @@ static int reap(pid_t pid, const char *who)
 	return 0;
 }
 
+static void say(const char *what, long n)
+{
+	char buf[96];
+	int len = snprintf(buf, sizeof(buf), "%s %ld\n", what, n);
+	if (write(1, buf, (size_t)len) < 0)
+		_exit(4);
+}
+
+static int orphan(void)
+{
+	pid_t child = fork();
+	if (child == 0) {                 /* forked while the daemon lives */
+		usleep(1500 * 1000);
+		verify(1, "child");       /* a page swapped in the parent: SIGBUS, never zeros */
+		say("child verified", 0);
+		_exit(0);
+	}
+	say("built", child);
+	usleep(1000 * 1000);              /* the daemon is killed meanwhile */
+	pid_t again = fork();
+	if (again == 0)
+		_exit(0);
+	say(again < 0 ? "fork refused" : "forked", again < 0 ? errno : 0);
+	int status;
+	waitpid(child, &status, 0);
+	say(WIFSIGNALED(status) ? "child signal" : "child exit", WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
+	verify(1, "parent");
+	say("parent verified", 0);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	size_t bytes = (size_t)atol(argc > 1 ? argv[1] : "16") << 20;
@@ -72,6 +109,8 @@ int main(int argc, char **argv)
 		return 2;
 	fill(1);
 	usleep(300 * 1000);
+	if (argc > 2 && strcmp(argv[2], "orphan") == 0)
+		return orphan();
 	verify(1, "parent before fork");
 	setvbuf(stdout, NULL, _IONBF, 0);
 
