@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -238,6 +239,9 @@ class UswapDaemon(DaemonProcess):
                          after["pswpout"] - before["pswpout"], extra)
 
 
+RUN_RELEASED = re.compile(r"run \d+ released \(pid \d+\): (.*)")
+
+
 class UswapRun(UswapDaemon):
     """The native workload binary, unmodified (plain anonymous memory), under `uswap run --resident BUDGET`
     against a daemon of its own with the same budget (docs/RUN-DESIGN.md): its faults are served by the run
@@ -263,13 +267,12 @@ class UswapRun(UswapDaemon):
         keys = {f.name for f in dataclasses.fields(RunStats)}
         totals: dict[str, int] = {}
         processes = 0
-        for line in self.log()[log_from:].splitlines():
-            if " released (pid " not in line or " run " not in line:
-                continue
+        for m in RUN_RELEASED.finditer(self.log()[log_from:]):   # the line server.py writes per process
             processes += 1
-            for k, v in (kv.split("=", 1) for kv in line.split(": ", 1)[1].split() if "=" in kv):
+            for k, v in re.findall(r"(\w+)=(\d+)", m[1]):
                 if k in keys:
-                    totals[k] = max(totals.get(k, 0), int(v)) if k == "max_resident_pages" else totals.get(k, 0) + int(v)
+                    n = int(v)
+                    totals[k] = max(totals.get(k, 0), n) if k == "max_resident_pages" else totals.get(k, 0) + n
         return {"run_processes": processes, "run_readahead_pages": totals.get("readahead_pages"),
                 "run_zero_fills": totals.get("zero_fills"), "run_wp_faults": totals.get("wp_faults"),
                 "run_max_resident_pages": totals.get("max_resident_pages"), "run_eagain": totals.get("eagain")}

@@ -73,8 +73,8 @@ def markdown(bench: Bench) -> str:
         lines += [""] + [f"Not run under `uswap run`: {line}." for line in bench.not_run()]
     if not bench.ratios():
         return "\n".join(lines).strip()
-    lines += ["", "| workload | uswap io (fuse: kernel swap via the FUSE store; run/MODE: `uswap run`) | over native wall | "
-              "spread (per round) |",
+    lines += ["", "| workload | uswap io (fuse: kernel swap via the FUSE store; run/MODE: `uswap run`) | "
+              "over native wall | spread (per round) |",
               "|---|---|---|---|"]
     for r in bench.ratios():
         lines.append(f"| {r['workload']} | {r['io']} | {r['uswap_over_native_wall']:.2f} | "
