@@ -66,6 +66,47 @@ def test_bench_runs_both_backends_and_restores_everything(tmp_path):
     assert "┃ ratio ┃" in r.stdout and "│ fuse │" in r.stdout
 
 
+def test_bench_uswap_run_rows_beside_native(tmp_path):
+    """--run sync: the native binaries, unmodified, under `uswap run` against a daemon the bench starts,
+    beside kernel swap under a memcg in the same invocation; hog (it forks) is left out and said so."""
+    need_bench_kernel()
+    need(os.path.exists("/dev/userfaultfd"), "no /dev/userfaultfd")
+    from uswap.run import LIBRUN
+    need(os.path.exists(LIBRUN), "libuswaprun.so not built (python3 setup.py build_ext --inplace)")
+    before = global_state()
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    # 32 MiB through 8 MiB: long enough (~2 s a run) that the daemon's 10 ms rescan sees the memory and
+    # evicts; at 8 MiB the program can end before the first tick and swap nothing.
+    r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--size", "32M", "--resident", "8M", "--repeat", "1",
+                        "--workloads", "seq,random,hog", "--io", "", "--run", "sync", "--against", "native",
+                        "--workdir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(md)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert global_state() == before
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    rows = {(run["workload"], run["backend"]) for run in runs}
+    assert rows == {("seq", "run"), ("random", "run"), ("seq", "native"), ("random", "native"), ("hog", "native")}
+    assert not any(run["backend"] == "uswap" for run in runs)      # --io "": no region rows
+    for run in runs:
+        assert run["exit_code"] == 0 and run["mismatches"] == 0, run
+    for run in (run for run in runs if run["backend"] == "run"):
+        assert run["io"] == "sync" and run["run_processes"] == 1, run
+        assert run["pswpout"] > 0 and run["pswpin"] > 0, run          # the daemon swapped the unmodified program
+        assert run["faults"] > 0 and run["run_max_resident_pages"] > 0, run
+    assert {(x["workload"], x["io"]) for x in result["ratios"]} == {("seq", "run/sync"), ("random", "run/sync")}
+    assert result["not_run"] == [next(line for line in result["not_run"] if line.startswith("hog: forks"))]
+    assert "| seq | run/sync |" in md.read_text() and "Not run under `uswap run`: hog: forks" in md.read_text()
+    assert "│ run/sync │" in r.stdout
+
+
+def test_bench_refuses_an_unknown_run_mode(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--run", "sync,bogus", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "unknown --run io modes ['bogus']" in r.stderr
+
+
 def test_bench_nfs_rows(tmp_path):
     """uswap over NFS: the bench starts its own ganesha (network namespace) and stops it."""
     need_bench_kernel()

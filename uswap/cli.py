@@ -258,6 +258,10 @@ def cmd_bench(args) -> int:
         raise ValueError(f"unknown --against rows {sorted(unknown)} (choose from native, fuse, zram, zswap)")
     if "fuse" in against:
         require("pyfuse3", "uswap bench --against fuse")
+    run = [io for io in args.run.split(",") if io]
+    unknown = set(run) - set(IO_MODES)
+    if unknown:
+        raise ValueError(f"unknown --run io modes {sorted(unknown)} (choose from {', '.join(IO_MODES)})")
     if not args.report:   # built once, into the cache; its errors come before any progress display
         from uswap.bench.build import workload_binaries
         workload_binaries()
@@ -265,10 +269,14 @@ def cmd_bench(args) -> int:
     if os.geteuid() != 0 and against:
         console.print("[yellow]not root: kernel swap rows need root (swapon, memcg); running the uswap rows only")
         against = []
+    if os.geteuid() != 0 and run:
+        console.print("[yellow]not root: `uswap run` rows need a root daemon (EVENT_FORK); leaving them out")
+        run = []
     pin = [int(c) for c in args.pin.split(",")] if args.pin else [None, None]
     config = BenchConfig(workloads=workloads, size=args.size, resident=args.resident, against=against,
                          io=args.io.split(","), repeat=args.repeat, workdir=args.workdir,
-                         readahead=args.readahead, accesses=args.accesses, daemon_cpu=pin[0], workload_cpu=pin[1])
+                         readahead=args.readahead, accesses=args.accesses, daemon_cpu=pin[0], workload_cpu=pin[1],
+                         run=run)
     if args.report:
         with open(args.report) as f:
             bench = Bench.from_json(json.load(f))
@@ -302,6 +310,8 @@ def cmd_bench(args) -> int:
         main_table, ratio_table = table(bench)
         out.print(main_table)
         out.print(ratio_table)
+    for line in bench.not_run():
+        out.print(f"not run under `uswap run`: {line}")
     bad = [r for r in bench.runs if r["exit_code"] != 0 or r["mismatches"]]
     return 1 if bad else 0
 
@@ -456,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io", default="sync,async",
                    help="uswap rows, comma-separated (default sync,async); nfs, nfs-commit: the store on nfs-ganesha "
                         "in a network namespace, FILE_SYNC or UNSTABLE+COMMIT writes")
+    p.add_argument("--run", default="", metavar="IO",
+                   help="`uswap run` rows: the native (plain anonymous memory) binaries unmodified under `uswap run "
+                        "--resident` against a daemon with these --io modes, comma-separated (e.g. sync; default "
+                        "none). Needs root")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--accesses", type=int, default=None, help="random/zipf accesses (default 200k per GiB)")
     p.add_argument("--readahead", type=int, default=DEFAULTS.readahead)

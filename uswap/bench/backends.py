@@ -9,14 +9,17 @@ switch, zram0, a memcg v1 group — is recorded before and restored in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
 
 from uswap.child import interrupts_held, running, uswap_argv
 from uswap.daemon.process import DaemonProcess
+from uswap.daemon.runs import RunStats
 from uswap.daemon.status import fetch_status
 from uswap.nfs.ganesha import NfsServer
 
@@ -234,3 +237,42 @@ class UswapDaemon(DaemonProcess):
                  "read_errors": after["read_errors"] - before["read_errors"]}
         return RunResult(proc.returncode, proc.stdout, proc.stderr, wall, after["pswpin"] - before["pswpin"],
                          after["pswpout"] - before["pswpout"], extra)
+
+
+RUN_RELEASED = re.compile(r"run \d+ released \(pid \d+\): (.*)")
+
+
+class UswapRun(UswapDaemon):
+    """The native workload binary, unmodified (plain anonymous memory), under `uswap run --resident BUDGET`
+    against a daemon of its own with the same budget (docs/RUN-DESIGN.md): its faults are served by the run
+    path, not the engine.  The wall time includes `uswap run`'s own start (a Python interpreter, then exec)."""
+
+    def __init__(self, workdir: str, store: str, *, budget: int, **kw):
+        super().__init__(workdir, store, budget=budget, **kw)
+        self.budget = budget
+
+    def run(self, cmd: list[str], timeout: float) -> RunResult:
+        log_before = len(self.log())
+        result = super().run(uswap_argv("run", "--resident", str(self.budget), "--socket", self.socket, "--", *cmd),
+                             timeout)
+        result.extra.update(self._released(log_before))
+        return result
+
+    def _released(self, log_from: int, wait: float = 10.0) -> dict:
+        """The run's own counters, summed over its processes (one per image), from the daemon's log once it
+        released them: the program has exited, the daemon notices within a tick (10 ms)."""
+        deadline = time.monotonic() + wait
+        while self.status()["runs"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        keys = {f.name for f in dataclasses.fields(RunStats)}
+        totals: dict[str, int] = {}
+        processes = 0
+        for m in RUN_RELEASED.finditer(self.log()[log_from:]):   # the line server.py writes per process
+            processes += 1
+            for k, v in re.findall(r"(\w+)=(\d+)", m[1]):
+                if k in keys:
+                    n = int(v)
+                    totals[k] = max(totals.get(k, 0), n) if k == "max_resident_pages" else totals.get(k, 0) + n
+        return {"run_processes": processes, "run_readahead_pages": totals.get("readahead_pages"),
+                "run_zero_fills": totals.get("zero_fills"), "run_wp_faults": totals.get("wp_faults"),
+                "run_max_resident_pages": totals.get("max_resident_pages"), "run_eagain": totals.get("eagain")}

@@ -12,9 +12,9 @@ def fmt(value, digits: int = 1) -> str:
 
 
 def _order(key: tuple) -> tuple:
-    """Rows per workload: uswap first, then native by page-cluster, then the others."""
+    """Rows per workload: uswap first, then `uswap run`, then native by page-cluster, then the others."""
     workload, backend, io, page_cluster = key
-    return workload, {"uswap": 0, "native": 1}.get(backend, 2), str(io), -(page_cluster or 0)
+    return workload, {"uswap": 0, "run": 1, "native": 2}.get(backend, 3), str(io), -(page_cluster or 0)
 
 
 def _label(backend: str, io, page_cluster) -> str:
@@ -41,8 +41,8 @@ def table(bench: Bench):
                   fmt(med["fault_p99_us"].get(k)), fmt(med["pswpin"].get(k), 0), fmt(med["pswpout"].get(k), 0),
                   fmt(med["rewritten"].get(k), 0), fmt(med["daemon_cpu_s"].get(k)),
                   fmt(med["daemon_rss_mib"].get(k)), str(worst[k]))
-    ratios = Table(title="uswap (or kernel swap through the uswap FUSE store, io=fuse) / native (page-cluster 3) "
-                         "wall time; < 1 is faster")
+    ratios = Table(title="uswap (or kernel swap through the uswap FUSE store, io=fuse; `uswap run` of the native "
+                         "binary, io=run/MODE) / native (page-cluster 3) wall time; < 1 is faster")
     for col in ("workload", "io", "ratio", "spread"):
         ratios.add_column(col)
     for r in bench.ratios():
@@ -69,9 +69,12 @@ def markdown(bench: Bench) -> str:
     if bench.breakdown:
         lines += ["", "| part of one swap-in | uswap p50 µs | floor µs (shared/REFERENCE.md, C) |", "|---|---|---|"]
         lines += [f"| {r['part']} | {r['p50_us']:.1f} | {r['floor_us']} |" for r in bench.breakdown]
+    if bench.not_run():
+        lines += [""] + [f"Not run under `uswap run`: {line}." for line in bench.not_run()]
     if not bench.ratios():
         return "\n".join(lines).strip()
-    lines += ["", "| workload | uswap io (fuse: kernel swap via the FUSE store) | over native wall | spread (per round) |",
+    lines += ["", "| workload | uswap io (fuse: kernel swap via the FUSE store; run/MODE: `uswap run`) | "
+              "over native wall | spread (per round) |",
               "|---|---|---|---|"]
     for r in bench.ratios():
         lines.append(f"| {r['workload']} | {r['io']} | {r['uswap_over_native_wall']:.2f} | "

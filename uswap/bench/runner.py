@@ -13,7 +13,7 @@ import platform
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from uswap.bench.backends import KernelSwap, RunResult, UswapDaemon
+from uswap.bench.backends import KernelSwap, RunResult, UswapDaemon, UswapRun
 from uswap.bench.build import workload_binaries
 from uswap.config import DEFAULTS
 from uswap.core import PAGE_SIZE
@@ -21,6 +21,10 @@ from uswap.store.mkswap import mkswap
 from uswap.units import format_size
 
 WORKLOADS = ("seq", "random", "zipf", "hog")
+
+# Workloads the `uswap run` rows leave out, and why (said in the report, never a silent gap).
+RUN_REFUSES = {"hog": "forks its 4 processes: fork() under `uswap run` is refused with ENOSYS until fork support "
+                      "lands (docs/RUN-DESIGN.md)"}
 
 
 @dataclass
@@ -36,10 +40,12 @@ class BenchConfig:
     accesses: int | None = None
     daemon_cpu: int | None = None
     workload_cpu: int | None = None
+    run: list[str] = field(default_factory=list)   # daemon --io modes for `uswap run` rows (unmodified binaries)
 
     def backends(self) -> list[tuple[str, str | None, int | None]]:
         """(backend, io, page_cluster) for one round."""
         out: list[tuple[str, str | None, int | None]] = [("uswap", io, None) for io in self.io if io]
+        out += [("run", io, None) for io in self.run if io]
         if "native" in self.against:
             out += [("native", None, 3), ("native", None, 0)]
         out += [(kind, None, 3) for kind in ("fuse", "zram", "zswap") if kind in self.against]
@@ -95,11 +101,14 @@ class Bench:
     def run_all(self, progress=None) -> None:
         cfg = self.config
         binaries = self.prepare()
-        total = len(cfg.workloads) * len(cfg.backends()) * cfg.repeat
+        total = sum(backend != "run" or w not in RUN_REFUSES for w in cfg.workloads
+                    for backend, _, _ in cfg.backends()) * cfg.repeat
         done = 0
         for repeat in range(cfg.repeat):
             for workload in cfg.workloads:
                 for backend, io, page_cluster in cfg.backends():
+                    if backend == "run" and workload in RUN_REFUSES:
+                        continue
                     label = f"{backend}" + (f"/{io}" if io else f"/pc{page_cluster}")
                     if progress:
                         progress(done, total, f"{workload} {label} (round {repeat + 1})")
@@ -122,6 +131,11 @@ class Bench:
             with UswapDaemon(cfg.workdir, os.path.join(cfg.workdir, "bench.store"), budget=cfg.resident, io=io,
                              readahead=cfg.readahead, daemon_cpu=cfg.daemon_cpu,
                              workload_cpu=cfg.workload_cpu) as daemon:
+                return daemon.run(cmd, timeout)
+        if backend == "run":
+            with UswapRun(cfg.workdir, os.path.join(cfg.workdir, "bench.store"), budget=cfg.resident, io=io,
+                          readahead=cfg.readahead, daemon_cpu=cfg.daemon_cpu,
+                          workload_cpu=cfg.workload_cpu) as daemon:
                 return daemon.run(cmd, timeout)
         with KernelSwap(cfg.workdir, budget=cfg.resident, swap_size=self.swap_size,
                         page_cluster=page_cluster, kind=backend, workload_cpu=cfg.workload_cpu) as swap:
@@ -150,7 +164,8 @@ class Bench:
 
     def ratios(self) -> list[dict]:
         """Median wall time of each uswap row (and of kernel swap through the FUSE
-        store, io "fuse") over native swap at page-cluster 3, with the per-round spread."""
+        store, io "fuse"; `uswap run` of the native binary, io "run/MODE") over native swap at page-cluster 3,
+        with the per-round spread."""
         out = []
         for workload in self.config.workloads:
             def walls(backend, io=None, page_cluster=None):
@@ -160,6 +175,7 @@ class Bench:
             if not native:
                 continue
             rows = [(io, walls("uswap", io=io)) for io in self.config.io if io] + [("fuse", walls("fuse"))]
+            rows += [(f"run/{io}", walls("run", io=io)) for io in self.config.run if io]
             for io, mine in rows:
                 if not mine:
                     continue
@@ -168,6 +184,12 @@ class Bench:
                             "uswap_over_native_wall": round(statistics.median(mine) / statistics.median(native), 3),
                             "spread": [round(min(pairs), 3), round(max(pairs), 3)]})
         return out
+
+    def not_run(self) -> list[str]:
+        """Why some workloads have no `uswap run` rows."""
+        if not any(io for io in self.config.run):
+            return []
+        return [f"{w}: {why}" for w, why in RUN_REFUSES.items() if w in self.config.workloads]
 
     def machine(self) -> dict:
         model = ""
@@ -183,7 +205,7 @@ class Bench:
                 "readahead": self.config.readahead}
 
     def to_json(self) -> dict:
-        return {"machine": self.machine(), "config": asdict(self.config), "runs": self.runs,
+        return {"machine": self.machine(), "config": asdict(self.config), "runs": self.runs, "not_run": self.not_run(),
                 "ratios": self.ratios(), "latency_files": self.latency_files, "breakdown": self.breakdown}
 
     @classmethod
