@@ -178,6 +178,8 @@ static int recv_msg(int sock, struct uswap_run_msg *m, int *fd)
 	ssize_t n = recvmsg(sock, &h, MSG_CMSG_CLOEXEC);
 	if (n != (ssize_t)sizeof(*m) || m->magic != USWAP_RUN_MAGIC || m->version != USWAP_RUN_VERSION)
 		return n < 0 ? -errno : -EPROTO;
+	if (fd && m->op == USWAP_RUN_READY)   /* refused instead of DEVFD: no fd comes */
+		return m->status < 0 ? m->status : -EPROTO;
 	if (fd) {
 		struct cmsghdr *cm = CMSG_FIRSTHDR(&h);
 		if (!cm || cm->cmsg_type != SCM_RIGHTS)
@@ -187,7 +189,7 @@ static int recv_msg(int sock, struct uswap_run_msg *m, int *fd)
 	return 0;
 }
 
-static int start(const char *path)
+static int start(const char *path, const char **why)
 {
 	static struct agent_ctx c;
 	long ps = sysconf(_SC_PAGESIZE);
@@ -206,8 +208,13 @@ static int start(const char *path)
 		return -errno;
 	int devfd = -1;
 	int ret = recv_msg(sock, &m, &devfd);
-	if (ret < 0 || m.op != USWAP_RUN_DEVFD)
+	if (ret < 0 || m.op != USWAP_RUN_DEVFD) {
+		if (m.op == USWAP_RUN_READY && ret == -EPERM)
+			*why = "the daemon does not serve runs for this user (uswap daemon --run-users)";
+		else if (m.op == USWAP_RUN_READY && ret == -EDQUOT)
+			*why = "this user has as many runs as the daemon allows (uswap daemon --user-max-runs)";
 		return ret < 0 ? ret : -EPROTO;
+	}
 	int uffd = ioctl(devfd, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
 	int suffd = ioctl(devfd, USERFAULTFD_IOC_NEW, O_CLOEXEC);
 	close(devfd);
@@ -264,10 +271,17 @@ __attribute__((constructor)) static void uswap_run_init(void)
 	const char *path = getenv(USWAP_RUN_ENV_SOCKET);
 	if (!path)
 		return;
-	int ret = start(path);
+	const char *why = NULL;
+	int ret = start(path, &why);
 	if (ret < 0) {
-		char what[160];
-		snprintf(what, sizeof(what), "not budgeted: %s", strerror(-ret));
+		/* USWAP_RUN_REQUIRED (set by `uswap run`): a program that cannot be budgeted does not run at all */
+		const char *required = getenv(USWAP_RUN_ENV_REQUIRED);
+		int fatal = required && strcmp(required, "0") != 0;
+		char what[256];
+		snprintf(what, sizeof(what), "%s: %s%s", fatal ? "refused" : "not budgeted", why ? why : strerror(-ret),
+			 fatal ? "; not running it unbudgeted" : "");
 		say(what);
+		if (fatal)
+			_exit(USWAP_RUN_REFUSED_EXIT);
 	}
 }
