@@ -189,6 +189,13 @@ static int recv_msg(int sock, struct uswap_run_msg *m, int *fd)
 	return 0;
 }
 
+static const char *daemon_refused(int status)
+{
+	static char text[128];
+	snprintf(text, sizeof(text), "the daemon refused the run (%s): its log says why", strerror(-status));
+	return text;
+}
+
 static int start(const char *path, const char **why)
 {
 	static struct agent_ctx c;
@@ -213,6 +220,8 @@ static int start(const char *path, const char **why)
 			*why = "the daemon does not serve runs for this user (uswap daemon --run-users)";
 		else if (m.op == USWAP_RUN_READY && ret == -EDQUOT)
 			*why = "this user has as many runs as the daemon allows (uswap daemon --user-max-runs)";
+		else if (m.op == USWAP_RUN_READY)
+			*why = daemon_refused(ret);
 		return ret < 0 ? ret : -EPROTO;
 	}
 	int uffd = ioctl(devfd, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
@@ -249,8 +258,11 @@ static int start(const char *path, const char **why)
 		return ret;
 	if ((ret = recv_msg(sock, &m, NULL)) < 0)
 		return ret;
-	if (m.op != USWAP_RUN_READY || m.status)
-		return m.op != USWAP_RUN_READY ? -EPROTO : m.status;
+	if (m.op != USWAP_RUN_READY || m.status) {
+		if (m.op == USWAP_RUN_READY && m.status < 0)
+			*why = daemon_refused(m.status);
+		return m.op != USWAP_RUN_READY || m.status > 0 ? -EPROTO : m.status;
+	}
 
 	c = (struct agent_ctx){ sock, uffd, suffd, (uint64_t)staging, STAGING_BYTES, (uint64_t)ps };
 	pthread_attr_t attr;

@@ -239,3 +239,49 @@ def test_an_agent_that_lies_or_never_answers_hurts_only_its_own_run(field):
     log = f.daemon.log()
     assert "DROPPED answers 100 runs" in log or "DROPPED answers 17 runs" in log, tail(log)
     f.finish()
+
+
+def test_a_peer_that_died_is_told_from_one_that_lives(tmp_path):
+    """accept_run opens /proc/PID/{mem,pagemap} by pid, then asks whether the peer is still alive (its pidfd,
+    SO_PEERPIDFD): alive now means the pid was its own when opened; dead (reaped) means the pid may be another
+    process's by now (pid reuse), and the run is refused."""
+    import socket
+    from uswap.daemon.runs import peer_alive
+    path = str(tmp_path / "peer.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        child = subprocess.Popen([sys.executable, "-c", f"import socket, sys\ns = socket.socket(socket.AF_UNIX, "
+                                  f"socket.SOCK_SEQPACKET)\ns.connect({path!r})\nsys.stdin.read()"],
+                                 stdin=subprocess.PIPE)
+        conn, _ = listener.accept()
+        with conn:
+            assert peer_alive(conn)
+            child.stdin.close()
+            child.wait(10)                       # exited and reaped: its pid is free for anyone
+            assert not peer_alive(conn)
+
+
+def test_a_daemon_without_dev_userfaultfd_refuses_runs_saying_why(uswapd, tmp_path):
+    """As under uswap.service's PrivateDevices=yes (a /dev of pseudo-devices only, emulated here with a mount
+    namespace): every run is refused with a reason in the log, and the program exits 1 saying so; without the
+    device the daemon used to drop the connection with only "connection lost" in its log."""
+    need_root()
+    need(os.path.exists(LIBRUN), "libuswaprun.so not built (python3 setup.py build_ext --inplace)")
+    old = tmp_path / "olddev"
+    old.mkdir()
+    private_dev = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                   f'mount --bind /dev {old} && mount -t tmpfs -o mode=755 tmpfs /dev && for n in null zero full '
+                   f'random urandom tty; do touch /dev/$n; mount --bind {old}/$n /dev/$n; done; umount -l {old}; '
+                   'exec "$@"', "sh"]
+    daemon = uswapd("nodev", resident="16M", store_size="16M", prefix=tuple(private_dev))
+    assert not os.path.exists(f"/proc/{daemon.proc.pid}/root/dev/userfaultfd")
+    r = subprocess.run(uswap_argv("run", "--socket", daemon.socket, "--", PYTHON, "-c", "print('ran')"),
+                       capture_output=True, text=True, timeout=60, env=env())
+    assert r.returncode == 1 and r.stdout == "", r
+    assert r.stderr.endswith("refused: the daemon refused the run (No such file or directory): its log says why; "
+                             "not running it unbudgeted\n"), r.stderr
+    deadline = time.monotonic() + 5           # the reason is logged just after READY is sent
+    while "cannot open /dev/userfaultfd" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "run refused: the daemon cannot open /dev/userfaultfd: No such file or directory" in daemon.log()

@@ -695,13 +695,16 @@ async def accept_run(daemon, client, run_id: int) -> RunProcess:
         refused = daemon.run_policy.refusal(client.uid, daemon.run_connections[client.uid] - 1)
         if refused:
             raise refused
+        try:
+            dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:      # e.g. a service with PrivateDevices=yes: no /dev/userfaultfd in its /dev
+            raise ProtocolError(f"the daemon cannot open /dev/userfaultfd: {e.strerror}", e.errno) from None
     except ProtocolError as e:
         with contextlib.suppress(OSError):
             await sock.send(message(lib.USWAP_RUN_READY, status=-e.errno))
         raise
     asked = connect.resident // PS
     budget = min(asked, daemon.budget // PS) if asked else daemon.budget // PS
-    dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
     try:
         await sock.sendmsg([message(lib.USWAP_RUN_DEVFD)],
                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dev]))])
