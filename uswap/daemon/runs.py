@@ -719,6 +719,10 @@ async def accept_run(daemon, client, run_id: int) -> RunProcess:
             raise ProtocolError(f"HELLO takes one userfaultfd, got {len(fds)} fds", errno.EINVAL)
         if hello.pid != client.pid:
             raise ProtocolError(f"HELLO names pid {hello.pid}, the connection is pid {client.pid}", errno.EPERM)
+        # A uffd of another process than the peer (its child's, say) is accepted: the daemon then reads the
+        # peer's memory (/proc/PID/mem) and installs it through that uffd, so data only flows from the sender
+        # to a process that gave its uffd away, which could be written through it anyway; the sender never
+        # receives page data (DROP carries addresses).  tests/test_t10_run_hostile.py runs every agent so.
         check_uffd(fds[0], [])
         got, ioctls = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         ret = lib.uswap_uffd_api(fds[0], FEATURES, got, ioctls)
