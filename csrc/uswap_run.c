@@ -270,6 +270,8 @@ static int recv_msg(int sock, struct uswap_run_msg *m, int *fd)
 	ssize_t n = recvmsg(sock, &h, MSG_CMSG_CLOEXEC);
 	if (n != (ssize_t)sizeof(*m) || m->magic != USWAP_RUN_MAGIC || m->version != USWAP_RUN_VERSION)
 		return n < 0 ? -errno : -EPROTO;
+	if (fd && m->op == USWAP_RUN_READY)   /* refused instead of DEVFD: no fd comes */
+		return m->status < 0 ? m->status : -EPROTO;
 	if (fd) {
 		struct cmsghdr *cm = CMSG_FIRSTHDR(&h);
 		if (!cm || cm->cmsg_type != SCM_RIGHTS)
@@ -279,9 +281,17 @@ static int recv_msg(int sock, struct uswap_run_msg *m, int *fd)
 	return 0;
 }
 
+static const char *daemon_refused(int status)
+{
+	static char text[128];
+	snprintf(text, sizeof(text), "the daemon refused the run (%s): its log says why", strerror(-status));
+	return text;
+}
+
+
 /* Connect, be registered (READY), start the agent.  child: a forked child of a process of the run, whose
  * uffd fork made and the server holds (it comes back with READY). */
-static int start(const char *path, int child)
+static int start(const char *path, int child, const char **why)
 {
 	long ps = sysconf(_SC_PAGESIZE);
 	int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
@@ -300,8 +310,15 @@ static int start(const char *path, int child)
 	int ret;
 	int devfd = -1;
 	ret = recv_msg(sock, &m, &devfd);
-	if (ret < 0 || m.op != USWAP_RUN_DEVFD)
+	if (ret < 0 || m.op != USWAP_RUN_DEVFD) {
+		if (m.op == USWAP_RUN_READY && ret == -EPERM)
+			*why = "the daemon does not serve runs for this user (uswap daemon --run-users)";
+		else if (m.op == USWAP_RUN_READY && ret == -EDQUOT)
+			*why = "this user has as many runs as the daemon allows (uswap daemon --user-max-runs)";
+		else if (m.op == USWAP_RUN_READY)
+			*why = daemon_refused(ret);
 		return ret < 0 ? ret : -EPROTO;
+	}
 	int uffd = child ? -1 : ioctl(devfd, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
 	int suffd = ioctl(devfd, USERFAULTFD_IOC_NEW, O_CLOEXEC);
 	close(devfd);
@@ -356,6 +373,8 @@ static int start(const char *path, int child)
 		status = -EPROTO;
 	close(ready[0]);
 	close(ready[1]);
+	if (status < 0 && c->refused)
+		*why = daemon_refused(status);
 	if (status < 0 && child && !c->refused)
 		return -ECONNABORTED;
 	if (status == 0) {
@@ -386,7 +405,8 @@ static void after_fork_in_child(void)
 		return;                  /* detached: nothing registered; gone: fork() was refused (a raw fork) */
 	(void)*(volatile char *)doorbell;
 	madvise(doorbell, (size_t)sysconf(_SC_PAGESIZE), MADV_DONTNEED);
-	int ret = start(socket_path, 1);
+	const char *why = NULL;
+	int ret = start(socket_path, 1, &why);
 	if (ret == -ECONNREFUSED || ret == -ENOENT || ret == -ECONNRESET || ret == -EPIPE || ret == -ECONNABORTED) {
 		/* The server went away between the fork and READY: the uffd fork made for this child was only
 		 * the server's, so it is closed and this child's swapped pages would read as zeros.  Never. */
@@ -412,12 +432,19 @@ __attribute__((constructor)) static void uswap_run_init(void)
 	if (!path)
 		return;
 	socket_path = path;
-	int ret = start(path, 0);
+	const char *why = NULL;
+	int ret = start(path, 0, &why);
 	if (ret == 0)
 		pthread_atfork(before_fork, NULL, after_fork_in_child);
 	if (ret < 0) {
-		char what[160];
-		snprintf(what, sizeof(what), "not budgeted: %s", strerror(-ret));
+		/* USWAP_RUN_REQUIRED (set by `uswap run`): a program that cannot be budgeted does not run at all */
+		const char *required = getenv(USWAP_RUN_ENV_REQUIRED);
+		int fatal = required && strcmp(required, "0") != 0;
+		char what[256];
+		snprintf(what, sizeof(what), "%s: %s%s", fatal ? "refused" : "not budgeted", why ? why : strerror(-ret),
+			 fatal ? "; not running it unbudgeted" : "");
 		say(what);
+		if (fatal)
+			_exit(USWAP_RUN_REFUSED_EXIT);
 	}
 }

@@ -121,7 +121,9 @@ def cmd_daemon(args) -> int:
     from uswap.daemon.main import harden_process, lock_memory, run_daemon
     from uswap.daemon.server import writeback_batch
     from uswap.protocol import daemon_socket_path
+    from uswap.daemon.runpolicy import parse_run_users
     batch = writeback_batch(args.writeback_batch)   # refused before anything is made or started
+    run_users = parse_run_users(args.run_users)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="uswap daemon[%(process)d]: %(levelname)s %(message)s")
     group = socket_group(args.group)
@@ -134,7 +136,8 @@ def cmd_daemon(args) -> int:
                                nfs_timeout=args.nfs_timeout, nfs_stable=args.nfs_stable, group=group,
                                user_max_size=args.user_max_size, user_max_regions=args.user_max_regions,
                                user_max_connections=args.user_max_connections, map_timeout=args.map_timeout,
-                               encrypt=args.encrypt == "on", writeback_batch=batch))
+                               encrypt=args.encrypt == "on", writeback_batch=batch, run_users=run_users,
+                               user_max_runs=args.user_max_runs))
     return 0
 
 
@@ -215,6 +218,7 @@ def cmd_run(args) -> int:
     env["LD_PRELOAD"] = ":".join(x for x in (LIBRUN, env.get("LD_PRELOAD")) if x)
     env["USWAP_RUN_SOCKET"] = path
     env["USWAP_RUN_RESIDENT"] = str(args.resident or 0)
+    env["USWAP_RUN_REQUIRED"] = "1"     # refused by the daemon (or any failure): the preload exits 1, one line
     sys.stdout.flush()
     try:
         os.execvpe(cmd[0], cmd, env)
@@ -432,7 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     access.add_argument("--user-max-connections", type=int, default=64, metavar="N",
                         help="connections one uid may hold open at once (default 64)")
     access.add_argument("--map-timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="close a connection that has not mapped a region by then (default 10)")
+                        help="close a connection that has not mapped a region (or finished a run's handshake) "
+                             "by then (default 10)")
+    access.add_argument("--run-users", default=None, metavar="LIST",
+                        help="uids or user names (comma-separated) whose programs `uswap run` may budget: each "
+                             "run gets the daemon's /dev/userfaultfd fd, i.e. kernel-mode userfaultfd (default: "
+                             "root and the daemon's own uid; others are refused)")
+    access.add_argument("--user-max-runs", type=int, default=16, metavar="N",
+                        help="processes of `uswap run` one uid may have served at once (default 16)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("run", help="run an unmodified program with its anonymous memory swapped by the daemon")

@@ -32,11 +32,13 @@ dropped by the agent).  An address in neither is resident or never touched.  Inv
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import os
 import re
 import select
+import signal
 import socket
 from dataclasses import asdict, dataclass
 
@@ -75,6 +77,27 @@ def is_run_connection(head: bytes) -> bool:
     return head[:4] == MAGIC
 
 
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+def peer_alive(sock) -> bool:
+    """Whether the process that connected ``sock`` (SO_PEERCRED's pid) is still alive: its pidfd (SO_PEERPIDFD,
+    Linux 6.5) takes signal 0.  A pidfd names the process, so a pid reused since connect cannot pass."""
+    try:
+        fd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as e:
+        return e.errno not in (errno.ESRCH, errno.ENOENT)   # an older kernel (ENOPROTOOPT): not checkable here
+    try:
+        signal.pidfd_send_signal(fd, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                                      # alive, another uid's (a daemon without CAP_KILL)
+    finally:
+        os.close(fd)
+    return True
+
+
 def message(op: int, **fields) -> bytes:
     m = ffi.new("struct uswap_run_msg *")
     m.magic, m.version, m.op = lib.USWAP_RUN_MAGIC, lib.USWAP_RUN_VERSION, op
@@ -93,6 +116,26 @@ def parse(data: bytes, op: int):
         raise ProtocolError(f"run message op {m.op} version {m.version}, expected op {op} version "
                             f"{lib.USWAP_RUN_VERSION}", errno.EPROTO)
     return m
+
+
+def check_dropped(reply, addrs: list[int], lens: list[int]):
+    """A DROPPED that answers the DROP of ``addrs``/``lens``, or ProtocolError.
+
+    What the agent says is trusted only within what was asked: the runs asked for, in order, no more bytes
+    than asked, whole pages, an errno or 0 (0 only if the whole run moved).  Within that, a lie hurts only
+    the liar's own process: a page claimed moved but still there is write-protected with its data in its
+    slot, so the process reads its own page and a write lifts the protection (the slot stays counted against
+    the liar's room until the page is evicted again, ``drop``, invalidated or the run ends; not freed at the WP
+    fault: a write to a page moved out also raises one, on its uffd-wp marker); a page moved but claimed not is
+    a missing page without a slot: zeros, in the liar's memory."""
+    if reply.count != len(addrs):
+        raise ProtocolError(f"DROPPED answers {reply.count} runs, {len(addrs)} were asked", errno.EPROTO)
+    for k, (a, n) in enumerate(zip(addrs, lens)):
+        moved, err = reply.len[k], reply.err[k]
+        if reply.addr[k] != a or moved > n or moved % PS or not 0 <= err < 4096 or (err == 0 and moved != n):
+            raise ProtocolError(f"DROPPED run {k}: {moved} bytes at {reply.addr[k]:#x}, errno {err}; asked "
+                                f"{n} bytes at {a:#x}", errno.EPROTO)
+    return reply
 
 
 @dataclass
@@ -616,7 +659,7 @@ class RunProcess:
             # No timeout: a stopped process (SIGSTOP) answers when it runs again, and faults nothing meanwhile.
             try:
                 await self.sock.send(message(lib.USWAP_RUN_DROP, count=len(addrs), addr=addrs, len=lens))
-                reply = parse(await self.sock.recv(MSG_SIZE + 1), lib.USWAP_RUN_DROPPED)
+                reply = check_dropped(parse(await self.sock.recv(MSG_SIZE + 1), lib.USWAP_RUN_DROPPED), addrs, lens)
             except (OSError, ProtocolError) as e:
                 # Gone (exit, exec: EOF), or an answer that cannot be trusted: which pages moved is
                 # unknown, so no slot may be dropped as if its page were still there.  Serving ends;
@@ -631,6 +674,8 @@ class RunProcess:
                 moved = reply.len[k] // PS
                 for i in range(moved):
                     a = reply.addr[k] + i * PS
+                    if a in self.swapped:      # a lie earlier (below): that slot is stale, never leaked
+                        self._forget(self.swapped, a)
                     self.swapped[a] = self.inflight.pop(a)
                 self.stats.pswpout += moved
                 self.daemon.stats.pswpout += moved
@@ -750,9 +795,21 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
     one its parent's FORK event gave; it goes back to the child with READY.  Returns the process and
     whether it is new (a child is served already).  ProtocolError if refused."""
     sock = client.sock
-    connect = parse(await sock.recv(MSG_SIZE + 1), lib.USWAP_RUN_CONNECT)
+    try:
+        connect = parse(await sock.recv(MSG_SIZE + 1), lib.USWAP_RUN_CONNECT)
+        # Policy first: the fd below gives kernel-mode userfaultfds (uswap.daemon.runpolicy).
+        refused = daemon.run_policy.refusal(client.uid, daemon.run_connections[client.uid] - 1)
+        if refused:
+            raise refused
+        try:
+            dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:      # e.g. a service with PrivateDevices=yes: no /dev/userfaultfd in its /dev
+            raise ProtocolError(f"the daemon cannot open /dev/userfaultfd: {e.strerror}", e.errno) from None
+    except ProtocolError as e:
+        with contextlib.suppress(OSError):
+            await sock.send(message(lib.USWAP_RUN_READY, status=-e.errno))
+        raise
     child = bool(connect.flags & lib.USWAP_RUN_CHILD)
-    dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
     try:
         await sock.sendmsg([message(lib.USWAP_RUN_DEVFD)],
                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dev]))])
@@ -774,6 +831,10 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [proc.uffd.fd]))])
             proc.excluded, proc.sock = excluded, sock    # now it rescans and evicts
             return proc, False
+        # A uffd of another process than the peer (its child's, say) is accepted: the daemon then reads the
+        # peer's memory (/proc/PID/mem) and installs it through that uffd, so data only flows from the sender
+        # to a process that gave its uffd away, which could be written through it anyway; the sender never
+        # receives page data (DROP carries addresses).  tests/test_t10_run_hostile.py runs every agent so.
         check_uffd(fds[0], [])
         got, ioctls = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         ret = lib.uswap_uffd_api(fds[0], FEATURES, got, ioctls)
@@ -796,6 +857,11 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
             if not tree.members:
                 del daemon.run_trees[tree.id]
             raise ProtocolError(f"pid {client.pid}: /proc/PID/mem or pagemap: {e.strerror}", e.errno) from None
+        if not peer_alive(sock):
+            # /proc/PID/* name a pid, not a process: opened after the peer died, they may be another
+            # process's (pid reuse).  Alive now means alive since connect, so they are the peer's.
+            discard(run)
+            raise ProtocolError(f"pid {client.pid} exited during the handshake", errno.ESRCH)
     except ProtocolError as e:
         for fd in fds:
             os.close(fd)
@@ -804,6 +870,18 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
         except OSError:
             pass
         raise
-    run.rescan()
-    await sock.send(message(lib.USWAP_RUN_READY, status=0))
+    try:
+        run.rescan()
+        await sock.send(message(lib.USWAP_RUN_READY, status=0))
+    except BaseException:          # gone, or the handshake's deadline: nothing opened here outlives it
+        discard(run)
+        raise
     return run, True
+
+
+def discard(run: RunProcess) -> None:
+    """A process accepted but never served: released, and out of its run (the run too, if it was alone)."""
+    run.release()
+    run.tree.members.remove(run)
+    if not run.tree.members:
+        del run.daemon.run_trees[run.tree.id]

@@ -23,6 +23,7 @@ memory, all data in place), and close.
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import errno
 import json
@@ -45,6 +46,7 @@ from uswap.daemon.limits import UserLedger, UserLimits
 from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_received
 from uswap.daemon.reclaim import Reclaimer
 from uswap.daemon.region import Region
+from uswap.daemon.runpolicy import RunPolicy
 from uswap.daemon.runs import Run, RunProcess, accept_run, is_run_connection
 from uswap.daemon.swapmap import SWAPPED, slot_of, state_of
 from uswap.daemon.slots import SlotAllocator
@@ -107,7 +109,7 @@ def writeback_batch(pages: int | None) -> int:
 class Daemon:
     def __init__(self, store: Store, socket_path: str, *, budget: int, io_mode: str = DEFAULTS.io,
                  readahead: int = DEFAULTS.readahead, batch: int | None = None, group: int | None = None,
-                 limits: UserLimits | None = None, map_timeout: float = 10.0):
+                 limits: UserLimits | None = None, map_timeout: float = 10.0, run_policy: RunPolicy | None = None):
         if budget < PAGE_SIZE:
             raise ValueError(f"resident budget {budget} is smaller than one page")
         batch = writeback_batch(batch)
@@ -130,6 +132,8 @@ class Daemon:
         self.regions: dict[int, Region] = {}
         self.runs: dict[int, RunProcess] = {}     # processes of `uswap run`, by id (uswap.daemon.runs)
         self.run_trees: dict[int, Run] = {}       # the runs themselves: process trees with one budget
+        self.run_policy = run_policy or RunPolicy.default()   # who may start runs, how many (runpolicy.py)
+        self.run_connections: collections.Counter[int] = collections.Counter()   # per uid, handshakes included
         self._ended_engine_counts = {"engine_faults": 0, "slow_path_faults": 0, "readahead_pages": 0}
         self.mapped_pages = 0
         self.nursery: trio.Nursery | None = None
@@ -315,15 +319,32 @@ class Daemon:
     async def _serve_run(self, client: "Client") -> None:
         """A process of `uswap run` (csrc/uswap_run.h): accepted, served until it exits or execs, released.
         A fork child is served from its FORK event on (serve_run_process); its connection only pairs."""
+        self.run_connections[client.uid] += 1
         try:
-            run, new = await accept_run(self, client)
-        except ProtocolError as e:
-            self.log_limited(f"run {client.uid}", logging.WARNING, "pid %d uid %d: run refused: %s", client.pid,
-                             client.uid, e)
+            await self._run_accepted(client)
+        finally:
+            self.run_connections[client.uid] -= 1
+            if not self.run_connections[client.uid]:
+                del self.run_connections[client.uid]
+
+    async def _run_accepted(self, client: "Client") -> None:
+        accepted = None
+        # The handshake has the region's deadline: a client that stops talking holds nothing for long.
+        with trio.move_on_after(self.map_timeout):
+            try:
+                accepted = await accept_run(self, client)
+            except ProtocolError as e:
+                self.log_limited(f"run {client.uid}", logging.WARNING, "pid %d uid %d: run refused: %s", client.pid,
+                                 client.uid, e)
+                return
+            except OSError as e:
+                log.info("pid %d: run connection lost before READY: %s", client.pid, e)
+                return
+        if accepted is None:
+            log.info("pid %d uid %d: no run handshake within %gs; closing the connection", client.pid, client.uid,
+                     self.map_timeout)
             return
-        except OSError as e:
-            log.info("pid %d: run connection lost before READY: %s", client.pid, e)
-            return
+        run, new = accepted
         if new:
             await self.serve_run_process(run)
         else:
