@@ -300,7 +300,7 @@ def test_daemon_stop_gives_every_page_back(uswapd, tmp_path):
     assert totals["run_slots"] >= runs[0]["swapped_pages"] and 0 < totals["run_resident_pages"] <= 2048 * 5 // 2
     shown = subprocess.run(uswap_argv("status", "--socket", daemon.socket), capture_output=True, text=True)
     row = [line.split() for line in shown.stdout.splitlines() if line.split()[1:2] == [str(pid)]]
-    assert row and row[0][2] == "8M", shown.stdout      # RUN, PID, BUDGET, ...
+    assert row and row[0][3] == "8M", shown.stdout      # RUN, PID, PARENT, BUDGET, ...
     assert daemon.stop() == 0
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
