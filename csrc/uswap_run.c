@@ -47,6 +47,7 @@ enum { STAGING_BYTES = 2 << 20, AGENT_STACK = 256 << 10 };
 struct agent_ctx {
 	int sock, uffd, staging_uffd;
 	uint64_t staging, staging_len, page_size;
+	volatile uint64_t *hint_off;
 };
 
 static long raw6(long n, long a, long b, long c, long d, long e, long f)
@@ -125,6 +126,56 @@ static void orphaned(const struct agent_ctx *c)
 	}
 }
 
+/*
+ * Registration hints: memory the program maps is registered on its uffd here, before the program can
+ * touch it, instead of at the server's next rescan of /proc/PID/maps (memory filled meanwhile raises no
+ * fault: budget slack).  Seen: anonymous private writable mmap() calls through the PLT (Python's arenas)
+ * and madvise(MADV_HUGEPAGE), which numpy calls on every array of 4 MiB or more right after malloc made
+ * it.  Not seen: glibc malloc's own mmap/mremap/brk (internal calls): the server's rescan finds those.
+ * Registering is idempotent for the server (it registers what it finds again) and never blocks on it.
+ * hint_uffd is set once READY came; the agent turns hints off through the first word of its stack
+ * mapping (never registered, mlocked) when the server is gone: registered new memory would then SIGBUS.
+ */
+static int hint_uffd = -1;
+static volatile uint64_t *hint_off;      /* the agent's stack mapping's lowest word: nonzero = server gone */
+
+static void hint(uint64_t addr, uint64_t len)
+{
+	uint64_t ps = 4096, a = (addr + ps - 1) & ~(ps - 1), b = (addr + len) & ~(ps - 1);
+	if (hint_uffd < 0 || *hint_off || b <= a)
+		return;
+	struct uffdio_register reg = { .range = { a, b - a },
+				       .mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP };
+	raw6(SYS_ioctl, hint_uffd, (long)UFFDIO_REGISTER, (long)&reg, 0, 0, 0);   /* best effort */
+}
+
+void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	long r = raw6(SYS_mmap, (long)addr, (long)len, prot, flags, fd, off);
+	if (r < 0 && r > -4096) {
+		errno = (int)-r;
+		return MAP_FAILED;
+	}
+	if (prot == (PROT_READ | PROT_WRITE) && (flags & (MAP_PRIVATE | MAP_ANONYMOUS)) == (MAP_PRIVATE | MAP_ANONYMOUS) &&
+	    !(flags & (MAP_SHARED | MAP_STACK | MAP_GROWSDOWN | MAP_HUGETLB)))
+		hint((uint64_t)r, len);
+	return (void *)r;
+}
+
+void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off) __attribute__((alias("mmap")));
+
+int madvise(void *addr, size_t len, int advice)
+{
+	long r = raw6(SYS_madvise, (long)addr, (long)len, advice, 0, 0, 0);
+	if (r < 0) {
+		errno = (int)-r;
+		return -1;
+	}
+	if (advice == MADV_HUGEPAGE)
+		hint((uint64_t)addr, len);
+	return 0;
+}
+
 static void *agent(void *arg)
 {
 	struct agent_ctx c = *(struct agent_ctx *)arg;
@@ -142,6 +193,7 @@ static void *agent(void *arg)
 		if (raw6(SYS_sendto, c.sock, (long)&m, sizeof(m), MSG_NOSIGNAL, 0, 0) != (long)sizeof(m))
 			break;
 	}
+	*c.hint_off = 1;          /* on our own stack mapping: no registered memory touched */
 	orphaned(&c);
 	return NULL;
 }
@@ -245,7 +297,9 @@ static int start(const char *path)
 	if (m.op != USWAP_RUN_READY || m.status)
 		return m.op != USWAP_RUN_READY ? -EPROTO : m.status;
 
-	c = (struct agent_ctx){ sock, uffd, suffd, (uint64_t)staging, STAGING_BYTES, (uint64_t)ps };
+	c = (struct agent_ctx){ sock, uffd, suffd, (uint64_t)staging, STAGING_BYTES, (uint64_t)ps, stack };
+	hint_off = stack;
+	hint_uffd = uffd;
 	pthread_attr_t attr;
 	pthread_attr_init(&attr);
 	pthread_attr_setstack(&attr, stack, AGENT_STACK);

@@ -45,6 +45,7 @@ import trio
 from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.daemon.mapcheck import check_uffd
+from uswap.daemon.runwatch import POLL, RssWatch
 from uswap.daemon.slots import NoSlots
 from uswap.protocol import ProtocolError
 from uswap.uffd import Fork, Pagefault, PartialFill, Remap, Remove, RegisterMode, Unmap, Userfaultfd
@@ -117,6 +118,7 @@ class RunStats:
     no_room: int = 0               # eviction batches cut short: no store room (regions' reservations, uid limit)
     overwrites: int = 0            # a REMAP onto a swapped page (an invariant broke: counted, never leaked)
     max_resident_pages: int = 0
+    growth_counts: int = 0         # counts started by unexplained RSS growth (runwatch), not the tick
 
 
 class RunProcess:
@@ -150,6 +152,12 @@ class RunProcess:
         self.detach = False                        # the daemon is stopping: read everything back, unregister
         self.agent_gone = False                    # a DROP went unanswered: stop serving (see drop)
         self.done = trio.Event()
+        try:
+            self.watch = RssWatch(pid)             # growth behind our back: rescan before the tick
+        except OSError:
+            os.close(self.mem)
+            os.close(self.pagemap)
+            raise
 
     # -- the budget ---------------------------------------------------------------
 
@@ -185,14 +193,18 @@ class RunProcess:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             while True:
-                with trio.move_on_at(next_tick):
+                with trio.move_on_at(min(next_tick, trio.current_time() + POLL)):
                     await trio.lowlevel.wait_readable(self.uffd.fd)
-                await self.drain()
+                await self.drain(to_line=True)
                 now = trio.current_time()
                 # Over the line, reclaim now rather than at the tick, but count at most every RECOUNT: pages
                 # it cannot take (no store room, shared) must not make every fault a pagemap walk.
                 over = self.resident + self.filled > self.line() and now >= self.counted + RECOUNT
-                if now >= next_tick or over:
+                # Memory filled unregistered (a fresh mmap) shows only in the RSS: count now (runwatch).
+                grew = (not over and now < next_tick and now >= self.counted + RECOUNT
+                        and self.watch.grew(self.filled))
+                self.stats.growth_counts += grew
+                if now >= next_tick or over or grew:
                     next_tick = now + TICK
                     self.counted = now
                     if self.detach:
@@ -202,6 +214,7 @@ class RunProcess:
                         break
                     self.rescan()
                     await self.reclaim()
+                    self.watch.settle(self.filled)
                 if self.agent_gone:
                     break
             nursery.cancel_scope.cancel()
@@ -212,9 +225,12 @@ class RunProcess:
         p.register(self.sock.fileno(), select.POLLIN | select.POLLHUP)
         return bool(p.poll(0))
 
-    async def drain(self) -> None:
+    async def drain(self, to_line: bool = False) -> None:
         """Handle every queued message in order; faults refused with EAGAIN wait until the queue is empty
-        (the event that holds mmap_changing may be queued behind them: retrying in place waits for ourselves)."""
+        (the event that holds mmap_changing may be queued behind them: retrying in place waits for ourselves).
+        ``to_line``: return as soon as the pages faulted in cross the line (nothing deferred), so that the
+        caller counts and reclaims: a program that faults without pause keeps the queue non-empty, and
+        draining it whole let 800-2000 pages (readahead: 8 per fault) in above a 2048-page line."""
         deferred: list[Pagefault] = []
         rounds = 0
         while True:
@@ -228,6 +244,8 @@ class RunProcess:
                 if not await self.handle(ev):
                     deferred.append(ev)
             if events:
+                if to_line and not deferred and self.resident + self.filled > self.line():
+                    return
                 continue
             deferred = [ev for ev in deferred if not await self.handle(ev)]
             if not deferred:
@@ -633,6 +651,7 @@ class RunProcess:
         self.children = []
         for fd in (self.mem, self.pagemap):
             os.close(fd)
+        self.watch.close()
         self.mem = self.pagemap = -1
 
     def status(self) -> dict:
