@@ -133,6 +133,9 @@ static void orphaned(const struct agent_ctx *c)
  * and madvise(MADV_HUGEPAGE), which numpy calls on every array of 4 MiB or more right after malloc made
  * it.  Not seen: glibc malloc's own mmap/mremap/brk (internal calls): the server's rescan finds those.
  * Registering is idempotent for the server (it registers what it finds again) and never blocks on it.
+ * madvise cannot tell what it advises: a MADV_HUGEPAGE'd shmem range is registered too (the server zero-fills
+ * its holes, which is what they read as, and never evicts it: reclaim walks only the rw-p anonymous VMAs it
+ * scanned); a private file mapping is refused by the kernel (EINVAL, ignored).
  * hint_uffd is set once READY came; the agent turns hints off through the first word of its stack
  * mapping (never registered, mlocked) when the server is gone: registered new memory would then SIGBUS.
  */

@@ -193,9 +193,10 @@ class RunProcess:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             while True:
-                with trio.move_on_at(min(next_tick, trio.current_time() + POLL)):
+                with trio.move_on_at(min(next_tick, trio.current_time() + POLL)) as waited:
                     await trio.lowlevel.wait_readable(self.uffd.fd)
-                await self.drain(to_line=True)
+                if not waited.cancelled_caught:     # a timed-out poll has nothing to read (idle cost: runwatch)
+                    await self.drain(to_line=True)
                 now = trio.current_time()
                 # Over the line, reclaim now rather than at the tick, but count at most every RECOUNT: pages
                 # it cannot take (no store room, shared) must not make every fault a pagemap walk.

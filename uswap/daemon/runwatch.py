@@ -12,6 +12,9 @@ Invariant: ``grew`` never misses growth it can see; it may fire late (evictions 
 lower the RSS and mask growth of the same size until the next count, which the tick bounds) or needlessly
 (the kernel's RSS counters are per-CPU batched, off by up to GROWTH pages): neither breaks anything, a
 rescan is only a rescan.
+
+Cost (measured, a sleeping program): the poll adds ~0.8 s of daemon CPU per 10 s to the 1.0 s the 10 ms
+tick's rescan and count already take (2 ms poll: ~0.7 s); a timed-out poll reads no uffd queue.
 """
 
 from __future__ import annotations
