@@ -177,6 +177,58 @@ static void orphaned(struct agent_ctx *c)
 	}
 }
 
+/*
+ * Registration hints: memory the program maps is registered on its uffd here, before the program can
+ * touch it, instead of at the server's next rescan of /proc/PID/maps (memory filled meanwhile raises no
+ * fault: budget slack).  Seen: anonymous private writable mmap() calls through the PLT (Python's arenas)
+ * and madvise(MADV_HUGEPAGE), which numpy calls on every array of 4 MiB or more right after malloc made
+ * it.  Not seen: glibc malloc's own mmap/mremap/brk (internal calls): the server's rescan finds those.
+ * Registering is idempotent for the server (it registers what it finds again) and never blocks on it.
+ * madvise cannot tell what it advises: a MADV_HUGEPAGE'd shmem range is registered too (the server zero-fills
+ * its holes, which is what they read as, and never evicts it: reclaim walks only the rw-p anonymous VMAs it
+ * scanned); a private file mapping is refused by the kernel (EINVAL, ignored).
+ * hint_uffd is set once READY came (a forked child: its own uffd, after its READY); hints stop when the
+ * agent says the server is gone (agent_ctx.server_gone): registered new memory would then SIGBUS.
+ */
+static int hint_uffd = -1;
+
+static void hint(uint64_t addr, uint64_t len)
+{
+	uint64_t ps = 4096, a = (addr + ps - 1) & ~(ps - 1), b = (addr + len) & ~(ps - 1);
+	if (hint_uffd < 0 || !agent_of_process || agent_of_process->server_gone != SERVED || b <= a)
+		return;
+	struct uffdio_register reg = { .range = { a, b - a },
+				       .mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP };
+	raw6(SYS_ioctl, hint_uffd, (long)UFFDIO_REGISTER, (long)&reg, 0, 0, 0);   /* best effort */
+}
+
+void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	long r = raw6(SYS_mmap, (long)addr, (long)len, prot, flags, fd, off);
+	if (r < 0 && r > -4096) {
+		errno = (int)-r;
+		return MAP_FAILED;
+	}
+	if (prot == (PROT_READ | PROT_WRITE) && (flags & (MAP_PRIVATE | MAP_ANONYMOUS)) == (MAP_PRIVATE | MAP_ANONYMOUS) &&
+	    !(flags & (MAP_SHARED | MAP_STACK | MAP_GROWSDOWN | MAP_HUGETLB)))
+		hint((uint64_t)r, len);
+	return (void *)r;
+}
+
+void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off) __attribute__((alias("mmap")));
+
+int madvise(void *addr, size_t len, int advice)
+{
+	long r = raw6(SYS_madvise, (long)addr, (long)len, advice, 0, 0, 0);
+	if (r < 0) {
+		errno = (int)-r;
+		return -1;
+	}
+	if (advice == MADV_HUGEPAGE)
+		hint((uint64_t)addr, len);
+	return 0;
+}
+
 /* HELLO (with this process's uffd; a child's comes back with READY) and READY, in the agent: once READY is
  * sent the server may evict and ask for a DROP, and it serves no fault of this process until the DROP is
  * answered, so the agent must exist before READY (a program thread creating it after READY could fault on
@@ -378,6 +430,7 @@ static int start(const char *path, int child, const char **why)
 	if (status < 0 && child && !c->refused)
 		return -ECONNABORTED;
 	if (status == 0) {
+		hint_uffd = c->uffd;
 		agent_of_process = c;
 		process_fds[0] = sock, process_fds[1] = c->uffd, process_fds[2] = suffd;
 	}
@@ -397,6 +450,7 @@ static void after_fork_in_child(void)
 {
 	if (state_at_fork < 0)
 		return;
+	hint_uffd = -1;                          /* the parent's uffd: closed below */
 	munmap(agent_of_process, AGENT_STACK);   /* the parent agent's stack: no thread here uses it */
 	agent_of_process = NULL;
 	for (int i = 0; i < 3; i++)
