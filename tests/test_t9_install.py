@@ -93,12 +93,13 @@ def test_wheel_holds_every_module_and_data_file(dist):
     modules = source_modules()
     assert "uswap/nfs/url.py" in modules and len(modules) > 40   # the comparison below is not vacuous
     assert modules - names == set()
-    for data in ("uswap/include/uswap.h", "uswap/lib/libuswap.so", "uswap/data/60-uswap.rules", "uswap/py.typed",
+    for data in ("uswap/include/uswap.h", "uswap/lib/libuswap.so", "uswap/lib/libuswaprun.so",
+                 "uswap/data/60-uswap.rules", "uswap/py.typed",
                  "uswap/bench/workloads/workload.c", "uswap/bench/workloads/hog.c",
                  "uswap/data/systemd/uswap.service.in", "uswap/data/systemd/uswap-fuse.service.in",
                  "uswap/data/systemd/uswap-swap.service.in"):
         assert data in names, data
-    assert {n.split("/")[-1].split(".")[0] for n in names if n.endswith(".so")} == {"_core", "_nfs", "libuswap"}
+    assert {n.split("/")[-1].split(".")[0] for n in names if n.endswith(".so")} == {"_core", "_nfs", "libuswap", "libuswaprun"}
 
 
 def test_sdist_holds_what_the_build_needs(dist):
