@@ -172,8 +172,8 @@ if __name__ == "__main__":
 def test_multiprocessing_with_fork(serve, tmp_path):
     script = tmp_path / "mp.py"
     script.write_text(MULTIPROCESSING)
-    plain = subprocess.run([PYTHON, str(script), "300000"], capture_output=True, text=True, check=True)
-    r, c = serve(tmp_path, 2048, PYTHON, str(script), "300000")
+    plain = subprocess.run([PYTHON, str(script), "200000"], capture_output=True, text=True, check=True)
+    r, c = serve(tmp_path, 2048, PYTHON, str(script), "200000")
     assert r.returncode == 0, r.stderr
     assert r.stdout == plain.stdout
     assert c["fork"] >= 2 and c["pswpout"] > 0

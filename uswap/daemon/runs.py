@@ -32,6 +32,7 @@ dropped by the agent).  An address in neither is resident or never touched.  Inv
 from __future__ import annotations
 
 import array
+import bisect
 import contextlib
 import errno
 import logging
@@ -69,6 +70,7 @@ FEATURES = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP | lib.UFFD_FEATURE_EVENT_FORK | l
             | lib.UFFD_FEATURE_POISON | lib.UFFD_FEATURE_MOVE)
 # /proc/PID/pagemap, top byte of an entry: bit 7 present, bit 0 exclusively mapped (bit 56)
 _PRESENT = bytes(range(0x80))                                   # translate(None, _PRESENT): present bytes
+_NOT_EXCLUSIVE = bytes(b for b in range(256) if b & 0x81 != 0x81)  # translate(None, ...): present and exclusive
 _EVICTABLE = bytes(1 if b & 0x81 == 0x81 else 0 for b in range(256))
 _MAPS = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+)[ \t]*(.*)$", re.M)
 
@@ -238,6 +240,12 @@ class RunProcess:
         self.ranges: list[tuple[int, int]] = []    # registered, as /proc/PID/maps showed them at the last rescan
         self.swapped: dict[int, int] = {}
         self.inflight: dict[int, int] = {}
+        # Pages the agent's MOVE refused with EBUSY: not exclusively this process's (copy-on-write after a
+        # fork; still so after the other side wrote its own copy, until this process writes the page).
+        # Reclaim skips them, as the kernel skips pages it cannot unmap; a WP fault (the write that makes the
+        # page exclusive again) or an event on the range takes them out.  Without this, every reclaim pass
+        # wrote them to slots and freed the slots again (a 2-worker multiprocessing pool livelocked).
+        self.shared: set[int] = set()
         self.nursery = None
         tree.members.append(self)                  # before any reference it takes (slots_held)
         self.resident = 0                          # registered present pages at the last pagemap count
@@ -396,6 +404,7 @@ class RunProcess:
         if self.pid is None:
             self.learn_pid(ev.thread_id)
         if ev.is_wp:
+            self.shared.discard(a)
             slot = self.inflight.pop(a, None)
             if slot is not None:           # invariant 3: a written page is never dropped
                 self.tree.unref(slot)
@@ -472,6 +481,7 @@ class RunProcess:
 
     def invalidate(self, start: int, end: int) -> None:
         """REMOVE/UNMAP: the contents of [start, end) are gone, and so are their slots."""
+        self.shared -= {a for a in self.shared if start <= a < end}
         for table in (self.swapped, self.inflight):
             if (end - start) // PS > len(table):
                 hit = [a for a in table if start <= a < end]
@@ -482,6 +492,7 @@ class RunProcess:
 
     def remap(self, old: int, new: int, length: int) -> None:
         """REMAP: swapped pages move with their range; a pending eviction of a moved page is cancelled."""
+        self.shared -= {a for a in self.shared if old <= a < old + length}   # tried again once, where they are
         moved = {a: s for a, s in self.swapped.items() if old <= a < old + length}
         for a in [a for a in self.inflight if old <= a < old + length]:
             self._forget(self.inflight, a)
@@ -566,7 +577,13 @@ class RunProcess:
                 tops.append(self._tops(a, b))
             except OSError:
                 tops.append(b"")
-        self.resident = sum(len(t.translate(None, _PRESENT)) for t in tops)
+        # A page a fork shares is charged once, to the process the run started with (or the oldest one
+        # still sharing it: a child counts only the pages it has alone).  Counting it in every process
+        # (summed RSS) put a 2-worker pool permanently over its line with pages nobody can evict (a fork
+        # shares them), and reclaim thrashed the rest.  Pages only siblings still share are charged to
+        # none (a limit, RUN-DESIGN).
+        own = _PRESENT if self.parent is None else _NOT_EXCLUSIVE
+        self.resident = sum(len(t.translate(None, own)) for t in tops)
         self.filled = 0
         self.stats.max_resident_pages = max(self.stats.max_resident_pages, self.resident)
         want = self.over_line()
@@ -581,13 +598,21 @@ class RunProcess:
             want = room
             if want <= 0:
                 return
+        evictable = [t.translate(_EVICTABLE) for t in tops]
+        if self.shared:                    # cut out the pages MOVE refused (see self.shared)
+            evictable = [bytearray(t) for t in evictable]
+            starts = [a0 for a0, _ in self.ranges]
+            for a in self.shared:
+                k = bisect.bisect_right(starts, a) - 1
+                if k >= 0 and a < self.ranges[k][1] and (a - starts[k]) // PS < len(evictable[k]):
+                    evictable[k][(a - starts[k]) // PS] = 0
         order = sorted(range(len(self.ranges)), key=lambda k: (self.ranges[k][1] <= self.cursor, self.ranges[k][0]))
         batch: list[tuple[int, int]] = []
         for k in order:
             a0, b0 = self.ranges[k]
             start = max(a0, self.cursor) if a0 < self.cursor < b0 else a0
-            t = tops[k][(start - a0) // PS:]
-            for m in re.finditer(b"\x01+", t.translate(_EVICTABLE)):
+            t = evictable[k][(start - a0) // PS:]
+            for m in re.finditer(b"\x01+", t):
                 first = start + m.start() * PS
                 count = min(m.end() - m.start(), want)
                 for off in range(0, count, RUN_PAGES):
@@ -714,6 +739,8 @@ class RunProcess:
                 a = reply.addr[k] + moved * PS     # the page MOVE refused stays resident
                 if a in self.inflight:
                     self._forget(self.inflight, a)
+                if err == errno.EBUSY:
+                    self.shared.add(a)
                 refused = True
             if not again and not refused:
                 return
@@ -775,7 +802,7 @@ class RunProcess:
     def status(self) -> dict:
         return {"id": self.id, "run": self.tree.id, "pid": self.pid, "parent": self.parent, "uid": self.uid,
                 "budget_pages": self.tree.budget_pages, "line_pages": self.tree.line(),
-                "agent": self.sock is not None, "resident_pages": self.resident,
+                "agent": self.sock is not None, "resident_pages": self.resident, "cow_shared_pages": len(self.shared),
                 "swapped_pages": len(self.swapped), "registered_ranges": len(self.ranges), **asdict(self.stats)}
 
 
