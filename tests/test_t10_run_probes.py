@@ -181,13 +181,13 @@ def test_multiprocessing_with_fork(serve, tmp_path):
 
 SHORT_CHILDREN = """
 import os, sys
-xs = bytearray(os.urandom(1 << 20)) * 2            # 2 MiB, swapped under 1 MiB
-want = bytes(xs[::4096])
+xs = bytearray(os.urandom(1 << 20)) * 24           # 24 MiB, swapped under 16 MiB
+want = bytes(xs[::65536])
 for i in range(20):
     pid = os.fork()
     if pid == 0:
         ys = bytearray(256 << 10)                  # memory of its own, then exit
-        os._exit(0 if bytes(xs[::4096]) == want else 3)   # a word of every page
+        os._exit(0 if bytes(xs[::65536]) == want else 3)  # a byte of every 16th page
     _, status = os.waitpid(pid, 0)
     assert status == 0, (i, status)
 os.execv(sys.executable, [sys.executable, "-c", "print('exec ok')"])
@@ -199,7 +199,7 @@ def test_exec_and_many_short_children_leave_nothing(serve, tmp_path):
     fd left in the daemon (serve_daemon asserts those)."""
     script = tmp_path / "short.py"
     script.write_text(SHORT_CHILDREN)
-    r, c = serve(tmp_path, 256, "/bin/sh", "-c", f"{PYTHON} {script}; exec {PYTHON} {script}")
+    r, c = serve(tmp_path, 4096, "/bin/sh", "-c", f"{PYTHON} {script}; exec {PYTHON} {script}")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "exec ok\nexec ok\n"
     assert c["fork"] >= 40 and c["pswpout"] > 0         # 2 x 20 children (sh runs the first with vfork)
