@@ -173,7 +173,7 @@ def test_multiprocessing_with_fork(serve, tmp_path):
     script = tmp_path / "mp.py"
     script.write_text(MULTIPROCESSING)
     plain = subprocess.run([PYTHON, str(script), "200000"], capture_output=True, text=True, check=True)
-    r, c = serve(tmp_path, 2048, PYTHON, str(script), "200000")
+    r, c = serve(tmp_path, 4096, PYTHON, str(script), "200000")
     assert r.returncode == 0, r.stderr
     assert r.stdout == plain.stdout
     assert c["fork"] >= 2 and c["pswpout"] > 0
@@ -229,19 +229,24 @@ def start_orphan(daemon, tmp_path, script_text: str) -> tuple[subprocess.Popen, 
     return p, pid
 
 
+def kill_daemon_then_wait(daemon, p: subprocess.Popen) -> tuple[str, str]:
+    """SIGKILL the daemon; the program's output once it ended (a failure if it hangs)."""
+    daemon.proc.kill()
+    daemon.proc.wait()
+    try:
+        return p.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("the program hung after the daemon died")
+
+
 def test_daemon_killed_swapped_pages_give_sigbus_and_nothing_hangs(uswapd, tmp_path):
     need_root()
     daemon = uswapd("run", resident="64M", store_size="256M")
     p, _ = start_orphan(daemon, tmp_path, ORPHAN)
     assert daemon.status()["daemon"]["pswpout"] > 0        # some of the list is in the store now
-    daemon.proc.kill()
-    daemon.proc.wait()
-    try:
-        out, err = p.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        pytest.fail("the program hung after the daemon died")
+    out, err = kill_daemon_then_wait(daemon, p)
     assert p.returncode == -signal.SIGBUS, (p.returncode, out, err)   # never zeros, no hang
     assert "sum" not in out
 
@@ -268,14 +273,7 @@ def test_daemon_killed_forks_neither_hang_nor_read_zeros(uswapd, tmp_path):
         assert time.monotonic() < deadline, daemon.status()["runs"]
         time.sleep(0.01)
     assert daemon.status()["daemon"]["pswpout"] > 0
-    daemon.proc.kill()
-    daemon.proc.wait()
-    try:
-        out, err = p.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        pytest.fail("the program hung after the daemon died")
+    out, err = kill_daemon_then_wait(daemon, p)
     # The parent may die of SIGBUS before it prints (libc's own swapped pages), or print what it saw.
     # A poisoned page read by the interposed fork() itself (the library's .bss, swapped) ends it with SIGSEGV
     # (SI_KERNEL) rather than SIGBUS on this kernel: a signal either way, never zeros.
