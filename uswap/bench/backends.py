@@ -240,6 +240,7 @@ class UswapDaemon(DaemonProcess):
 
 
 RUN_RELEASED = re.compile(r"run \d+ released \(pid \d+\): (.*)")
+RUN_ENDED = re.compile(r"run \d+ ended: max_resident_pages=(\d+)")   # once per run, when its last process goes
 
 
 class UswapRun(UswapDaemon):
@@ -259,8 +260,10 @@ class UswapRun(UswapDaemon):
         return result
 
     def _released(self, log_from: int, wait: float = 10.0) -> dict:
-        """The run's own counters, summed over its processes (one per image), from the daemon's log once it
-        released them: the program has exited, the daemon notices within a tick (10 ms)."""
+        """The run's own counters, summed over its processes (one per image: exec gives a new one, each fork
+        child is one), from the daemon's log once it released them: the program has exited, the daemon notices
+        within a tick (10 ms).  The largest resident count is the whole tree's (the run's budget is the
+        tree's), from the line the daemon writes when the run ends; a process's own peak is not summed."""
         deadline = time.monotonic() + wait
         while self.status()["runs"] and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -272,7 +275,11 @@ class UswapRun(UswapDaemon):
             for k, v in re.findall(r"(\w+)=(\d+)", m[1]):
                 if k in keys:
                     n = int(v)
-                    totals[k] = max(totals.get(k, 0), n) if k == "max_resident_pages" else totals.get(k, 0) + n
+                    if k != "max_resident_pages":
+                        totals[k] = totals.get(k, 0) + n
+        ended = RUN_ENDED.findall(self.log()[log_from:])
+        if ended:
+            totals["max_resident_pages"] = max(int(n) for n in ended)
         return {"run_processes": processes, "run_readahead_pages": totals.get("readahead_pages"),
-                "run_zero_fills": totals.get("zero_fills"), "run_wp_faults": totals.get("wp_faults"),
+                "run_zero_fills": totals.get("zero_fills"), "run_wp_faults": totals.get("wp_faults"), "run_forks": totals.get("fork"),
                 "run_max_resident_pages": totals.get("max_resident_pages"), "run_eagain": totals.get("eagain")}

@@ -181,6 +181,7 @@ class Run:
         self.daemon = daemon
         self.members: list[RunProcess] = []
         self.refs: dict[int, int] = {}
+        self.max_resident_pages = 0   # the tree's largest count (``resident`` after any member's pagemap count)
 
     def ref(self, slot: int) -> None:
         self.refs[slot] = self.refs.get(slot, 0) + 1
@@ -586,6 +587,7 @@ class RunProcess:
         self.resident = sum(len(t.translate(None, own)) for t in tops)
         self.filled = 0
         self.stats.max_resident_pages = max(self.stats.max_resident_pages, self.resident)
+        self.tree.max_resident_pages = max(self.tree.max_resident_pages, self.tree.resident)
         want = self.over_line()
         if want <= 0 or self.sock is None:  # no agent (a raw fork's child): counted, served, never evicted
             return

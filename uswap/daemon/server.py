@@ -368,6 +368,8 @@ class Daemon:
             run.done.set()
             log.info("run %d released (pid %s): %s", run.id, run.pid,
                      " ".join(f"{k}={v}" for k, v in asdict(run.stats).items()))
+            if not run.tree.members:   # the whole tree is gone: its peak (a process's own is in its line above)
+                log.info("run %d ended: max_resident_pages=%d", run.tree.id, run.tree.max_resident_pages)
 
     async def _converse(self, client: "Client", nursery: trio.Nursery) -> None:
         """Answer requests until the peer hangs up, unmaps, or sends what cannot be a request."""
