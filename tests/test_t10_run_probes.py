@@ -415,7 +415,8 @@ def test_static_setuid_and_scripts_are_judged(tmp_path):
 
 
 def test_swapped_memory_behaves_like_memory(serve, tmp_path):
-    """tests/c/run_workload.c (issue 12, tests 3-5): read(2)/write(2) on swapped pages, MADV_DONTNEED, realloc
+    """tests/c/run_workload.c (issue 12, tests 3-5): read(2)/write(2)/O_DIRECT pread on swapped pages, another
+    process's process_vm_readv, MADV_DONTNEED and MADV_FREE, realloc
     moving with mremap, MAP_FIXED over swapped pages, 8 threads with a 1 ms signal reading swapped memory."""
     work = tmp_path / "run_workload"
     run("cc", "-O2", "-Wall", "-Werror", "-pthread", os.path.join(HERE, "c", "run_workload.c"), "-o", str(work))
@@ -423,7 +424,8 @@ def test_swapped_memory_behaves_like_memory(serve, tmp_path):
     print(r.stdout, r.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
     steps = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("ok ")]
-    assert steps == ["fill", "write2", "read2", "dontneed", "mremap", "fixed", "threads"], r.stdout
+    assert steps == ["fill", "write2", "read2", "odirect", "vmreadv", "dontneed", "free", "mremap", "fixed",
+                     "threads"], r.stdout
     assert c["pswpout"] > 0 and c["pswpin"] > 0 and c["remove"] > 0 and c["remap"] > 0
 
 

@@ -8,7 +8,11 @@
  *   fill       MIB of anonymous memory, one pattern word per 512 bytes (swapped out while we sleep)
  *   write2     write(2) of the whole region to a file, read back with pread into a fresh buffer: equal
  *   read2      read(2) from that file into the region (kernel writes into swapped pages): equal
+ *   odirect    O_DIRECT pread of a file into swapped pages (the kernel pins them for the DMA): equal
+ *   vmreadv    a forked child reads the parent's swapped pages with process_vm_readv (faults served on the
+ *              parent's behalf, no EFAULT): equal
  *   dontneed   MADV_DONTNEED of 1 MiB of swapped memory reads zeros; later writes stay
+ *   free       MADV_FREE of 1 MiB of swapped memory reads each word as before or zero; later writes stay
  *   mremap     a 4 MiB malloc'd block grown with realloc (mremap moves it): contents kept
  *   fixed      mmap MAP_FIXED over 1 MiB of swapped memory reads zeros
  *   threads    THREADS threads doing random verified reads and writes for SECONDS, with a 1 ms SIGALRM
@@ -25,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -134,7 +140,38 @@ int main(int argc, char **argv)
 	usleep(300000);
 	bad += check_region(mem, 0, words, 0);
 	report("read2", bad, "wrong after read(2) into swapped pages");
+
+	/* O_DIRECT pread into swapped pages (a file in /var/tmp: tmpfs takes no O_DIRECT) */
+	int dfd;
+	char dpath[] = "/var/tmp/run_workload.XXXXXX";
+	dfd = mkstemp(dpath);
+	bad = dfd < 0 || write(dfd, mem, bytes) != (ssize_t)bytes || fsync(dfd) != 0;
+	if (dfd >= 0) {
+		close(dfd);
+		dfd = open(dpath, O_RDONLY | O_DIRECT);
+		unlink(dpath);
+	}
+	memset(mem, 0, bytes);
+	usleep(300000);
+	bad += dfd < 0 || pread(dfd, mem, bytes, 0) != (ssize_t)bytes;
+	bad += check_region(mem, 0, words, 0);
+	if (dfd >= 0)
+		close(dfd);
+	report("odirect", bad, "wrong after an O_DIRECT pread into swapped pages");
 	close(fd);
+
+	/* another process reads our swapped pages */
+	usleep(300000);
+	pid_t reader = fork();
+	if (reader == 0) {
+		uint64_t *mine = malloc(bytes);
+		struct iovec local = { mine, bytes }, remote = { mem, bytes };
+		long got = process_vm_readv(getppid(), &local, 1, &remote, 1, 0);
+		_exit(got != (long)bytes ? 2 : check_region(mine, 0, words, 0) != 0);
+	}
+	int status = 0;
+	bad = reader < 0 || waitpid(reader, &status, 0) != reader || !WIFEXITED(status) || WEXITSTATUS(status);
+	report("vmreadv", bad, "process_vm_readv of swapped pages failed or read wrong words");
 
 	/* MADV_DONTNEED of swapped memory: zeros, and later writes stay */
 	size_t mib = (1 << 20) / 8, at = words / 2;
@@ -146,6 +183,19 @@ int main(int argc, char **argv)
 	bad += check_region(mem, at, at + mib, 0);
 	bad += check_region(mem, 0, words, 0);
 	report("dontneed", bad, "wrong around MADV_DONTNEED");
+
+	/* MADV_FREE of swapped memory: old data or zeros, and later writes stay */
+	size_t fr = words / 8;
+	usleep(300000);
+	madvise(mem + fr, 1 << 20, MADV_FREE);
+	bad = 0;
+	for (size_t i = fr; i < fr + mib; i += STRIDE)
+		bad += mem[i] != 0 && mem[i] != pat(i, 0);
+	for (size_t i = fr; i < fr + mib; i += STRIDE)
+		mem[i] = pat(i, 0);
+	usleep(300000);
+	bad += check_region(mem, 0, words, 0);
+	report("free", bad, "wrong around MADV_FREE");
 
 	/* realloc that moves (mremap) keeps the contents */
 	size_t bw = (4 << 20) / 8;

@@ -247,6 +247,8 @@ class RunProcess:
         # page exclusive again) or an event on the range takes them out.  Without this, every reclaim pass
         # wrote them to slots and freed the slots again (a 2-worker multiprocessing pool livelocked).
         self.shared: set[int] = set()
+        self.evicted = 0                           # pages the agent moved out in the last reclaim pass
+        self.stuck_until = 0.0                     # a pass evicted nothing: no more passes before this
         self.nursery = None
         tree.members.append(self)                  # before any reference it takes (slots_held)
         self.resident = 0                          # registered present pages at the last pagemap count
@@ -313,12 +315,16 @@ class RunProcess:
             while True:
                 with trio.move_on_at(min(next_tick, trio.current_time() + POLL)) as waited:
                     await trio.lowlevel.wait_readable(self.uffd.fd)
+                stuck = trio.current_time() < self.stuck_until
                 if not waited.cancelled_caught:     # a timed-out poll has nothing to read (idle cost: runwatch)
-                    await self.drain(to_line=True)
+                    await self.drain(to_line=not stuck)
                 now = trio.current_time()
                 # Over the line, reclaim now rather than at the tick, but count at most every RECOUNT: pages
-                # it cannot take (no store room, shared) must not make every fault a pagemap walk.
-                over = self.tree.resident > self.tree.line() and now >= self.counted + RECOUNT
+                # it cannot take (no store room, shared) must not make every fault a pagemap walk.  A pass
+                # that evicted nothing (every page pinned, shared or refused) waits for the tick: otherwise
+                # each fault paid a whole pass (3 ms a fault while a child's process_vm_readv pinned pages).
+                over = (self.tree.resident > self.tree.line() and now >= self.counted + RECOUNT
+                        and now >= self.stuck_until)
                 # Memory filled unregistered (a fresh mmap) shows only in the RSS: count now (runwatch).
                 grew = (not over and now < next_tick and now >= self.counted + RECOUNT
                         and self.watch is not None and self.watch.grew(self.filled))
@@ -334,8 +340,11 @@ class RunProcess:
                     if self.sock is not None:      # its HELLO said what is the agent's (a child's: later)
                         self.rescan()
                     if self.pid is not None:
+                        self.evicted = 0
                         await self.reclaim()
                         self.watch.settle(self.filled)
+                        if not self.evicted and self.tree.resident > self.tree.line():
+                            self.stuck_until = now + TICK
                 if self.agent_gone:
                     break
             nursery.cancel_scope.cancel()
@@ -725,6 +734,7 @@ class RunProcess:
                         self._forget(self.swapped, a)
                     self.swapped[a] = self.inflight.pop(a)
                 self.stats.pswpout += moved
+                self.evicted += moved
                 self.daemon.stats.pswpout += moved
                 err = reply.err[k]
                 if not err:
