@@ -9,8 +9,8 @@
  *   write2     write(2) of the whole region to a file, read back with pread into a fresh buffer: equal
  *   read2      read(2) from that file into the region (kernel writes into swapped pages): equal
  *   odirect    O_DIRECT pread of a file into swapped pages (the kernel pins them for the DMA): equal
- *   vmreadv    a forked child reads the parent's swapped pages with process_vm_readv (faults served on the
- *              parent's behalf, no EFAULT): equal
+ *   vmreadv    a forked child reads 4 MiB of the parent's swapped pages with process_vm_readv (faults served
+ *              on the parent's behalf, no EFAULT): equal
  *   dontneed   MADV_DONTNEED of 1 MiB of swapped memory reads zeros; later writes stay
  *   free       MADV_FREE of 1 MiB of swapped memory reads each word as before or zero; later writes stay
  *   mremap     a 4 MiB malloc'd block grown with realloc (mremap moves it): contents kept
@@ -163,11 +163,12 @@ int main(int argc, char **argv)
 	/* another process reads our swapped pages */
 	usleep(300000);
 	pid_t reader = fork();
-	if (reader == 0) {
-		uint64_t *mine = malloc(bytes);
-		struct iovec local = { mine, bytes }, remote = { mem, bytes };
+	if (reader == 0) {            /* 4 MiB: the fork shares every resident page (unevictable until written) */
+		size_t n = bytes < (4u << 20) ? bytes : (4u << 20);
+		uint64_t *mine = malloc(n);
+		struct iovec local = { mine, n }, remote = { mem, n };
 		long got = process_vm_readv(getppid(), &local, 1, &remote, 1, 0);
-		_exit(got != (long)bytes ? 2 : check_region(mine, 0, words, 0) != 0);
+		_exit(got != (long)n ? 2 : check_region(mine, 0, n / 8, 0) != 0);
 	}
 	int status = 0;
 	bad = reader < 0 || waitpid(reader, &status, 0) != reader || !WIFEXITED(status) || WEXITSTATUS(status);

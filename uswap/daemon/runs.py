@@ -593,9 +593,13 @@ class RunProcess:
         # shares them), and reclaim thrashed the rest.  Pages only siblings still share are charged to
         # none (a limit, RUN-DESIGN).
         own = _PRESENT if self.parent is None else _NOT_EXCLUSIVE
-        self.resident = sum(len(t.translate(None, own)) for t in tops)
+        present = sum(len(t.translate(None, own)) for t in tops)
+        # Pages MOVE refused (self.shared) stay until written, like mlocked pages: they are shown
+        # (cow_shared_pages) but not held against the line, or the rest of the run thrashes under them
+        # (a parent that read its pages after a child exited kept 4,868 such pages over a 4,096-page line).
+        self.resident = max(0, present - len(self.shared))
         self.filled = 0
-        self.stats.max_resident_pages = max(self.stats.max_resident_pages, self.resident)
+        self.stats.max_resident_pages = max(self.stats.max_resident_pages, present)
         self.tree.max_resident_pages = max(self.tree.max_resident_pages, self.tree.resident)
         want = self.over_line()
         if want <= 0 or self.sock is None:  # no agent (a raw fork's child): counted, served, never evicted
