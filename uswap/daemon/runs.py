@@ -215,11 +215,6 @@ class Run:
     def member(self, pid: int) -> "RunProcess | None":
         return next((p for p in self.members if p.pid == pid), None)
 
-    def status(self) -> dict:
-        return {"id": self.id, "uid": self.uid, "budget_pages": self.budget_pages, "line_pages": self.line(),
-                "resident_pages": self.resident, "slots": self.slots_held, "shared_slots": len(self.refs),
-                "processes": [p.status() for p in self.members]}
-
 
 class RunProcess:
     """One process image of a run: on its own connection (exec gives a new one: a process is never keyed by
@@ -251,7 +246,6 @@ class RunProcess:
         self.idle = False                          # the last tick found nothing to do: poll less often
         self.evicted = 0                           # pages the agent moved out in the last reclaim pass
         self.stuck_until = 0.0                     # a pass evicted nothing: no more passes before this
-        self.nursery = None
         tree.members.append(self)                  # before any reference it takes (slots_held)
         self.resident = 0                          # registered present pages at the last pagemap count
         self.filled = 0                            # pages faulted in since
@@ -312,55 +306,52 @@ class RunProcess:
     async def serve(self) -> None:
         """Faults and events until the process is gone (its connection closes: exit or exec)."""
         next_tick = trio.current_time()
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            while True:
-                poll = POLL * (IDLE_POLLS if self.idle else 1)
-                with trio.move_on_at(min(next_tick, trio.current_time() + poll)) as waited:
-                    await trio.lowlevel.wait_readable(self.uffd.fd)
-                stuck = trio.current_time() < self.stuck_until
-                if not waited.cancelled_caught:     # a timed-out poll has nothing to read (idle cost: runwatch)
-                    self.idle = False
-                    await self.drain(to_line=not stuck)
-                now = trio.current_time()
-                # Over the line, reclaim now rather than at the tick, but count at most every RECOUNT: pages
-                # it cannot take (no store room, shared) must not make every fault a pagemap walk.  A pass
-                # that evicted nothing (every page pinned, shared or refused) waits for the tick: otherwise
-                # each fault paid a whole pass (3 ms a fault while a child's process_vm_readv pinned pages).
-                over = (self.tree.resident > self.tree.line() and now >= self.counted + RECOUNT
-                        and now >= self.stuck_until)
-                # Memory filled unregistered (a fresh mmap) shows only in the RSS: count now (runwatch).
-                grew = (not over and now < next_tick and now >= self.counted + RECOUNT
-                        and self.watch is not None and self.watch.grew(self.filled))
-                self.stats.growth_counts += grew
-                if now >= next_tick or over or grew:
-                    next_tick = now + TICK
-                    self.counted = now
-                    if self.detach:
-                        await self.swapoff()
-                        break
-                    if self.gone():
-                        break
-                    # Nothing faulted, nothing grew, nothing over the line since the last count: the rescan
-                    # and the count would find what they found.  Skip them and poll less often until
-                    # something happens (a sleeping program cost the daemon 19% of a CPU in them and in
-                    # 1 ms polls).
-                    self.idle = (not over and self.filled == 0 and self.watch is not None
-                                 and self.watch.anon() == self.watch.anon_at
-                                 and self.tree.resident <= self.tree.line())
-                    if self.idle:
-                        continue
-                    if self.sock is not None:      # its HELLO said what is the agent's (a child's: later)
-                        self.rescan()
-                    if self.pid is not None:
-                        self.evicted = 0
-                        await self.reclaim()
-                        self.watch.settle(self.filled)
-                        if not self.evicted and self.tree.resident > self.tree.line():
-                            self.stuck_until = now + TICK
-                if self.agent_gone:
+        while True:
+            poll = POLL * (IDLE_POLLS if self.idle else 1)
+            with trio.move_on_at(min(next_tick, trio.current_time() + poll)) as waited:
+                await trio.lowlevel.wait_readable(self.uffd.fd)
+            stuck = trio.current_time() < self.stuck_until
+            if not waited.cancelled_caught:     # a timed-out poll has nothing to read (idle cost: runwatch)
+                self.idle = False
+                await self.drain(to_line=not stuck)
+            now = trio.current_time()
+            # Over the line, reclaim now rather than at the tick, but count at most every RECOUNT: pages
+            # it cannot take (no store room, shared) must not make every fault a pagemap walk.  A pass
+            # that evicted nothing (every page pinned, shared or refused) waits for the tick: otherwise
+            # each fault paid a whole pass (3 ms a fault while a child's process_vm_readv pinned pages).
+            over = (self.tree.resident > self.tree.line() and now >= self.counted + RECOUNT
+                    and now >= self.stuck_until)
+            # Memory filled unregistered (a fresh mmap) shows only in the RSS: count now (runwatch).
+            grew = (not over and now < next_tick and now >= self.counted + RECOUNT
+                    and self.watch is not None and self.watch.grew(self.filled))
+            self.stats.growth_counts += grew
+            if now >= next_tick or over or grew:
+                next_tick = now + TICK
+                self.counted = now
+                if self.detach:
+                    await self.swapoff()
                     break
-            nursery.cancel_scope.cancel()
+                if self.gone():
+                    break
+                # Nothing faulted, nothing grew, nothing over the line since the last count: the rescan
+                # and the count would find what they found.  Skip them and poll less often until
+                # something happens (a sleeping program cost the daemon 19% of a CPU in them and in
+                # 1 ms polls).
+                self.idle = (not over and self.filled == 0 and self.watch is not None
+                             and self.watch.anon() == self.watch.anon_at
+                             and self.tree.resident <= self.tree.line())
+                if self.idle:
+                    continue
+                if self.sock is not None:      # its HELLO said what is the agent's (a child's: later)
+                    self.rescan()
+                if self.pid is not None:
+                    self.evicted = 0
+                    await self.reclaim()
+                    self.watch.settle(self.filled)
+                    if not self.evicted and self.tree.resident > self.tree.line():
+                        self.stuck_until = now + TICK
+            if self.agent_gone:
+                break
 
     def gone(self) -> bool:
         """Exit or exec.  The connection is readable only at EOF (the agent speaks only when asked); a child
@@ -811,6 +802,16 @@ class RunProcess:
             except OSError:
                 pass
 
+    def leave(self) -> bool:
+        """Released, and out of its run (the run out of the daemon if this was its last process); whether
+        the run ended."""
+        self.release()
+        self.tree.members.remove(self)
+        if self.tree.members:
+            return False
+        del self.daemon.run_trees[self.tree.id]
+        return True
+
     def release(self) -> None:
         """Drop every slot reference this process holds and close what we opened (no fd outlives it)."""
         for table in (self.swapped, self.inflight):
@@ -933,13 +934,13 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
                              doorbell=hello.doorbell)
         except OSError as e:
             uffd.close()
-            if not tree.members:
+            if not tree.members:              # a new run whose first process could not be opened
                 del daemon.run_trees[tree.id]
             raise ProtocolError(f"pid {client.pid}: /proc/PID/mem or pagemap: {e.strerror}", e.errno) from None
         if not peer_alive(sock):
             # /proc/PID/* name a pid, not a process: opened after the peer died, they may be another
             # process's (pid reuse).  Alive now means alive since connect, so they are the peer's.
-            discard(run)
+            run.leave()
             raise ProtocolError(f"pid {client.pid} exited during the handshake", errno.ESRCH)
     except ProtocolError as e:
         for fd in fds:
@@ -953,14 +954,8 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
         run.rescan()
         await sock.send(message(lib.USWAP_RUN_READY, status=0))
     except BaseException:          # gone, or the handshake's deadline: nothing opened here outlives it
-        discard(run)
+        run.leave()
         raise
     return run, True
 
 
-def discard(run: RunProcess) -> None:
-    """A process accepted but never served: released, and out of its run (the run too, if it was alone)."""
-    run.release()
-    run.tree.members.remove(run)
-    if not run.tree.members:
-        del run.daemon.run_trees[run.tree.id]

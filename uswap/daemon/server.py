@@ -361,14 +361,11 @@ class Daemon:
             await run.serve()
         finally:
             del self.runs[run.id]
-            run.release()
-            run.tree.members.remove(run)
-            if not run.tree.members:
-                del self.run_trees[run.tree.id]
+            ended = run.leave()
             run.done.set()
             log.info("run %d released (pid %s): %s", run.id, run.pid,
                      " ".join(f"{k}={v}" for k, v in asdict(run.stats).items()))
-            if not run.tree.members:   # the whole tree is gone: its peak (a process's own is in its line above)
+            if ended:   # the whole tree is gone: its peak (a process's own is in its line above)
                 log.info("run %d ended: max_resident_pages=%d", run.tree.id, run.tree.max_resident_pages)
 
     async def _converse(self, client: "Client", nursery: trio.Nursery) -> None:
@@ -489,7 +486,7 @@ class Daemon:
             os.close(memfd)
             raise
         try:
-            region = Region(self._next_id, uffd, memfd, addr, length, pid=client.pid, uid=client.uid,
+            region = Region(self.next_id(), uffd, memfd, addr, length, pid=client.pid, uid=client.uid,
                             memfd_id=memfd_id, conn=client.sock, connection=nursery.cancel_scope, nursery=nursery,
                             daemon=self)
         except BaseException:
@@ -497,7 +494,6 @@ class Daemon:
             uffd.close()
             os.close(memfd)
             raise
-        self._next_id += 1
         self.regions[region.id] = region
         self.mapped_pages += pages
         log.info("region %d: pid %d uid %d, %d pages at %#x", region.id, client.pid, client.uid, pages, addr)
