@@ -142,6 +142,32 @@ int uswap_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
 #define EVENT_BATCH 64
 
 /* Read up to max queued messages; -EAGAIN when none is queued (O_NONBLOCK). */
+void uswap_uffd_decode(const struct uffd_msg *m, struct uswap_uffd_event *e)
+{
+	memset(e, 0, sizeof(*e));
+	e->event = m->event;
+	switch (m->event) {
+	case UFFD_EVENT_PAGEFAULT:
+		e->flags = m->arg.pagefault.flags;
+		e->address = m->arg.pagefault.address;
+		e->ptid = m->arg.pagefault.feat.ptid;
+		break;
+	case UFFD_EVENT_FORK:
+		e->arg2 = m->arg.fork.ufd;
+		break;
+	case UFFD_EVENT_REMAP:
+		e->address = m->arg.remap.from;
+		e->arg2 = m->arg.remap.to;
+		e->arg3 = m->arg.remap.len;
+		break;
+	case UFFD_EVENT_REMOVE:
+	case UFFD_EVENT_UNMAP:
+		e->address = m->arg.remove.start;
+		e->arg2 = m->arg.remove.end;
+		break;
+	}
+}
+
 int uswap_uffd_read_events(int fd, struct uswap_uffd_event *out, int max)
 {
 	struct uffd_msg msgs[EVENT_BATCH];
@@ -156,32 +182,8 @@ int uswap_uffd_read_events(int fd, struct uswap_uffd_event *out, int max)
 	if (n < 0)
 		return NEG_ERRNO();
 	int count = (int)(n / (ssize_t)sizeof(msgs[0]));
-	for (int i = 0; i < count; i++) {
-		const struct uffd_msg *m = &msgs[i];
-		struct uswap_uffd_event *e = &out[i];
-		memset(e, 0, sizeof(*e));
-		e->event = m->event;
-		switch (m->event) {
-		case UFFD_EVENT_PAGEFAULT:
-			e->flags = m->arg.pagefault.flags;
-			e->address = m->arg.pagefault.address;
-			e->ptid = m->arg.pagefault.feat.ptid;
-			break;
-		case UFFD_EVENT_FORK:
-			e->arg2 = m->arg.fork.ufd;
-			break;
-		case UFFD_EVENT_REMAP:
-			e->address = m->arg.remap.from;
-			e->arg2 = m->arg.remap.to;
-			e->arg3 = m->arg.remap.len;
-			break;
-		case UFFD_EVENT_REMOVE:
-		case UFFD_EVENT_UNMAP:
-			e->address = m->arg.remove.start;
-			e->arg2 = m->arg.remove.end;
-			break;
-		}
-	}
+	for (int i = 0; i < count; i++)
+		uswap_uffd_decode(&msgs[i], &out[i]);
 	return count;
 }
 

@@ -145,4 +145,7 @@ int uswap_open_pages(struct uswap_sealer *s, void *buf, size_t count, size_t pag
 
 /* CDEF-END */
 
+/* A uffd message, flattened (read_events; the run engine's forwarded messages). */
+void uswap_uffd_decode(const struct uffd_msg *m, struct uswap_uffd_event *e);
+
 #endif

@@ -1,10 +1,12 @@
 """Runs (`uswap run -- CMD`, issue 12): the daemon swaps an unmodified process through its own uffd.
 
-**First version, separate from the fault engine** (docs/RUN-DESIGN.md, "Status"): one trio task per
-process serves its faults and events in Python, one page per fault, no readahead, and evicts in address
-order (no CLOCK); what it shares with memfd regions is the store, its slot allocator and codec, the
-daemon's counters and the budget.  The engine serving a process's range table is the next step; the
-invariants below are the ones that step must keep.
+Each process has a fault thread (csrc/uswap_runeng.c, uswap.daemon.runengine), the only reader of its
+uffd: swap-ins (with readahead of the swapped pages after the faulting one whose slots follow its slot),
+zero-fills and first writes are served in C from the process's page table (csrc/uswap_pt.c); the rest
+comes here in order through a ring: faults the thread does not serve, and every event, which the thread
+waits on until this task has applied it to the table.  One trio task per process handles those, counts
+and evicts (address order from where the last pass stopped, not a CLOCK).  What runs share with memfd
+regions is the store, its slot allocator and codec, the daemon's counters and the budget.
 
 The wire protocol is csrc/uswap_run.h (read through the cdef).  A connection is a run's process when its
 first packet is CONNECT: the daemon hands over a /dev/userfaultfd fd, the preload (libuswaprun.so) makes
@@ -12,21 +14,22 @@ its uffd from it and sends it back with HELLO, the daemon negotiates the events 
 needed for EVENT_FORK), registers the process's anonymous private writable ranges (rescanned every tick)
 and answers READY before the program's main() runs.
 
-Page state, per process: ``swapped[addr] = slot`` (the page is out of the process; its data is in the
-slot) and ``inflight[addr] = slot`` (written to its slot, still resident and write-protected, not yet
-dropped by the agent).  An address in neither is resident or never touched.  Invariants (RUN-DESIGN):
+Page state, per process, in its table: SWAPPED (out of the process, its data in the slot), CLAIMED
+(chosen by eviction, no slot yet), INFLIGHT (written to its slot, still resident and write-protected,
+not yet dropped by the agent), SHARED (the agent's MOVE refused it).  An address with no entry is
+resident or never touched.  Invariants (RUN-DESIGN; DESIGN.md "Runs"):
 
 1. A page leaves the process only by the agent's move, only after its slot write completed, only while
-   write-protected: ``evict`` protects, reads /proc/PID/mem, writes slots, *then* sends DROP.
+   write-protected: ``evict`` claims, protects, reads /proc/PID/mem, writes slots, *then* sends DROP.
 2. A missing page with a slot is filled from that slot, never with zeros; REMOVE/UNMAP forget the slot
-   first (events and faults are handled in queue order, in this one task), so a later fault zero-fills.
-   A slot that cannot be read back poisons the page (SIGBUS), never zeros.
-3. A WP fault on an INFLIGHT page cancels its eviction (the slot is freed, the page stays): nothing is
-   ever dropped after the program wrote it.  There is no await between taking a DROP reply and
-   publishing SWAPPED, and no fault is served while a DROP is in flight (one task), so "in flight" and
-   "served" never overlap.
+   while the thread waits (it reads them, hands them over and serves nothing until they are applied),
+   so a fault after them zero-fills.  A slot that cannot be read back poisons the page (SIGBUS).
+3. A WP fault on a CLAIMED or INFLIGHT page cancels its eviction (the slot is freed, the page stays):
+   nothing is ever dropped after the program wrote it.  The thread never lifts the protection of such a
+   page (it hands the fault here), and this task handles it only between evictions; there is no await
+   between taking a DROP reply and publishing SWAPPED.
 4. EAGAIN (events pending: mmap_changing) is never retried in place: the fault waits on a deferred list
-   until the queue has been read, the eviction drains the queue before asking again.
+   until the ring has been read, the eviction drains it before asking again.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ import trio
 from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.daemon.mapcheck import check_uffd
+from uswap.daemon.runengine import (CLAIMED, EVENT, FREED, INFLIGHT, SHARED, SWAPPED, BUSY, PageTable, RunEngine,
+                                     entry, slot_of, state_of)
 from uswap.daemon.runwatch import POLL, RssWatch
 from uswap.daemon.slots import NoSlots
 from uswap.protocol import ProtocolError
@@ -61,6 +66,7 @@ MAGIC = lib.USWAP_RUN_MAGIC.to_bytes(4, "little")
 MAX_RUNS = lib.USWAP_RUN_MAX_RUNS
 RUN_PAGES = 32                 # pages per eviction run (one MOVE)
 READAHEAD = 8                  # pages read per swap-in at most: the faulting one and the swapped ones after it
+HARD_SLACK = 256               # pages above the line (and 1/8 of it) the fault threads fill before Python throttles
 TICK = 0.01                    # rescan and budget check
 RECOUNT = 0.002                # between two pagemap counts at least
 IDLE_POLLS = 10                # an idle process wakes every IDLE_POLLS * POLL (= TICK): its RSS, its EOF
@@ -183,6 +189,8 @@ class Run:
         self.members: list[RunProcess] = []
         self.refs: dict[int, int] = {}
         self.max_resident_pages = 0   # the tree's largest count (``resident`` after any member's pagemap count)
+        self.budget = ffi.new("struct uswap_run_budget *")   # read by the members' fault threads
+        self.recount()
 
     def ref(self, slot: int) -> None:
         self.refs[slot] = self.refs.get(slot, 0) + 1
@@ -202,7 +210,17 @@ class Run:
 
     @property
     def resident(self) -> int:
-        return sum(p.resident + p.filled for p in self.members)
+        """The members' resident pages at their last counts, and what they faulted in since."""
+        return self.budget.counted + self.budget.filled
+
+    def recount(self) -> None:
+        """After a member's count (or its exit): the counted total, and the lines the fault threads check:
+        above the line they wake Python to reclaim, above the hard line they hand faults to Python, which
+        serves them between reclaims."""
+        self.budget.counted = sum(p.resident for p in self.members)
+        line = self.line()
+        self.budget.soft = line
+        self.budget.hard = line + line // 8 + HARD_SLACK
 
     def line(self) -> int:
         """Resident pages the run may hold: its own budget, within what the daemon's budget leaves after
@@ -232,23 +250,26 @@ class RunProcess:
         self.daemon = tree.daemon
         self.mem = self.pagemap = -1
         self.watch: RssWatch | None = None         # growth behind our back: rescan before the tick
+        # The pages that are not plainly resident (swapped, chosen by eviction, in flight, shared), and
+        # the thread that serves the process's faults from it (uswap.daemon.runengine).  A fork child
+        # (pid unknown) has its faults forwarded until its first one names it.
+        self.table = PageTable()
+        d = self.daemon
+        self.engine = RunEngine(self.table, tree.budget, uffd=uffd.fd, store_fd=d.store_fd, codec=d.codec_c,
+                                readahead=READAHEAD, forward_all=pid is None)
         if pid is not None:
-            self.attach(pid)
+            try:
+                self.attach(pid)
+            except OSError:
+                self.engine.close()
+                self.table.close()
+                raise
         self.ranges: list[tuple[int, int]] = []    # registered, as /proc/PID/maps showed them at the last rescan
-        self.swapped: dict[int, int] = {}
-        self.inflight: dict[int, int] = {}
-        # Pages the agent's MOVE refused with EBUSY: not exclusively this process's (copy-on-write after a
-        # fork; still so after the other side wrote its own copy, until this process writes the page).
-        # Reclaim skips them, as the kernel skips pages it cannot unmap; a WP fault (the write that makes the
-        # page exclusive again) or an event on the range takes them out.  Without this, every reclaim pass
-        # wrote them to slots and freed the slots again (a 2-worker multiprocessing pool livelocked).
-        self.shared: set[int] = set()
         self.idle = False                          # the last tick found nothing to do: poll less often
         self.evicted = 0                           # pages the agent moved out in the last reclaim pass
         self.stuck_until = 0.0                     # a pass evicted nothing: no more passes before this
         tree.members.append(self)                  # before any reference it takes (slots_held)
         self.resident = 0                          # registered present pages at the last pagemap count
-        self.filled = 0                            # pages faulted in since
         self.counted = 0.0                         # when (trio clock)
         self.cursor = 0
         self.stats = RunStats()
@@ -299,7 +320,12 @@ class RunProcess:
 
     @property
     def slots_held(self) -> int:
-        return len(self.swapped) + len(self.inflight)
+        return self.table.count(SWAPPED) + self.table.count(INFLIGHT)
+
+    @property
+    def filled(self) -> int:
+        """Pages faulted in since the last count (by the fault thread and by Python)."""
+        return self.engine.filled
 
     # -- serving -----------------------------------------------------------------
 
@@ -309,11 +335,11 @@ class RunProcess:
         while True:
             poll = POLL * (IDLE_POLLS if self.idle else 1)
             with trio.move_on_at(min(next_tick, trio.current_time() + poll)) as waited:
-                await trio.lowlevel.wait_readable(self.uffd.fd)
+                await trio.lowlevel.wait_readable(self.engine.notify_fd)
             stuck = trio.current_time() < self.stuck_until
-            if not waited.cancelled_caught:     # a timed-out poll has nothing to read (idle cost: runwatch)
+            if not waited.cancelled_caught:     # woken: a forwarded fault or event, or the run crossed its line
                 self.idle = False
-                await self.drain(to_line=not stuck)
+            await self.drain(to_line=not stuck)  # and what the thread did meanwhile (FREED does not wake us)
             now = trio.current_time()
             # Over the line, reclaim now rather than at the tick, but count at most every RECOUNT: pages
             # it cannot take (no store room, shared) must not make every fault a pagemap walk.  A pass
@@ -368,37 +394,36 @@ class RunProcess:
         return False
 
     async def drain(self, to_line: bool = False) -> None:
-        """Handle every queued message in order; faults refused with EAGAIN wait until the queue is empty
-        (the event that holds mmap_changing may be queued behind them: retrying in place waits for ourselves).
-        ``to_line``: return as soon as the pages faulted in cross the line (nothing deferred), so that the
-        caller counts and reclaims: a program that faults without pause keeps the queue non-empty, and
-        draining it whole let 800-2000 pages (readahead: 8 per fault) in above a 2048-page line."""
+        """Handle every message of the fault thread in order; faults refused with EAGAIN wait until the ring
+        is empty (the event that holds mmap_changing may be behind them: retrying in place waits for
+        ourselves).  ``to_line``: return as soon as the run is over its line (nothing deferred), so that
+        the caller counts and reclaims; what is left waits in the ring (the hard line's throttle)."""
         deferred: list[Pagefault] = []
         rounds = 0
         while True:
-            try:
-                events = self.uffd.read_events()
-            except OSError as e:
-                if e.errno in (errno.ESRCH, errno.EBADF):
-                    return
-                raise
-            for ev in events:
-                if not await self.handle(ev):
+            msgs = self.engine.drain()
+            for kind, slot, count, ev in msgs:
+                if kind == FREED:          # the thread swapped these in: this process's references go
+                    for s in range(slot, slot + count):
+                        self.tree.unref(s)
+                    self.daemon.stats.pswpin += count
+                elif kind == EVENT:        # the thread waits for us: the table must change first
+                    await self.handle(ev)
+                    self.engine.resume()
+                elif not await self.fault(ev):
                     deferred.append(ev)
-            if events:
+            if msgs:
                 if to_line and not deferred and self.tree.resident > self.tree.line():
                     return
                 continue
-            deferred = [ev for ev in deferred if not await self.handle(ev)]
+            deferred = [ev for ev in deferred if not await self.fault(ev)]
             if not deferred:
                 return
             rounds += 1
             await trio.sleep(0 if rounds < 10 else 0.0005)   # a program thread is finishing its event
 
-    async def handle(self, ev) -> bool:
-        """One message; False if it must be retried after the queue is read (EAGAIN)."""
-        if isinstance(ev, Pagefault):
-            return await self.fault(ev)
+    async def handle(self, ev) -> None:
+        """One event (the fault thread forwards every one, and waits)."""
         if isinstance(ev, (Remove, Unmap)):
             if isinstance(ev, Remove):
                 self.stats.remove += 1
@@ -411,78 +436,98 @@ class RunProcess:
         elif isinstance(ev, Fork):
             self.stats.fork += 1
             self.fork(ev.uffd)
-        return True
 
     async def fault(self, ev: Pagefault) -> bool:
+        """A fault the thread did not serve (read error, a page eviction holds, EAGAIN, above the hard line,
+        a store Python reads, a fork child's first); False if it must be retried after the ring is read."""
         a = ev.address & ~(PS - 1)
+        t = self.table
         if self.pid is None:
             self.learn_pid(ev.thread_id)
         if ev.is_wp:
-            self.shared.discard(a)
-            slot = self.inflight.pop(a, None)
-            if slot is not None:           # invariant 3: a written page is never dropped
-                self.tree.unref(slot)
-                self.stats.cancelled += 1
+            e = t.get(a)
+            if e and state_of(e) != SWAPPED:   # invariant 3: an eviction of a written page is cancelled
+                t.set(a, 0)
+                if state_of(e) == INFLIGHT:
+                    self.tree.unref(slot_of(e))
+                self.stats.cancelled += state_of(e) != SHARED
             try:
                 self.uffd.write_protect(a, PS, protect=False)
-            except OSError as e:
-                if e.errno == errno.EAGAIN:
+            except OSError as err:
+                if err.errno == errno.EAGAIN:
                     self.stats.eagain += 1
                     return False
                 self._wake(a)
             self.stats.wp_faults += 1
             return True
-        slot = self.swapped.get(a)
-        if slot is not None:               # invariant 2: from its slot, never zeros
-            n = 1                          # readahead: the swapped pages after it whose slots follow its slot
-            while n < READAHEAD and self.swapped.get(a + n * PS) == slot + n:
-                n += 1
+        e = t.claim(a)
+        if e == -errno.EBUSY:              # the thread is swapping it in: retried once it is in
+            return False
+        if e < 0:                          # not swapped: a zero page (invariant 2: nothing holds a slot for it)
+            return self._fill(a, lambda: self.uffd.zeropage(a, PS), "zero_fills")
+        slot = slot_of(e)
+        n = 1                              # readahead: the swapped pages after it whose slots follow its slot
+        while n < READAHEAD and t.swap(a + n * PS, entry(SWAPPED, slot + n), entry(SWAPPED, slot + n) | BUSY):
+            n += 1
+        try:
+            await self.daemon.io.read(slot, n, self.ra)
+        except OSError as err:
+            self._unclaim(a + PS, slot + 1, n - 1)
+            n = 1
             try:
-                await self.daemon.io.read(slot, n, self.ra)
-            except OSError as e:
-                try:
-                    n = 1
-                    await self.daemon.io.read(slot, 1, self.ra)
-                except OSError:
-                    self.daemon.stats.read_errors += 1
-                    log.error("run %d (pid %d): slot %d of page %#x unreadable (%s): the page is poisoned",
-                              self.id, self.pid, slot, a, e)
-                    return self._fill(a, lambda: self.uffd.poison(a, PS), "poisoned", slot)
-            if not self._fill(a, lambda: self.uffd.copy(a, self.ra.address, PS), "pswpin", slot):
+                await self.daemon.io.read(slot, 1, self.ra)
+            except OSError:
+                self.daemon.stats.read_errors += 1
+                log.error("run %d (pid %d): slot %d of page %#x unreadable (%s): the page is poisoned",
+                          self.id, self.pid, slot, a, err)
+                if self._fill(a, lambda: self.uffd.poison(a, PS), "poisoned"):
+                    self._installed(a, slot, 1)
+                    return True
+                self._unclaim(a, slot, 1)
                 return False
-            for i in range(1, n):          # no fault waits on these: EAGAIN or EEXIST ends the window
-                b = a + i * PS
-                try:
-                    self.uffd.copy(b, self.ra.address + i * PS, PS)
-                except OSError:            # events pending (mmap_changing), or the range changed
-                    break
-                self._forget(self.swapped, b)
-                self.stats.pswpin += 1
-                self.stats.readahead_pages += 1
-                self.daemon.stats.pswpin += 1
-                self.filled += 1
-            return True
-        return self._fill(a, lambda: self.uffd.zeropage(a, PS), "zero_fills", None)
+        if not self._fill(a, lambda: self.uffd.copy(a, self.ra.address, PS), "pswpin"):
+            self._unclaim(a, slot, n)
+            return False
+        self._installed(a, slot, 1)
+        self.daemon.stats.pswpin += 1
+        for i in range(1, n):              # no fault waits on these: EAGAIN or EEXIST ends the window
+            try:
+                self.uffd.copy(a + i * PS, self.ra.address + i * PS, PS)
+            except OSError:                # events pending (mmap_changing), or the range changed
+                self._unclaim(a + i * PS, slot + i, n - i)
+                break
+            self._installed(a + i * PS, slot + i, 1)
+            self.stats.pswpin += 1
+            self.stats.readahead_pages += 1
+            self.daemon.stats.pswpin += 1
+            self.engine.add_filled(1)
+        return True
 
-    def _fill(self, a: int, op, counter: str, slot: int | None) -> bool:
+    def _fill(self, a: int, op, counter: str) -> bool:
+        """Install page a (the op wakes the fault); False if it must be retried (EAGAIN)."""
         try:
             op()
         except PartialFill:
             self.stats.eagain += 1
-            return False                   # the slot stays: the fault is retried
+            return False
         except OSError as e:
             if e.errno not in (errno.EEXIST, errno.ESRCH):   # ESRCH: the process is gone; ENOENT: the range
                 self.daemon.log_limited("runfill", logging.WARNING, "run %d (pid %d): fill of %#x: %s",
                                         self.id, self.pid, a, e.strerror)
             self._wake(a)
-        if slot is not None:
-            del self.swapped[a]
-            self.tree.unref(slot)
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-        if counter == "pswpin":
-            self.daemon.stats.pswpin += 1
-        self.filled += 1
+        self.engine.add_filled(1)
         return True
+
+    def _installed(self, a: int, slot: int, n: int) -> None:
+        """Pages a.. (claimed) are in: their entries and this process's references to their slots go."""
+        for i in range(n):
+            self.table.set(a + i * PS, 0)
+            self.tree.unref(slot + i)
+
+    def _unclaim(self, a: int, slot: int, n: int) -> None:
+        for i in range(n):
+            self.table.set(a + i * PS, entry(SWAPPED, slot + i))
 
     def _wake(self, a: int) -> None:
         try:
@@ -490,35 +535,31 @@ class RunProcess:
         except OSError:
             pass
 
-    def _forget(self, table: dict[int, int], a: int) -> None:
-        self.tree.unref(table.pop(a))
+    def _forget(self, e: int) -> None:
+        """An entry taken out of the table: the reference its slot held (SWAPPED, INFLIGHT) goes."""
+        if state_of(e) in (SWAPPED, INFLIGHT):
+            self.tree.unref(slot_of(e))
 
     def invalidate(self, start: int, end: int) -> None:
-        """REMOVE/UNMAP: the contents of [start, end) are gone, and so are their slots."""
-        self.shared -= {a for a in self.shared if start <= a < end}
-        for table in (self.swapped, self.inflight):
-            if (end - start) // PS > len(table):
-                hit = [a for a in table if start <= a < end]
-            else:
-                hit = [a for a in range(start, end, PS) if a in table]
-            for a in hit:
-                self._forget(table, a)
+        """REMOVE/UNMAP: the contents of [start, end) are gone, and so are their slots; an eviction of a
+        page there is cancelled, a SHARED mark forgotten."""
+        for _, e in self.table.walk(start, end, take=True):
+            self._forget(e)
 
     def remap(self, old: int, new: int, length: int) -> None:
         """REMAP: swapped pages move with their range; a pending eviction of a moved page is cancelled."""
-        self.shared -= {a for a in self.shared if old <= a < old + length}   # tried again once, where they are
-        moved = {a: s for a, s in self.swapped.items() if old <= a < old + length}
-        for a in [a for a in self.inflight if old <= a < old + length]:
-            self._forget(self.inflight, a)
-            self.stats.cancelled += 1
-        for a in moved:
-            del self.swapped[a]
-        for a, s in moved.items():
-            b = a - old + new
-            if b in self.swapped:          # cannot happen: the destination was unmapped (UNMAP) first
-                self._forget(self.swapped, b)
+        moved = []
+        for a, e in self.table.walk(old, old + length, take=True):
+            if state_of(e) == SWAPPED:
+                moved.append((a - old + new, slot_of(e)))
+                continue
+            self._forget(e)
+            self.stats.cancelled += state_of(e) in (CLAIMED, INFLIGHT)
+        for b, slot in moved:
+            was = self.table.set(b, entry(SWAPPED, slot))
+            if was:                        # cannot happen: the destination was unmapped (UNMAP) first
+                self._forget(was)
                 self.stats.overwrites += 1
-            self.swapped[b] = s
 
     def fork(self, fd: int) -> None:
         """EVENT_FORK, read while the parent still waits in fork() and before the child runs: the child's
@@ -531,9 +572,9 @@ class RunProcess:
         child = RunProcess(self.daemon.next_id(), None, None, child_uffd, tree=self.tree, doorbell=self.doorbell,
                            parent=self.pid)
         child.ranges = list(self.ranges)   # registration is inherited
-        child.swapped = dict(self.swapped)
-        for slot in child.swapped.values():
-            self.tree.ref(slot)
+        for a, e in self.table.walk(states=(SWAPPED,)):   # this thread waits: nothing is BUSY
+            child.table.set(a, entry(SWAPPED, slot_of(e)))
+            self.tree.ref(slot_of(e))
         self.daemon.nursery.start_soon(self.daemon.serve_run_process, child)
 
     def learn_pid(self, tid: int) -> None:
@@ -544,6 +585,7 @@ class RunProcess:
             self.attach(tgid)
         except (OSError, TypeError):
             return                         # gone already; gone() sees it
+        self.engine.forward_all(False)     # the thread serves it from now on
 
     # -- registration --------------------------------------------------------------
 
@@ -585,6 +627,7 @@ class RunProcess:
     async def reclaim(self) -> None:
         """Count the registered resident pages; above the line, evict runs in address order from where
         the last pass stopped (a FIFO, not a CLOCK: the engine's reclaim is what the next step brings)."""
+        self.engine.take_filled()          # before the count: a page filled meanwhile is counted twice, not never
         tops = []
         for a, b in self.ranges:
             try:
@@ -598,11 +641,12 @@ class RunProcess:
         # none (a limit, RUN-DESIGN).
         own = _PRESENT if self.parent is None else _NOT_EXCLUSIVE
         present = sum(len(t.translate(None, own)) for t in tops)
-        # Pages MOVE refused (self.shared) stay until written, like mlocked pages: they are shown
+        # Pages MOVE refused (SHARED) stay until written, like mlocked pages: they are shown
         # (cow_shared_pages) but not held against the line, or the rest of the run thrashes under them
         # (a parent that read its pages after a child exited kept 4,868 such pages over a 4,096-page line).
-        self.resident = max(0, present - len(self.shared))
-        self.filled = 0
+        shared = [a for a, _ in self.table.walk(states=(SHARED,))]
+        self.resident = max(0, present - len(shared))
+        self.tree.recount()
         self.stats.max_resident_pages = max(self.stats.max_resident_pages, present)
         self.tree.max_resident_pages = max(self.tree.max_resident_pages, self.tree.resident)
         want = self.over_line()
@@ -618,10 +662,10 @@ class RunProcess:
             if want <= 0:
                 return
         evictable = [t.translate(_EVICTABLE) for t in tops]
-        if self.shared:                    # cut out the pages MOVE refused (see self.shared)
+        if shared:                         # cut out the pages MOVE refused
             evictable = [bytearray(t) for t in evictable]
             starts = [a0 for a0, _ in self.ranges]
-            for a in self.shared:
+            for a in shared:
                 k = bisect.bisect_right(starts, a) - 1
                 if k >= 0 and a < self.ranges[k][1] and (a - starts[k]) // PS < len(evictable[k]):
                     evictable[k][(a - starts[k]) // PS] = 0
@@ -653,10 +697,18 @@ class RunProcess:
             await self.evict(batch)
 
     async def evict(self, runs: list[tuple[int, int]]) -> None:
-        """Invariant 1, in this order: write-protect, read through /proc/PID/mem, write slots, agent drop,
-        publish SWAPPED."""
+        """Invariant 1, in this order: claim (the fault thread then hands a write to these pages to
+        Python, which cancels), write-protect, read through /proc/PID/mem, write slots, agent drop,
+        publish SWAPPED.  Whatever is still claimed or in flight at the end stays resident."""
+        t = self.table
+        claimed = entry(CLAIMED)
         kept = []
         for a, n in runs:
+            got = [b for b in range(a, a + n * PS, PS) if t.swap(b, 0, claimed)]
+            if len(got) < n:                    # a page of it has an entry (SHARED since the count)
+                for b in got:
+                    t.swap(b, claimed, 0)
+                continue
             for _ in range(DRAIN_ROUNDS):
                 try:
                     self.uffd.write_protect(a, n * PS)
@@ -668,6 +720,8 @@ class RunProcess:
                     break                       # gone meanwhile
                 kept.append((a, n))
                 break
+            else:
+                kept.append((a, n))             # not protected; the claim is dropped below
         room = self.slot_room()       # other runs may have taken slots since reclaim looked
         pos = 0
         read = []
@@ -697,23 +751,31 @@ class RunProcess:
                     self.daemon.stats.write_errors += 1
                     self.daemon.log_limited("runwrite", logging.ERROR, "run %d: slot write failed: %s", self.id, e)
                     break
-                for i in range(got):            # the slot is complete; the page is still here
-                    self.inflight[a + (done + i) * PS] = first + i
+                for i in range(got):            # the slot is complete; the page is still here, unless written
+                    if not t.swap(a + (done + i) * PS, claimed, entry(INFLIGHT, first + i)):
+                        self.tree.unref(first + i)
                 done += got
         await self.drop(kept)
+        for a, n in kept:                       # not moved: the pages stay, their slots go
+            for b in range(a, a + n * PS, PS):
+                e = t.get(b)
+                if state_of(e) in (CLAIMED, INFLIGHT):
+                    t.set(b, 0)
+                    self._forget(e)
 
     async def drop(self, runs: list[tuple[int, int]]) -> None:
-        """Ask the agent to move the still-pending pages of ``runs`` out; what it moved is SWAPPED."""
+        """Ask the agent to move the INFLIGHT pages of ``runs`` out; what it moved is SWAPPED."""
+        t = self.table
         for _ in range(DRAIN_ROUNDS):
             addrs, lens = [], []
             for a, n in runs:
                 i = 0
                 while i < n and len(addrs) < MAX_RUNS:
-                    if a + i * PS not in self.inflight:
+                    if state_of(t.get(a + i * PS)) != INFLIGHT:
                         i += 1
                         continue
                     k = 1
-                    while i + k < n and a + (i + k) * PS in self.inflight:
+                    while i + k < n and state_of(t.get(a + (i + k) * PS)) == INFLIGHT:
                         k += 1
                     addrs.append(a + i * PS)
                     lens.append(k * PS)
@@ -733,14 +795,15 @@ class RunProcess:
                 return
             self.stats.drops += 1
             again = refused = False
-            # no await from here to the end of the loop body: invariant 3
+            # No await from here to the end of the loop body (invariant 3): the pages asked for were
+            # INFLIGHT when asked, and only Python changes an INFLIGHT entry.
             for k in range(reply.count):
                 moved = reply.len[k] // PS
                 for i in range(moved):
-                    a = reply.addr[k] + i * PS
-                    if a in self.swapped:      # a lie earlier (below): that slot is stale, never leaked
-                        self._forget(self.swapped, a)
-                    self.swapped[a] = self.inflight.pop(a)
+                    b = reply.addr[k] + i * PS
+                    e = t.get(b)
+                    if state_of(e) == INFLIGHT:
+                        t.set(b, entry(SWAPPED, slot_of(e)))
                 self.stats.pswpout += moved
                 self.evicted += moved
                 self.daemon.stats.pswpout += moved
@@ -756,21 +819,17 @@ class RunProcess:
                     log.warning("run %d (pid %d): the agent could not move a page: %s (first of its kind; "
                                 "counted)", self.id, self.pid, os.strerror(err))
                 self.stats.other_refusals += err not in (errno.EBUSY, errno.ENOENT)
-                a = reply.addr[k] + moved * PS     # the page MOVE refused stays resident
-                if a in self.inflight:
-                    self._forget(self.inflight, a)
-                if err == errno.EBUSY:
-                    self.shared.add(a)
+                b = reply.addr[k] + moved * PS     # the page MOVE refused stays resident
+                e = t.get(b)
+                if state_of(e) == INFLIGHT:
+                    t.set(b, entry(SHARED) if err == errno.EBUSY else 0)
+                    self._forget(e)
                 refused = True
             if not again and not refused:
                 return
             if again:
                 self.stats.eagain += 1
                 await self.drain()
-        for first, n in runs:                 # still refused: the pages stay, their slots go
-            for a in range(first, first + n * PS, PS):
-                if a in self.inflight:
-                    self._forget(self.inflight, a)
 
     # -- the end ----------------------------------------------------------------------
 
@@ -779,15 +838,20 @@ class RunProcess:
         that the process goes on without us, all data in place."""
         await self.drain()
         lost = 0
-        for a, slot in list(self.swapped.items()):
+        for a, _ in self.table.walk(states=(SWAPPED,)):
+            e = self.table.claim(a)
+            if e < 0:
+                continue                   # the fault thread has it in hand, and puts it back
+            slot = slot_of(e)
             try:
                 await self.daemon.io.read(slot, 1, self.ra)
                 self.uffd.copy(a, self.ra.address, PS)
-            except OSError as e:
-                if e.errno != errno.EEXIST:
+            except OSError as err:
+                if err.errno != errno.EEXIST:
                     lost += 1
+                    self._unclaim(a, slot, 1)
                     continue
-            self._forget(self.swapped, a)
+            self._installed(a, slot, 1)
         for a, b in self.ranges:
             try:
                 self.uffd.unregister(a, b - a)
@@ -808,16 +872,28 @@ class RunProcess:
         self.release()
         self.tree.members.remove(self)
         if self.tree.members:
+            self.tree.recount()
             return False
         del self.daemon.run_trees[self.tree.id]
         return True
 
     def release(self) -> None:
         """Drop every slot reference this process holds and close what we opened (no fd outlives it)."""
-        for table in (self.swapped, self.inflight):
-            for slot in table.values():
-                self.tree.unref(slot)
-            table.clear()
+        if self.engine.c is not None:
+            trio.lowlevel.notify_closing(self.engine.notify_fd)
+            self.engine.stop()
+            for kind, slot, count, ev in self.engine.drain():   # what the thread did last
+                if kind == FREED:
+                    for s in range(slot, slot + count):
+                        self.tree.unref(s)
+                elif isinstance(ev, Fork):
+                    os.close(ev.uffd)      # a child nobody serves: its registration goes with the fd
+            self.engine.take_filled()      # out of the run's count
+            self.engine.close()
+        if self.table.c is not None:
+            for _, e in self.table.walk(take=True):
+                self._forget(e)
+            self.table.close()
         if self.uffd.fd >= 0:
             trio.lowlevel.notify_closing(self.uffd.fd)
             self.uffd.close()
@@ -832,8 +908,22 @@ class RunProcess:
     def status(self) -> dict:
         return {"id": self.id, "run": self.tree.id, "pid": self.pid, "parent": self.parent, "uid": self.uid,
                 "budget_pages": self.tree.budget_pages, "line_pages": self.tree.line(),
-                "agent": self.sock is not None, "resident_pages": self.resident, "cow_shared_pages": len(self.shared),
-                "swapped_pages": len(self.swapped), "registered_ranges": len(self.ranges), **asdict(self.stats)}
+                "agent": self.sock is not None, "resident_pages": self.resident,
+                "cow_shared_pages": self.table.count(SHARED) if self.table.c is not None else 0,
+                "swapped_pages": self.table.count(SWAPPED) if self.table.c is not None else 0,
+                "registered_ranges": len(self.ranges), **self.counts()}
+
+    def counts(self) -> dict:
+        """Python's counters with the fault thread's added in (engine_faults: faults served in C)."""
+        out = asdict(self.stats)
+        e = self.engine.stats()
+        out["pswpin"] += e.pswpin
+        out["readahead_pages"] += e.readahead
+        out["zero_fills"] += e.zero_fills
+        out["wp_faults"] += e.wp_faults
+        out["engine_faults"] = e.engine_faults
+        out["slow_path_faults"] = e.forwarded
+        return out
 
 
 CHILD_WAIT = 2.0                 # s: a child's HELLO waits this long for the doorbell fault that names it

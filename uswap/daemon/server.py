@@ -364,7 +364,7 @@ class Daemon:
             ended = run.leave()
             run.done.set()
             log.info("run %d released (pid %s): %s", run.id, run.pid,
-                     " ".join(f"{k}={v}" for k, v in asdict(run.stats).items()))
+                     " ".join(f"{k}={v}" for k, v in run.counts().items()))
             if ended:   # the whole tree is gone: its peak (a process's own is in its line above)
                 log.info("run %d ended: max_resident_pages=%d", run.tree.id, run.tree.max_resident_pages)
 

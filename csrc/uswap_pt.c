@@ -1,0 +1,222 @@
+/*
+ * A run process's page table (see uswap_pt.h): an open-addressing hash of
+ * page numbers with linear probing, deletion by backward shift (no
+ * tombstones), grown at half full.  Page number 0 (address 0, never
+ * mappable) marks an empty bucket.
+ */
+#define _GNU_SOURCE
+#include "uswap_pt.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+
+#define PAGE_SHIFT 12
+#define MIN_BUCKETS 1024
+
+struct uswap_pt {
+	pthread_mutex_t lock;
+	uint64_t mask;                 /* buckets - 1; buckets a power of two */
+	uint64_t used;
+	uint64_t *key;                 /* page number, 0: empty */
+	uint64_t *val;
+	uint64_t count[USWAP_PT_STATES];
+};
+
+static inline uint64_t bucket_of(const struct uswap_pt *pt, uint64_t key)
+{
+	return (key * 0x9E3779B97F4A7C15ull) >> 17 & pt->mask;
+}
+
+static inline uint32_t state_of(uint64_t entry) { return (uint32_t)(entry & USWAP_PT_STATE_MASK); }
+
+static int alloc_buckets(struct uswap_pt *pt, uint64_t n)
+{
+	uint64_t *key = calloc(n, sizeof(*key)), *val = calloc(n, sizeof(*val));
+	if (!key || !val) {
+		free(key);
+		free(val);
+		return -ENOMEM;
+	}
+	pt->key = key;
+	pt->val = val;
+	pt->mask = n - 1;
+	return 0;
+}
+
+int uswap_pt_new(struct uswap_pt **out)
+{
+	struct uswap_pt *pt = calloc(1, sizeof(*pt));
+	if (!pt)
+		return -ENOMEM;
+	if (alloc_buckets(pt, MIN_BUCKETS) < 0) {
+		free(pt);
+		return -ENOMEM;
+	}
+	pthread_mutex_init(&pt->lock, NULL);
+	*out = pt;
+	return 0;
+}
+
+void uswap_pt_free(struct uswap_pt *pt)
+{
+	if (!pt)
+		return;
+	pthread_mutex_destroy(&pt->lock);
+	free(pt->key);
+	free(pt->val);
+	free(pt);
+}
+
+void uswap_pt_lock(struct uswap_pt *pt) { pthread_mutex_lock(&pt->lock); }
+void uswap_pt_unlock(struct uswap_pt *pt) { pthread_mutex_unlock(&pt->lock); }
+
+/* The bucket holding key, or the empty one where it would go. */
+static uint64_t find(const struct uswap_pt *pt, uint64_t key)
+{
+	uint64_t b = bucket_of(pt, key);
+	while (pt->key[b] && pt->key[b] != key)
+		b = (b + 1) & pt->mask;
+	return b;
+}
+
+/* Remove the entry in bucket b, shifting back the ones after it that probed past it. */
+static void remove_at(struct uswap_pt *pt, uint64_t b)
+{
+	pt->count[state_of(pt->val[b])]--;
+	pt->used--;
+	uint64_t hole = b;
+	for (uint64_t next = (b + 1) & pt->mask; pt->key[next]; next = (next + 1) & pt->mask) {
+		uint64_t home = bucket_of(pt, pt->key[next]);
+		/* it may move to the hole if its home is not in (hole, next], cyclically */
+		if (((next - home) & pt->mask) >= ((next - hole) & pt->mask)) {
+			pt->key[hole] = pt->key[next];
+			pt->val[hole] = pt->val[next];
+			hole = next;
+		}
+	}
+	pt->key[hole] = 0;
+	pt->val[hole] = 0;
+}
+
+static int grow(struct uswap_pt *pt)
+{
+	uint64_t *key = pt->key, *val = pt->val, n = pt->mask + 1;
+	if (alloc_buckets(pt, n * 2) < 0)
+		return -ENOMEM;
+	for (uint64_t b = 0; b < n; b++) {
+		if (!key[b])
+			continue;
+		uint64_t to = find(pt, key[b]);
+		pt->key[to] = key[b];
+		pt->val[to] = val[b];
+	}
+	free(key);
+	free(val);
+	return 0;
+}
+
+uint64_t uswap_pt_get_locked(struct uswap_pt *pt, uint64_t addr)
+{
+	uint64_t b = find(pt, addr >> PAGE_SHIFT);
+	return pt->key[b] ? pt->val[b] : 0;
+}
+
+int uswap_pt_set_locked(struct uswap_pt *pt, uint64_t addr, uint64_t entry, uint64_t *old)
+{
+	uint64_t key = addr >> PAGE_SHIFT, b = find(pt, key);
+	*old = pt->key[b] ? pt->val[b] : 0;
+	if (!entry) {
+		if (pt->key[b])
+			remove_at(pt, b);
+		return 0;
+	}
+	if (pt->key[b]) {
+		pt->count[state_of(pt->val[b])]--;
+	} else {
+		if (2 * (pt->used + 1) > pt->mask + 1) {
+			if (grow(pt) < 0)
+				return -ENOMEM;
+			b = find(pt, key);
+		}
+		pt->key[b] = key;
+		pt->used++;
+	}
+	pt->val[b] = entry;
+	pt->count[state_of(entry)]++;
+	return 0;
+}
+
+uint64_t uswap_pt_get(struct uswap_pt *pt, uint64_t addr)
+{
+	uswap_pt_lock(pt);
+	uint64_t e = uswap_pt_get_locked(pt, addr);
+	uswap_pt_unlock(pt);
+	return e;
+}
+
+int uswap_pt_set(struct uswap_pt *pt, uint64_t addr, uint64_t entry, uint64_t *old)
+{
+	uswap_pt_lock(pt);
+	int ret = uswap_pt_set_locked(pt, addr, entry, old);
+	uswap_pt_unlock(pt);
+	return ret;
+}
+
+int uswap_pt_swap(struct uswap_pt *pt, uint64_t addr, uint64_t expect, uint64_t entry)
+{
+	uint64_t old;
+	int ret = 0;
+	uswap_pt_lock(pt);
+	if (uswap_pt_get_locked(pt, addr) == expect)
+		ret = uswap_pt_set_locked(pt, addr, entry, &old) < 0 ? -ENOMEM : 1;
+	uswap_pt_unlock(pt);
+	return ret;
+}
+
+int uswap_pt_claim(struct uswap_pt *pt, uint64_t addr, uint64_t *entry)
+{
+	int ret = 0;
+	uswap_pt_lock(pt);
+	uint64_t b = find(pt, addr >> PAGE_SHIFT), e = pt->key[b] ? pt->val[b] : 0;
+	if (state_of(e) != USWAP_PT_SWAPPED)
+		ret = -ENOENT;
+	else if (e & USWAP_PT_BUSY)
+		ret = -EBUSY;
+	else
+		pt->val[b] = *entry = e | USWAP_PT_BUSY;
+	uswap_pt_unlock(pt);
+	return ret;
+}
+
+int uswap_pt_walk(struct uswap_pt *pt, uint64_t *cursor, uint64_t start, uint64_t end, uint32_t states,
+		  int take, uint64_t *addrs, uint64_t *entries, int max)
+{
+	int n = 0;
+	uswap_pt_lock(pt);
+	uint64_t b = *cursor;
+	while (b <= pt->mask && n < max) {
+		uint64_t key = pt->key[b], a = key << PAGE_SHIFT;
+		if (!key || a < start || a >= end || !(states & (1u << state_of(pt->val[b])))) {
+			b++;
+			continue;
+		}
+		addrs[n] = a;
+		entries[n++] = pt->val[b];
+		if (take)
+			remove_at(pt, b);   /* an entry from after b may shift into b: look at b again */
+		else
+			b++;
+	}
+	*cursor = b;
+	uswap_pt_unlock(pt);
+	return n;
+}
+
+uint64_t uswap_pt_count(struct uswap_pt *pt, uint32_t state)
+{
+	uswap_pt_lock(pt);
+	uint64_t n = state < USWAP_PT_STATES ? pt->count[state] : 0;
+	uswap_pt_unlock(pt);
+	return n;
+}

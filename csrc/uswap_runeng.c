@@ -1,0 +1,449 @@
+/*
+ * The fault thread of a run's process (see uswap_runeng.h).
+ *
+ * Invariants (docs/DESIGN.md "Runs"; each relied on below):
+ *   - A page with a slot is filled from that slot, never with zeros: a
+ *     MISSING fault zero-fills only a page the table does not hold, and the
+ *     table changes by events only while this thread waits (EVENT ... resume),
+ *     so a fault read after REMOVE, UNMAP or REMAP sees the table after it.
+ *   - Only the holder of a page's BUSY bit installs it and drops its slot
+ *     reference; this thread claims under the table's lock and never waits
+ *     for a held page: it forwards the fault.
+ *   - A page eviction has chosen (CLAIMED, INFLIGHT) is never made writable
+ *     here: its write fault goes to Python, which cancels the eviction.  The
+ *     lock is held from the lookup to the end of the un-protect, so a claim
+ *     either precedes the lookup (forwarded) or follows the un-protect
+ *     (eviction write-protects after claiming).
+ *   - Slot references are dropped by Python only (FREED), in ring order.
+ *   - The thread never calls into Python; every signal is blocked in it.
+ */
+#define _GNU_SOURCE
+#include "uswap_runeng.h"
+#include "uswap_core.h"
+#include "uswap_engine.h"
+#include "uswap_pt.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#define RING_SIZE 1024                 /* messages; a power of two */
+#define RING_NOTIFY_AT (RING_SIZE / 4) /* wake Python at this fill even when nothing is urgent */
+#define MAX_WINDOW 32
+
+struct uswap_runeng {
+	struct uswap_pt *pt;
+	struct uswap_run_budget *budget;
+	int uffd, store_fd;
+	int notify_fd, stop_fd;
+	uint32_t page_size, ra_max;
+	struct uswap_codec codec;
+	void *buf;                     /* ra_max pages, aligned for O_DIRECT */
+	int forward_all;               /* atomic */
+	int64_t filled;                /* atomic: pages faulted in since Python's last take */
+	int told;                      /* atomic: Python was woken for the soft line since its last take */
+
+	pthread_mutex_t lock;          /* guards the ring, paused, stopping */
+	pthread_cond_t cond;           /* room in the ring; resumed; stopping */
+	struct uswap_runeng_msg ring[RING_SIZE];
+	uint64_t head, tail;
+	int paused, stopping;
+
+	struct uswap_runeng_stats stats;   /* atomic fields */
+	pthread_t thread;
+	int started;
+};
+
+static inline uint32_t state_of(uint64_t e) { return (uint32_t)(e & USWAP_PT_STATE_MASK); }
+static inline int64_t slot_of(uint64_t e) { return (int64_t)(e >> USWAP_PT_SLOT_SHIFT) - 1; }
+
+static void count(uint64_t *counter, uint64_t n)
+{
+	__atomic_add_fetch(counter, n, __ATOMIC_RELAXED);
+}
+
+static void notify(struct uswap_runeng *e)
+{
+	uint64_t one = 1;
+	if (write(e->notify_fd, &one, sizeof(one)) < 0) {
+		/* saturated: Python has a wake-up pending anyway */
+	}
+}
+
+/* Queue a message; an EVENT also pauses the thread until Python resumes it.  Forwarded
+ * faults and events wake Python at once, FREED only when the ring fills up. */
+static void post(struct uswap_runeng *e, const struct uswap_runeng_msg *msg)
+{
+	pthread_mutex_lock(&e->lock);
+	while (e->tail - e->head == RING_SIZE && !e->stopping)
+		pthread_cond_wait(&e->cond, &e->lock);
+	if (e->stopping) {
+		pthread_mutex_unlock(&e->lock);
+		if (msg->kind == USWAP_RUNENG_EVENT && msg->ev.event == UFFD_EVENT_FORK)
+			close((int)msg->ev.arg2);   /* nobody will serve that child */
+		return;
+	}
+	uint64_t queued = e->tail - e->head;
+	e->ring[e->tail++ % RING_SIZE] = *msg;
+	int urgent = msg->kind != USWAP_RUNENG_FREED || queued + 1 == RING_NOTIFY_AT;
+	if (msg->kind == USWAP_RUNENG_EVENT)
+		e->paused = 1;
+	pthread_mutex_unlock(&e->lock);
+	if (urgent)
+		notify(e);
+	if (msg->kind != USWAP_RUNENG_EVENT)
+		return;
+	pthread_mutex_lock(&e->lock);
+	while (e->paused && !e->stopping)
+		pthread_cond_wait(&e->cond, &e->lock);
+	pthread_mutex_unlock(&e->lock);
+}
+
+static void forward(struct uswap_runeng *e, const struct uffd_msg *m, int why)
+{
+	struct uswap_runeng_msg msg = { .kind = USWAP_RUNENG_FORWARD, .slot = why };
+	uswap_uffd_decode(m, &msg.ev);
+	count(&e->stats.forwarded, 1);
+	post(e, &msg);
+}
+
+static int64_t budget_total(const struct uswap_run_budget *b)
+{
+	return __atomic_load_n(&b->counted, __ATOMIC_RELAXED) + __atomic_load_n(&b->filled, __ATOMIC_RELAXED);
+}
+
+/* n pages faulted in: counted, and Python woken once when the run crosses its line. */
+static void filled(struct uswap_runeng *e, uint64_t n)
+{
+	__atomic_add_fetch(&e->filled, (int64_t)n, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&e->budget->filled, (int64_t)n, __ATOMIC_RELAXED);
+	if (budget_total(e->budget) > __atomic_load_n(&e->budget->soft, __ATOMIC_RELAXED)
+	    && !__atomic_exchange_n(&e->told, 1, __ATOMIC_RELAXED))
+		notify(e);
+}
+
+static void wake(struct uswap_runeng *e, uint64_t a)
+{
+	uswap_uffd_wake(e->uffd, a, e->page_size);
+}
+
+/* Read and check slot..slot+n-1 into buf.  0, or -errno. */
+static int read_slots(struct uswap_runeng *e, int64_t slot, uint64_t n)
+{
+	size_t len = n * e->page_size;
+	int64_t got = uswap_pread_full(e->store_fd, e->buf, len, (slot + 1) * (int64_t)e->page_size);
+	count(&e->stats.read_ios, 1);
+	if (got != (int64_t)len)
+		return got < 0 ? (int)got : -EIO;
+	int bad = 0;
+	return uswap_codec_decode(&e->codec, e->buf, (uint64_t)slot, n, &bad);
+}
+
+/* Give back the claims on pages a..a+n-1 (entries as claimed: BUSY set). */
+static void unclaim(struct uswap_runeng *e, uint64_t a, uint64_t n, int64_t slot)
+{
+	uint64_t old;
+	uswap_pt_lock(e->pt);
+	for (uint64_t i = 0; i < n; i++)
+		uswap_pt_set_locked(e->pt, a + i * e->page_size,
+				    USWAP_PT_SWAPPED | (uint64_t)(slot + (int64_t)i + 1) << USWAP_PT_SLOT_SHIFT, &old);
+	uswap_pt_unlock(e->pt);
+}
+
+/* do_swap_page: the faulting page and the swapped pages after it whose slots follow its slot,
+ * read in one I/O, installed writable (their slots are stale at once: no swap cache for runs). */
+static int swap_in(struct uswap_runeng *e, uint64_t a, uint64_t entry)
+{
+	int64_t slot = slot_of(entry);
+	uint64_t n = 1, old, ps = e->page_size;
+	/* claimed: the faulting page (by the caller), and the window after it */
+	uswap_pt_lock(e->pt);
+	while (n < e->ra_max) {
+		uint64_t next = uswap_pt_get_locked(e->pt, a + n * ps);
+		if (next != (USWAP_PT_SWAPPED | (uint64_t)(slot + (int64_t)n + 1) << USWAP_PT_SLOT_SHIFT))
+			break;
+		uswap_pt_set_locked(e->pt, a + n * ps, next | USWAP_PT_BUSY, &old);   /* replaces: cannot fail */
+		n++;
+	}
+	uswap_pt_unlock(e->pt);
+	int ret = read_slots(e, slot, n);
+	if (ret < 0 && n > 1) {   /* a bad page in the window need not stop the faulting one */
+		unclaim(e, a + ps, n - 1, slot + 1);
+		n = 1;
+		ret = read_slots(e, slot, 1);
+	}
+	if (ret < 0) {
+		unclaim(e, a, n, slot);
+		return ret;   /* Python reads it again and poisons it if it must */
+	}
+	int64_t done = 0;
+	ret = uswap_uffd_copy(e->uffd, a, (uint64_t)(uintptr_t)e->buf, n * ps, 0, &done);
+	uint64_t in = (uint64_t)done / ps;
+	if (in == 0 && n > 1 && ret != -EAGAIN) {
+		/* ENOENT for the whole window when it crosses a VMA boundary (a split by madvise or
+		 * mprotect, which has no event): the faulting page alone */
+		ret = uswap_uffd_copy(e->uffd, a, (uint64_t)(uintptr_t)e->buf, ps, 0, &done);
+		in = (uint64_t)done / ps;
+	}
+	if (in == 0) {
+		if (ret == -EAGAIN) {   /* events pending: Python retries it after reading them */
+			unclaim(e, a, n, slot);
+			return ret;
+		}
+		/* EEXIST: there already (counted as in); else the range or the process is gone:
+		 * either way the fault is over and the page's slot with it, as Python's path does */
+		wake(e, a);
+		in = 1;
+	}
+	if (in < n)
+		unclaim(e, a + in * ps, n - in, slot + (int64_t)in);
+	uswap_pt_lock(e->pt);
+	for (uint64_t i = 0; i < in; i++)
+		uswap_pt_set_locked(e->pt, a + i * ps, 0, &old);
+	uswap_pt_unlock(e->pt);
+	struct uswap_runeng_msg msg = { .kind = USWAP_RUNENG_FREED, .slot = slot, .count = (uint32_t)in };
+	post(e, &msg);
+	count(&e->stats.pswpin, in);
+	count(&e->stats.readahead, in - 1);
+	filled(e, in);
+	return 0;
+}
+
+/* First touch of a page the table does not hold.  The lock is held from the lookup to the end of
+ * the ioctl: an eviction claims under it, so a page it takes out after this lookup (a stale fault
+ * on a page another thread's fault filled) is present here (EEXIST), never zero-filled over its slot. */
+static int zero_fill(struct uswap_runeng *e, uint64_t a)
+{
+	int64_t done = 0;
+	uswap_pt_lock(e->pt);
+	if (uswap_pt_get_locked(e->pt, a)) {
+		uswap_pt_unlock(e->pt);
+		return -EBUSY;   /* CLAIMED, INFLIGHT (the agent may be moving it), SHARED: Python's */
+	}
+	int ret = uswap_uffd_zeropage(e->uffd, a, e->page_size, 0, &done);
+	uswap_pt_unlock(e->pt);
+	if (ret == -EAGAIN)
+		return ret;
+	if (ret < 0) {   /* EEXIST: another thread's fault filled it; else gone */
+		wake(e, a);
+		return 0;
+	}
+	count(&e->stats.zero_fills, 1);
+	filled(e, 1);
+	return 0;
+}
+
+/* A write to a write-protected page that no eviction holds: a SHARED mark goes (the page is
+ * this process's alone once written), the protection is lifted. */
+static int unprotect(struct uswap_runeng *e, uint64_t a)
+{
+	uint64_t old;
+	uswap_pt_lock(e->pt);
+	uint64_t entry = uswap_pt_get_locked(e->pt, a);
+	if (entry && state_of(entry) != USWAP_PT_SHARED) {
+		uswap_pt_unlock(e->pt);
+		return -EBUSY;   /* CLAIMED, INFLIGHT: Python cancels that eviction */
+	}
+	if (entry)
+		uswap_pt_set_locked(e->pt, a, 0, &old);
+	int ret = uswap_uffd_writeprotect(e->uffd, a, e->page_size, 0);
+	if (ret == -EAGAIN && entry)
+		uswap_pt_set_locked(e->pt, a, entry, &old);
+	uswap_pt_unlock(e->pt);
+	if (ret == -EAGAIN)
+		return ret;
+	if (ret < 0)
+		wake(e, a);
+	else
+		count(&e->stats.wp_faults, 1);
+	return 0;
+}
+
+static void handle_fault(struct uswap_runeng *e, const struct uffd_msg *m)
+{
+	uint64_t a = m->arg.pagefault.address & ~(uint64_t)(e->page_size - 1), entry;
+	int ret;
+	if (e->store_fd < 0 || __atomic_load_n(&e->forward_all, __ATOMIC_RELAXED))
+		return forward(e, m, 0);
+	if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
+		ret = unprotect(e, a);
+	} else if (budget_total(e->budget) >= __atomic_load_n(&e->budget->hard, __ATOMIC_RELAXED)) {
+		ret = -ENOMEM;   /* Python serves it after its reclaim: the throttle */
+	} else {
+		ret = uswap_pt_claim(e->pt, a, &entry);
+		if (ret == 0)
+			ret = swap_in(e, a, entry);
+		else if (ret == -ENOENT)
+			ret = zero_fill(e, a);
+	}
+	if (ret < 0)
+		return forward(e, m, ret);
+	count(&e->stats.engine_faults, 1);
+}
+
+static void *runeng_main(void *arg)
+{
+	struct uswap_runeng *e = arg;
+	struct uffd_msg msgs[32];
+	for (;;) {
+		struct pollfd fds[2] = { { .fd = e->uffd, .events = POLLIN }, { .fd = e->stop_fd, .events = POLLIN } };
+		if (poll(fds, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (fds[1].revents || (fds[0].revents & (POLLERR | POLLNVAL)))
+			break;
+		ssize_t got = read(e->uffd, msgs, sizeof(msgs));
+		if (got < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				continue;
+			break;
+		}
+		for (ssize_t i = 0; i < got / (ssize_t)sizeof(msgs[0]); i++) {
+			if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
+				handle_fault(e, &msgs[i]);
+				continue;
+			}
+			struct uswap_runeng_msg msg = { .kind = USWAP_RUNENG_EVENT };
+			uswap_uffd_decode(&msgs[i], &msg.ev);
+			count(&e->stats.events, 1);
+			post(e, &msg);   /* returns once Python has handled it, or at stop */
+		}
+	}
+	return NULL;
+}
+
+int uswap_runeng_start(struct uswap_pt *pt, struct uswap_run_budget *budget, int uffd, uint32_t page_size,
+		       int store_fd, const struct uswap_codec *codec, uint32_t readahead, int forward_all,
+		       struct uswap_runeng **out)
+{
+	struct uswap_runeng *e = calloc(1, sizeof(*e));
+	if (!e)
+		return -ENOMEM;
+	e->pt = pt;
+	e->budget = budget;
+	e->uffd = uffd;
+	e->store_fd = store_fd;
+	e->page_size = page_size;
+	e->ra_max = readahead < 1 ? 1 : readahead > MAX_WINDOW ? MAX_WINDOW : readahead;
+	e->forward_all = forward_all;
+	if (codec)
+		e->codec = *codec;
+	e->notify_fd = e->stop_fd = -1;
+	int ret = -ENOMEM;
+	e->buf = uswap_alloc_aligned(page_size, (size_t)e->ra_max * page_size);
+	if (!e->buf)
+		goto fail;
+	e->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (e->notify_fd < 0 || e->stop_fd < 0) {
+		ret = -errno;
+		goto fail;
+	}
+	pthread_mutex_init(&e->lock, NULL);
+	pthread_cond_init(&e->cond, NULL);
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);   /* the thread inherits a mask that blocks everything */
+	ret = -pthread_create(&e->thread, NULL, runeng_main, e);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (ret < 0)
+		goto fail;
+	pthread_setname_np(e->thread, "uswap-run");
+	e->started = 1;
+	*out = e;
+	return 0;
+fail:
+	uswap_runeng_free(e);
+	return ret;
+}
+
+int uswap_runeng_notify_fd(struct uswap_runeng *e)
+{
+	return e->notify_fd;
+}
+
+int uswap_runeng_drain(struct uswap_runeng *e, struct uswap_runeng_msg *out, int max)
+{
+	int n = 0;
+	pthread_mutex_lock(&e->lock);
+	while (n < max && e->head != e->tail)
+		out[n++] = e->ring[e->head++ % RING_SIZE];
+	pthread_cond_broadcast(&e->cond);
+	pthread_mutex_unlock(&e->lock);
+	return n;
+}
+
+void uswap_runeng_resume(struct uswap_runeng *e)
+{
+	pthread_mutex_lock(&e->lock);
+	e->paused = 0;
+	pthread_cond_broadcast(&e->cond);
+	pthread_mutex_unlock(&e->lock);
+}
+
+void uswap_runeng_forward_all(struct uswap_runeng *e, int on)
+{
+	__atomic_store_n(&e->forward_all, on, __ATOMIC_RELAXED);
+}
+
+int64_t uswap_runeng_take_filled(struct uswap_runeng *e)
+{
+	int64_t n = __atomic_exchange_n(&e->filled, 0, __ATOMIC_RELAXED);
+	__atomic_sub_fetch(&e->budget->filled, n, __ATOMIC_RELAXED);
+	__atomic_store_n(&e->told, 0, __ATOMIC_RELAXED);
+	return n;
+}
+
+int64_t uswap_runeng_filled(struct uswap_runeng *e)
+{
+	return __atomic_load_n(&e->filled, __ATOMIC_RELAXED);
+}
+
+void uswap_runeng_add_filled(struct uswap_runeng *e, int64_t n)
+{
+	__atomic_add_fetch(&e->filled, n, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&e->budget->filled, n, __ATOMIC_RELAXED);
+}
+
+void uswap_runeng_stats(struct uswap_runeng *e, struct uswap_runeng_stats *out)
+{
+	uint64_t *src = (uint64_t *)&e->stats, *dst = (uint64_t *)out;
+	for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
+		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
+void uswap_runeng_stop(struct uswap_runeng *e)
+{
+	if (!e->started)
+		return;
+	uint64_t one = 1;
+	if (write(e->stop_fd, &one, sizeof(one)) < 0) {
+		/* cannot fail for a fresh eventfd counter */
+	}
+	pthread_mutex_lock(&e->lock);
+	e->stopping = 1;
+	pthread_cond_broadcast(&e->cond);
+	pthread_mutex_unlock(&e->lock);
+	pthread_join(e->thread, NULL);
+	e->started = 0;
+}
+
+void uswap_runeng_free(struct uswap_runeng *e)
+{
+	if (!e)
+		return;
+	uswap_runeng_stop(e);
+	if (e->notify_fd >= 0)
+		close(e->notify_fd);
+	if (e->stop_fd >= 0)
+		close(e->stop_fd);
+	uswap_free(e->buf);
+	free(e);
+}
