@@ -42,6 +42,8 @@ struct uswap_runeng {
 	int uffd, store_fd;
 	int notify_fd, stop_fd;
 	uint32_t page_size, ra_max;
+	uint32_t ra_size;              /* the readahead window now (adaptive: window()) */
+	uint64_t last_fault;           /* the page number of the last swap-in fault */
 	struct uswap_codec codec;
 	void *buf;                     /* ra_max pages, aligned for O_DIRECT */
 	int forward_all;               /* atomic */
@@ -155,15 +157,31 @@ static void unclaim(struct uswap_runeng *e, uint64_t a, uint64_t n, int64_t slot
 	uswap_pt_unlock(e->pt);
 }
 
+/* The readahead window for a swap-in fault at page (adaptive, as the engine's for regions): it
+ * doubles while faults come near the last one and halves when they jump, so random access reads
+ * only what it faults and a stream reads ahead. */
+static uint32_t window(struct uswap_runeng *e, uint64_t page)
+{
+	uint64_t dist = page > e->last_fault ? page - e->last_fault : e->last_fault - page;
+	uint64_t near = e->ra_size > 2 ? e->ra_size : 2;
+	if (dist <= near)
+		e->ra_size = e->ra_size * 2 < e->ra_max ? e->ra_size * 2 : e->ra_max;
+	else
+		e->ra_size = e->ra_size / 2 > 1 ? e->ra_size / 2 : 1;
+	e->last_fault = page;
+	return e->ra_size;
+}
+
 /* do_swap_page: the faulting page and the swapped pages after it whose slots follow its slot,
  * read in one I/O, installed writable (their slots are stale at once: no swap cache for runs). */
 static int swap_in(struct uswap_runeng *e, uint64_t a, uint64_t entry)
 {
 	int64_t slot = slot_of(entry);
 	uint64_t n = 1, old, ps = e->page_size;
+	uint32_t limit = window(e, a / ps);
 	/* claimed: the faulting page (by the caller), and the window after it */
 	uswap_pt_lock(e->pt);
-	while (n < e->ra_max) {
+	while (n < limit) {
 		uint64_t next = uswap_pt_get_locked(e->pt, a + n * ps);
 		if (next != (USWAP_PT_SWAPPED | (uint64_t)(slot + (int64_t)n + 1) << USWAP_PT_SLOT_SHIFT))
 			break;
@@ -332,6 +350,7 @@ int uswap_runeng_start(struct uswap_pt *pt, struct uswap_run_budget *budget, int
 	e->store_fd = store_fd;
 	e->page_size = page_size;
 	e->ra_max = readahead < 1 ? 1 : readahead > MAX_WINDOW ? MAX_WINDOW : readahead;
+	e->ra_size = 1;
 	e->forward_all = forward_all;
 	if (codec)
 		e->codec = *codec;

@@ -219,6 +219,11 @@ def cmd_run(args) -> int:
     env["USWAP_RUN_SOCKET"] = path
     env["USWAP_RUN_RESIDENT"] = str(args.resident or 0)
     env["USWAP_RUN_REQUIRED"] = "1"     # refused by the daemon (or any failure): the preload exits 1, one line
+    # No rseq registration: the kernel writes a thread's rseq area (in its TLS, registered memory) on every
+    # return to user mode; if that page is swapped and the daemon has died, the write meets the agent's
+    # poison in kernel mode and the kernel forces SIGSEGV instead of the SIGBUS a swapped page must give
+    # (seen: 1 run in 2-6 of tests/test_t10_run_probes.py's daemon-kill tests; 0 in 8 with this).
+    env["GLIBC_TUNABLES"] = ":".join(x for x in (env.get("GLIBC_TUNABLES"), "glibc.pthread.rseq=0") if x)
     sys.stdout.flush()
     try:
         os.execvpe(cmd[0], cmd, env)

@@ -65,7 +65,9 @@ MSG_SIZE = ffi.sizeof("struct uswap_run_msg")
 MAGIC = lib.USWAP_RUN_MAGIC.to_bytes(4, "little")
 MAX_RUNS = lib.USWAP_RUN_MAX_RUNS
 RUN_PAGES = 32                 # pages per eviction run (one MOVE)
-READAHEAD = 8                  # pages read per swap-in at most: the faulting one and the swapped ones after it
+BATCH_PAGES = 1024             # pages per eviction batch at most (one slot write, one DROP of up to MAX_RUNS runs)
+READAHEAD = 32                 # pages read per swap-in at most (the fault thread's window adapts up to it)
+SLOW_READAHEAD = 8             # the same for the faults Python serves (fixed)
 HARD_SLACK = 256               # pages above the line (and 1/8 of it) the fault threads fill before Python throttles
 TICK = 0.01                    # rescan and budget check
 RECOUNT = 0.002                # between two pagemap counts at least
@@ -273,8 +275,8 @@ class RunProcess:
         self.counted = 0.0                         # when (trio clock)
         self.cursor = 0
         self.stats = RunStats()
-        self.buf = AlignedBuffer(RUN_PAGES * MAX_RUNS * PS)
-        self.ra = AlignedBuffer(READAHEAD * PS)
+        self.buf = AlignedBuffer(BATCH_PAGES * PS)
+        self.ra = AlignedBuffer(SLOW_READAHEAD * PS)
         self.detach = False                        # the daemon is stopping: read everything back, unregister
         self.agent_gone = False                    # a DROP went unanswered: stop serving (see drop)
         self.done = trio.Event()
@@ -467,7 +469,7 @@ class RunProcess:
             return self._fill(a, lambda: self.uffd.zeropage(a, PS), "zero_fills")
         slot = slot_of(e)
         n = 1                              # readahead: the swapped pages after it whose slots follow its slot
-        while n < READAHEAD and t.swap(a + n * PS, entry(SWAPPED, slot + n), entry(SWAPPED, slot + n) | BUSY):
+        while n < SLOW_READAHEAD and t.swap(a + n * PS, entry(SWAPPED, slot + n), entry(SWAPPED, slot + n) | BUSY):
             n += 1
         try:
             await self.daemon.io.read(slot, n, self.ra)
@@ -644,7 +646,7 @@ class RunProcess:
         # Pages MOVE refused (SHARED) stay until written, like mlocked pages: they are shown
         # (cow_shared_pages) but not held against the line, or the rest of the run thrashes under them
         # (a parent that read its pages after a child exited kept 4,868 such pages over a 4,096-page line).
-        shared = [a for a, _ in self.table.walk(states=(SHARED,))]
+        shared = [a for a, _ in self.table.walk(states=(SHARED,))] if self.table.count(SHARED) else []
         self.resident = max(0, present - len(shared))
         self.tree.recount()
         self.stats.max_resident_pages = max(self.stats.max_resident_pages, present)
@@ -671,6 +673,7 @@ class RunProcess:
                     evictable[k][(a - starts[k]) // PS] = 0
         order = sorted(range(len(self.ranges)), key=lambda k: (self.ranges[k][1] <= self.cursor, self.ranges[k][0]))
         batch: list[tuple[int, int]] = []
+        pages = 0
         for k in order:
             a0, b0 = self.ranges[k]
             start = max(a0, self.cursor) if a0 < self.cursor < b0 else a0
@@ -679,10 +682,12 @@ class RunProcess:
                 first = start + m.start() * PS
                 count = min(m.end() - m.start(), want)
                 for off in range(0, count, RUN_PAGES):
-                    batch.append((first + off * PS, min(RUN_PAGES, count - off)))
-                    if len(batch) == MAX_RUNS:
+                    n = min(RUN_PAGES, count - off)
+                    batch.append((first + off * PS, n))
+                    pages += n
+                    if len(batch) == MAX_RUNS or pages > BATCH_PAGES - RUN_PAGES:   # the next run may not fit
                         await self.evict(batch)
-                        batch = []
+                        batch, pages = [], 0
                         if self.agent_gone:
                             return
                 want -= count
@@ -736,25 +741,27 @@ class RunProcess:
                 continue                        # unmapped meanwhile; a WP fault lifts the protection
             read.append((a, n, pos))
             pos += n
-        for a, n, at in read:
-            done = 0
-            while done < n:
-                try:
-                    first, got = self.daemon.slots.allocate(n - done)
-                except NoSlots:
-                    self.daemon.log_limited("runslots", logging.ERROR, "run %d: the store is full", self.id)
-                    break
-                try:
-                    await self.daemon.io.write(first, got, self.buf, at + done)
-                except OSError as e:
-                    self.daemon.slots.free(first, got)
-                    self.daemon.stats.write_errors += 1
-                    self.daemon.log_limited("runwrite", logging.ERROR, "run %d: slot write failed: %s", self.id, e)
-                    break
-                for i in range(got):            # the slot is complete; the page is still here, unless written
-                    if not t.swap(a + (done + i) * PS, claimed, entry(INFLIGHT, first + i)):
-                        self.tree.unref(first + i)
-                done += got
+        # One slot write for the batch (split only where the allocator gives a shorter range): slots follow
+        # the buffer, so the pages of a run get consecutive slots (what swap-in readahead looks for).
+        pages = [a + i * PS for a, n, _ in read for i in range(n)]
+        done = 0
+        while done < len(pages):
+            try:
+                first, got = self.daemon.slots.allocate(len(pages) - done)
+            except NoSlots:
+                self.daemon.log_limited("runslots", logging.ERROR, "run %d: the store is full", self.id)
+                break
+            try:
+                await self.daemon.io.write(first, got, self.buf, done)
+            except OSError as e:
+                self.daemon.slots.free(first, got)
+                self.daemon.stats.write_errors += 1
+                self.daemon.log_limited("runwrite", logging.ERROR, "run %d: slot write failed: %s", self.id, e)
+                break
+            for i in range(got):                # the slot is complete; the page is still here, unless written
+                if not t.swap(pages[done + i], claimed, entry(INFLIGHT, first + i)):
+                    self.tree.unref(first + i)
+            done += got
         await self.drop(kept)
         for a, n in kept:                       # not moved: the pages stay, their slots go
             for b in range(a, a + n * PS, PS):
