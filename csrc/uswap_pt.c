@@ -220,3 +220,83 @@ uint64_t uswap_pt_count(struct uswap_pt *pt, uint32_t state)
 	uswap_pt_unlock(pt);
 	return n;
 }
+
+int uswap_pt_claim_free(struct uswap_pt *pt, uint64_t a, uint64_t n, uint64_t entry)
+{
+	uint64_t old;
+	int ret = 1;
+	uswap_pt_lock(pt);
+	for (uint64_t i = 0; i < n && ret == 1; i++)
+		if (uswap_pt_get_locked(pt, a + (i << PAGE_SHIFT)))
+			ret = 0;
+	for (uint64_t i = 0; i < n && ret == 1; i++) {
+		if (uswap_pt_set_locked(pt, a + (i << PAGE_SHIFT), entry, &old) < 0) {
+			while (i--)
+				uswap_pt_set_locked(pt, a + (i << PAGE_SHIFT), 0, &old);
+			ret = -ENOMEM;
+		}
+	}
+	uswap_pt_unlock(pt);
+	return ret;
+}
+
+int64_t uswap_pt_change(struct uswap_pt *pt, uint64_t a, uint64_t n, uint32_t from_mask, uint32_t to_state,
+			uint64_t *old)
+{
+	int64_t changed = 0;
+	uint64_t was;
+	uswap_pt_lock(pt);
+	for (uint64_t i = 0; i < n; i++) {
+		uint64_t p = a + (i << PAGE_SHIFT), e = uswap_pt_get_locked(pt, p);
+		if (old)
+			old[i] = 0;
+		if ((e & USWAP_PT_BUSY) || !(from_mask & (1u << state_of(e))))
+			continue;
+		uint64_t next = to_state ? (e & ~(uint64_t)(USWAP_PT_STATE_MASK | USWAP_PT_BUSY)) | to_state : 0;
+		if (uswap_pt_set_locked(pt, p, next, &was) < 0)
+			break;
+		if (old)
+			old[i] = e;
+		changed++;
+	}
+	uswap_pt_unlock(pt);
+	return changed;
+}
+
+int64_t uswap_pt_assign(struct uswap_pt *pt, const uint64_t *addrs, uint64_t n, uint32_t from, uint32_t to,
+			int64_t first_slot, uint8_t *ok)
+{
+	int64_t changed = 0;
+	uint64_t was;
+	uswap_pt_lock(pt);
+	for (uint64_t i = 0; i < n; i++) {
+		uint64_t e = uswap_pt_get_locked(pt, addrs[i]);
+		ok[i] = e && !(e & USWAP_PT_BUSY) && state_of(e) == from;
+		if (ok[i])
+			uswap_pt_set_locked(pt, addrs[i], to | (uint64_t)(first_slot + (int64_t)i + 1) << USWAP_PT_SLOT_SHIFT,
+					    &was);   /* replaces: cannot fail */
+		changed += ok[i];
+	}
+	uswap_pt_unlock(pt);
+	return changed;
+}
+
+int uswap_pt_runs(struct uswap_pt *pt, uint64_t a, uint64_t n, uint32_t state, uint64_t *first, uint64_t *len,
+		  int max)
+{
+	int k = 0;
+	uswap_pt_lock(pt);
+	for (uint64_t i = 0; i < n && k < max; i++) {
+		uint64_t e = uswap_pt_get_locked(pt, a + (i << PAGE_SHIFT));
+		if (!e || (e & USWAP_PT_BUSY) || state_of(e) != state)
+			continue;
+		if (k && first[k - 1] + (len[k - 1] << PAGE_SHIFT) == a + (i << PAGE_SHIFT)) {
+			len[k - 1]++;
+		} else {
+			first[k] = a + (i << PAGE_SHIFT);
+			len[k++] = 1;
+		}
+	}
+	uswap_pt_unlock(pt);
+	return k;
+}

@@ -47,6 +47,21 @@ int uswap_pt_walk(struct uswap_pt *pt, uint64_t *cursor, uint64_t start, uint64_
 /* Entries in a state. */
 uint64_t uswap_pt_count(struct uswap_pt *pt, uint32_t state);
 
+/* Batches for eviction, one lock each (pages are 4096 bytes, addresses page-aligned): */
+/* Pages a..a+n-1 all get `entry` if none has one (1), else none changes (0).  -ENOMEM. */
+int uswap_pt_claim_free(struct uswap_pt *pt, uint64_t a, uint64_t n, uint64_t entry);
+/* Pages a..a+n-1 whose state bit (1 << state; bit 0: no entry) is in from_mask and that are not BUSY
+ * change to_state, keeping their slot (to_state 0: removed); old[i]: the entry changed, else 0 (old may
+ * be NULL).  How many changed.  Never -ENOMEM unless from_mask has bit 0. */
+int64_t uswap_pt_change(struct uswap_pt *pt, uint64_t a, uint64_t n, uint32_t from_mask, uint32_t to_state,
+			uint64_t *old);
+/* Page addrs[i] in state `from` becomes `to` with slot first_slot + i; ok[i] says whether it did. */
+int64_t uswap_pt_assign(struct uswap_pt *pt, const uint64_t *addrs, uint64_t n, uint32_t from, uint32_t to,
+			int64_t first_slot, uint8_t *ok);
+/* The runs of pages in `state` (not BUSY) in a..a+n-1: first[k], len[k] (pages), at most max of them. */
+int uswap_pt_runs(struct uswap_pt *pt, uint64_t a, uint64_t n, uint32_t state, uint64_t *first, uint64_t *len,
+		  int max);
+
 /* CDEF-END */
 
 /* For the fault thread (uswap_runeng.c): the same, with the caller holding the lock. */

@@ -49,6 +49,7 @@ class PageTable:
         self._cursor = ffi.new("uint64_t *")
         self._addrs = ffi.new("uint64_t[]", _WALK)
         self._entries = ffi.new("uint64_t[]", _WALK)
+        self._scratch = ffi.new("uint64_t[]", 64)
 
     def get(self, a: int) -> int:
         """The page's entry; 0 if it has none."""
@@ -84,6 +85,36 @@ class PageTable:
 
     def count(self, state: int) -> int:
         return lib.uswap_pt_count(self.c, state)
+
+    # -- batches (eviction): one call, one lock, for a run of pages ----------------------------
+
+    def claim_free(self, a: int, n: int, e: int) -> bool:
+        """Pages a.. (n) all get entry ``e`` if none has an entry, else none changes."""
+        return check(lib.uswap_pt_claim_free(self.c, a, n, e)) == 1
+
+    def change(self, a: int, n: int, states: tuple, to_state: int) -> list[int]:
+        """Pages a.. (n) in ``states`` (0: no entry), not BUSY, change to ``to_state`` keeping their slot
+        (0: removed); the entries changed, as they were."""
+        old = self._buffer(n)
+        lib.uswap_pt_change(self.c, a, n, sum(1 << s for s in states), to_state, old)
+        return [old[i] for i in range(n) if old[i]]
+
+    def assign(self, addrs: list[int], from_state: int, to_state: int, first_slot: int) -> list[bool]:
+        """Page addrs[i] in ``from_state`` becomes ``to_state`` with slot first_slot + i: whether it did."""
+        ok = ffi.new("uint8_t[]", len(addrs))
+        lib.uswap_pt_assign(self.c, addrs, len(addrs), from_state, to_state, first_slot, ok)
+        return [bool(x) for x in ok]
+
+    def runs(self, a: int, n: int, state: int, most: int) -> list[tuple[int, int]]:
+        """(first address, pages) of the runs of pages in ``state`` (not BUSY) in a.. (n), up to ``most``."""
+        first, length = ffi.new("uint64_t[]", most), ffi.new("uint64_t[]", most)
+        k = lib.uswap_pt_runs(self.c, a, n, state, first, length, most)
+        return [(first[i], length[i]) for i in range(k)]
+
+    def _buffer(self, n: int):
+        if n > len(self._scratch):
+            self._scratch = ffi.new("uint64_t[]", n)
+        return self._scratch
 
     def close(self) -> None:
         if self.c is not None:

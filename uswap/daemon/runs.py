@@ -66,6 +66,7 @@ MAGIC = lib.USWAP_RUN_MAGIC.to_bytes(4, "little")
 MAX_RUNS = lib.USWAP_RUN_MAX_RUNS
 RUN_PAGES = 32                 # pages per eviction run (one MOVE)
 BATCH_PAGES = 1024             # pages per eviction batch at most (one slot write, one DROP of up to MAX_RUNS runs)
+SCAN_CHUNK = 4096              # pages of pagemap read at a time by a pass between counts
 READAHEAD = 32                 # pages read per swap-in at most (the fault thread's window adapts up to it)
 SLOW_READAHEAD = 8             # the same for the faults Python serves (fixed)
 HARD_SLACK = 256               # pages above the line (and 1/8 of it) the fault threads fill before Python throttles
@@ -354,7 +355,11 @@ class RunProcess:
                     and self.watch is not None and self.watch.grew(self.filled))
             self.stats.growth_counts += grew
             if now >= next_tick or over or grew:
-                next_tick = now + TICK
+                # The rescan and the whole count each tick (and on unexplained growth); a pass because
+                # the run is over its line between ticks goes from the estimate (reclaim).
+                full = now >= next_tick or grew
+                if full:
+                    next_tick = now + TICK
                 self.counted = now
                 if self.detach:
                     await self.swapoff()
@@ -370,11 +375,11 @@ class RunProcess:
                              and self.tree.resident <= self.tree.line())
                 if self.idle:
                     continue
-                if self.sock is not None:      # its HELLO said what is the agent's (a child's: later)
+                if self.sock is not None and full:   # its HELLO said what is the agent's (a child's: later)
                     self.rescan()
                 if self.pid is not None:
                     self.evicted = 0
-                    await self.reclaim()
+                    await self.reclaim(count=full)
                     self.watch.settle(self.filled)
                     if not self.evicted and self.tree.resident > self.tree.line():
                         self.stuck_until = now + TICK
@@ -626,30 +631,37 @@ class RunProcess:
         data = os.pread(self.pagemap, (b - a) // PS * 8, a // PS * 8)
         return data[7::8]
 
-    async def reclaim(self) -> None:
-        """Count the registered resident pages; above the line, evict runs in address order from where
-        the last pass stopped (a FIFO, not a CLOCK: the engine's reclaim is what the next step brings)."""
-        self.engine.take_filled()          # before the count: a page filled meanwhile is counted twice, not never
-        tops = []
-        for a, b in self.ranges:
-            try:
-                tops.append(self._tops(a, b))
-            except OSError:
-                tops.append(b"")
-        # A page a fork shares is charged once, to the process the run started with (or the oldest one
-        # still sharing it: a child counts only the pages it has alone).  Counting it in every process
-        # (summed RSS) put a 2-worker pool permanently over its line with pages nobody can evict (a fork
-        # shares them), and reclaim thrashed the rest.  Pages only siblings still share are charged to
-        # none (a limit, RUN-DESIGN).
-        own = _PRESENT if self.parent is None else _NOT_EXCLUSIVE
-        present = sum(len(t.translate(None, own)) for t in tops)
-        # Pages MOVE refused (SHARED) stay until written, like mlocked pages: they are shown
-        # (cow_shared_pages) but not held against the line, or the rest of the run thrashes under them
-        # (a parent that read its pages after a child exited kept 4,868 such pages over a 4,096-page line).
+    async def reclaim(self, count: bool = True) -> None:
+        """Above the line, evict runs in address order from where the last pass stopped (a FIFO, not a
+        CLOCK).  ``count``: count the registered resident pages first (pagemap, each tick).  Between ticks
+        (a pass because the run went over its line) the last count, less what was evicted since and plus
+        what came in, stands for it, and pagemap is read only from the cursor on, as far as the pass goes:
+        a whole count of a 256 MiB program every 2 ms was a fifth of the daemon's time."""
+        tops = None
         shared = [a for a, _ in self.table.walk(states=(SHARED,))] if self.table.count(SHARED) else []
-        self.resident = max(0, present - len(shared))
+        if count:
+            self.engine.take_filled()      # before the count: a page filled meanwhile is counted twice, not never
+            tops = []
+            for a, b in self.ranges:
+                try:
+                    tops.append(self._tops(a, b))
+                except OSError:
+                    tops.append(b"")
+            # A page a fork shares is charged once, to the process the run started with (or the oldest one
+            # still sharing it: a child counts only the pages it has alone).  Counting it in every process
+            # (summed RSS) put a 2-worker pool permanently over its line with pages nobody can evict (a fork
+            # shares them), and reclaim thrashed the rest.  Pages only siblings still share are charged to
+            # none (a limit, RUN-DESIGN).
+            own = _PRESENT if self.parent is None else _NOT_EXCLUSIVE
+            present = sum(len(t.translate(None, own)) for t in tops)
+            # Pages MOVE refused (SHARED) stay until written, like mlocked pages: they are shown
+            # (cow_shared_pages) but not held against the line, or the rest of the run thrashes under them
+            # (a parent that read its pages after a child exited kept 4,868 such pages over a 4,096-page line).
+            self.resident = max(0, present - len(shared))
+            self.stats.max_resident_pages = max(self.stats.max_resident_pages, present)
+        else:
+            self.resident += self.engine.take_filled()
         self.tree.recount()
-        self.stats.max_resident_pages = max(self.stats.max_resident_pages, present)
         self.tree.max_resident_pages = max(self.tree.max_resident_pages, self.tree.resident)
         want = self.over_line()
         if want <= 0 or self.sock is None:  # no agent (a raw fork's child): counted, served, never evicted
@@ -663,22 +675,10 @@ class RunProcess:
             want = room
             if want <= 0:
                 return
-        evictable = [t.translate(_EVICTABLE) for t in tops]
-        if shared:                         # cut out the pages MOVE refused
-            evictable = [bytearray(t) for t in evictable]
-            starts = [a0 for a0, _ in self.ranges]
-            for a in shared:
-                k = bisect.bisect_right(starts, a) - 1
-                if k >= 0 and a < self.ranges[k][1] and (a - starts[k]) // PS < len(evictable[k]):
-                    evictable[k][(a - starts[k]) // PS] = 0
-        order = sorted(range(len(self.ranges)), key=lambda k: (self.ranges[k][1] <= self.cursor, self.ranges[k][0]))
         batch: list[tuple[int, int]] = []
         pages = 0
-        for k in order:
-            a0, b0 = self.ranges[k]
-            start = max(a0, self.cursor) if a0 < self.cursor < b0 else a0
-            t = evictable[k][(start - a0) // PS:]
-            for m in re.finditer(b"\x01+", t):
+        for start, evictable in self._candidates(tops, shared):
+            for m in re.finditer(b"\x01+", evictable):
                 first = start + m.start() * PS
                 count = min(m.end() - m.start(), want)
                 for off in range(0, count, RUN_PAGES):
@@ -701,19 +701,43 @@ class RunProcess:
         if batch:
             await self.evict(batch)
 
+    def _candidates(self, tops: list[bytes] | None, shared: list[int]):
+        """(address, one byte per page from there: 1 evictable) over the registered ranges from the cursor
+        on: from ``tops`` (a count's pagemap bytes per range), or read in chunks as the pass asks for them.
+        SHARED pages are cut out (MOVE refused them)."""
+        order = sorted(range(len(self.ranges)), key=lambda k: (self.ranges[k][1] <= self.cursor, self.ranges[k][0]))
+        for k in order:
+            a0, b0 = self.ranges[k]
+            start = max(a0, self.cursor) if a0 < self.cursor < b0 else a0
+            while start < b0:
+                end = b0 if tops is not None else min(b0, start + SCAN_CHUNK * PS)
+                if tops is not None:
+                    t = tops[k][(start - a0) // PS:]
+                else:
+                    try:
+                        t = self._tops(start, end)
+                    except OSError:
+                        break                   # gone meanwhile
+                evictable = t.translate(_EVICTABLE)
+                cut = [(a - start) // PS for a in shared if start <= a < end]
+                if cut:
+                    evictable = bytearray(evictable)
+                    for i in cut:
+                        if i < len(evictable):
+                            evictable[i] = 0
+                yield start, evictable
+                start = end
+
     async def evict(self, runs: list[tuple[int, int]]) -> None:
         """Invariant 1, in this order: claim (the fault thread then hands a write to these pages to
         Python, which cancels), write-protect, read through /proc/PID/mem, write slots, agent drop,
         publish SWAPPED.  Whatever is still claimed or in flight at the end stays resident."""
         t = self.table
-        claimed = entry(CLAIMED)
-        kept = []
+        claimed, kept = [], []
         for a, n in runs:
-            got = [b for b in range(a, a + n * PS, PS) if t.swap(b, 0, claimed)]
-            if len(got) < n:                    # a page of it has an entry (SHARED since the count)
-                for b in got:
-                    t.swap(b, claimed, 0)
-                continue
+            if not t.claim_free(a, n, entry(CLAIMED)):
+                continue                        # a page of it has an entry (SHARED since the count)
+            claimed.append((a, n))
             for _ in range(DRAIN_ROUNDS):
                 try:
                     self.uffd.write_protect(a, n * PS)
@@ -725,8 +749,6 @@ class RunProcess:
                     break                       # gone meanwhile
                 kept.append((a, n))
                 break
-            else:
-                kept.append((a, n))             # not protected; the claim is dropped below
         room = self.slot_room()       # other runs may have taken slots since reclaim looked
         pos = 0
         read = []
@@ -758,17 +780,15 @@ class RunProcess:
                 self.daemon.stats.write_errors += 1
                 self.daemon.log_limited("runwrite", logging.ERROR, "run %d: slot write failed: %s", self.id, e)
                 break
-            for i in range(got):                # the slot is complete; the page is still here, unless written
-                if not t.swap(pages[done + i], claimed, entry(INFLIGHT, first + i)):
+            # the slots are complete; a page is still here unless written meanwhile (its claim cancelled)
+            for i, ok in enumerate(t.assign(pages[done:done + got], CLAIMED, INFLIGHT, first)):
+                if not ok:
                     self.tree.unref(first + i)
             done += got
         await self.drop(kept)
-        for a, n in kept:                       # not moved: the pages stay, their slots go
-            for b in range(a, a + n * PS, PS):
-                e = t.get(b)
-                if state_of(e) in (CLAIMED, INFLIGHT):
-                    t.set(b, 0)
-                    self._forget(e)
+        for a, n in claimed:                    # not moved: the pages stay, their slots go
+            for e in t.change(a, n, (CLAIMED, INFLIGHT), 0):
+                self._forget(e)
 
     async def drop(self, runs: list[tuple[int, int]]) -> None:
         """Ask the agent to move the INFLIGHT pages of ``runs`` out; what it moved is SWAPPED."""
@@ -776,17 +796,11 @@ class RunProcess:
         for _ in range(DRAIN_ROUNDS):
             addrs, lens = [], []
             for a, n in runs:
-                i = 0
-                while i < n and len(addrs) < MAX_RUNS:
-                    if state_of(t.get(a + i * PS)) != INFLIGHT:
-                        i += 1
-                        continue
-                    k = 1
-                    while i + k < n and state_of(t.get(a + (i + k) * PS)) == INFLIGHT:
-                        k += 1
-                    addrs.append(a + i * PS)
+                for first, k in t.runs(a, n, INFLIGHT, MAX_RUNS - len(addrs)):
+                    addrs.append(first)
                     lens.append(k * PS)
-                    i += k
+                if len(addrs) == MAX_RUNS:
+                    break
             if not addrs:
                 return
             # No timeout: a stopped process (SIGSTOP) answers when it runs again, and faults nothing meanwhile.
@@ -806,13 +820,10 @@ class RunProcess:
             # INFLIGHT when asked, and only Python changes an INFLIGHT entry.
             for k in range(reply.count):
                 moved = reply.len[k] // PS
-                for i in range(moved):
-                    b = reply.addr[k] + i * PS
-                    e = t.get(b)
-                    if state_of(e) == INFLIGHT:
-                        t.set(b, entry(SWAPPED, slot_of(e)))
+                t.change(reply.addr[k], moved, (INFLIGHT,), SWAPPED)
                 self.stats.pswpout += moved
                 self.evicted += moved
+                self.resident = max(0, self.resident - moved)   # until the next count
                 self.daemon.stats.pswpout += moved
                 err = reply.err[k]
                 if not err:
