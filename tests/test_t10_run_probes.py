@@ -288,6 +288,51 @@ def test_daemon_killed_forks_neither_hang_nor_read_zeros(uswapd, tmp_path):
     assert not os.path.exists(f"/proc/{child}"), "the child hung after the daemon died"
 
 
+GATED = """
+import os, sys
+print(os.getpid(), flush=True)
+xs = [x * 5 for x in range(int(sys.argv[1]))]
+print("built", flush=True)
+sys.stdin.readline()                 # the test corrupts the store meanwhile
+print("sum", sum(xs), flush=True)
+"""
+
+
+def test_a_corrupted_slot_poisons_the_process_never_wrong_data(uswapd, tmp_path):
+    """Negative control of the fault thread's checks: slots flipped on disk behind the daemon's back are caught
+    (authentication fails), the page is poisoned and the program gets SIGBUS, never the wrong data; the daemon
+    lives on and frees every slot."""
+    from test_t4_daemon import corrupt_slots
+    need_root()
+    daemon = uswapd("run", resident="64M", store_size="256M")
+    script = tmp_path / "gated.py"
+    script.write_text(GATED)
+    p = subprocess.Popen(uswap_argv("run", "--resident", "8M", "--socket", daemon.socket, "--", PYTHON, str(script),
+                                    "300000"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        p.stdout.readline()
+        assert p.stdout.readline() == "built\n", p.stderr.read()
+        time.sleep(0.3)                                 # the last eviction pass ends
+        used = daemon.status()["daemon"]["slots_used"]
+        assert used > 0
+        corrupt_slots(daemon.store, 0, used + 256)      # and some the allocator had not reached
+        out, err = p.communicate("go\n", timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == -signal.SIGBUS, (p.returncode, out, err)
+    assert "sum" not in out                             # wrong data was never handed back
+    deadline = time.monotonic() + 10
+    while daemon.status()["runs"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    d = daemon.status()["daemon"]
+    log = daemon.log()
+    assert d["read_errors"] > 0 and "failed authentication (aes-256-gcm)" in log and "poisoned" in log, log[-3000:]
+    assert d["slots_used"] == 0 and daemon.proc.poll() is None
+
+
 def test_daemon_stop_gives_every_page_back(uswapd, tmp_path):
     """SIGTERM: the daemon reads every swapped page back into the process and unregisters it; the program
     goes on unbudgeted with its data whole."""

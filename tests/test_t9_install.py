@@ -27,6 +27,8 @@ import zipfile
 import pytest
 
 from conftest import DaemonProcess, need, need_root, run, uswap
+from test_t8_hostile import GROUP, socket_dir  # noqa: F401 (socket_dir: a fixture)
+from uswap.child import uswap_argv
 from uswap.config import DEFAULTS
 from uswap.daemon.status import fetch_status
 
@@ -445,19 +447,35 @@ def sandbox(settings: dict, caps: list[str]) -> list[str]:
             sys.executable, "-c", MDWE, "/usr/bin/python3", "-c", SECCOMP_LOADER, syscalls]
 
 
-def test_the_daemon_serves_under_the_units_hardening(units, hog, tmp_path):
-    """What can be run here of uswap.service's sandbox, run: the daemon serves a client under it.
-    Negative control: without CAP_SYS_PTRACE (which the unit grants) the MAP checks refuse."""
+RUN_LIST = "import sys\nxs = [x * 3 for x in range(200000)]\nprint(sum(xs), sys.argv[1])\n"
+
+
+def test_the_daemon_serves_under_the_units_hardening(units, hog, socket_dir, tmp_path):
+    """What can be run here of uswap.service's sandbox, run: the daemon serves a region's client and another
+    uid's `uswap run` under it.  Negative controls: without CAP_SYS_PTRACE (which the unit grants) the MAP
+    checks refuse; without CAP_DAC_READ_SEARCH the daemon cannot open another uid's /proc/PID/mem and refuses
+    its run.  The unit's device policy lets it open /dev/userfaultfd (what runs' uffds are made from)."""
     need_root()
     need(subprocess.run(["/usr/bin/python3", "-c", "import seccomp"], capture_output=True).returncode == 0,
          "python3-seccomp is not installed (scripts/install-deps)")
     settings = unit_settings(units / "uswap.service")
     caps = settings["CapabilityBoundingSet"][0].split()
-    assert "CAP_SYS_PTRACE" in caps
+    assert "CAP_SYS_PTRACE" in caps and "CAP_DAC_READ_SEARCH" in caps
+    assert settings["DevicePolicy"] == ["closed"] and settings["DeviceAllow"] == ["/dev/userfaultfd rw"]
+    assert "PrivateDevices" not in settings      # its private /dev has no userfaultfd
+    script = os.path.join(socket_dir, "run_list.py")
+    with open(script, "w") as f:
+        f.write(RUN_LIST)
+    os.chmod(script, 0o644)
+    want = f"{sum(x * 3 for x in range(200000))} nobody\n"
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", f"--groups={GROUP}",
+                 "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]   # to start from /root
     results = {}
-    for name, granted in (("unit", caps), ("no ptrace", [c for c in caps if c != "CAP_SYS_PTRACE"])):
-        daemon = DaemonProcess(tmp_path, name.replace(" ", "-"), store_size="32M", resident="4M",
-                               prefix=tuple(sandbox(settings, granted)))
+    for name, granted in (("unit", caps), ("no ptrace", [c for c in caps if c != "CAP_SYS_PTRACE"]),
+                          ("no dac", [c for c in caps if c != "CAP_DAC_READ_SEARCH"])):
+        daemon = DaemonProcess(tmp_path, name.replace(" ", "-"), store_size="64M", resident="4M",
+                               prefix=tuple(sandbox(settings, granted)), socket_dir=socket_dir,
+                               extra=("--group", str(GROUP), "--run-users", "0,65534"))
         daemon.start()
         try:
             with open(f"/proc/{daemon.proc.pid}/status") as f:
@@ -465,13 +483,29 @@ def test_the_daemon_serves_under_the_units_hardening(units, hog, tmp_path):
             assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
             r = subprocess.run([hog, "-s", "8", "-p", "1", "-r", "2"], capture_output=True, text=True,
                                env=daemon.env(), timeout=120)
-            results[name] = (r.returncode, r.stdout + r.stderr, daemon.status()["daemon"]["pswpout"])
+            pswpout = daemon.status()["daemon"]["pswpout"]
+            ran = subprocess.run([*as_nobody, *uswap_argv("run", "--resident", "4M", "--socket", daemon.socket, "--",
+                                                          sys.executable, script, "nobody")],
+                                 capture_output=True, text=True, timeout=120, env=checkout_env())
+            results[name] = (r.returncode, r.stdout + r.stderr, pswpout, ran,
+                             daemon.status()["daemon"]["pswpout"] - pswpout, daemon.log())
         finally:
             assert daemon.stop() == 0
-    code, out, pswpout = results["unit"]
+    code, out, pswpout, ran, run_pswpout, log = results["unit"]
     assert code == 0 and "0 mismatches" in out and pswpout > 0, out
-    code, out, pswpout = results["no ptrace"]
+    assert (ran.returncode, ran.stdout) == (0, want) and run_pswpout > 0, (ran, log[-2000:])
+    code, out, pswpout, ran, _, _ = results["no ptrace"]
     assert code != 0 and "cannot read the mappings of pid" in out and pswpout == 0, out
+    code, out, pswpout, ran, run_pswpout, log = results["no dac"]
+    assert code == 0 and pswpout > 0, out                       # regions need no DAC override
+    assert ran.returncode == 1 and ran.stdout == "" and run_pswpout == 0, ran
+    assert "/proc/PID/mem or pagemap: Permission denied" in log, log[-2000:]
+
+
+def checkout_env() -> dict:
+    """Children import this checkout's uswap (they start with -P, from "/")."""
+    root = os.path.dirname(os.path.abspath(__file__ + "/.."))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)}
 
 
 # -- metrics ----------------------------------------------------------------------------
