@@ -71,6 +71,7 @@ READAHEAD = 32                 # pages read per swap-in at most (the fault threa
 SLOW_READAHEAD = 8             # the same for the faults Python serves (fixed)
 HARD_SLACK = 256               # pages above the line (and 1/8 of it) the fault threads fill before Python throttles
 TICK = 0.01                    # rescan and budget check
+COUNT_EVERY = 0.1              # a whole pagemap count at least this often (between: the estimate, reclaim)
 RECOUNT = 0.002                # between two pagemap counts at least
 IDLE_POLLS = 10                # an idle process wakes every IDLE_POLLS * POLL (= TICK): its RSS, its EOF
 MIN_LINE = 256                 # pages a run keeps however full the daemon's budget is
@@ -194,6 +195,17 @@ class Run:
         self.max_resident_pages = 0   # the tree's largest count (``resident`` after any member's pagemap count)
         self.budget = ffi.new("struct uswap_run_budget *")   # read by the members' fault threads
         self.recount()
+        # Eviction's page buffer, one per run (the daemon is mlockall'd: 4 MiB per process added up), taken
+        # from the /proc/PID/mem read to the end of the slot write; never held across a DROP (a stopped
+        # process would hold every other member's eviction).
+        self.evict_lock = trio.Lock()
+        self._evict_buf: AlignedBuffer | None = None
+
+    @property
+    def evict_buf(self) -> AlignedBuffer:
+        if self._evict_buf is None:
+            self._evict_buf = AlignedBuffer(BATCH_PAGES * PS)
+        return self._evict_buf
 
     def ref(self, slot: int) -> None:
         self.refs[slot] = self.refs.get(slot, 0) + 1
@@ -276,7 +288,6 @@ class RunProcess:
         self.counted = 0.0                         # when (trio clock)
         self.cursor = 0
         self.stats = RunStats()
-        self.buf = AlignedBuffer(BATCH_PAGES * PS)
         self.ra = AlignedBuffer(SLOW_READAHEAD * PS)
         self.detach = False                        # the daemon is stopping: read everything back, unregister
         self.agent_gone = False                    # a DROP went unanswered: stop serving (see drop)
@@ -334,7 +345,7 @@ class RunProcess:
 
     async def serve(self) -> None:
         """Faults and events until the process is gone (its connection closes: exit or exec)."""
-        next_tick = trio.current_time()
+        next_tick = next_count = trio.current_time()
         while True:
             poll = POLL * (IDLE_POLLS if self.idle else 1)
             with trio.move_on_at(min(next_tick, trio.current_time() + poll)) as waited:
@@ -355,11 +366,16 @@ class RunProcess:
                     and self.watch is not None and self.watch.grew(self.filled))
             self.stats.growth_counts += grew
             if now >= next_tick or over or grew:
-                # The rescan and the whole count each tick (and on unexplained growth); a pass because
-                # the run is over its line between ticks goes from the estimate (reclaim).
-                full = now >= next_tick or grew
-                if full:
+                # The rescan each tick; the whole count every COUNT_EVERY and on unexplained growth; other
+                # passes go from the estimate (reclaim).  The estimate is exact for what faults brought in and
+                # drops took out, and high by what the program freed itself: a count every 10 ms of a 256 MiB
+                # program was a fifth of the daemon's time.
+                tick = now >= next_tick
+                full = grew or now >= next_count
+                if tick:
                     next_tick = now + TICK
+                if full:
+                    next_count = now + COUNT_EVERY
                 self.counted = now
                 if self.detach:
                     await self.swapoff()
@@ -375,8 +391,8 @@ class RunProcess:
                              and self.tree.resident <= self.tree.line())
                 if self.idle:
                     continue
-                if self.sock is not None and full:   # its HELLO said what is the agent's (a child's: later)
-                    self.rescan()
+                if self.sock is not None and (tick or full):   # its HELLO said what is the agent's (a child's: later)
+                    full |= self.rescan()      # a new range's pages are in no count yet
                 if self.pid is not None:
                     self.evicted = 0
                     await self.reclaim(count=full)
@@ -596,15 +612,15 @@ class RunProcess:
 
     # -- registration --------------------------------------------------------------
 
-    def rescan(self) -> None:
+    def rescan(self) -> bool:
         """Register every anonymous private writable VMA (and [heap]; not [stack] yet, not the agent's
         memory).  brk and mmap make new VMAs, madvise/mprotect split them without an event: the range
-        list is only a walk order for reclaim; registration is the kernel's."""
+        list is only a walk order for reclaim; registration is the kernel's.  Whether a range is new."""
         try:
             with open(f"/proc/{self.pid}/maps", "rb") as f:
                 text = f.read()
         except OSError:
-            return
+            return False
         known = set(self.ranges)
         ranges = []
         for m in _MAPS.finditer(text):
@@ -622,7 +638,9 @@ class RunProcess:
                 self.stats.registered += 1
             except OSError:
                 pass                       # gone meanwhile, or not registrable (e.g. VM_DONTEXPAND)
+        new = set(ranges) != known
         self.ranges = ranges
+        return new
 
     # -- eviction ------------------------------------------------------------------
 
@@ -749,42 +767,44 @@ class RunProcess:
                     break                       # gone meanwhile
                 kept.append((a, n))
                 break
-        room = self.slot_room()       # other runs may have taken slots since reclaim looked
-        pos = 0
-        read = []
-        for a, n in kept:
-            if pos + n > room:
-                continue                        # write-protected but kept: a WP fault lifts the protection
-            try:
-                got = os.preadv(self.mem, [self.buf.view[pos * PS:(pos + n) * PS]], a)
-            except OSError:
-                got = 0
-            if got != n * PS:
-                continue                        # unmapped meanwhile; a WP fault lifts the protection
-            read.append((a, n, pos))
-            pos += n
-        # One slot write for the batch (split only where the allocator gives a shorter range): slots follow
-        # the buffer, so the pages of a run get consecutive slots (what swap-in readahead looks for).
-        pages = [a + i * PS for a, n, _ in read for i in range(n)]
-        done = 0
-        while done < len(pages):
-            try:
-                first, got = self.daemon.slots.allocate(len(pages) - done)
-            except NoSlots:
-                self.daemon.log_limited("runslots", logging.ERROR, "run %d: the store is full", self.id)
-                break
-            try:
-                await self.daemon.io.write(first, got, self.buf, done)
-            except OSError as e:
-                self.daemon.slots.free(first, got)
-                self.daemon.stats.write_errors += 1
-                self.daemon.log_limited("runwrite", logging.ERROR, "run %d: slot write failed: %s", self.id, e)
-                break
-            # the slots are complete; a page is still here unless written meanwhile (its claim cancelled)
-            for i, ok in enumerate(t.assign(pages[done:done + got], CLAIMED, INFLIGHT, first)):
-                if not ok:
-                    self.tree.unref(first + i)
-            done += got
+        async with self.tree.evict_lock:       # the buffer, from the read to the end of the write
+            buf = self.tree.evict_buf
+            room = self.slot_room()       # other runs may have taken slots since reclaim looked
+            pos = 0
+            read = []
+            for a, n in kept:
+                if pos + n > room:
+                    continue                        # write-protected but kept: a WP fault lifts the protection
+                try:
+                    got = os.preadv(self.mem, [buf.view[pos * PS:(pos + n) * PS]], a)
+                except OSError:
+                    got = 0
+                if got != n * PS:
+                    continue                        # unmapped meanwhile; a WP fault lifts the protection
+                read.append((a, n, pos))
+                pos += n
+            # One slot write for the batch (split only where the allocator gives a shorter range): slots follow
+            # the buffer, so the pages of a run get consecutive slots (what swap-in readahead looks for).
+            pages = [a + i * PS for a, n, _ in read for i in range(n)]
+            done = 0
+            while done < len(pages):
+                try:
+                    first, got = self.daemon.slots.allocate(len(pages) - done)
+                except NoSlots:
+                    self.daemon.log_limited("runslots", logging.ERROR, "run %d: the store is full", self.id)
+                    break
+                try:
+                    await self.daemon.io.write(first, got, buf, done)
+                except OSError as e:
+                    self.daemon.slots.free(first, got)
+                    self.daemon.stats.write_errors += 1
+                    self.daemon.log_limited("runwrite", logging.ERROR, "run %d: slot write failed: %s", self.id, e)
+                    break
+                # the slots are complete; a page is still here unless written meanwhile (its claim cancelled)
+                for i, ok in enumerate(t.assign(pages[done:done + got], CLAIMED, INFLIGHT, first)):
+                    if not ok:
+                        self.tree.unref(first + i)
+                done += got
         await self.drop(kept)
         for a, n in claimed:                    # not moved: the pages stay, their slots go
             for e in t.change(a, n, (CLAIMED, INFLIGHT), 0):
