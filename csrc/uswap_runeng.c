@@ -34,6 +34,8 @@
 
 #define RING_SIZE 1024                 /* messages; a power of two */
 #define RING_NOTIFY_AT (RING_SIZE / 4) /* wake Python at this fill even when nothing is urgent */
+#define THROTTLE_POLLS 50             /* above the hard line: waits of THROTTLE_POLL_US for reclaim */
+#define THROTTLE_POLL_US 100
 #define THREAD_STACK (256 << 10)   /* bytes; its frames need a few KiB */
 #define MAX_WINDOW 32
 
@@ -128,6 +130,24 @@ static void filled(struct uswap_runeng *e, uint64_t n)
 	if (budget_total(e->budget) > __atomic_load_n(&e->budget->soft, __ATOMIC_RELAXED)
 	    && !__atomic_exchange_n(&e->told, 1, __ATOMIC_RELAXED))
 		notify(e);
+}
+
+/* Above the run's hard line: wait for Python's reclaim to make room, as an allocation waits in direct
+ * reclaim (each eviction batch lowers the count), at most THROTTLE_POLLS * THROTTLE_POLL_US; still
+ * above it, the fault goes to Python, which serves it between reclaims.  Whether it is still above. */
+static int throttled(struct uswap_runeng *e)
+{
+	for (int i = 0; i < THROTTLE_POLLS; i++) {
+		if (budget_total(e->budget) < __atomic_load_n(&e->budget->hard, __ATOMIC_RELAXED))
+			return 0;
+		if (i == 0)
+			notify(e);
+		if (__atomic_load_n(&e->stopping, __ATOMIC_RELAXED))
+			break;
+		usleep(THROTTLE_POLL_US);
+	}
+	count(&e->stats.throttled, 1);
+	return budget_total(e->budget) >= __atomic_load_n(&e->budget->hard, __ATOMIC_RELAXED);
 }
 
 static void wake(struct uswap_runeng *e, uint64_t a)
@@ -291,8 +311,8 @@ static void handle_fault(struct uswap_runeng *e, const struct uffd_msg *m)
 		return forward(e, m, 0);
 	if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
 		ret = unprotect(e, a);
-	} else if (budget_total(e->budget) >= __atomic_load_n(&e->budget->hard, __ATOMIC_RELAXED)) {
-		ret = -ENOMEM;   /* Python serves it after its reclaim: the throttle */
+	} else if (budget_total(e->budget) >= __atomic_load_n(&e->budget->hard, __ATOMIC_RELAXED) && throttled(e)) {
+		ret = -ENOMEM;   /* Python serves it after its reclaim */
 	} else {
 		ret = uswap_pt_claim(e->pt, a, &entry);
 		if (ret == 0)

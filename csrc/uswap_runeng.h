@@ -50,6 +50,7 @@ struct uswap_runeng_stats {
 	uint64_t wp_faults;
 	uint64_t read_ios;
 	uint64_t events;
+	uint64_t throttled;        /* faults that waited their whole time above the hard line */
 };
 
 struct uswap_runeng;

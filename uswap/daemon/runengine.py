@@ -132,6 +132,7 @@ class RunEngineStats:
     wp_faults: int
     read_ios: int
     events: int
+    throttled: int
 
 
 class RunEngine:
@@ -186,7 +187,7 @@ class RunEngine:
         lib.uswap_runeng_stats(self.c, self._stats)
         s = self._stats
         return RunEngineStats(s.engine_faults, s.forwarded, s.pswpin, s.readahead, s.zero_fills, s.wp_faults,
-                              s.read_ios, s.events)
+                              s.read_ios, s.events, s.throttled)
 
     def stop(self) -> None:
         if self.c is not None:

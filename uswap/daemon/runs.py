@@ -69,7 +69,7 @@ BATCH_PAGES = 1024             # pages per eviction batch at most (one slot writ
 SCAN_CHUNK = 4096              # pages of pagemap read at a time by a pass between counts
 READAHEAD = 32                 # pages read per swap-in at most (the fault thread's window adapts up to it)
 SLOW_READAHEAD = 8             # the same for the faults Python serves (fixed)
-HARD_SLACK = 256               # pages above the line (and 1/8 of it) the fault threads fill before Python throttles
+HARD_SLACK = 256               # pages above the line (and 1/32 of it) the fault threads fill; then they wait
 TICK = 0.01                    # rescan and budget check
 COUNT_EVERY = 0.1              # a whole pagemap count at least this often (between: the estimate, reclaim)
 RECOUNT = 0.002                # between two pagemap counts at least
@@ -235,7 +235,7 @@ class Run:
         self.budget.counted = sum(p.resident for p in self.members)
         line = self.line()
         self.budget.soft = line
-        self.budget.hard = line + line // 8 + HARD_SLACK
+        self.budget.hard = line + line // 32 + HARD_SLACK
 
     def line(self) -> int:
         """Resident pages the run may hold: its own budget, within what the daemon's budget leaves after
@@ -809,6 +809,7 @@ class RunProcess:
         for a, n in claimed:                    # not moved: the pages stay, their slots go
             for e in t.change(a, n, (CLAIMED, INFLIGHT), 0):
                 self._forget(e)
+        self.tree.recount()                     # a fault thread waiting above the hard line sees the room
 
     async def drop(self, runs: list[tuple[int, int]]) -> None:
         """Ask the agent to move the INFLIGHT pages of ``runs`` out; what it moved is SWAPPED."""
@@ -961,6 +962,7 @@ class RunProcess:
         out["wp_faults"] += e.wp_faults
         out["engine_faults"] = e.engine_faults
         out["slow_path_faults"] = e.forwarded
+        out["throttled"] = e.throttled
         return out
 
 
