@@ -235,7 +235,12 @@ class Run:
         self.budget.counted = sum(p.resident for p in self.members)
         line = self.line()
         self.budget.soft = line
-        self.budget.hard = line + line // 32 + HARD_SLACK
+        # A run reclaim cannot bring down (no store room; every page shared, pinned or refused) is not
+        # throttled: waiting would only slow every fault (a run over its line for want of store room paid
+        # 5 ms a fault).  Its next pass that evicts something brings the line back.
+        now = trio.current_time()
+        stuck = any(p.stuck_until > now for p in self.members)
+        self.budget.hard = (1 << 62) if stuck else line + line // 32 + HARD_SLACK
 
     def line(self) -> int:
         """Resident pages the run may hold: its own budget, within what the daemon's budget leaves after
@@ -399,6 +404,7 @@ class RunProcess:
                     self.watch.settle(self.filled)
                     if not self.evicted and self.tree.resident > self.tree.line():
                         self.stuck_until = now + TICK
+                        self.tree.recount()
             if self.agent_gone:
                 break
 
