@@ -649,3 +649,28 @@ def test_256m_list_and_numpy_array_within_64m_plus_slack(uswapd, memcg, tmp_path
     """Issue 12 test 1 at its size: a 256 MiB list and a 256 MiB array under --resident 64M (about half a
     minute; peak 70.6 MiB measured)."""
     check_list_and_array(uswapd, memcg, tmp_path, 256, 64)
+
+
+def test_a_forked_tree_stays_within_one_budget(uswapd, memcg, hog):
+    """The budget covers the process tree: 4 fork children of the integrity hog, each filling and verifying
+    16 MiB of plain anonymous memory it maps after the fork (64 MiB in all), under --resident 16M: every word
+    verified, and the peak charged to the tree's memory cgroup stays within the budget plus RUN_SLACK_MIB.
+    Negative control: the same tree unbudgeted peaks far above it.  (A member with nothing to evict, the
+    parent that only waits, once lifted the throttle for the whole tree: 230 MiB of 256 resident.)"""
+    daemon = uswapd("tree", resident="64M", store_size="256M")
+    argv = [hog, "-s", "16", "-p", "4", "-r", "2", "-a"]
+    plain, plain_peak, _ = peak_of(memcg, memcg.wrap(*argv))
+    assert plain.returncode == 0, plain.stderr
+    before = len(released(daemon))
+    r, peak, _ = peak_of(memcg, uswap_argv("run", "--resident", "16M", "--socket", daemon.socket, "--",
+                                           *memcg.wrap(*argv)))
+    print(f"tree peak {peak / 2**20:.1f} MiB under 16M (unbudgeted {plain_peak / 2**20:.1f} MiB)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(" 0 mismatches") == 4, r.stdout + r.stderr
+    deadline = time.monotonic() + 10
+    while daemon.status()["runs"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runs = released(daemon)[before:]
+    assert len(runs) == 6 and sum(run["pswpout"] for run in runs) > 0, runs   # sh, exec'd hog, 4 children
+    assert plain_peak > (16 + RUN_SLACK_MIB) << 20
+    assert peak <= (16 + RUN_SLACK_MIB) << 20, f"peak {peak / 2**20:.1f} MiB"

@@ -238,8 +238,10 @@ class Run:
         # A run reclaim cannot bring down (no store room; every page shared, pinned or refused) is not
         # throttled: waiting would only slow every fault (a run over its line for want of store room paid
         # 5 ms a fault).  Its next pass that evicts something brings the line back.
+        # Stuck: no member that can evict (it has an agent) evicted anything in its last pass.  One member
+        # with nothing to give (a parent that only waits for its children) must not unthrottle the others.
         now = trio.current_time()
-        stuck = any(p.stuck_until > now for p in self.members)
+        stuck = all(p.stuck_until > now for p in self.members if p.sock is not None)
         self.budget.hard = (1 << 62) if stuck else line + line // 32 + HARD_SLACK
 
     def line(self) -> int:
