@@ -3,6 +3,7 @@
 #include "uswap_core.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -444,4 +445,45 @@ int uswap_mlockall(void)
 int uswap_set_io_flusher(void)
 {
 	return prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0 ? NEG_ERRNO() : 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* fault threads                                                      */
+/* ------------------------------------------------------------------ */
+
+#define THREAD_STACK (256 << 10)   /* bytes; the threads' frames need a few KiB */
+
+int uswap_start_thread(pthread_t *thread, void *(*fn)(void *), void *arg, const char *name)
+{
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);   /* the thread inherits a mask that blocks everything */
+	pthread_attr_t attr;
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, THREAD_STACK);
+	int ret = -pthread_create(thread, &attr, fn, arg);
+	pthread_attr_destroy(&attr);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (ret == 0)
+		pthread_setname_np(*thread, name);   /* for top -H, perf -t, gdb */
+	return ret;
+}
+
+void uswap_stop_thread(pthread_t thread, int stop_fd, pthread_mutex_t *lock, pthread_cond_t *cond, int *stopping)
+{
+	uint64_t one = 1;
+	if (write(stop_fd, &one, sizeof(one)) < 0) {
+		/* cannot fail for a fresh eventfd counter */
+	}
+	pthread_mutex_lock(lock);
+	*stopping = 1;
+	pthread_cond_broadcast(cond);
+	pthread_mutex_unlock(lock);
+	pthread_join(thread, NULL);
+}
+
+void uswap_copy_counters(const uint64_t *src, uint64_t *dst, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
 }

@@ -148,4 +148,16 @@ int uswap_open_pages(struct uswap_sealer *s, void *buf, size_t count, size_t pag
 /* A uffd message, flattened (read_events; the run engine's forwarded messages). */
 void uswap_uffd_decode(const struct uffd_msg *m, struct uswap_uffd_event *e);
 
+/* The fault threads' plumbing (uswap_engine.c, uswap_runeng.c). */
+#include <pthread.h>
+/* Start fn(arg) named `name`, every signal blocked in it, on a small stack: the daemon is mlockall'd, and
+ * a default 8 MiB stack per thread was locked and populated for every region and run process (measured:
+ * 12 MiB per forked run process).  0, or -errno. */
+int uswap_start_thread(pthread_t *thread, void *(*fn)(void *), void *arg, const char *name);
+/* Stop a thread started so: tell it through its eventfd and, under its lock, its stopping flag (a wait on
+ * cond ends), and join it. */
+void uswap_stop_thread(pthread_t thread, int stop_fd, pthread_mutex_t *lock, pthread_cond_t *cond, int *stopping);
+/* Copy n atomic counters. */
+void uswap_copy_counters(const uint64_t *src, uint64_t *dst, size_t n);
+
 #endif

@@ -31,7 +31,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -43,7 +42,6 @@
 #define NEG_ERRNO() (-(errno ? errno : EIO))
 #define RING_SIZE 4096                 /* messages; a power of two */
 #define RING_NOTIFY_AT (RING_SIZE / 4) /* wake Python at this fill even when it is not waiting for us */
-#define THREAD_STACK (256 << 10)   /* bytes; its frames need a few KiB */
 #define MAX_WINDOW 64
 #define AHEAD_DEPTH 2                  /* windows read ahead of a stream, in flight at once */
 #define AHEAD_REACH (4 * MAX_WINDOW)   /* how far past the stream's last fault they may go */
@@ -896,20 +894,9 @@ int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t ad
 	}
 	pthread_mutex_init(&e->lock, NULL);
 	pthread_cond_init(&e->space, NULL);
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);   /* the thread inherits a mask that blocks everything */
-	/* A small stack: the daemon is mlockall'd, and a default 8 MiB stack per thread would be locked
-	 * and populated for every region and run process (measured: 12 MiB per forked run process). */
-	pthread_attr_t attr;
-	pthread_attr_init(&attr);
-	pthread_attr_setstacksize(&attr, THREAD_STACK);
-	ret = -pthread_create(&e->thread, &attr, engine_main, e);
-	pthread_attr_destroy(&attr);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	ret = uswap_start_thread(&e->thread, engine_main, e, "uswap-engine");
 	if (ret < 0)
 		goto fail;
-	pthread_setname_np(e->thread, "uswap-engine");   /* for top -H, perf -t, gdb */
 	e->started = 1;
 	*out = e;
 	return 0;
@@ -939,9 +926,7 @@ int uswap_engine_drain(struct uswap_engine *e, struct uswap_engine_msg *out, int
 
 void uswap_engine_stats(struct uswap_engine *e, struct uswap_engine_stats *out)
 {
-	uint64_t *src = (uint64_t *)&e->stats, *dst = (uint64_t *)out;
-	for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
-		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+	uswap_copy_counters((const uint64_t *)&e->stats, (uint64_t *)out, sizeof(*out) / sizeof(uint64_t));
 }
 
 /* Quiesce: the thread has returned when this returns (a fault it was serving is
@@ -950,15 +935,7 @@ void uswap_engine_stop(struct uswap_engine *e)
 {
 	if (!e->started)
 		return;
-	uint64_t one = 1;
-	if (write(e->stop_fd, &one, sizeof(one)) < 0) {
-		/* cannot fail for a fresh eventfd counter */
-	}
-	pthread_mutex_lock(&e->lock);
-	e->stopping = 1;
-	pthread_cond_broadcast(&e->space);
-	pthread_mutex_unlock(&e->lock);
-	pthread_join(e->thread, NULL);
+	uswap_stop_thread(e->thread, e->stop_fd, &e->lock, &e->space, &e->stopping);
 	e->started = 0;
 }
 

@@ -26,7 +26,6 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -36,7 +35,6 @@
 #define RING_NOTIFY_AT (RING_SIZE / 4) /* wake Python at this fill even when nothing is urgent */
 #define THROTTLE_POLLS 50             /* above the hard line: waits of THROTTLE_POLL_US for reclaim */
 #define THROTTLE_POLL_US 100
-#define THREAD_STACK (256 << 10)   /* bytes; its frames need a few KiB */
 #define MAX_WINDOW 32
 
 struct uswap_runeng {
@@ -388,20 +386,9 @@ int uswap_runeng_start(struct uswap_pt *pt, struct uswap_run_budget *budget, int
 	}
 	pthread_mutex_init(&e->lock, NULL);
 	pthread_cond_init(&e->cond, NULL);
-	sigset_t all, old;
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);   /* the thread inherits a mask that blocks everything */
-	/* A small stack: the daemon is mlockall'd, and a default 8 MiB stack per thread would be locked
-	 * and populated for every region and run process (measured: 12 MiB per forked run process). */
-	pthread_attr_t attr;
-	pthread_attr_init(&attr);
-	pthread_attr_setstacksize(&attr, THREAD_STACK);
-	ret = -pthread_create(&e->thread, &attr, runeng_main, e);
-	pthread_attr_destroy(&attr);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	ret = uswap_start_thread(&e->thread, runeng_main, e, "uswap-run");
 	if (ret < 0)
 		goto fail;
-	pthread_setname_np(e->thread, "uswap-run");
 	e->started = 1;
 	*out = e;
 	return 0;
@@ -460,24 +447,14 @@ void uswap_runeng_add_filled(struct uswap_runeng *e, int64_t n)
 
 void uswap_runeng_stats(struct uswap_runeng *e, struct uswap_runeng_stats *out)
 {
-	uint64_t *src = (uint64_t *)&e->stats, *dst = (uint64_t *)out;
-	for (size_t i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
-		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+	uswap_copy_counters((const uint64_t *)&e->stats, (uint64_t *)out, sizeof(*out) / sizeof(uint64_t));
 }
 
 void uswap_runeng_stop(struct uswap_runeng *e)
 {
 	if (!e->started)
 		return;
-	uint64_t one = 1;
-	if (write(e->stop_fd, &one, sizeof(one)) < 0) {
-		/* cannot fail for a fresh eventfd counter */
-	}
-	pthread_mutex_lock(&e->lock);
-	e->stopping = 1;
-	pthread_cond_broadcast(&e->cond);
-	pthread_mutex_unlock(&e->lock);
-	pthread_join(e->thread, NULL);
+	uswap_stop_thread(e->thread, e->stop_fd, &e->lock, &e->cond, &e->stopping);
 	e->started = 0;
 }
 
