@@ -197,6 +197,30 @@ def test_integrity_hog_4x_budget_on_nfs(nfs, uswapd, hog, stable):
     assert "NFS server 127.0.0.1: up since" in r.stdout, r.stdout
 
 
+def test_uswap_run_on_an_nfs_store(nfs, uswapd, hog):
+    """`uswap run` with an nfs:// store: the fault threads read no NFS, so every fault of the run, its fork
+    children's included, is handed to Python, which reads through the userspace client; every word verified."""
+    from test_t10_run_probes import released
+    from uswap.child import uswap_argv
+    url = mkswap(nfs)
+    daemon = start_daemon(uswapd, nfs, url, resident="32M")
+    before = len(released(daemon))
+    r = subprocess.run(uswap_argv("run", "--resident", "4M", "--socket", daemon.socket, "--",
+                                  hog, "-s", "8", "-p", "2", "-r", "2", "-a"), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" 0 mismatches") == 2, r.stdout
+    deadline = time.monotonic() + 10
+    while daemon.status()["runs"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runs = released(daemon)[before:]
+    assert len(runs) == 3, runs                                  # the parent and its 2 fork children
+    assert sum(x["engine_faults"] for x in runs) == 0 and sum(x["slow_path_faults"] for x in runs) > 0, runs
+    assert sum(x["pswpout"] for x in runs) > 0 and sum(x["pswpin"] for x in runs) > 0, runs
+    d = daemon.status()["daemon"]
+    assert d["io"] == "nfs" and d["read_errors"] == d["write_errors"] == 0 and d["slots_used"] == 0, d
+
+
 def test_slot_corrupted_on_the_server_is_caught(nfs, uswapd):
     """Negative control: flip a bit in each used slot of the file on the server's disk."""
     url = mkswap(nfs)
