@@ -35,7 +35,6 @@ resident or never touched.  Invariants (RUN-DESIGN; DESIGN.md "Runs"):
 from __future__ import annotations
 
 import array
-import bisect
 import contextlib
 import errno
 import logging
@@ -51,7 +50,7 @@ import trio
 from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.daemon.mapcheck import check_uffd
-from uswap.daemon.runengine import (CLAIMED, EVENT, FREED, INFLIGHT, SHARED, SWAPPED, BUSY, PageTable, RunEngine,
+from uswap.daemon.runengine import (BUSY, CLAIMED, EVENT, FREED, INFLIGHT, SHARED, SWAPPED, PageTable, RunEngine,
                                      entry, slot_of, state_of)
 from uswap.daemon.runwatch import POLL, RssWatch
 from uswap.daemon.slots import NoSlots
