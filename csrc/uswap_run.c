@@ -22,7 +22,8 @@
  * gets its own staging area and agent.  A raw SYS_fork child has no agent: it is served, not evicted.
  *
  * If the server goes away, the agent answers the faults itself: MISSING with UFFDIO_POISON (SIGBUS
- * for the toucher: the data may have been the server's), WP by lifting protection; it keeps the
+ * for the toucher: the data may have been the server's) where the record says an agent moved the page
+ * out, UFFDIO_ZEROPAGE elsewhere; WP by lifting protection; it keeps the
  * uffds raw forks make and answers them the same way while this process lives.  fork() is then
  * refused (EAGAIN, with a message): the child's swapped pages would be nobody's.
  */
@@ -61,15 +62,64 @@ struct agent_ctx {
 	uint64_t staging, staging_len, page_size, doorbell;
 	int child, ready_pipe;                /* the handshake: see handshake() */
 	int refused;                          /* READY said no (the server lives: a child's uffd is served) */
+	struct record *record;                /* this process tree's (see record_mark) */
 	struct uswap_run_msg hello;
 };
 enum { SERVED = 0, SERVER_GONE = 1, DETACHED = 2 };   /* server_gone */
+
+/*
+ * What this process tree's agents moved out (the record).  Once the server is gone, a missing page the record
+ * has may have had a slot (the agent answers SIGBUS: its data was the server's), one it lacks never left this
+ * process (a zero page: it was never touched, or freed).  A sparse bitmap, a directory of 4 KiB leaves of 2^15
+ * pages each, in a MAP_SHARED anonymous mapping: fork children share it (their swapped pages were the parent's;
+ * what they move is marked for all, the safe side), the server never registers it (it registers private
+ * memory only), nothing mlocks it (a leaf is touched when a page in its 128 MiB is first moved).  A page is marked
+ * *before* its move: a fork between a move and its mark would give the child a record without it.  Marks are
+ * never cleared (a page swapped back in and freed since gives SIGBUS, again the safe side); out of leaves, the
+ * record is full and has every page.
+ */
+enum { RECORD_LEAF_PAGES = 1 << 15, RECORD_DIR = 1 << 20 /* 2^35 pages: 47-bit user space */,
+       RECORD_LEAVES = 8192 /* 1 TiB of address space */ };
+struct record {
+	uint32_t leaves_used;                 /* atomic */
+	uint32_t full;                        /* atomic */
+	uint32_t dir[RECORD_DIR];             /* atomic: leaf + 1, 0: none */
+	uint64_t leaf[RECORD_LEAVES][RECORD_LEAF_PAGES / 64];   /* atomic */
+};
+
+static void record_mark(struct record *r, uint64_t addr, uint64_t len, uint64_t page_size)
+{
+	for (uint64_t page = addr / page_size; page < (addr + len) / page_size; page++) {
+		uint64_t d = page / RECORD_LEAF_PAGES, bit = page % RECORD_LEAF_PAGES;
+		uint32_t leaf = d < RECORD_DIR ? __atomic_load_n(&r->dir[d], __ATOMIC_ACQUIRE) : 0;
+		if (!leaf) {
+			uint32_t mine = __atomic_add_fetch(&r->leaves_used, 1, __ATOMIC_RELAXED), none = 0;
+			if (d >= RECORD_DIR || mine > RECORD_LEAVES) {
+				__atomic_store_n(&r->full, 1, __ATOMIC_RELEASE);
+				return;
+			}
+			leaf = __atomic_compare_exchange_n(&r->dir[d], &none, mine, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)
+			       ? mine : none;   /* another agent's leaf won: this one stays unused */
+		}
+		__atomic_or_fetch(&r->leaf[leaf - 1][bit / 64], 1ull << (bit % 64), __ATOMIC_RELEASE);
+	}
+}
+
+static int record_has(const struct record *r, uint64_t addr, uint64_t page_size)
+{
+	uint64_t page = addr / page_size, d = page / RECORD_LEAF_PAGES, bit = page % RECORD_LEAF_PAGES;
+	if (!r || __atomic_load_n(&r->full, __ATOMIC_ACQUIRE) || d >= RECORD_DIR)
+		return 1;
+	uint32_t leaf = __atomic_load_n(&r->dir[d], __ATOMIC_ACQUIRE);
+	return leaf && (__atomic_load_n(&r->leaf[leaf - 1][bit / 64], __ATOMIC_ACQUIRE) >> (bit % 64) & 1);
+}
 
 /* Written by the constructor (and the atfork child handler) before any agent runs; read by the
  * program's threads only (fork() and the child handler), never by an agent. */
 static struct agent_ctx *agent_of_process;
 static const char *socket_path;
 static char *doorbell;
+static struct record *record;                 /* inherited by fork children (shared), new after exec */
 static int state_at_fork = -1;                /* server_gone when this process last forked; -1: no agent */
 static int process_fds[3] = { -1, -1, -1 };   /* the connection, the uffd, the staging uffd: a child closes them */
 
@@ -95,6 +145,7 @@ static uint64_t drop_run(const struct agent_ctx *c, uint64_t addr, uint64_t len,
 {
 	uint64_t done = 0, most = c->staging_len;
 	*err = 0;
+	record_mark(c->record, addr, len, c->page_size);   /* before the move: see struct record */
 	while (done < len) {
 		uint64_t n = len - done < most ? len - done : most;
 		struct uffdio_move mv = { .dst = c->staging, .src = addr + done, .len = n, .mode = 0 };
@@ -117,15 +168,26 @@ static uint64_t drop_run(const struct agent_ctx *c, uint64_t addr, uint64_t len,
 	return done;
 }
 
-static void answer_faults(int uffd, const struct uffd_msg *m, uint64_t page_size)
+/* The server is gone: a write to a protected page may go on; a missing page the record has gives SIGBUS (its
+ * data may have been in a slot), any other is a zero page.  An ioctl refused while an event is pending
+ * (EAGAIN) wakes the thread instead: it faults again, after the event, which this agent reads. */
+static void answer_faults(int uffd, const struct uffd_msg *m, const struct record *r, uint64_t page_size)
 {
 	uint64_t a = m->arg.pagefault.address & ~(page_size - 1);
+	long ret;
 	if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
 		struct uffdio_writeprotect w = { .range = { a, page_size }, .mode = 0 };
-		raw6(SYS_ioctl, uffd, (long)UFFDIO_WRITEPROTECT, (long)&w, 0, 0, 0);
-	} else {
+		ret = raw6(SYS_ioctl, uffd, (long)UFFDIO_WRITEPROTECT, (long)&w, 0, 0, 0);
+	} else if (record_has(r, a, page_size)) {
 		struct uffdio_poison p = { .range = { a, page_size }, .mode = 0 };
-		raw6(SYS_ioctl, uffd, (long)UFFDIO_POISON, (long)&p, 0, 0, 0);
+		ret = raw6(SYS_ioctl, uffd, (long)UFFDIO_POISON, (long)&p, 0, 0, 0);
+	} else {
+		struct uffdio_zeropage z = { .range = { a, page_size }, .mode = 0 };
+		ret = raw6(SYS_ioctl, uffd, (long)UFFDIO_ZEROPAGE, (long)&z, 0, 0, 0);
+	}
+	if (ret == -EAGAIN || ret == -EEXIST) {
+		struct uffdio_range w = { a, page_size };
+		raw6(SYS_ioctl, uffd, (long)UFFDIO_WAKE, (long)&w, 0, 0, 0);
 	}
 }
 
@@ -159,7 +221,7 @@ static void orphaned(struct agent_ctx *c)
 			}
 			for (long i = 0; i < got / (long)sizeof(m[0]); i++) {
 				if (m[i].event == UFFD_EVENT_PAGEFAULT) {
-					answer_faults(p[k].fd, &m[i], c->page_size);
+					answer_faults(p[k].fd, &m[i], c->record, c->page_size);
 				} else if (m[i].event == UFFD_EVENT_FORK) {
 					int fd = (int)m[i].arg.fork.ufd;
 					for (int j = 1; j < n && n == 1 + MAX_ORPHAN_FORKS; j++)
@@ -167,8 +229,12 @@ static void orphaned(struct agent_ctx *c)
 							raw6(SYS_close, p[j].fd, 0, 0, 0, 0, 0);
 							p[j] = p[--n];
 						}
-					if (n < 1 + MAX_ORPHAN_FORKS)
+					if (n < 1 + MAX_ORPHAN_FORKS) {
+						/* a fork's uffd is blocking (O_NONBLOCK is not inherited), and poll on
+						 * a blocking uffd only ever says POLLERR */
+						raw6(SYS_fcntl, fd, F_SETFL, O_NONBLOCK, 0, 0, 0);
 						p[n++] = (struct pollfd){ .fd = fd, .events = POLLIN };
+					}
 					else
 						raw6(SYS_close, fd, 0, 0, 0, 0, 0);   /* a 65th live child: its swapped pages read zeros */
 				}
@@ -379,6 +445,15 @@ static int start(const char *path, int child, const char **why)
 	struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_MOVE };
 	if (ioctl(suffd, UFFDIO_API, &api) < 0)
 		return -errno;
+	if (!record) {
+		/* virtual: 36 MiB reserved, a page touched per 128 MiB of address space evicted */
+		record = mmap(NULL, sizeof(struct record), PROT_READ | PROT_WRITE,
+			      MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (record == MAP_FAILED) {
+			record = NULL;
+			return -ENOMEM;
+		}
+	}
 	if (!doorbell) {
 		/* registered with the rest of the program's memory and never touched but by a child's handler */
 		doorbell = mmap(NULL, (size_t)ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -405,7 +480,7 @@ static int start(const char *path, int child, const char **why)
 	struct agent_ctx *c = (struct agent_ctx *)stack;
 	*c = (struct agent_ctx){ .sock = sock, .uffd = uffd, .staging_uffd = suffd, .staging = (uint64_t)staging,
 				 .staging_len = STAGING_BYTES, .page_size = (uint64_t)ps, .doorbell = (uint64_t)doorbell,
-				 .child = child, .ready_pipe = ready[1] };
+				 .child = child, .ready_pipe = ready[1], .record = record };
 	c->hello = (struct uswap_run_msg){ .magic = USWAP_RUN_MAGIC, .version = USWAP_RUN_VERSION,
 					   .op = USWAP_RUN_HELLO, .pid = (uint64_t)getpid(), .staging = (uint64_t)staging,
 					   .staging_len = STAGING_BYTES, .agent_stack = (uint64_t)stack,

@@ -253,6 +253,27 @@ def test_daemon_killed_swapped_pages_give_sigbus_and_nothing_hangs(uswapd, tmp_p
     assert "sum" not in out
 
 
+def test_daemon_killed_untouched_pages_are_zero_swapped_ones_sigbus(uswapd, tmp_path):
+    """The issue's fallback, both halves: after the daemon dies, a registered page the agents never moved out
+    (the record in csrc/uswap_run.c) is a zero page, one they moved gives SIGBUS (tests/c/run_untouched.c).
+    Before the record, the agent poisoned every missing page, and "fresh 0" never printed."""
+    need_root()
+    daemon = uswapd("run", resident="64M", store_size="256M")
+    prog = tmp_path / "run_untouched"
+    run("cc", "-O2", "-Wall", "-Werror", os.path.join(HERE, "c", "run_untouched.c"), "-o", str(prog))
+    p = subprocess.Popen(uswap_argv("run", "--resident", "8M", "--socket", daemon.socket, "--", str(prog), "32"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    if p.stdout.readline() != "built\n":
+        p.kill()
+        pytest.fail(p.communicate()[1])
+    time.sleep(0.3)
+    assert daemon.status()["daemon"]["pswpout"] > 0
+    out, err = kill_daemon_then_wait(daemon, p)
+    assert p.returncode == -signal.SIGBUS, (p.returncode, out, err)
+    assert out == "fresh 0\n", out + err
+
+
 def test_daemon_killed_forks_neither_hang_nor_read_zeros(uswapd, tmp_path):
     """Issue 12, test 7 with fork: a child forked before the daemon died gets SIGBUS on a page swapped in its
     parent (its agent answers with poison), never zeros; fork() afterwards is refused at once (EAGAIN), not
