@@ -189,11 +189,35 @@ int uswap_pt_claim(struct uswap_pt *pt, uint64_t addr, uint64_t *entry)
 	return ret;
 }
 
+/* A walk goes bucket by bucket, or, when its range has fewer pages than a quarter of the buckets, page by
+ * page through the range (an event on a few pages of a process with a big table must not cost a scan of it
+ * all: a program that frees memory often raises REMOVE and UNMAP as often).  The cursor's top bit says
+ * which, decided at the first call. */
+#define WALK_BY_PAGE (1ull << 63)
+
 int uswap_pt_walk(struct uswap_pt *pt, uint64_t *cursor, uint64_t start, uint64_t end, uint32_t states,
 		  int take, uint64_t *addrs, uint64_t *entries, int max)
 {
 	int n = 0;
 	uswap_pt_lock(pt);
+	uint64_t pages = (end - start) >> PAGE_SHIFT;
+	if (*cursor == 0 && pages < (pt->mask + 1) / 4)
+		*cursor = WALK_BY_PAGE;
+	if (*cursor & WALK_BY_PAGE) {
+		uint64_t i = *cursor & ~WALK_BY_PAGE;
+		for (; i < pages && n < max; i++) {
+			uint64_t a = (start & ~((1ull << PAGE_SHIFT) - 1)) + (i << PAGE_SHIFT), b = find(pt, a >> PAGE_SHIFT);
+			if (!pt->key[b] || !(states & (1u << state_of(pt->val[b]))))
+				continue;
+			addrs[n] = a;
+			entries[n++] = pt->val[b];
+			if (take)
+				remove_at(pt, b);
+		}
+		*cursor = WALK_BY_PAGE | i;
+		uswap_pt_unlock(pt);
+		return n;
+	}
 	uint64_t b = *cursor;
 	while (b <= pt->mask && n < max) {
 		uint64_t key = pt->key[b], a = key << PAGE_SHIFT;
