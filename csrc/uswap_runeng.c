@@ -251,16 +251,25 @@ static int swap_in(struct uswap_runeng *e, uint64_t a, uint64_t entry)
 	return 0;
 }
 
-/* First touch of a page the table does not hold.  The lock is held from the lookup to the end of
- * the ioctl: an eviction claims under it, so a page it takes out after this lookup (a stale fault
- * on a page another thread's fault filled) is present here (EEXIST), never zero-filled over its slot. */
-static int zero_fill(struct uswap_runeng *e, uint64_t a)
+/* A missing page, decided with one lookup under the table's lock: no entry, a first touch (a zero page,
+ * the lock held to the end of the ioctl: an eviction claims under it, so a page it takes out after this
+ * lookup (a stale fault on a page another thread's fault filled) is present here (EEXIST), never
+ * zero-filled over its slot); SWAPPED and not held, claimed (BUSY) and swapped in; anything else is
+ * Python's (CLAIMED, INFLIGHT: the agent may be moving it; SHARED; held). */
+static int missing(struct uswap_runeng *e, uint64_t a)
 {
+	uint64_t old;
 	int64_t done = 0;
 	uswap_pt_lock(e->pt);
-	if (uswap_pt_get_locked(e->pt, a)) {
+	uint64_t entry = uswap_pt_get_locked(e->pt, a);
+	if (state_of(entry) == USWAP_PT_SWAPPED && !(entry & USWAP_PT_BUSY)) {
+		uswap_pt_set_locked(e->pt, a, entry | USWAP_PT_BUSY, &old);   /* replaces: cannot fail */
 		uswap_pt_unlock(e->pt);
-		return -EBUSY;   /* CLAIMED, INFLIGHT (the agent may be moving it), SHARED: Python's */
+		return swap_in(e, a, entry);
+	}
+	if (entry) {
+		uswap_pt_unlock(e->pt);
+		return -EBUSY;
 	}
 	int ret = uswap_uffd_zeropage(e->uffd, a, e->page_size, 0, &done);
 	uswap_pt_unlock(e->pt);
@@ -303,7 +312,7 @@ static int unprotect(struct uswap_runeng *e, uint64_t a)
 
 static void handle_fault(struct uswap_runeng *e, const struct uffd_msg *m)
 {
-	uint64_t a = m->arg.pagefault.address & ~(uint64_t)(e->page_size - 1), entry;
+	uint64_t a = m->arg.pagefault.address & ~(uint64_t)(e->page_size - 1);
 	int ret;
 	if (e->store_fd < 0 || __atomic_load_n(&e->forward_all, __ATOMIC_RELAXED))
 		return forward(e, m, 0);
@@ -312,11 +321,7 @@ static void handle_fault(struct uswap_runeng *e, const struct uffd_msg *m)
 	} else if (budget_total(e->budget) >= __atomic_load_n(&e->budget->hard, __ATOMIC_RELAXED) && throttled(e)) {
 		ret = -ENOMEM;   /* Python serves it after its reclaim */
 	} else {
-		ret = uswap_pt_claim(e->pt, a, &entry);
-		if (ret == 0)
-			ret = swap_in(e, a, entry);
-		else if (ret == -ENOENT)
-			ret = zero_fill(e, a);
+		ret = missing(e, a);
 	}
 	if (ret < 0)
 		return forward(e, m, ret);

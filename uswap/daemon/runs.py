@@ -433,10 +433,8 @@ class RunProcess:
         while True:
             msgs = self.engine.drain()
             for kind, slot, count, ev in msgs:
-                if kind == FREED:          # the thread swapped these in: this process's references go
-                    for s in range(slot, slot + count):
-                        self.tree.unref(s)
-                    self.daemon.stats.pswpin += count
+                if kind == FREED:
+                    self._freed(slot, count)
                 elif kind == EVENT:        # the thread waits for us: the table must change first
                     await self.handle(ev)
                     self.engine.resume()
@@ -548,6 +546,12 @@ class RunProcess:
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         self.engine.add_filled(1)
         return True
+
+    def _freed(self, slot: int, count: int) -> None:
+        """The fault thread swapped in the pages of slots slot.. (count): this process's references go."""
+        for s in range(slot, slot + count):
+            self.tree.unref(s)
+        self.daemon.stats.pswpin += count
 
     def _installed(self, a: int, slot: int, n: int) -> None:
         """Pages a.. (claimed) are in: their entries and this process's references to their slots go."""
@@ -930,8 +934,7 @@ class RunProcess:
             self.engine.stop()
             for kind, slot, count, ev in self.engine.drain():   # what the thread did last
                 if kind == FREED:
-                    for s in range(slot, slot + count):
-                        self.tree.unref(s)
+                    self._freed(slot, count)
                 elif isinstance(ev, Fork):
                     os.close(ev.uffd)      # a child nobody serves: its registration goes with the fd
             self.engine.take_filled()      # out of the run's count
