@@ -268,7 +268,7 @@ static uint32_t fill_window(struct uswap_runeng *e, uint64_t page)
 		e->fill_size = e->fill_size * 2 < most ? e->fill_size * 2 : most;
 	else
 		e->fill_size = 1;
-	return e->fill_size;
+	return e->fill_size ? e->fill_size : 1;
 }
 
 /* A first touch at page a (no entry), the table locked by the caller.  A read maps the zero page.  A write
@@ -420,7 +420,6 @@ int uswap_runeng_start(struct uswap_pt *pt, struct uswap_run_budget *budget, int
 	e->page_size = page_size;
 	e->ra_max = readahead < 1 ? 1 : readahead > MAX_WINDOW ? MAX_WINDOW : readahead;
 	e->ra_size = 1;
-	e->fill_size = 1;
 	e->forward_all = forward_all;
 	if (codec)
 		e->codec = *codec;
