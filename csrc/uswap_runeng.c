@@ -36,10 +36,6 @@
 #define THROTTLE_POLLS 50             /* above the hard line: waits of THROTTLE_POLL_US for reclaim */
 #define THROTTLE_POLL_US 100
 #define MAX_WINDOW 32
-#define MAX_FILL 32                   /* pages of a first-touch window at most */
-
-/* The source of first-touch fills: never written (bss, zero), shared by every fault thread. */
-static char zeros[MAX_FILL * 4096] __attribute__((aligned(4096)));   /* bss: no room in the .so */
 
 struct uswap_runeng {
 	struct uswap_pt *pt;
@@ -49,8 +45,6 @@ struct uswap_runeng {
 	uint32_t page_size, ra_max;
 	uint32_t ra_size;              /* the readahead window now (adaptive: window()) */
 	uint64_t last_fault;           /* the page number of the last swap-in fault */
-	uint32_t fill_size;            /* the first-touch window now (adaptive: fill_window()) */
-	uint64_t fill_next;            /* the page after the last first-touch fill */
 	struct uswap_codec codec;
 	void *buf;                     /* ra_max pages, aligned for O_DIRECT */
 	int forward_all;               /* atomic */
@@ -257,54 +251,15 @@ static int swap_in(struct uswap_runeng *e, uint64_t a, uint64_t entry)
 	return 0;
 }
 
-/* The first-touch window for a write fault at page: it doubles while each such fault comes where the
- * last fill ended, or a page or so after it (a program filling fresh memory in order: a page between
- * was filled by Python, past the hard line) and is one page otherwise, so that a sparse program is
- * given no page it does not write (the kernel's anonymous fault fills one). */
-static uint32_t fill_window(struct uswap_runeng *e, uint64_t page)
-{
-	uint32_t most = sizeof(zeros) / e->page_size;
-	if (page >= e->fill_next && page <= e->fill_next + 1)
-		e->fill_size = e->fill_size * 2 < most ? e->fill_size * 2 : most;
-	else
-		e->fill_size = 1;
-	return e->fill_size ? e->fill_size : 1;
-}
-
-/* A first touch at page a (no entry), the table locked by the caller.  A read maps the zero page.  A write
- * fills the window's pages up to the first one the table holds (never over a slot: invariant 2) with
- * zeros, in one UFFDIO_COPY that stops at the first present page: one fault round trip for up to
- * MAX_FILL pages of a stream of first writes (each round trip costs 12-60 us, the most on a vCPU that
- * halts when idle; the fill 0.4 us a page).  Pages filled, or -errno (EAGAIN: events pending). */
-static int64_t first_touch(struct uswap_runeng *e, uint64_t a, int write)
-{
-	uint64_t ps = e->page_size, n = 1;
-	int64_t done = 0;
-	int ret;
-	if (!write) {
-		ret = uswap_uffd_zeropage(e->uffd, a, ps, 0, &done);
-		return ret < 0 ? ret : 1;
-	}
-	uint32_t limit = fill_window(e, a / ps);
-	while (n < limit && !uswap_pt_get_locked(e->pt, a + n * ps))
-		n++;
-	ret = uswap_uffd_copy(e->uffd, a, (uint64_t)(uintptr_t)zeros, n * ps, 0, &done);
-	if (done == 0 && n > 1 && ret != -EAGAIN && ret != -EEXIST) {
-		/* ENOENT for the whole window when it crosses the end of the VMA: the faulting page alone */
-		ret = uswap_uffd_copy(e->uffd, a, (uint64_t)(uintptr_t)zeros, ps, 0, &done);
-	}
-	e->fill_next = a / ps + (uint64_t)done / ps;
-	return done > 0 ? done / (int64_t)ps : ret;
-}
-
-/* A missing page, decided with one lookup under the table's lock: no entry, a first touch (the lock
- * held to the end of the ioctl: an eviction claims under it, so a page it takes out after this lookup (a
- * stale fault on a page another thread's fault filled) is present here (EEXIST), never zero-filled over
- * its slot); SWAPPED and not held, claimed (BUSY) and swapped in; anything else is Python's (CLAIMED,
- * INFLIGHT: the agent may be moving it; SHARED; held). */
-static int missing(struct uswap_runeng *e, uint64_t a, int write)
+/* A missing page, decided with one lookup under the table's lock: no entry, a first touch (a zero page,
+ * the lock held to the end of the ioctl: an eviction claims under it, so a page it takes out after this
+ * lookup (a stale fault on a page another thread's fault filled) is present here (EEXIST), never
+ * zero-filled over its slot); SWAPPED and not held, claimed (BUSY) and swapped in; anything else is
+ * Python's (CLAIMED, INFLIGHT: the agent may be moving it; SHARED; held). */
+static int missing(struct uswap_runeng *e, uint64_t a)
 {
 	uint64_t old;
+	int64_t done = 0;
 	uswap_pt_lock(e->pt);
 	uint64_t entry = uswap_pt_get_locked(e->pt, a);
 	if (state_of(entry) == USWAP_PT_SWAPPED && !(entry & USWAP_PT_BUSY)) {
@@ -316,16 +271,16 @@ static int missing(struct uswap_runeng *e, uint64_t a, int write)
 		uswap_pt_unlock(e->pt);
 		return -EBUSY;
 	}
-	int64_t in = first_touch(e, a, write);
+	int ret = uswap_uffd_zeropage(e->uffd, a, e->page_size, 0, &done);
 	uswap_pt_unlock(e->pt);
-	if (in == -EAGAIN)
-		return (int)in;
-	if (in < 0) {   /* EEXIST: another thread's fault filled it; else gone */
+	if (ret == -EAGAIN)
+		return ret;
+	if (ret < 0) {   /* EEXIST: another thread's fault filled it; else gone */
 		wake(e, a);
 		return 0;
 	}
-	count(&e->stats.zero_fills, (uint64_t)in);
-	filled(e, (uint64_t)in);
+	count(&e->stats.zero_fills, 1);
+	filled(e, 1);
 	return 0;
 }
 
@@ -366,7 +321,7 @@ static void handle_fault(struct uswap_runeng *e, const struct uffd_msg *m)
 	} else if (budget_total(e->budget) >= __atomic_load_n(&e->budget->hard, __ATOMIC_RELAXED) && throttled(e)) {
 		ret = -ENOMEM;   /* Python serves it after its reclaim */
 	} else {
-		ret = missing(e, a, !!(m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE));
+		ret = missing(e, a);
 	}
 	if (ret < 0)
 		return forward(e, m, ret);

@@ -497,26 +497,6 @@ def test_swapped_memory_behaves_like_memory(serve, tmp_path):
     assert c["pswpout"] > 0 and c["pswpin"] > 0 and c["remove"] > 0 and c["remap"] > 0
 
 
-def test_first_touches_fill_a_stream_in_windows_and_nothing_more(serve, tmp_path):
-    """tests/c/run_firsttouch.c: a program writing fresh memory in order has one fault round trip per window of
-    pages, not one a page; scattered first writes make only their own pages resident; a window never
-    zero-fills over swapped pages (writes through a MADV_DONTNEED hole right before them)."""
-    prog = tmp_path / "run_firsttouch"
-    run("cc", "-O2", "-Wall", "-Werror", os.path.join(HERE, "c", "run_firsttouch.c"), "-o", str(prog))
-    r, c = serve(tmp_path, 4096, str(prog), "64")
-    print(r.stdout, r.stderr, sorted(c.items()))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert [line.split()[1] for line in r.stdout.splitlines()] == ["sparse", "stream", "hole"], r.stdout
-    assert c["pswpout"] > 0 and c["remove"] > 0
-    # 64 MiB streamed and 32 MiB more written in order: 24,576 pages of first writes at least, in
-    # windows of up to 32 (one fault a page without them).  First reads map the zero page one page a
-    # fault (the 3,840 never written pages of the sparse region, read back).
-    reads = 3840
-    swap_ins = c["pswpin"] - c["readahead_pages"]
-    assert c["zero_fills"] >= 24576 + reads, c
-    assert c["engine_faults"] - swap_ins - reads < (c["zero_fills"] - reads) // 8, c
-
-
 NUMPY = """
 import hashlib, numpy as np
 a = np.arange(2 << 20, dtype=np.int64)   # 16 MiB, madvise(MADV_HUGEPAGE)d by numpy

@@ -402,12 +402,6 @@ class RunProcess:
                 if self.pid is not None:
                     self.evicted = 0
                     await self.reclaim(count=full)
-                    if not self.evicted and not full and self.tree.resident > self.tree.line():
-                        # Over the line by the estimate, and nothing to take: the estimate is high by what
-                        # the program freed itself.  Count before calling the run stuck (unthrottled for a
-                        # tick: a stream of first-touch windows filled 10,000 pages in one).
-                        await self.reclaim(count=True)
-                        next_count = now + COUNT_EVERY
                     self.watch.settle(self.filled)
                     if not self.evicted and self.tree.resident > self.tree.line():
                         self.stuck_until = now + TICK
@@ -738,20 +732,16 @@ class RunProcess:
 
     def _candidates(self, tops: list[bytes] | None, shared: list[int]):
         """(address, one byte per page from there: 1 evictable) over the registered ranges from the cursor
-        on, wrapping round to it (the range the cursor is in last from its start: a pass that finds nothing
-        has looked at every page, and only then does the run count as stuck, unthrottled): from ``tops`` (a
-        count's pagemap bytes per range), or read in chunks as the pass asks for them.  SHARED pages are
-        cut out (MOVE refused them)."""
-        c = self.cursor
-        order = sorted(range(len(self.ranges)), key=lambda k: (self.ranges[k][1] <= c, self.ranges[k][0]))
-        spans = [(k, c if a < c < b else a, b) for k, (a, b) in ((k, self.ranges[k]) for k in order)]
-        spans += [(k, a, c) for k, (a, b) in ((k, self.ranges[k]) for k in order) if a < c < b]
-        for k, start, stop in spans:
-            a0 = self.ranges[k][0]
-            while start < stop:
-                end = stop if tops is not None else min(stop, start + SCAN_CHUNK * PS)
+        on: from ``tops`` (a count's pagemap bytes per range), or read in chunks as the pass asks for them.
+        SHARED pages are cut out (MOVE refused them)."""
+        order = sorted(range(len(self.ranges)), key=lambda k: (self.ranges[k][1] <= self.cursor, self.ranges[k][0]))
+        for k in order:
+            a0, b0 = self.ranges[k]
+            start = max(a0, self.cursor) if a0 < self.cursor < b0 else a0
+            while start < b0:
+                end = b0 if tops is not None else min(b0, start + SCAN_CHUNK * PS)
                 if tops is not None:
-                    t = tops[k][(start - a0) // PS:(stop - a0) // PS]
+                    t = tops[k][(start - a0) // PS:]
                 else:
                     try:
                         t = self._tops(start, end)
