@@ -119,6 +119,7 @@ static int record_has(const struct record *r, uint64_t addr, uint64_t page_size)
 static struct agent_ctx *agent_of_process;
 static const char *socket_path;
 static char *doorbell;
+static char *proof;                           /* the page HELLO names for the daemon's nonce (uswap_run.h) */
 static struct record *record;                 /* inherited by fork children (shared), new after exec */
 static int state_at_fork = -1;                /* server_gone when this process last forked; -1: no agent */
 static int process_fds[3] = { -1, -1, -1 };   /* the connection, the uffd, the staging uffd: a child closes them */
@@ -460,6 +461,17 @@ static int start(const char *path, int child, const char **why)
 		if (doorbell == MAP_FAILED)
 			return -ENOMEM;
 	}
+	if (!proof) {
+		/* untouched until the daemon copies its nonce in; MADV_DONTDUMP keeps it a VMA of its own (never
+		 * merged with the program's memory, which the daemon would then leave unregistered with it);
+		 * inherited by fork children, whose copy proves their image (exec maps none) */
+		proof = mmap(NULL, (size_t)ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (proof == MAP_FAILED) {
+			proof = NULL;
+			return -ENOMEM;
+		}
+		madvise(proof, (size_t)ps, MADV_DONTDUMP);
+	}
 	void *staging = mmap(NULL, STAGING_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	char *stack = mmap(NULL, AGENT_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (staging == MAP_FAILED || stack == MAP_FAILED)
@@ -484,7 +496,8 @@ static int start(const char *path, int child, const char **why)
 	c->hello = (struct uswap_run_msg){ .magic = USWAP_RUN_MAGIC, .version = USWAP_RUN_VERSION,
 					   .op = USWAP_RUN_HELLO, .pid = (uint64_t)getpid(), .staging = (uint64_t)staging,
 					   .staging_len = STAGING_BYTES, .agent_stack = (uint64_t)stack,
-					   .agent_stack_len = AGENT_STACK, .doorbell = (uint64_t)doorbell };
+					   .agent_stack_len = AGENT_STACK, .doorbell = (uint64_t)doorbell,
+					   .proof = (uint64_t)proof };
 	pthread_attr_t attr;
 	pthread_attr_init(&attr);
 	pthread_attr_setstack(&attr, stack + ps, AGENT_STACK - ps);

@@ -4,7 +4,9 @@
  * the daemon, uswap/daemon/runs.py).  One SOCK_SEQPACKET connection per process; the path is in USWAP_RUN_SOCKET.
  *
  *   server -> lib   DEVFD  + an fd of /dev/userfaultfd (the lib makes its uffd from it)
- *   lib -> server   HELLO  + the process's uffd (not yet API'd: the server negotiates)
+ *   lib -> server   HELLO  + the process's uffd (not yet API'd: the server negotiates); it names the proof
+ *                   page, which the server fills with a nonce through that uffd and reads back through
+ *                   /proc/PID/mem: the uffd must be this process's (uswap/daemon/procimage.py)
  *   server -> lib   READY  (status 0: registered, the constructor returns; else -errno: unbudgeted)
  * A forked child (the preload's atfork handler) connects with CONNECT flags USWAP_RUN_CHILD, after it touched
  * the doorbell page (its fault on the child's uffd, which only the server holds, names the child to the server):
@@ -23,7 +25,7 @@
 #include <stdint.h>
 
 #define USWAP_RUN_MAGIC 0x4e525355u   /* "USRN" */
-#define USWAP_RUN_VERSION 3
+#define USWAP_RUN_VERSION 4
 #define USWAP_RUN_ENV_SOCKET "USWAP_RUN_SOCKET"
 #define USWAP_RUN_ENV_RESIDENT "USWAP_RUN_RESIDENT"
 #define USWAP_RUN_ENV_REQUIRED "USWAP_RUN_REQUIRED"   /* not "0": exit USWAP_RUN_REFUSED_EXIT if not budgeted */
@@ -52,6 +54,8 @@ struct uswap_run_msg {
 	uint32_t flags;                         /* CONNECT: USWAP_RUN_CHILD */
 	uint32_t reserved;
 	uint64_t doorbell;                      /* HELLO: a page the program never touches (see above) */
+	uint64_t proof;                         /* HELLO: an untouched page, never registered; a fork child's
+						   holds its parent's nonce (uswap/daemon/procimage.py) */
 };
 
 /* CDEF-END */

@@ -2,16 +2,19 @@
 
 Run as another uid through setpriv (``RunRogue`` in the test file): ``run_rogue.py SOCKET ATTACK [JSON]``
 drops every capability, does one attack and prints one JSON line of what it saw.  Handshake attacks
-speak the protocol by hand; agent attacks (``agent``) pass a real HELLO whose userfaultfd is a *child's*
-(forked before any memory is touched, blocked in read(2) for the whole attack): the daemon registers and
-write-protects the child's memory, reads this process's pages through /proc/PID/mem and asks this process
-to drop them, and this process, free to run Python because its own memory is not registered anywhere,
-answers the DROPs as told (lies of every kind, or never).
+speak the protocol by hand; agent attacks (``agent``) pass a real HELLO with this process's own userfaultfd and
+a proof page (the daemon proves the uffd is this process's: uswap/daemon/procimage.py), but name every address
+outside one filled window as the agent's own, so the daemon registers, write-protects and evicts that window
+only; this process, free to run Python because the rest of its memory is not registered, never writes the
+window again and answers the DROPs as told (lies of every kind, or never).  Trust attacks (``setuid_peer``,
+``sibling_uffd``, ``exec_after_hello``, ``pid_reused``) try to make the daemon read a process the rogue may
+not ptrace, or install pages through another process's uffd.
 """
 
 from __future__ import annotations
 
 import array
+import ctypes
 import fcntl
 import json
 import mmap
@@ -97,6 +100,36 @@ def hello(s: socket.socket, fds, **fields) -> dict:
     return receive(s)
 
 
+def address(area: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(area))
+
+
+class Window:
+    """``pages`` of anonymous memory (a VMA of its own: MADV_DONTFORK keeps it from merging) and an untouched
+    proof page (another VMA: MADV_DONTDUMP); ``fields`` name everything but the window as the agent's, so
+    HELLO registers the window only."""
+
+    def __init__(self, pages: int, dontfork: bool = True):
+        self.area = mmap.mmap(-1, max(pages, 1) * PS, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.area.madvise(mmap.MADV_DONTFORK if dontfork else mmap.MADV_HUGEPAGE)
+        self.proof_area = mmap.mmap(-1, PS, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.proof_area.madvise(mmap.MADV_DONTDUMP)
+        self.start, self.proof = address(self.area), address(self.proof_area)
+        end = self.start + len(self.area)
+        self.fields = {"staging": 0, "staging_len": self.start, "agent_stack": end,
+                       "agent_stack_len": (1 << 64) - 1 - end, "proof": self.proof}
+
+
+MARK = b"rogue-window-pg!"     # in every page of a filled window: the store shows whether it went out
+
+
+def filled_window(pages: int) -> Window:
+    w = Window(pages)
+    for off in range(0, pages * PS, PS):
+        w.area[off:off + 24] = off.to_bytes(8, "little") + MARK
+    return w
+
+
 def child_uffd(dev: int) -> tuple[int, int]:
     """A uffd made by a forked child (its mm, not ours), and the child's pid; the child blocks in read(2)."""
     to_parent, to_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -159,18 +192,19 @@ def attack_bad_hello(path: str) -> dict:
             if out[name].get("status") != 0:
                 out[name]["closed"] = closed(s)
 
+    proof = Window(0)
+
     def accepted(name, **fields):
-        """A HELLO the daemon accepts, with a child's uffd: this process's memory stays unregistered."""
+        """A HELLO the daemon accepts (this process's uffd, a fresh proof page), closed at once."""
         with connect(path) as s:
             dev = devfd(s)
-            fd, child = child_uffd(dev)
+            fd = new_uffd(dev)
+            page = Window(0)
             try:
-                out[name] = hello(s, [fd], **fields)
+                out[name] = hello(s, [fd], proof=page.proof, **fields)
             finally:
                 os.close(fd)
                 os.close(dev)
-                os.kill(child, signal.SIGKILL)
-                os.waitpid(child, 0)
 
     def apid(dev):
         fd = new_uffd(dev)
@@ -195,6 +229,9 @@ def attack_bad_hello(path: str) -> dict:
     case("devfd_itself", make=lambda dev: [os.dup(dev)])
     case("api_done", make=apid)
     case("other_pid", make=lambda dev: [new_uffd(dev)], pid=1)
+    case("no_proof", make=lambda dev: [new_uffd(dev)], **{**proof.fields, "proof": 0})
+    case("proof_unaligned", make=lambda dev: [new_uffd(dev)], **{**proof.fields, "proof": proof.proof + 8})
+    case("proof_unmapped", make=lambda dev: [new_uffd(dev)], **{**proof.fields, "proof": 1 << 46})
     # accepted: ranges that exclude everything (nothing is registered), or that overflow 64 bits
     accepted("exclude_all", staging=0, staging_len=(1 << 64) - 1, agent_stack=(1 << 64) - PS,
              agent_stack_len=(1 << 64) - 1)
@@ -274,18 +311,18 @@ def answer(drop, mode: str):
 
 
 def attack_agent(path: str, mode: str, seconds: float = 1.5) -> dict:
-    """HELLO with a child's uffd; fill 16 MiB over a 256-page budget; answer DROPs per ``mode``."""
+    """Fill 16 MiB, then HELLO with this process's uffd over a 256-page budget (only the window registered:
+    it is never written again); answer DROPs per ``mode``."""
     s = connect(path)
     dev = devfd(s, resident=PS * 256)
-    area = mmap.mmap(-1, 16 << 20, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # untouched: not shared with the child
-    uffd, child = child_uffd(dev)
+    w = filled_window(4096)
+    area = w.area
+    uffd = new_uffd(dev)
     result = {"mode": mode}
     try:
-        result["ready"] = hello(s, [uffd])
+        result["ready"] = hello(s, [uffd], **w.fields)
         os.close(uffd)
         os.close(dev)
-        for off in range(0, len(area), PS):
-            area[off:off + 8] = off.to_bytes(8, "little")
         drops = lies = 0
         deadline = time.monotonic() + seconds
         s.settimeout(0.2)
@@ -313,9 +350,111 @@ def attack_agent(path: str, mode: str, seconds: float = 1.5) -> dict:
                                         for off in range(0, len(area), PS))
     finally:
         s.close()
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
     return result
+
+
+# -- trust attacks: make the daemon read what this uid may not ptrace -------------------------------------
+# The setuid holder (the test builds it) prints "ready" once its secret is in its memory, then sleeps; the
+# test ends it (it is root's).
+
+def wait_ready(fd: int) -> None:
+    assert os.read(fd, 6) == b"ready\n"
+
+
+def become(holder: list[str], ready_w: int) -> None:
+    """This process execs the setuid holder, its stdout on ``ready_w``."""
+    os.dup2(ready_w, 1)
+    os.execv(holder[0], holder)
+
+
+def attack_setuid_peer(path: str, holder: list[str]) -> dict:
+    """Issue 18, finding 1: P connects (SO_PEERCRED names P) and execs a setuid-root program holding a secret;
+    C, its fork, kept the connection and sends HELLO naming P with C's own uffd.  The daemon must refuse
+    before it reads P.  (This process is P; C reports.)"""
+    s = connect(path)
+    p = os.getpid()
+    r, w = os.pipe()
+    if os.fork() != 0:
+        become(holder, w)
+    os.close(w)
+    wait_ready(r)
+    dev = devfd(s)
+    window = Window(0)
+    uffd = new_uffd(dev)
+    return {"ready": hello(s, [uffd], pid=p, **window.fields), "holder": p,
+            "holder_owner": os.stat(f"/proc/{p}").st_uid}
+
+
+def attack_sibling_uffd(path: str, own: bool = False) -> dict:
+    """HELLO for this process with the uffd of a forked sibling (own=True: this process's, the control)."""
+    s = connect(path)
+    dev = devfd(s)
+    window = Window(0, dontfork=False)          # untouched here and in the child
+    fd, child = (new_uffd(dev), None) if own else child_uffd(dev)
+    try:
+        return {"ready": hello(s, [fd], **window.fields)}
+    finally:
+        os.close(fd)
+        if child:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        s.close()
+
+
+def attack_exec_after_hello(path: str, holder: list[str], seconds: float = 3.0) -> dict:
+    """A run (this process's own uffd, a 16 MiB window over a 256-page budget) whose process, after READY,
+    forks C (which keeps the connection and answers every DROP "all moved") and execs a setuid-root program
+    holding a secret: the daemon must read nothing of the new image.  (This process is P; C reports.)"""
+    s = connect(path)
+    dev = devfd(s, resident=PS * 256)
+    w = filled_window(4096)                     # this image's own data: some goes out before the exec
+    uffd = new_uffd(dev)
+    result = {"ready": hello(s, [uffd], **w.fields), "holder": os.getpid()}
+    os.close(dev)
+    r, wr = os.pipe()
+    if os.fork() != 0:                          # P: a moment for its window to go out, then the exec
+        time.sleep(0.5)
+        become(holder, wr)
+    os.close(wr)
+    wait_ready(r)
+    drops = after = 0
+    deadline = time.monotonic() + seconds
+    s.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            data = s.recv(MSG_SIZE + 1)
+        except socket.timeout:
+            continue
+        if not data:
+            result["eof"] = True
+            break
+        drops += 1
+        s.send(answer(data, "claims_all"))
+    result["drops_after_exec"] = drops
+    return result
+
+
+def attack_pid_reused(path: str) -> dict:
+    """P connects and exits; this process keeps P's connection, prints P's pid and waits for a line (the test
+    starts a root process with that pid meanwhile), then sends HELLO naming it with its own uffd."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    p = os.fork()
+    if p == 0:
+        try:
+            conn = connect(path)
+            send_fds(a, b"s", [conn.fileno()])
+        finally:
+            os._exit(0)
+    _, anc, _, _ = b.recvmsg(1, socket.CMSG_SPACE(4))
+    os.waitpid(p, 0)
+    s = socket.socket(fileno=array.array("i", anc[0][2])[0])
+    s.settimeout(10)
+    print(json.dumps({"pid": p}), flush=True)
+    sys.stdin.readline()
+    dev = devfd(s)
+    window = Window(0)
+    uffd = new_uffd(dev)
+    return {"ready": hello(s, [uffd], pid=p, **window.fields)}
 
 
 def main() -> int:

@@ -185,7 +185,7 @@ def test_handshake_attacks_end_only_their_connection(field):
     r = f.rogue("bad_hello")
     refused = {"garbage": EPROTO, "short": EPROTO, "long": EPROTO, "magic": EPROTO, "op": EPROTO,
                "no_fd": EINVAL, "two_fds": EINVAL, "pipe": EBADF, "devfd_itself": EBADF, "api_done": EINVAL,
-               "other_pid": EPERM}
+               "other_pid": EPERM, "no_proof": EINVAL, "proof_unaligned": EINVAL, "proof_unmapped": EINVAL}
     for name, status in refused.items():
         assert (r[name]["got"], r[name].get("op"), r[name].get("status"), r[name]["closed"]) == \
                ("msg", READY, status, True), (name, r[name])

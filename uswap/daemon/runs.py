@@ -50,6 +50,7 @@ import trio
 from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.daemon.mapcheck import check_uffd
+from uswap.daemon.procimage import ImageChanged, ProcessImage
 from uswap.daemon.runengine import (BUSY, CLAIMED, EVENT, FREED, INFLIGHT, SHARED, SWAPPED, PageTable, RunEngine,
                                      entry, slot_of, state_of)
 from uswap.daemon.runwatch import POLL, RssWatch
@@ -186,8 +187,9 @@ class Run:
     the slot has a reference, so a child that reads its swapped pages while the parent frees its own
     reads the data the parent had at the fork."""
 
-    def __init__(self, id: int, uid: int, budget_pages: int, daemon):
+    def __init__(self, id: int, uid: int, gid: int, budget_pages: int, daemon):
         self.id, self.uid, self.budget_pages = id, uid, budget_pages
+        self.gid = gid                # with uid, the connection's (SO_PEERCRED): every read is checked for them
         self.daemon = daemon
         self.members: list[RunProcess] = []
         self.refs: dict[int, int] = {}
@@ -259,8 +261,9 @@ class RunProcess:
     """One process image of a run: on its own connection (exec gives a new one: a process is never keyed by
     pid), or a fork child, known first by the uffd fork made (its pid comes with its first fault)."""
 
-    def __init__(self, id: int, pid: int | None, sock, uffd: Userfaultfd, *, tree: Run,
-                 excluded: tuple = (), doorbell: int = 0, parent: int | None = None):
+    def __init__(self, id: int, image: ProcessImage | None, sock, uffd: Userfaultfd, *, tree: Run,
+                 excluded: tuple = (), doorbell: int = 0, proof: int = 0, nonce: bytes = b"",
+                 parent: int | None = None):
         self.id, self.pid, self.uid = id, None, tree.uid
         self.tree = tree
         self.parent = parent                       # pid of the process it was forked from
@@ -268,8 +271,10 @@ class RunProcess:
         self.uffd = uffd
         self.excluded = excluded                   # never registered: the agent's own memory
         self.doorbell = doorbell
+        self.proof, self.nonce = proof, nonce      # the proof page and the nonce it holds (procimage, rule 3)
         self.daemon = tree.daemon
-        self.mem = self.pagemap = -1
+        self.image: ProcessImage | None = None     # every read of the process goes through it (procimage)
+        self.image_gone = False                    # its mm is gone or it may not be read any more: stop
         self.watch: RssWatch | None = None         # growth behind our back: rescan before the tick
         # The pages that are not plainly resident (swapped, chosen by eviction, in flight, shared), and
         # the thread that serves the process's faults from it (uswap.daemon.runengine).  A fork child
@@ -277,10 +282,10 @@ class RunProcess:
         self.table = PageTable()
         d = self.daemon
         self.engine = RunEngine(self.table, tree.budget, uffd=uffd.fd, store_fd=d.store_fd, codec=d.codec_c,
-                                readahead=READAHEAD, forward_all=pid is None)
-        if pid is not None:
+                                readahead=READAHEAD, forward_all=image is None)
+        if image is not None:
             try:
-                self.attach(pid)
+                self.attach(image)
             except OSError:
                 self.engine.close()
                 self.table.close()
@@ -299,22 +304,26 @@ class RunProcess:
         self.agent_gone = False                    # a DROP went unanswered: stop serving (see drop)
         self.done = trio.Event()
 
-    def attach(self, pid: int) -> None:
-        """Open what eviction and counting read: /proc/PID/mem and pagemap (of this image: after exec, they
-        read nothing)."""
-        mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    def attach(self, image: ProcessImage) -> None:
+        """Take the verified image: eviction, counting and rescans read through it only."""
+        self.watch = RssWatch(image.pid)
+        self.image, self.pid = image, image.pid
+
+    def readable(self) -> bool:
+        """Before a batch of reads of the process (procimage, rule 4): whether it is still the image verified.
+        If not, nothing more is read: a process that may not be read any more gets its pages back and goes on
+        unbudgeted (detach); one whose mm is gone (exec, exit) is no longer served."""
+        if self.image is None or self.image_gone or self.detach:
+            return False
         try:
-            pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            os.close(mem)
-            raise
-        try:
-            self.watch = RssWatch(pid)
-        except OSError:
-            os.close(mem)
-            os.close(pagemap)
-            raise
-        self.mem, self.pagemap, self.pid = mem, pagemap, pid
+            self.image.check()
+        except ImageChanged as e:
+            gone = e.errno != errno.EPERM
+            log.warning("run %d (pid %d): %s; %s", self.id, self.pid, e.strerror,
+                        "no longer served" if gone else "nothing more is read: its pages go back, it runs unbudgeted")
+            self.image_gone, self.detach = gone, not gone
+            return False
+        return True
 
     # -- the budget ---------------------------------------------------------------
 
@@ -406,7 +415,7 @@ class RunProcess:
                     if not self.evicted and self.tree.resident > self.tree.line():
                         self.stuck_until = now + TICK
                         self.tree.recount()
-            if self.agent_gone:
+            if self.agent_gone or self.image_gone:
                 break
 
     def gone(self) -> bool:
@@ -604,7 +613,7 @@ class RunProcess:
         child_uffd = Userfaultfd.from_fd(fd)
         os.set_blocking(fd, False)         # not inherited from the parent's fcntl (RUN-DESIGN)
         child = RunProcess(self.daemon.next_id(), None, None, child_uffd, tree=self.tree, doorbell=self.doorbell,
-                           parent=self.pid)
+                           proof=self.proof, nonce=self.nonce, parent=self.pid)
         child.ranges = list(self.ranges)   # registration is inherited
         for a, e in self.table.walk(states=(SWAPPED,)):   # this thread waits: nothing is BUSY
             child.table.set(a, entry(SWAPPED, slot_of(e)))
@@ -612,13 +621,26 @@ class RunProcess:
         self.daemon.nursery.start_soon(self.daemon.serve_run_process, child)
 
     def learn_pid(self, tid: int) -> None:
-        """A fork child's first fault names it: the faulting thread's process."""
+        """A fork child's first fault names it: the faulting thread's process, verified as the image the fork
+        made (procimage, rules 2 and 3: a thread that exec'd since names another image, which is not read)."""
         try:
             with open(f"/proc/{tid}/status", "rb") as f:
                 tgid = int(re.search(rb"^Tgid:\s*(\d+)", f.read(), re.M)[1])
-            self.attach(tgid)
+            image = ProcessImage(tgid, self.tree.uid, self.tree.gid)
         except (OSError, TypeError):
             return                         # gone already; gone() sees it
+        except ProtocolError as e:
+            self.daemon.log_limited(f"runfork {self.tree.uid}", logging.WARNING, "run %d: fork child %d: %s; "
+                                    "it is served, never read", self.tree.id, tgid, e)
+            return
+        try:
+            image.prove_inherited(self.proof, self.nonce)
+            self.attach(image)
+        except (OSError, ProtocolError) as e:
+            image.close()
+            self.daemon.log_limited(f"runfork {self.tree.uid}", logging.WARNING, "run %d: fork child %d: %s; "
+                                    "it is served, never read", self.tree.id, tgid, e)
+            return
         self.engine.forward_all(False)     # the thread serves it from now on
 
     # -- registration --------------------------------------------------------------
@@ -627,9 +649,10 @@ class RunProcess:
         """Register every anonymous private writable VMA (and [heap]; not [stack] yet, not the agent's
         memory).  brk and mmap make new VMAs, madvise/mprotect split them without an event: the range
         list is only a walk order for reclaim; registration is the kernel's.  Whether a range is new."""
+        if not self.readable():
+            return False
         try:
-            with open(f"/proc/{self.pid}/maps", "rb") as f:
-                text = f.read()
+            text = self.image.read_maps()
         except OSError:
             return False
         known = set(self.ranges)
@@ -657,7 +680,7 @@ class RunProcess:
 
     def _tops(self, a: int, b: int) -> bytes:
         """The top byte of each pagemap entry of [a, b)."""
-        data = os.pread(self.pagemap, (b - a) // PS * 8, a // PS * 8)
+        data = os.pread(self.image.pagemap, (b - a) // PS * 8, a // PS * 8)
         return data[7::8]
 
     async def reclaim(self, count: bool = True) -> None:
@@ -666,6 +689,8 @@ class RunProcess:
         (a pass because the run went over its line) the last count, less what was evicted since and plus
         what came in, stands for it, and pagemap is read only from the cursor on, as far as the pass goes:
         a whole count of a 256 MiB program every 2 ms was a fifth of the daemon's time."""
+        if not self.readable():
+            return
         tops = None
         shared = [a for a, _ in self.table.walk(states=(SHARED,))] if self.table.count(SHARED) else []
         if count:
@@ -783,11 +808,11 @@ class RunProcess:
             room = self.slot_room()       # other runs may have taken slots since reclaim looked
             pos = 0
             read = []
-            for a, n in kept:
+            for a, n in (kept if self.readable() else ()):   # awaited since reclaim's check: again
                 if pos + n > room:
                     continue                        # write-protected but kept: a WP fault lifts the protection
                 try:
-                    got = os.preadv(self.mem, [buf.view[pos * PS:(pos + n) * PS]], a)
+                    got = os.preadv(self.image.mem, [buf.view[pos * PS:(pos + n) * PS]], a)
                 except OSError:
                     got = 0
                 if got != n * PS:
@@ -946,13 +971,11 @@ class RunProcess:
         if self.uffd.fd >= 0:
             trio.lowlevel.notify_closing(self.uffd.fd)
             self.uffd.close()
-        for fd in (self.mem, self.pagemap):
-            if fd >= 0:
-                os.close(fd)
+        if self.image is not None:
+            self.image.close()
         if self.watch is not None:
             self.watch.close()
             self.watch = None
-        self.mem = self.pagemap = -1
 
     def status(self) -> dict:
         return {"id": self.id, "run": self.tree.id, "pid": self.pid, "parent": self.parent, "uid": self.uid,
@@ -1010,6 +1033,30 @@ async def fork_child_of(daemon, pid: int, uid: int) -> RunProcess:
                         errno.ESRCH)
 
 
+def bind_image(client, sock, uffd: Userfaultfd, proof: int) -> ProcessImage:
+    """The peer's image, verified (uswap.daemon.procimage, rules 1-3): opened, readable for the connecting uid,
+    still the peer, and the mm ``uffd`` serves.  ProtocolError (``uffd`` closed) if not."""
+    try:
+        image = ProcessImage(client.pid, client.uid, client.gid)
+    except OSError as e:
+        uffd.close()
+        raise ProtocolError(f"pid {client.pid}: /proc/PID: {e.strerror}", e.errno) from None
+    except ProtocolError:
+        uffd.close()
+        raise
+    try:
+        # /proc/PID/* name a pid, not a process: opened after the peer died, they may be another process's
+        # (pid reuse).  Alive now (its pidfd) means alive since connect, so they are the peer's.
+        if not peer_alive(sock):
+            raise ProtocolError(f"pid {client.pid} exited during the handshake", errno.ESRCH)
+        image.prove(uffd, proof)
+    except ProtocolError:
+        image.close()
+        uffd.close()
+        raise
+    return image
+
+
 async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
     """CONNECT, DEVFD, HELLO: negotiate on the process's uffd, register, READY.  A fork child's uffd is the
     one its parent's FORK event gave; it goes back to the child with READY.  Returns the process and
@@ -1049,12 +1096,8 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
             proc = await fork_child_of(daemon, client.pid, client.uid)
             await sock.sendmsg([message(lib.USWAP_RUN_READY, status=0)],
                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [proc.uffd.fd]))])
-            proc.excluded, proc.sock = excluded, sock    # now it rescans and evicts
+            proc.excluded, proc.sock = excluded + ((proc.proof, PS),), sock    # now it rescans and evicts
             return proc, False
-        # A uffd of another process than the peer (its child's, say) is accepted: the daemon then reads the
-        # peer's memory (/proc/PID/mem) and installs it through that uffd, so data only flows from the sender
-        # to a process that gave its uffd away, which could be written through it anyway; the sender never
-        # receives page data (DROP carries addresses).  tests/test_t10_run_hostile.py runs every agent so.
         check_uffd(fds[0], [])
         got, ioctls = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         ret = lib.uswap_uffd_api(fds[0], FEATURES, got, ioctls)
@@ -1063,25 +1106,22 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
         uffd = Userfaultfd.from_fd(fds[0])
         fds = []
         os.set_blocking(uffd.fd, False)
+        image = bind_image(client, sock, uffd, hello.proof)
         tree = find_run(daemon, client.pid, client.uid)
         if tree is None:
             asked = connect.resident // PS
-            tree = Run(daemon.next_id(), client.uid, min(asked, daemon.budget // PS) if asked
+            tree = Run(daemon.next_id(), client.uid, client.gid, min(asked, daemon.budget // PS) if asked
                        else daemon.budget // PS, daemon)
             daemon.run_trees[tree.id] = tree
         try:
-            run = RunProcess(daemon.next_id(), client.pid, sock, uffd, tree=tree, excluded=excluded,
-                             doorbell=hello.doorbell)
+            run = RunProcess(daemon.next_id(), image, sock, uffd, tree=tree, excluded=excluded + ((hello.proof, PS),),
+                             doorbell=hello.doorbell, proof=hello.proof, nonce=image.nonce)
         except OSError as e:
+            image.close()
             uffd.close()
             if not tree.members:              # a new run whose first process could not be opened
                 del daemon.run_trees[tree.id]
-            raise ProtocolError(f"pid {client.pid}: /proc/PID/mem or pagemap: {e.strerror}", e.errno) from None
-        if not peer_alive(sock):
-            # /proc/PID/* name a pid, not a process: opened after the peer died, they may be another
-            # process's (pid reuse).  Alive now means alive since connect, so they are the peer's.
-            run.leave()
-            raise ProtocolError(f"pid {client.pid} exited during the handshake", errno.ESRCH)
+            raise ProtocolError(f"pid {client.pid}: /proc/PID/statm: {e.strerror}", e.errno) from None
     except ProtocolError as e:
         for fd in fds:
             os.close(fd)

@@ -80,6 +80,7 @@ class Client:
     sock: trio.socket.SocketType
     pid: int
     uid: int
+    gid: int
     region: Region | None = None
 
 
@@ -275,7 +276,7 @@ class Daemon:
     async def _connection(self, sock: trio.socket.SocketType) -> None:
         with sock:
             try:
-                pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                _PEERCRED.size))
             except OSError:
                 return
@@ -286,7 +287,7 @@ class Daemon:
                 with trio.move_on_after(1), contextlib.suppress(OSError):
                     await sock.send(Reply(0, e.errno, 0, str(e)).pack())
                 return
-            client = Client(sock, pid, uid)
+            client = Client(sock, pid, uid, gid)
             try:
                 # The first packet says what the connection is: a region's request, or a run's CONNECT.
                 head = None
