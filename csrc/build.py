@@ -28,7 +28,7 @@ ffi.cdef((HERE / "cdef.h").read_text() + declarations("uswap_core.h") + declarat
 ffi.set_source(
     "uswap._core",
     '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap_slots.h"\n#include "uswap_engine.h"\n#include "uswap_pt.h"\n#include "uswap_runeng.h"\n#include "uswap_run.h"\n#include "uswap.h"\n',
-    sources=["csrc/uswap_core.c", "csrc/uswap_client.c", "csrc/uswap_seal.c", "csrc/uswap_slots.c", "csrc/uswap_engine.c",
+    sources=["csrc/uswap_core.c", "csrc/uswap_client.c", "csrc/uswap_daemon_peer.c", "csrc/uswap_seal.c", "csrc/uswap_slots.c", "csrc/uswap_engine.c",
              "csrc/uswap_pt.c", "csrc/uswap_runeng.c", "csrc/uswap_probe.c"],
     include_dirs=["csrc", "uswap/include"],
     libraries=["crypto",    # OpenSSL libcrypto: AES-256-GCM for sealed slots (uswap_seal.c)

@@ -5,7 +5,7 @@
  * both fds sent to the daemon over a SOCK_SEQPACKET connection that lives as
  * long as the region (protocol: uswap/protocol.py).  Whoever holds those fds
  * reads and writes the region, so they go only to a daemon run by root or by
- * our own uid (SO_PEERCRED, checked before anything is sent).
+ * our own uid (SO_PEERCRED, checked before anything is sent: uswap_daemon_peer.c).
  *
  * The client keeps its own reference to the uffd.  A watchdog thread polls
  * the connections; when the daemon goes away it wakes every thread blocked on
@@ -18,6 +18,7 @@
 #define _GNU_SOURCE
 #include "uswap.h"
 #include "uswap_core.h"
+#include "uswap_daemon_peer.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -107,32 +108,6 @@ int uswap_default_socket(char *buf, size_t size)
 	} else
 		n = snprintf(buf, size, "%s", USWAP_SYSTEM_SOCKET);
 	return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
-}
-
-/* Who listens on the socket receives the region's memory and userfaultfd:
- * only root (the system daemon) or ourselves.  SO_PEERCRED gives the
- * credentials the server had when it called listen(). */
-static int check_daemon_owner(int sock, const char *path)
-{
-	struct ucred cred;
-	socklen_t len = sizeof(cred);
-	uid_t me = geteuid();
-
-	if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
-		int err = errno;
-		set_error("cannot tell who runs the uswap daemon at %s: %s", path, strerror(err));
-		return -err;
-	}
-	if (cred.uid != 0 && cred.uid != me) {
-		if (me == 0)
-			set_error("refusing the uswap daemon at %s: it runs as uid %u, not root", path,
-				  (unsigned)cred.uid);
-		else
-			set_error("refusing the uswap daemon at %s: it runs as uid %u, not root or uid %u (you)", path,
-				  (unsigned)cred.uid, (unsigned)me);
-		return -EPERM;
-	}
-	return 0;
 }
 
 static int send_request(int sock, uint16_t op, uint64_t a, uint64_t b, const int *fds, int nfds)
@@ -272,26 +247,12 @@ int uswap_map_socket(const char *path, size_t length, void **out)
 		}
 		path = pathbuf;
 	}
-	struct sockaddr_un sun = { .sun_family = AF_UNIX };
-	if (strlen(path) >= sizeof(sun.sun_path)) {
-		set_error("socket path too long: %s", path);
-		return -ENAMETOOLONG;
-	}
-	strcpy(sun.sun_path, path);
-
-	sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-	if (sock < 0 || connect(sock, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
-		ret = -errno;
-		if (ret == -EACCES)
-			set_error("cannot reach the uswap daemon at %s: permission denied: the daemon serves its own uid "
-				  "and members of its group (uswap by default; see README \"Who may use uswap\")", path);
-		else
-			set_error("cannot reach the uswap daemon at %s: %s", path, strerror(-ret));
+	sock = uswap_daemon_connect(path, last_error, sizeof(last_error));   /* authenticated: nothing sent yet */
+	if (sock < 0) {
+		ret = sock;
+		sock = -1;
 		goto fail;
 	}
-	ret = check_daemon_owner(sock, path); /* before any fd goes out */
-	if (ret < 0)
-		goto fail;
 	/* sealable: the daemon seals it against size changes */
 	memfd = memfd_create("uswap", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (memfd < 0 || ftruncate(memfd, (off_t)length) < 0) {

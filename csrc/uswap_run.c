@@ -1,7 +1,9 @@
 /*
  * libuswaprun.so: the preload library of `uswap run` (issue 12, docs/RUN-DESIGN.md).
  *
- * In a constructor: connect to USWAP_RUN_SOCKET, send CONNECT (with USWAP_RUN_RESIDENT), receive the server's /dev/userfaultfd fd, make
+ * In a constructor: connect to USWAP_RUN_SOCKET and check that the server runs as root or as this process's
+ * euid (uswap_daemon_peer.c, the rule of libuswap.so; the environment through secure_getenv, no fallback),
+ * send CONNECT (with USWAP_RUN_RESIDENT), receive the server's /dev/userfaultfd fd, make
  * this process's uffd from it (the server negotiates its features: it has CAP_SYS_PTRACE for
  * EVENT_FORK), map a staging area (MADV_DONTFORK) registered on a private uffd without events,
  * send HELLO, wait for READY (the program's memory is registered when main() starts), then start
@@ -29,6 +31,7 @@
  */
 #define _GNU_SOURCE
 #include "uswap_core.h"
+#include "uswap_daemon_peer.h"
 #include "uswap_run.h"
 
 #include <dlfcn.h>
@@ -135,7 +138,7 @@ static long raw6(long n, long a, long b, long c, long d, long e, long f)
 
 static void say(const char *what)
 {
-	char buf[256];
+	char buf[512];
 	int n = snprintf(buf, sizeof(buf), "uswap run[%d]: %s\n", getpid(), what);
 	if (n > 0 && write(2, buf, (size_t)n) < 0)
 		return;
@@ -408,21 +411,33 @@ static const char *daemon_refused(int status)
 }
 
 
-/* Connect, be registered (READY), start the agent.  child: a forked child of a process of the run, whose
- * uffd fork made and the server holds (it comes back with READY). */
-static int start(const char *path, int child, const char **why)
+/* USWAP_RUN_REQUIRED (set by `uswap run`): a program that cannot be budgeted does not run at all. */
+static int run_required(void)
+{
+	const char *required = secure_getenv(USWAP_RUN_ENV_REQUIRED);
+	return required && strcmp(required, "0") != 0;
+}
+
+/* The server at the run's socket, authenticated (root or our euid) before anything is sent: whoever
+ * listens gets this process's userfaultfd and asks its agent to drop pages.  The socket, or -errno with
+ * the reason in *why (-EPERM: a server of another uid). */
+static int connect_server(const char *path, const char **why)
+{
+	static char reason[384];   /* constructor and atfork child: one thread */
+	int sock = uswap_daemon_connect(path, reason, sizeof(reason));
+	if (sock < 0)
+		*why = reason;
+	return sock;
+}
+
+/* On an authenticated connection (connect_server): be registered (READY), start the agent.  child: a forked
+ * child of a process of the run, whose uffd fork made and the server holds (it comes back with READY). */
+static int start(int sock, int child, const char **why)
 {
 	long ps = sysconf(_SC_PAGESIZE);
-	int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	if (sock < 0 || strlen(path) >= sizeof(sa.sun_path))
-		return -EINVAL;
-	strcpy(sa.sun_path, path);
-	if (connect(sock, (struct sockaddr *)&sa, sizeof(sa)) < 0)
-		return -errno;
 	struct uswap_run_msg m = { .magic = USWAP_RUN_MAGIC, .version = USWAP_RUN_VERSION, .op = USWAP_RUN_CONNECT,
 				   .pid = (uint64_t)getpid(), .flags = child ? USWAP_RUN_CHILD : 0 };
-	const char *resident = getenv(USWAP_RUN_ENV_RESIDENT);
+	const char *resident = secure_getenv(USWAP_RUN_ENV_RESIDENT);
 	m.resident = resident ? strtoull(resident, NULL, 10) : 0;
 	if (send(sock, &m, sizeof(m), MSG_NOSIGNAL) != (ssize_t)sizeof(m))
 		return -errno;
@@ -548,7 +563,20 @@ static void after_fork_in_child(void)
 	(void)*(volatile char *)doorbell;
 	madvise(doorbell, (size_t)sysconf(_SC_PAGESIZE), MADV_DONTNEED);
 	const char *why = NULL;
-	int ret = start(socket_path, 1, &why);
+	int sock = connect_server(socket_path, &why);
+	if (sock == -EPERM) {
+		/* another uid's server: it gets nothing.  Whoever holds this child's uffd serves it (the parent's
+		 * server, unless it went away), but never swaps it out */
+		char what[512];
+		int fatal = run_required();
+		snprintf(what, sizeof(what), "%s: %s%s", fatal ? "refused" : "this child is served but never swapped out",
+			 why, fatal ? "; not running it unbudgeted" : "");
+		say(what);
+		if (fatal)
+			_exit(USWAP_RUN_REFUSED_EXIT);
+		return;
+	}
+	int ret = sock < 0 ? sock : start(sock, 1, &why);
 	if (ret == -ECONNREFUSED || ret == -ENOENT || ret == -ECONNRESET || ret == -EPIPE || ret == -ECONNABORTED) {
 		/* The server went away between the fork and READY: the uffd fork made for this child was only
 		 * the server's, so it is closed and this child's swapped pages would read as zeros.  Never. */
@@ -562,27 +590,28 @@ static void after_fork_in_child(void)
 		_exit(128 + SIGBUS);
 	}
 	if (ret < 0) {
-		char what[160];
-		snprintf(what, sizeof(what), "this child is served but never swapped out: %s", strerror(-ret));
+		char what[512];
+		snprintf(what, sizeof(what), "this child is served but never swapped out: %s", why ? why : strerror(-ret));
 		say(what);
 	}
 }
 
 __attribute__((constructor)) static void uswap_run_init(void)
 {
-	const char *path = getenv(USWAP_RUN_ENV_SOCKET);
+	/* secure_getenv: in a secure-execution program (setuid, setgid, file capabilities) the environment is the
+	 * caller's and must not choose who receives this process's memory; then there is no run at all */
+	const char *path = secure_getenv(USWAP_RUN_ENV_SOCKET);
 	if (!path)
 		return;
 	socket_path = path;
 	const char *why = NULL;
-	int ret = start(path, 0, &why);
+	int sock = connect_server(path, &why);
+	int ret = sock < 0 ? sock : start(sock, 0, &why);
 	if (ret == 0)
 		pthread_atfork(before_fork, NULL, after_fork_in_child);
 	if (ret < 0) {
-		/* USWAP_RUN_REQUIRED (set by `uswap run`): a program that cannot be budgeted does not run at all */
-		const char *required = getenv(USWAP_RUN_ENV_REQUIRED);
-		int fatal = required && strcmp(required, "0") != 0;
-		char what[256];
+		int fatal = run_required();
+		char what[512];
 		snprintf(what, sizeof(what), "%s: %s%s", fatal ? "refused" : "not budgeted", why ? why : strerror(-ret),
 			 fatal ? "; not running it unbudgeted" : "");
 		say(what);

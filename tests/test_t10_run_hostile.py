@@ -1,7 +1,8 @@
 """Layer 10, hostile: the run protocol of `uswap run` (csrc/uswap_run.h, uswap/daemon/runs.py) against other
 local users.  Whatever a run's client sends, the daemon stays up, every other client keeps its data, and it
 holds no fd nor slot of the client afterwards; and only the uids the operator lists get the daemon's
-/dev/userfaultfd fd at all (uswap/daemon/runpolicy.py).
+/dev/userfaultfd fd at all (uswap/daemon/runpolicy.py).  The other way round, the preload gives nothing to a
+server of another uid on the socket it is told (tests/run_rogue_server.py; csrc/uswap_daemon_peer.c).
 
 The attacks come from uid 65534 (tests/run_rogue.py through setpriv, every capability dropped), allowed to
 run with ``--run-users 65534`` or not.  Next to them (``Field``): a root memfd region (8 MiB, numpy,
@@ -15,13 +16,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import HERE, need, need_root
+from conftest import HERE, build_c, need, need_root
 from test_t4_daemon import finish_holder, start_holder
 from test_t8_hostile import GROUP, settled_fds, socket_dir, tail  # noqa: F401 (socket_dir: a fixture)
 from test_t10_run_probes import LIBRUN, PYTHON
@@ -285,3 +287,183 @@ def test_a_daemon_without_dev_userfaultfd_refuses_runs_saying_why(uswapd, tmp_pa
     while "cannot open /dev/userfaultfd" not in daemon.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "run refused: the daemon cannot open /dev/userfaultfd: No such file or directory" in daemon.log()
+
+
+# -- whom the preload trusts: root or its own uid (csrc/uswap_daemon_peer.c, shared with libuswap.so) -----------
+
+ROGUE_SERVER = os.path.join(HERE, "run_rogue_server.py")
+ECHO = "/bin/echo"       # dynamically linked: preloadable (a shell's builtin echo would never load the preload)
+AS_ANOTHER = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]   # no capability at all
+CONNECT, HELLO = lib.USWAP_RUN_CONNECT, lib.USWAP_RUN_HELLO
+REFUSED_EXIT = 1          # USWAP_RUN_REFUSED_EXIT (csrc/uswap_run.h, outside the cdef)
+NOTHING = {"bytes": 0, "ops": [], "fds": 0, "uffds": 0}
+
+
+class RunServer:
+    """tests/run_rogue_server.py at ``path``, listening as ``uid`` with /dev/userfaultfd in hand."""
+
+    def __init__(self, path: str, uid: int):
+        self.path = path
+        self.proc = subprocess.Popen([sys.executable, ROGUE_SERVER, path, str(uid)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        line = self.proc.stdout.readline()
+        if line != f"listening as uid {uid}\n":
+            self.close()
+            pytest.fail(f"the test server did not start: {line!r} {self.proc.stderr.read()}")
+
+    def report(self) -> dict:
+        """What it received, once every connection made so far is taken."""
+        out, err = self.proc.communicate(input="", timeout=30)
+        assert self.proc.returncode == 0 and "Traceback" not in err, err
+        return json.loads(out)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.fixture
+def run_server(socket_dir):
+    """run_server(uid, name) -> RunServer on ``socket_dir/name.sock`` (a directory every uid may traverse)."""
+    need_root()
+    need(os.path.exists(LIBRUN), "libuswaprun.so not built (python3 setup.py build_ext --inplace)")
+    made: list[RunServer] = []
+
+    def start(uid: int, name: str) -> RunServer:
+        made.append(RunServer(os.path.join(socket_dir, f"{name}.sock"), uid))
+        return made[-1]
+    yield start
+    for server in made:
+        server.close()
+
+
+def preloaded(path: str, *cmd: str, required: bool, prefix=()) -> subprocess.CompletedProcess:
+    """cmd with the preload library and USWAP_RUN_SOCKET set by hand (as `uswap run` would, without its probe);
+    through ``env`` after ``prefix``, so that setpriv itself is not preloaded."""
+    variables = [f"LD_PRELOAD={LIBRUN}", f"USWAP_RUN_SOCKET={path}", *(["USWAP_RUN_REQUIRED=1"] if required else [])]
+    return subprocess.run([*prefix, "env", *variables, *cmd], capture_output=True, text=True, timeout=60, env=env())
+
+
+def test_uswap_run_gives_nothing_to_a_server_of_another_uid(run_server):
+    """A server of uid 65534 on the socket given to root's `uswap run` used to get CONNECT, then root's
+    userfaultfd in HELLO.  Now the preload checks SO_PEERCRED before it sends a byte: the run is refused naming the
+    socket and the uid, the program does not run under USWAP_RUN_REQUIRED (what `uswap run` sets) and runs
+    unbudgeted without it; the server received no byte and no fd.  A program of uid 65534 refuses uid 65533's."""
+    rogue, third = run_server(NOBODY, "rogue"), run_server(NOBODY - 1, "third")
+    refusal = f"refusing the uswap daemon at {rogue.path}: it runs as uid {NOBODY}, not root"
+    r = subprocess.run(uswap_argv("run", "--socket", rogue.path, "--", ECHO, "ran"), capture_output=True, text=True,
+                       timeout=60, env=env())
+    assert (r.returncode, r.stdout) == (REFUSED_EXIT, ""), r
+    assert r.stderr.count("\n") == 1 and r.stderr.endswith(f"refused: {refusal}; not running it unbudgeted\n"), r
+    required = preloaded(rogue.path, ECHO, "ran", required=True)
+    assert (required.returncode, required.stdout) == (REFUSED_EXIT, ""), required
+    assert required.stderr.count("\n") == 1 and required.stderr.endswith(f"refused: {refusal}; not running it "
+                                                                         "unbudgeted\n"), required
+    free = preloaded(rogue.path, ECHO, "ran", required=False)
+    assert (free.returncode, free.stdout) == (0, "ran\n"), free
+    assert free.stderr.count("\n") == 1 and free.stderr.endswith(f"not budgeted: {refusal}\n"), free
+    theirs = preloaded(third.path, ECHO, "ran", required=True, prefix=AS_ANOTHER)
+    assert (theirs.returncode, theirs.stdout) == (REFUSED_EXIT, ""), theirs
+    assert theirs.stderr.endswith(f"refused: refusing the uswap daemon at {third.path}: it runs as uid {NOBODY - 1}, "
+                                  f"not root or uid {NOBODY} (you); not running it unbudgeted\n"), theirs
+    # `uswap run`'s probe (it sends nothing) and three preloads connected; none sent anything
+    assert rogue.report() == {"connections": 4, **NOTHING}
+    assert third.report() == {"connections": 1, **NOTHING}
+
+
+def test_uswap_run_talks_to_a_server_of_root_or_its_own_uid(run_server):
+    """Negative control of the above, same server: run by root (for root's program) or by the program's own uid
+    (65534), it gets CONNECT and then the process's userfaultfd in HELLO; it never answers READY, so the run
+    fails after the check, saying so."""
+    root, own = run_server(0, "root"), run_server(NOBODY, "own")
+    r = subprocess.run(uswap_argv("run", "--socket", root.path, "--", ECHO, "ran"), capture_output=True, text=True,
+                       timeout=60, env=env())
+    assert (r.returncode, r.stdout) == (REFUSED_EXIT, ""), r
+    assert r.stderr.endswith("refused: Protocol error; not running it unbudgeted\n"), r
+    mine = preloaded(own.path, ECHO, "ran", required=False, prefix=AS_ANOTHER)
+    assert (mine.returncode, mine.stdout) == (0, "ran\n"), mine
+    assert mine.stderr.endswith("not budgeted: Protocol error\n"), mine
+    from uswap.daemon.runs import MSG_SIZE
+    handed = {"bytes": 2 * MSG_SIZE, "ops": [CONNECT, HELLO], "fds": 1, "uffds": 1}
+    assert root.report() == {"connections": 2, **handed}
+    assert own.report() == {"connections": 1, **handed}
+
+
+FORKS_TWICE = """
+import os, sys
+for _ in range(2):
+    sys.stdin.readline()
+    pid = os.fork()
+    if pid == 0:
+        print("child ran", flush=True)
+        os._exit(0)
+    print("child exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+def test_a_fork_child_checks_the_server_again(run_server, uswapd, socket_dir, tmp_path):
+    """Every connection is checked, a fork child's too (the atfork handler connects again, by path): the run's
+    socket is a symlink to the daemon, turned to another uid's server between two forks.  The first child is
+    served as usual; the second is refused before it sends anything, and under USWAP_RUN_REQUIRED exits
+    USWAP_RUN_REFUSED_EXIT instead of running; the daemon ends the child's run and stays clean."""
+    daemon = uswapd("forks", resident="16M", store_size="64M", socket_dir=socket_dir)
+    rogue = run_server(NOBODY, "rogue")
+    link = os.path.join(socket_dir, "run.sock")
+    os.symlink(daemon.socket, link)
+    script = tmp_path / "forks.py"
+    script.write_text(FORKS_TWICE)
+    p = subprocess.Popen(uswap_argv("run", "--socket", link, "--", PYTHON, str(script)), stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert [p.stdout.readline(), p.stdout.readline()] == ["child ran\n", "child exit 0\n"]
+        os.symlink(rogue.path, link + ".new")
+        os.replace(link + ".new", link)
+        out, err = p.communicate("\n", timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert (p.returncode, out) == (0, f"child exit {REFUSED_EXIT}\n"), (out, err)
+    assert err.count("\n") == 1 and err.endswith(f"refused: refusing the uswap daemon at {link}: it runs as uid "
+                                                  f"{NOBODY}, not root; not running it unbudgeted\n"), err
+    assert rogue.report() == {"connections": 1, **NOTHING}
+    deadline = time.monotonic() + 10
+    while daemon.status()["runs"]:
+        assert time.monotonic() < deadline, ("the daemon kept a run", daemon.status()["runs"], tail(daemon.log()))
+        time.sleep(0.05)
+    assert daemon.status()["daemon"]["slots_used"] == 0
+
+
+LOADS_THE_PRELOAD = r"""
+#include <dlfcn.h>
+#include <stdio.h>
+
+int main(int argc, char **argv)
+{
+	printf("%s\n", dlopen(argv[1], RTLD_NOW) ? "loaded" : dlerror());
+	return 0;
+}
+"""
+
+
+def test_a_setgid_program_takes_no_socket_from_the_environment(run_server, socket_dir, tmp_path_factory):
+    """secure_getenv: in a secure-execution program USWAP_RUN_SOCKET is the caller's and does not count (the
+    loader ignores LD_PRELOAD there, so the library comes in by dlopen).  Negative control: the same program,
+    not setgid, takes it and talks to the (root's, trusted) server."""
+    root = run_server(0, "root")
+    source = tmp_path_factory.mktemp("src") / "loads.c"
+    source.write_text(LOADS_THE_PRELOAD)
+    program = os.path.join(socket_dir, "loads")
+    shutil.copy(build_c(tmp_path_factory, str(source), "loads"), program)
+    variables = ["env", f"USWAP_RUN_SOCKET={root.path}", "USWAP_RUN_REQUIRED=1"]
+    os.chmod(program, 0o755)
+    plain = subprocess.run([*AS_ANOTHER, *variables, program, LIBRUN], capture_output=True, text=True, timeout=60)
+    assert (plain.returncode, plain.stdout) == (REFUSED_EXIT, ""), plain        # it connected, and was let down
+    os.chown(program, 0, GROUP)
+    os.chmod(program, 0o2755)
+    setgid = subprocess.run([*AS_ANOTHER, *variables, program, LIBRUN], capture_output=True, text=True, timeout=60)
+    assert (setgid.returncode, setgid.stdout, setgid.stderr) == (0, "loaded\n", ""), setgid
+    assert root.report()["ops"] == [CONNECT, HELLO]                              # the plain program's only
