@@ -475,6 +475,80 @@ def test_daemon_sigterm_while_engines_swap(uswapd, hog):
     assert "could not be read back" not in daemon.log()
 
 
+# What a new user writes: the array outlives the with block.  Closing under it once unmapped the region
+# and the print below segfaulted; close now refuses (BufferError, as mmap's) and nothing is unmapped.
+VIEW_OUTLIVES_REGION = textwrap.dedent("""
+    import numpy, uswap
+    with uswap.Region(1 << 20) as region:
+        a = numpy.frombuffer(region.buffer, dtype=numpy.uint64)
+        a[:] = 7
+    print(int(a.sum()))
+""")
+
+# Close works once the views are gone; an exception leaving a with block is not masked, and that
+# region goes with its last view.
+VIEWS_RELEASED = textwrap.dedent("""
+    import os, numpy, uswap
+    from uswap.daemon.status import fetch_status
+    def mine():
+        return sum(r["pid"] == os.getpid() for r in fetch_status()["regions"])
+    region = uswap.Region(1 << 20)
+    tail = memoryview(region.buffer)[8:]
+    a = numpy.frombuffer(region.buffer, dtype=numpy.uint64)
+    a[:] = 7
+    for holder in ("a", "tail"):
+        try:
+            region.close()
+        except BufferError as e:
+            print("refused:", e)
+        print("regions", mine(), "sum", int(numpy.frombuffer(region.buffer, dtype=numpy.uint64).sum()))
+        exec(f"del {holder}")
+    region.close()
+    print("closed: regions", mine())
+    try:
+        region.buffer
+    except ValueError as e:
+        print(e)
+    try:
+        with uswap.Region(1 << 20) as other:
+            b = numpy.frombuffer(other.buffer, dtype=numpy.uint8)
+            raise KeyError("the body's error")
+    except KeyError as e:
+        print("raised:", e)
+    print("while b lives: regions", mine(), "byte", int(b[4095]))
+    del b
+    print("after del b: regions", mine())
+""")
+
+
+def test_a_view_outliving_its_region_gets_an_error_not_a_segfault(uswapd):
+    daemon = uswapd(resident="4M")
+    r = subprocess.run([sys.executable, "-c", VIEW_OUTLIVES_REGION], capture_output=True, text=True,
+                       env=daemon.env(), timeout=60)
+    assert r.returncode == 1, (r.returncode, r.stderr)        # -SIGSEGV when close unmapped under the array
+    assert r.stdout == ""
+    last = r.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("BufferError: cannot close the uswap region at 0x"), r.stderr
+    assert last.endswith(": 1 reference(s) to its buffer remain (NumPy arrays or memoryviews over region.buffer): "
+                         "delete them (del a) before the region closes"), r.stderr
+
+
+def test_a_region_closes_once_its_views_are_released(uswapd):
+    daemon = uswapd(resident="4M")
+    r = subprocess.run([sys.executable, "-c", VIEWS_RELEASED], capture_output=True, text=True,
+                       env=daemon.env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 9, r.stdout
+    assert lines[0].startswith("refused: cannot close") and "2 reference(s)" in lines[0]   # the array, the slice
+    assert lines[1] == f"regions 1 sum {7 * (1 << 17)}"                                     # nothing was released
+    assert lines[2].startswith("refused: cannot close") and "1 reference(s)" in lines[2]   # the slice alone
+    assert lines[3] == f"regions 1 sum {7 * (1 << 17)}"
+    assert lines[4:] == ["closed: regions 0", "region is closed", "raised: \"the body's error\"",
+                         "while b lives: regions 1 byte 0", "after del b: regions 0"]
+    assert daemon.answers()
+
+
 def test_fork_child_does_not_inherit_regions(uswapd):
     daemon = uswapd(resident="4M")
     script = textwrap.dedent("""
