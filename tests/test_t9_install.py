@@ -511,11 +511,17 @@ def checkout_env() -> dict:
 # -- metrics ----------------------------------------------------------------------------
 
 def parse_exposition(text: str) -> dict:
+    """The families by name, parsed by prometheus_client; a family name or a sample (name and labels) seen
+    twice fails."""
     from prometheus_client.parser import text_string_to_metric_families
-    families = {}
+    families, samples = {}, set()
     for family in text_string_to_metric_families(text):
         assert family.name not in families, f"{family.name} twice"
         families[family.name] = family
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in samples, f"sample {key} twice"
+            samples.add(key)
     helps = re.findall(r"^# HELP (\S+)", text, re.M)
     assert len(helps) == len(set(helps)) == len(families)
     return families
@@ -571,6 +577,8 @@ def test_status_as_prometheus_text(uswapd):
     assert sample(families, "uswap_daemon_info", store=daemon.store, io=status["io"]) == 1
     assert -1 < time.time() - sample(families, "uswap_start_time_seconds") < 600   # uptime_s is rounded
     assert families["uswap_resident_bytes"].type == "gauge"
+    assert families["uswap_readahead_window_pages"].type == "gauge"      # the window; the pages read ahead:
+    assert families["uswap_readahead_pages"].type == "counter"           # one name each (was one name for both)
     labels = {"region": region["id"], "pid": holder.pid, "uid": os.getuid()}
     assert sample(families, "uswap_region_size_bytes", **labels) == 16 << 20
     for key in ("faults", "engine_faults"):    # Python's and the engine's: the engine serves most

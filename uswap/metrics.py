@@ -25,7 +25,7 @@ DAEMON = [
     ("slots_total", "store_size_bytes", "gauge", "Store capacity (its slots).", "pages"),
     ("slots_used", "store_used_bytes", "gauge", "Store slots holding a page.", "pages"),
     ("page_size", "page_size_bytes", "gauge", "Page (and slot) size.", ""),
-    ("readahead", "readahead_pages", "gauge", "Largest swap-in readahead window.", ""),
+    ("readahead", "readahead_window_pages", "gauge", "Largest swap-in readahead window.", ""),
     ("pswpin", "pswpin_pages", "counter", "Pages read back from the store (as the kernel's pswpin).", ""),
     ("pswpout", "pswpout_pages", "counter", "Pages written out to the store (as the kernel's pswpout).", ""),
     ("read_errors", "read_errors", "counter", "Store reads that failed.", ""),
@@ -100,7 +100,13 @@ class Exposition:
         self.families: dict[str, Family] = {}
 
     def add(self, name: str, kind: str, help: str, value: float, labels: dict | None = None) -> None:
+        """A sample of family ``name``.  One family per name, of one kind: a reader names a counter's family
+        without its ``_total``, so no other family may end in it."""
+        if name.endswith("_total"):
+            raise ValueError(f"uswap_{name}: only a counter's samples end in _total")
         family = self.families.setdefault(name, Family(f"uswap_{name}", kind, help))
+        if (family.kind, family.help) != (kind, help):
+            raise ValueError(f"uswap_{name} is already a {family.kind} ({family.help!r})")
         family.samples.append((labels or {}, value))
 
     def add_table(self, table: list, values: dict, labels: dict, page_size: int) -> None:
