@@ -51,7 +51,6 @@ class RegionGone(Exception):
 
 @dataclass
 class RegionStats:
-    faults: int = 0            # faults served in Python (forwarded by the engine)
     zero_fills: int = 0
     wp_faults: int = 0
     writeback_waits: int = 0   # writes that had to wait for their page's writeback to end
@@ -112,8 +111,11 @@ class Region:
         return self.addr + page * PAGE_SIZE
 
     def engine_stats(self) -> dict:
+        """The fault counts: every fault of the region is read by its engine, which serves it in C
+        (engine_faults) or forwards it to Python (slow_path_faults), so faults is their sum."""
         s = self.engine.stats() if self.engine.c is not None else None
-        return {"engine_faults": s.engine_faults if s else 0, "slow_path_faults": s.forwarded if s else 0,
+        engine, forwarded = (s.engine_faults, s.forwarded) if s else (0, 0)
+        return {"faults": engine + forwarded, "engine_faults": engine, "slow_path_faults": forwarded,
                 "readahead_pages": s.readahead if s else 0}
 
     # -- claims (Python's side of the BUSY bit) ----------------------------------
@@ -246,7 +248,6 @@ class Region:
             self.daemon.log_limited(f"outside {self.id}", logging.WARNING, "region %d: fault at %#x outside the "
                                     "region", self.id, event.address)
             return
-        self.stats.faults += 1
         entry = self.map.entry(page)
         if event.is_wp and state_of(entry) == WRITEBACK or entry & BUSY:
             await self._handle_when_unclaimed(event, page)   # a writeback or another holder first

@@ -963,7 +963,8 @@ class RunProcess:
                 "registered_ranges": len(self.ranges), **self.counts()}
 
     def counts(self) -> dict:
-        """Python's counters with the fault thread's added in (engine_faults: faults served in C)."""
+        """Python's counters with the fault thread's added in.  The thread reads every fault and serves it in
+        C (engine_faults) or hands it to Python (slow_path_faults): faults is their sum (events apart)."""
         out = asdict(self.stats)
         e = self.engine.stats()
         out["pswpin"] += e.pswpin
@@ -972,6 +973,7 @@ class RunProcess:
         out["wp_faults"] += e.wp_faults
         out["engine_faults"] = e.engine_faults
         out["slow_path_faults"] = e.forwarded
+        out["faults"] = e.engine_faults + e.forwarded
         out["throttled"] = e.throttled
         return out
 

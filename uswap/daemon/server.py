@@ -72,6 +72,10 @@ WRITEBACK_BATCH = 64
 MAX_WRITEBACK_BATCH = 256           # `uswap daemon --writeback-batch` accepts 1..MAX_WRITEBACK_BATCH
 RECLAIM_RESTART_FIRST = 0.1
 RECLAIM_RESTART_MAX = 10.0
+# The daemon's fault totals: a region's engine counts, and a run process's fault counts (its readahead_pages
+# counts its synchronous windows too, unlike the region engines' async readahead: not added in).
+REGION_FAULT_COUNTS = ("faults", "engine_faults", "slow_path_faults", "readahead_pages")
+RUN_FAULT_COUNTS = ("faults", "engine_faults", "slow_path_faults")
 
 
 @dataclass
@@ -134,7 +138,7 @@ class Daemon:
         self.run_trees: dict[int, Run] = {}       # the runs themselves: process trees with one budget
         self.run_policy = run_policy or RunPolicy.default()   # who may start runs, how many (runpolicy.py)
         self.run_connections: collections.Counter[int] = collections.Counter()   # per uid, handshakes included
-        self._ended_engine_counts = {"engine_faults": 0, "slow_path_faults": 0, "readahead_pages": 0}
+        self._ended_fault_counts = dict.fromkeys(REGION_FAULT_COUNTS, 0)   # of regions and run processes gone
         self.mapped_pages = 0
         self.nursery: trio.Nursery | None = None
         self._next_id = 1
@@ -361,6 +365,7 @@ class Daemon:
             await run.serve()
         finally:
             del self.runs[run.id]
+            self._count_ended(run.counts(), RUN_FAULT_COUNTS)
             ended = run.leave()
             run.done.set()
             log.info("run %d released (pid %s): %s", run.id, run.pid,
@@ -525,8 +530,7 @@ class Daemon:
 
     def _drop(self, region: Region) -> None:
         region.serve_scope.cancel()
-        for key, value in region.engine_stats().items():
-            self._ended_engine_counts[key] += value
+        self._count_ended(region.engine_stats(), REGION_FAULT_COUNTS)
         del self.regions[region.id]
         self.mapped_pages -= region.pages
         self.ledger.remove_region(region.uid, region.pages)
@@ -580,12 +584,18 @@ class Daemon:
 
     # -- status ----------------------------------------------------------------------------
 
-    def engine_counts(self) -> dict:
-        """Faults served in C and faults the engines handed to Python, regions gone included."""
-        counts = dict(self._ended_engine_counts)
-        for region in self.regions.values():
-            for key, value in region.engine_stats().items():
-                counts[key] += value
+    def _count_ended(self, counts: dict, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            self._ended_fault_counts[key] += counts[key]
+
+    def fault_counts(self) -> dict:
+        """Every fault of every region and run process, those gone included: faults = engine_faults (served in
+        C) + slow_path_faults (handed to Python); readahead_pages: the region engines' async readahead."""
+        counts = dict(self._ended_fault_counts)
+        for source, keys in [(region.engine_stats(), REGION_FAULT_COUNTS) for region in self.regions.values()] + \
+                            [(run.counts(), RUN_FAULT_COUNTS) for run in self.runs.values()]:
+            for key in keys:
+                counts[key] += source[key]
         return counts
 
     def status(self, for_uid: int | None = None) -> dict:
@@ -611,7 +621,7 @@ class Daemon:
                 "run_resident_pages": sum(run.resident for run in self.run_trees.values()),
                 "run_slots": self.run_slots_held(),
                 **asdict(self.stats),
-                **self.engine_counts(),
+                **self.fault_counts(),
                 "write_ios": self.io.write_ios,
                 "punches": r.punches,
                 "uptime_s": round(time.time() - self.started, 1),
