@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import run, uswap
+from conftest import HERE, build_c, run, uswap
 from uswap.core import PAGE_SIZE
 from uswap.protocol import OP_MAP, OP_STATUS, REQUEST, Reply, Request
 
@@ -192,6 +192,42 @@ def test_flipped_bit_on_disk_poisons_only_that_client(uswapd, hog, encrypt, mess
     assert message in daemon.log()
     assert "poisoned" in daemon.log()
     assert d["slots_used"] == 0
+
+
+@pytest.fixture(scope="module")
+def badslots(tmp_path_factory):
+    """tests/c/badslots.c: fills a region, then reads every page back counting SIGBUS and wrong data."""
+    return build_c(tmp_path_factory, os.path.join(HERE, "c", "badslots.c"), "badslots")
+
+
+@pytest.mark.parametrize("encrypt", ["on", "off"])
+def test_a_stretch_of_corrupted_slots_fails_fast_with_one_line(uswapd, badslots, encrypt):
+    """512 consecutive slots corrupted: each of their pages is read once more, then poisoned (SIGBUS, never
+    other data) without a wait or a log line each; every other page reads back intact."""
+    pages, bad = 4096, 512
+    daemon = uswapd(resident="4M", extra=("--encrypt", encrypt))
+    proc = subprocess.Popen([badslots, str(pages)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=daemon.env())
+    try:
+        assert proc.stdout.readline() == "filled\n", proc.stderr.read()
+        assert daemon.status()["daemon"]["slots_used"] >= 2 * bad   # the stretch lies among used slots
+        corrupt_slots(daemon.store, 0, bad)
+        t0 = time.monotonic()
+        out, err = proc.communicate("go\n", timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.split() == ["ok", str(pages - bad), "sigbus", str(bad), "wrong", "0"], out
+    d = daemon.status()["daemon"]
+    errors = [line for line in daemon.log().splitlines() if " ERROR " in line]
+    print(f"{bad} bad slots read back in {elapsed:.2f} s; {d['read_errors']} read errors; ERROR lines: {errors}")
+    assert 1 <= len(errors) <= 3, errors                      # one per run of bad slots (and per second at most)
+    assert "poisoned" in errors[0] and ("failed authentication" if encrypt == "on" else "checksum mismatch") \
+        in errors[0], errors
+    assert 2 * bad <= d["read_errors"] <= 3 * bad, d          # each bad slot: a read and one retry (no three)
 
 
 MARKER_HOLDER = textwrap.dedent("""

@@ -506,8 +506,7 @@ class RunProcess:
                 await self.daemon.io.read(slot, 1, self.ra)
             except OSError:
                 self.daemon.stats.read_errors += 1
-                log.error("run %d (pid %d): slot %d of page %#x unreadable (%s): the page is poisoned",
-                          self.id, self.pid, slot, a, err)
+                self.daemon.note_poisoned(f"run {self.id} (pid {self.pid})", a, slot, err)
                 if self._fill(a, lambda: self.uffd.poison(a, PS), "poisoned"):
                     self._installed(a, slot, 1)
                     return True

@@ -45,7 +45,7 @@ from uswap.config import DEFAULTS
 from uswap.daemon.limits import UserLedger, UserLimits
 from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_received
 from uswap.daemon.reclaim import Reclaimer
-from uswap.daemon.region import Region
+from uswap.daemon.region import CORRUPT_ERRNOS, Region
 from uswap.daemon.runpolicy import RunPolicy
 from uswap.daemon.runs import Run, RunProcess, accept_run, is_run_connection
 from uswap.daemon.swapmap import SWAPPED, slot_of, state_of
@@ -143,6 +143,7 @@ class Daemon:
         self.nursery: trio.Nursery | None = None
         self._next_id = 1
         self._log_times: dict[str, tuple[float, int]] = {}
+        self._bad_slots = (-2, -2)     # the run of bad slots poisoned last (note_poisoned)
         self._stopping = trio.Event()
         self._accept_scope = trio.CancelScope()
         self._reclaim_scope = trio.CancelScope()
@@ -164,9 +165,24 @@ class Daemon:
             self.slots.free(slot)   # and the codec forgets it
 
     def note_read_error(self, region: Region, error: OSError, slot: int, attempt: int) -> None:
+        """A failed read of slots slot..; a slot that did not verify is logged only if its page is poisoned
+        (note_poisoned: one line for a stretch of bad slots)."""
         self.stats.read_errors += 1
-        self.log_limited("read", logging.ERROR, "region %d: read of slot %d (offset %d) failed, attempt %d: %s",
-                         region.id, slot, (slot + 1) * PAGE_SIZE, attempt, error)
+        if error.errno not in CORRUPT_ERRNOS:
+            self.log_limited("read", logging.ERROR, "region %d: read of slot %d (offset %d) failed, attempt %d: %s",
+                             region.id, slot, (slot + 1) * PAGE_SIZE, attempt, error)
+
+    def note_poisoned(self, owner: str, address: int, slot: int, error: OSError) -> None:
+        """A page poisoned for its unreadable slot.  One line (rate-limited) per run of bad slots, i.e.
+        consecutive slots (either way) poisoned one after another: a damaged stretch of the store is one
+        line, not one per page; the count is each region's and run's ``poisoned``."""
+        first, last = self._bad_slots
+        if first - 1 <= slot <= last + 1:
+            self._bad_slots = (min(first, slot), max(last, slot))
+            return
+        self._bad_slots = (slot, slot)
+        self.log_limited("poisoned", logging.ERROR, "%s: page %#x poisoned: slot %d unreadable (%s); poisoned "
+                         "pages of the slots next to it are not logged one by one", owner, address, slot, error)
 
     def log_limited(self, key: str, level: int, msg: str, *args) -> None:
         """At most one line a second per kind, saying how many were held back."""
