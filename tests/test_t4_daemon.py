@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import run, uswap
+from conftest import HERE, build_c, run, uswap
 from uswap.core import PAGE_SIZE
 from uswap.protocol import OP_MAP, OP_STATUS, REQUEST, Reply, Request
 
@@ -192,6 +192,42 @@ def test_flipped_bit_on_disk_poisons_only_that_client(uswapd, hog, encrypt, mess
     assert message in daemon.log()
     assert "poisoned" in daemon.log()
     assert d["slots_used"] == 0
+
+
+@pytest.fixture(scope="module")
+def badslots(tmp_path_factory):
+    """tests/c/badslots.c: fills a region, then reads every page back counting SIGBUS and wrong data."""
+    return build_c(tmp_path_factory, os.path.join(HERE, "c", "badslots.c"), "badslots")
+
+
+@pytest.mark.parametrize("encrypt", ["on", "off"])
+def test_a_stretch_of_corrupted_slots_fails_fast_with_one_line(uswapd, badslots, encrypt):
+    """512 consecutive slots corrupted: each of their pages is read once more, then poisoned (SIGBUS, never
+    other data) without a wait or a log line each; every other page reads back intact."""
+    pages, bad = 4096, 512
+    daemon = uswapd(resident="4M", extra=("--encrypt", encrypt))
+    proc = subprocess.Popen([badslots, str(pages)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=daemon.env())
+    try:
+        assert proc.stdout.readline() == "filled\n", proc.stderr.read()
+        assert daemon.status()["daemon"]["slots_used"] >= 2 * bad   # the stretch lies among used slots
+        corrupt_slots(daemon.store, 0, bad)
+        t0 = time.monotonic()
+        out, err = proc.communicate("go\n", timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.split() == ["ok", str(pages - bad), "sigbus", str(bad), "wrong", "0"], out
+    d = daemon.status()["daemon"]
+    errors = [line for line in daemon.log().splitlines() if " ERROR " in line]
+    print(f"{bad} bad slots read back in {elapsed:.2f} s; {d['read_errors']} read errors; ERROR lines: {errors}")
+    assert 1 <= len(errors) <= 3, errors                      # one per run of bad slots (and per second at most)
+    assert "poisoned" in errors[0] and ("failed authentication" if encrypt == "on" else "checksum mismatch") \
+        in errors[0], errors
+    assert 2 * bad <= d["read_errors"] <= 3 * bad, d          # each bad slot: a read and one retry (no three)
 
 
 MARKER_HOLDER = textwrap.dedent("""
@@ -473,6 +509,80 @@ def test_daemon_sigterm_while_engines_swap(uswapd, hog):
         results
     assert daemon.log().count("page(s) read back") == 3
     assert "could not be read back" not in daemon.log()
+
+
+# What a new user writes: the array outlives the with block.  Closing under it once unmapped the region
+# and the print below segfaulted; close now refuses (BufferError, as mmap's) and nothing is unmapped.
+VIEW_OUTLIVES_REGION = textwrap.dedent("""
+    import numpy, uswap
+    with uswap.Region(1 << 20) as region:
+        a = numpy.frombuffer(region.buffer, dtype=numpy.uint64)
+        a[:] = 7
+    print(int(a.sum()))
+""")
+
+# Close works once the views are gone; an exception leaving a with block is not masked, and that
+# region goes with its last view.
+VIEWS_RELEASED = textwrap.dedent("""
+    import os, numpy, uswap
+    from uswap.daemon.status import fetch_status
+    def mine():
+        return sum(r["pid"] == os.getpid() for r in fetch_status()["regions"])
+    region = uswap.Region(1 << 20)
+    tail = memoryview(region.buffer)[8:]
+    a = numpy.frombuffer(region.buffer, dtype=numpy.uint64)
+    a[:] = 7
+    for holder in ("a", "tail"):
+        try:
+            region.close()
+        except BufferError as e:
+            print("refused:", e)
+        print("regions", mine(), "sum", int(numpy.frombuffer(region.buffer, dtype=numpy.uint64).sum()))
+        exec(f"del {holder}")
+    region.close()
+    print("closed: regions", mine())
+    try:
+        region.buffer
+    except ValueError as e:
+        print(e)
+    try:
+        with uswap.Region(1 << 20) as other:
+            b = numpy.frombuffer(other.buffer, dtype=numpy.uint8)
+            raise KeyError("the body's error")
+    except KeyError as e:
+        print("raised:", e)
+    print("while b lives: regions", mine(), "byte", int(b[4095]))
+    del b
+    print("after del b: regions", mine())
+""")
+
+
+def test_a_view_outliving_its_region_gets_an_error_not_a_segfault(uswapd):
+    daemon = uswapd(resident="4M")
+    r = subprocess.run([sys.executable, "-c", VIEW_OUTLIVES_REGION], capture_output=True, text=True,
+                       env=daemon.env(), timeout=60)
+    assert r.returncode == 1, (r.returncode, r.stderr)        # -SIGSEGV when close unmapped under the array
+    assert r.stdout == ""
+    last = r.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("BufferError: cannot close the uswap region at 0x"), r.stderr
+    assert last.endswith(": 1 reference(s) to its buffer remain (NumPy arrays or memoryviews over region.buffer): "
+                         "delete them (del a) before the region closes"), r.stderr
+
+
+def test_a_region_closes_once_its_views_are_released(uswapd):
+    daemon = uswapd(resident="4M")
+    r = subprocess.run([sys.executable, "-c", VIEWS_RELEASED], capture_output=True, text=True,
+                       env=daemon.env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 9, r.stdout
+    assert lines[0].startswith("refused: cannot close") and "2 reference(s)" in lines[0]   # the array, the slice
+    assert lines[1] == f"regions 1 sum {7 * (1 << 17)}"                                     # nothing was released
+    assert lines[2].startswith("refused: cannot close") and "1 reference(s)" in lines[2]   # the slice alone
+    assert lines[3] == f"regions 1 sum {7 * (1 << 17)}"
+    assert lines[4:] == ["closed: regions 0", "region is closed", "raised: \"the body's error\"",
+                         "while b lives: regions 1 byte 0", "after del b: regions 0"]
+    assert daemon.answers()
 
 
 def test_fork_child_does_not_inherit_regions(uswapd):

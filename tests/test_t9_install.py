@@ -10,6 +10,7 @@ same from a bare venv with the extras from the index.
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import glob
 import json
@@ -31,6 +32,7 @@ from test_t8_hostile import GROUP, socket_dir  # noqa: F401 (socket_dir: a fixtu
 from uswap.child import uswap_argv
 from uswap.config import DEFAULTS
 from uswap.daemon.status import fetch_status
+from uswap.run import LIBRUN
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UCRED = struct.Struct("3i")
@@ -511,11 +513,17 @@ def checkout_env() -> dict:
 # -- metrics ----------------------------------------------------------------------------
 
 def parse_exposition(text: str) -> dict:
+    """The families by name, parsed by prometheus_client; a family name or a sample (name and labels) seen
+    twice fails."""
     from prometheus_client.parser import text_string_to_metric_families
-    families = {}
+    families, samples = {}, set()
     for family in text_string_to_metric_families(text):
         assert family.name not in families, f"{family.name} twice"
         families[family.name] = family
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in samples, f"sample {key} twice"
+            samples.add(key)
     helps = re.findall(r"^# HELP (\S+)", text, re.M)
     assert len(helps) == len(set(helps)) == len(families)
     return families
@@ -571,6 +579,8 @@ def test_status_as_prometheus_text(uswapd):
     assert sample(families, "uswap_daemon_info", store=daemon.store, io=status["io"]) == 1
     assert -1 < time.time() - sample(families, "uswap_start_time_seconds") < 600   # uptime_s is rounded
     assert families["uswap_resident_bytes"].type == "gauge"
+    assert families["uswap_readahead_window_pages"].type == "gauge"      # the window; the pages read ahead:
+    assert families["uswap_readahead_pages"].type == "counter"           # one name each (was one name for both)
     labels = {"region": region["id"], "pid": holder.pid, "uid": os.getuid()}
     assert sample(families, "uswap_region_size_bytes", **labels) == 16 << 20
     for key in ("faults", "engine_faults"):    # Python's and the engine's: the engine serves most
@@ -579,6 +589,95 @@ def test_status_as_prometheus_text(uswapd):
     assert 0 < status["engine_faults"] <= sample(families, "uswap_engine_faults_total") <= \
         after["daemon"]["engine_faults"]
     assert sample(families, "uswap_region_swapped_bytes", **labels) > 0
+
+
+# A process of `uswap run`: 16 MiB filled through a 4 MiB budget, then read back (swap-ins), then held.
+RUN_HOLDER = """
+import sys
+pages = bytearray(16 << 20)
+for i in range(0, len(pages), 4096):
+    pages[i:i + 8] = i.to_bytes(8, "little")
+bad = sum(pages[i:i + 8] != i.to_bytes(8, "little") for i in range(0, len(pages), 4096))
+print("filled" if bad == 0 else f"{bad} bad pages", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def a_region_and_a_run(daemon):
+    """A region (HOLDER) and a process of `uswap run` (RUN_HOLDER), each 16 MiB written and read back through a
+    4 MiB budget, held while the block runs; ended (stdin closed) and reaped after it, also on failure."""
+    need_root()
+    need(os.path.exists(LIBRUN), "libuswaprun.so not built (python3 setup.py build_ext --inplace)")
+    run_argv = uswap_argv("run", "--resident", "4M", "--socket", daemon.socket, "--",
+                          os.path.realpath(sys.executable), "-c", RUN_HOLDER)
+    procs = []
+    try:
+        for argv in ([sys.executable, "-c", HOLDER], run_argv):
+            procs.append(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                          env=daemon.env()))
+            assert procs[-1].stdout.readline() == "filled\n"
+        yield
+    finally:
+        for proc in procs:
+            try:
+                proc.communicate(timeout=60)     # closes stdin: the holder ends
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+    assert [proc.returncode for proc in procs] == [0, 0]
+
+
+def test_prometheus_one_family_per_name_with_a_region_and_a_run(uswapd):
+    """Every table's metrics appear (a region and a run process are served), each name is one family and no
+    sample repeats; the fault counts add up within the scrape."""
+    from uswap import metrics
+    daemon = uswapd(resident="8M")
+    with a_region_and_a_run(daemon):
+        status = daemon.status()
+        out = uswap("status", "--format", "prometheus", "--socket", daemon.socket)
+    assert out.returncode == 0, out.stderr
+    families = parse_exposition(out.stdout)
+    for table, values in ((metrics.DAEMON, status["daemon"]), (metrics.REGION, status["regions"][0]),
+                          (metrics.RUN, status["runs"][0])):
+        for key, name, kind, _, _ in table:
+            assert key in values, key                       # the table's keys are the status's
+            assert families[f"uswap_{name}"].type == kind   # and each is its own family
+    assert families["uswap_readahead_window_pages"].type == "gauge"
+    assert families["uswap_readahead_pages"].type == "counter"
+    assert sample(families, "uswap_faults_total") == \
+        sample(families, "uswap_engine_faults_total") + sample(families, "uswap_slow_path_faults_total") > 0
+    run_labels = {"run": status["runs"][0]["run"], "process": status["runs"][0]["id"]}
+    assert sample(families, "uswap_run_faults_total", **run_labels) == \
+        sample(families, "uswap_run_engine_faults_total", **run_labels) + \
+        sample(families, "uswap_run_slow_path_faults_total", **run_labels) > 0
+
+
+def test_faults_count_every_fault_of_regions_and_runs(uswapd):
+    """FAULTS is every fault the daemon read: served in C (engine_faults) or by Python (slow_path_faults),
+    regions and run processes, gone ones included in the daemon's total."""
+    daemon = uswapd(resident="8M", readahead=1)   # a region's swap-in fault then installs one page
+    with a_region_and_a_run(daemon):     # faults may still come (an eviction's /proc/PID/mem read): bracketed
+        status = daemon.status()
+        text = uswap("status", "--socket", daemon.socket).stdout
+        later = daemon.status()
+    d, (region,), (proc,) = status["daemon"], status["regions"], status["runs"]
+    for counts in (d, region, proc, later["daemon"], *later["regions"], *later["runs"]):
+        assert counts["faults"] == counts["engine_faults"] + counts["slow_path_faults"], counts
+    assert region["engine_faults"] > 0 and proc["engine_faults"] > 0      # the C engines served most
+    assert d["faults"] <= region["faults"] + proc["faults"] <= later["daemon"]["faults"]   # theirs, and only theirs
+    assert region["readahead_pages"] == 0 and 0 < region["pswpin"] <= region["faults"]
+    assert 0 < proc["pswpin"] - proc["readahead_pages"] <= proc["faults"]  # one fault per window read
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.split()}
+    shown = int(rows[str(region["id"])][7]), int(rows[str(proc["run"])][8])   # the REGION and RUN tables' FAULTS
+    assert region["faults"] <= shown[0] <= later["regions"][0]["faults"], text
+    assert proc["faults"] <= shown[1] <= later["runs"][0]["faults"], text
+    deadline = time.monotonic() + 10
+    while (after := daemon.status())["regions"] or after["runs"]:
+        assert time.monotonic() < deadline, after
+        time.sleep(0.05)
+    gone = after["daemon"]
+    assert gone["faults"] == gone["engine_faults"] + gone["slow_path_faults"] >= later["daemon"]["faults"]
 
 
 def test_prometheus_without_a_daemon_says_it_is_down(tmp_path):

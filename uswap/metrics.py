@@ -25,13 +25,15 @@ DAEMON = [
     ("slots_total", "store_size_bytes", "gauge", "Store capacity (its slots).", "pages"),
     ("slots_used", "store_used_bytes", "gauge", "Store slots holding a page.", "pages"),
     ("page_size", "page_size_bytes", "gauge", "Page (and slot) size.", ""),
-    ("readahead", "readahead_pages", "gauge", "Largest swap-in readahead window.", ""),
+    ("readahead", "readahead_window_pages", "gauge", "Largest swap-in readahead window.", ""),
     ("pswpin", "pswpin_pages", "counter", "Pages read back from the store (as the kernel's pswpin).", ""),
     ("pswpout", "pswpout_pages", "counter", "Pages written out to the store (as the kernel's pswpout).", ""),
     ("read_errors", "read_errors", "counter", "Store reads that failed.", ""),
     ("write_errors", "write_errors", "counter", "Store writes that failed.", ""),
     ("writeback_waits", "writeback_waits", "counter", "Faults that waited for a page under writeback.", ""),
     ("throttled", "throttled_faults", "counter", "Faults held at the hard budget line until reclaim progressed.", ""),
+    ("faults", "faults", "counter", "Page faults of every region and run process (engine_faults + slow_path_faults).",
+     ""),
     ("engine_faults", "engine_faults", "counter", "Faults the C engines served.", ""),
     ("slow_path_faults", "slow_path_faults", "counter", "Faults the engines forwarded to the daemon's Python.", ""),
     ("readahead_pages", "readahead_pages", "counter", "Pages async readahead installed before their fault.", ""),
@@ -43,8 +45,9 @@ REGION = [
     ("resident_pages", "region_resident_bytes", "gauge", "Part of the region in memory.", "pages"),
     ("swapped_pages", "region_swapped_bytes", "gauge", "Part of the region in the store.", "pages"),
     ("poisoned", "region_poisoned_pages", "gauge", "Pages that could not be read back (a touch gets SIGBUS).", ""),
-    ("faults", "region_faults", "counter", "Page faults the daemon's Python served (forwarded by the engine).", ""),
+    ("faults", "region_faults", "counter", "Page faults of the region (engine_faults + slow_path_faults).", ""),
     ("engine_faults", "region_engine_faults", "counter", "Page faults the region's C engine served.", ""),
+    ("slow_path_faults", "region_slow_path_faults", "counter", "Page faults the engine forwarded to Python.", ""),
     ("throttled", "region_throttled_faults", "counter", "Faults held at the hard budget line.", ""),
     ("zero_fills", "region_zero_fills", "counter", "First touches served with a zero page.", ""),
     ("wp_faults", "region_wp_faults", "counter", "Write-protect faults (a clean page written).", ""),
@@ -53,6 +56,18 @@ REGION = [
     ("pswpout", "region_pswpout_pages", "counter", "Pages of the region written to the store.", ""),
     ("read_errors", "region_read_errors", "counter", "Store reads for the region that failed.", ""),
     ("write_errors", "region_write_errors", "counter", "Store writes for the region that failed.", ""),
+]
+RUN = [   # one process of `uswap run`
+    ("budget_pages", "run_budget_bytes", "gauge", "Budget of the run (process tree) the process is in.", "pages"),
+    ("resident_pages", "run_resident_bytes", "gauge", "Registered memory of the process in memory, at its last "
+     "count.", "pages"),
+    ("swapped_pages", "run_swapped_bytes", "gauge", "Memory of the process in the store.", "pages"),
+    ("poisoned", "run_poisoned_pages", "gauge", "Pages that could not be read back (a touch gets SIGBUS).", ""),
+    ("faults", "run_faults", "counter", "Page faults of the process (engine_faults + slow_path_faults).", ""),
+    ("engine_faults", "run_engine_faults", "counter", "Page faults its fault thread served in C.", ""),
+    ("slow_path_faults", "run_slow_path_faults", "counter", "Page faults its fault thread handed to Python.", ""),
+    ("pswpin", "run_pswpin_pages", "counter", "Pages of the process read back from the store.", ""),
+    ("pswpout", "run_pswpout_pages", "counter", "Pages of the process written to the store.", ""),
 ]
 NFS = [
     ("timeout_s", "nfs_timeout_seconds", "gauge", "How long a request waits for a server that is down.", ""),
@@ -100,7 +115,13 @@ class Exposition:
         self.families: dict[str, Family] = {}
 
     def add(self, name: str, kind: str, help: str, value: float, labels: dict | None = None) -> None:
+        """A sample of family ``name``.  One family per name, of one kind: a reader names a counter's family
+        without its ``_total``, so no other family may end in it."""
+        if name.endswith("_total"):
+            raise ValueError(f"uswap_{name}: only a counter's samples end in _total")
         family = self.families.setdefault(name, Family(f"uswap_{name}", kind, help))
+        if (family.kind, family.help) != (kind, help):
+            raise ValueError(f"uswap_{name} is already a {family.kind} ({family.help!r})")
         family.samples.append((labels or {}, value))
 
     def add_table(self, table: list, values: dict, labels: dict, page_size: int) -> None:
@@ -135,6 +156,9 @@ def prometheus(status: dict | None, mounts: dict[str, dict], *, page_size: int) 
         for region in status.get("regions", []):
             labels = {"region": region["id"], "pid": region["pid"], "uid": region.get("uid", "")}
             out.add_table(REGION, region, labels, ps)
+        for run in status.get("runs", []):
+            labels = {"run": run["run"], "process": run["id"], "pid": run["pid"] or "", "uid": run["uid"]}
+            out.add_table(RUN, run, labels, ps)
     for mountpoint, m in mounts.items():
         labels = {"mountpoint": mountpoint}
         out.add("mount_up", "gauge", "1 if the FUSE mount answered (its .status file).", 0 if "error" in m else 1,

@@ -36,7 +36,11 @@ from uswap.uffd import CopyMode, FaultFlag, Pagefault, PartialFill, Userfaultfd
 
 log = logging.getLogger("uswap.region")
 
-READ_RETRIES = 3
+READ_RETRIES = 3      # reads of a window that fail (EIO), with a backoff between them
+# A slot that fails verification (crc32c or seal: EBADMSG; ENODATA: not written since the store opened) is not
+# read again as it was: the faulting page alone is read once more (a neighbour in the window may be the bad
+# one), and if that fails too the page is poisoned at once.  Waiting does not mend a corrupted slot.
+CORRUPT_ERRNOS = (errno.EBADMSG, errno.ENODATA)
 PROBE_PAGES = 512     # clean swap-ins over which the install-dirty policy measures writes
 DIRTY_SHARE = 0.75    # written share of them above which swap-ins go in writable
 DIRTY_SPAN = 8192     # writable swap-ins before measuring again
@@ -51,7 +55,6 @@ class RegionGone(Exception):
 
 @dataclass
 class RegionStats:
-    faults: int = 0            # faults served in Python (forwarded by the engine)
     zero_fills: int = 0
     wp_faults: int = 0
     writeback_waits: int = 0   # writes that had to wait for their page's writeback to end
@@ -112,8 +115,11 @@ class Region:
         return self.addr + page * PAGE_SIZE
 
     def engine_stats(self) -> dict:
+        """The fault counts: every fault of the region is read by its engine, which serves it in C
+        (engine_faults) or forwards it to Python (slow_path_faults), so faults is their sum."""
         s = self.engine.stats() if self.engine.c is not None else None
-        return {"engine_faults": s.engine_faults if s else 0, "slow_path_faults": s.forwarded if s else 0,
+        engine, forwarded = (s.engine_faults, s.forwarded) if s else (0, 0)
+        return {"faults": engine + forwarded, "engine_faults": engine, "slow_path_faults": forwarded,
                 "readahead_pages": s.readahead if s else 0}
 
     # -- claims (Python's side of the BUSY bit) ----------------------------------
@@ -234,34 +240,37 @@ class Region:
                     self.stats.throttled += 1
                     self.daemon.stats.throttled += 1
                     return self._ioctl(self.uffd.wake, event.address & ~(PAGE_SIZE - 1), PAGE_SIZE)
-            await self.handle_fault(event)
+            if why in CORRUPT_ERRNOS:     # the engine's read did not verify: that was the first read
+                self.stats.read_errors += 1
+                self.daemon.stats.read_errors += 1
+            await self.handle_fault(event, read_failed=why in CORRUPT_ERRNOS)
         except RegionGone:
             self.daemon.end_region(self, "its client's memory is gone", level=logging.INFO)
 
     # -- the faults Python serves -----------------------------------------------------
 
-    async def handle_fault(self, event: Pagefault) -> None:
+    async def handle_fault(self, event: Pagefault, *, read_failed: bool = False) -> None:
+        """``read_failed``: the engine's read for this fault did not verify (swap_in reads the page once more)."""
         page = (event.address - self.addr) // PAGE_SIZE
         if not 0 <= page < self.pages:
             self.daemon.log_limited(f"outside {self.id}", logging.WARNING, "region %d: fault at %#x outside the "
                                     "region", self.id, event.address)
             return
-        self.stats.faults += 1
         entry = self.map.entry(page)
         if event.is_wp and state_of(entry) == WRITEBACK or entry & BUSY:
-            await self._handle_when_unclaimed(event, page)   # a writeback or another holder first
+            await self._handle_when_unclaimed(event, page, read_failed)   # a writeback or another holder first
         else:
-            await self._handle(event, page)
+            await self._handle(event, page, read_failed)
 
-    async def _handle_when_unclaimed(self, event: Pagefault, page: int) -> None:
+    async def _handle_when_unclaimed(self, event: Pagefault, page: int, read_failed: bool = False) -> None:
         if event.is_wp and self.map.state(page) == WRITEBACK:
             await self.wait_for_writeback(page)
             if self.closed:
                 raise RegionGone()
         await self.wait_unclaimed(page)
-        await self._handle(event, page)
+        await self._handle(event, page, read_failed)
 
-    async def _handle(self, event: Pagefault, page: int) -> None:
+    async def _handle(self, event: Pagefault, page: int, read_failed: bool = False) -> None:
         if self.quiesced or self.closed:
             return   # swapoff: the pages go back into the memfd, the client unregisters
         state = self.map.state(page)
@@ -269,7 +278,7 @@ class Region:
             self.stats.wp_faults += 1
             await self.write_fault(page)
         elif state == SWAPPED:
-            await self.swap_in(page, write=event.is_write)
+            await self.swap_in(page, write=event.is_write, read_failed=read_failed)
         elif state == ABSENT:
             await self.zero_fill(page)
         elif state == POISONED:
@@ -338,15 +347,18 @@ class Region:
         self._last_fault = page
         return self._ra_size
 
-    async def swap_in(self, page: int, *, write: bool = False) -> None:
+    async def swap_in(self, page: int, *, write: bool = False, read_failed: bool = False) -> None:
         """do_swap_page for a page the engine did not serve: claim the readahead
         run (SWAPPED pages whose slots continue the faulting page's), read it
-        with retries, install it; an unreadable faulting page is poisoned."""
+        (with retries for I/O errors), else the faulting page alone, install it;
+        an unreadable faulting page is poisoned.  ``read_failed``: the engine's
+        read of its window did not verify, so the faulting page alone is read,
+        once (CORRUPT_ERRNOS)."""
         await self.daemon.reclaimer.throttle()
         if self.closed:
             return
         slot = slot_of(self.map.entry(page))
-        run = self._claim_run(page, self._window(page),
+        run = self._claim_run(page, 1 if read_failed else self._window(page),
                               lambda e, k: state_of(e) == SWAPPED and slot_of(e) == slot + k)
         if run is None:
             return self._ioctl(self.uffd.wake, self.address(page), PAGE_SIZE)
@@ -355,18 +367,18 @@ class Region:
         # swap-ins of this region run while this one awaits its read.
         buf = self._bufs.pop() if self._bufs else AlignedBuffer(max(1, self.daemon.readahead) * PAGE_SIZE)
         try:
-            ok = await self._read_with_retries(slot, count, buf)
+            error = await self._read_with_retries(slot, count, buf)
             if self.closed:
                 return
-            if not ok:
+            if error and not read_failed:
                 for p in range(first + 1, first + count):
                     self.unclaim(p)   # a bad neighbour must not take the faulting page down
                 count = 1
-                ok = await self._read_with_retries(slot, 1, buf)
+                error = await self._read_with_retries(slot, 1, buf)
                 if self.closed:
                     return
-                if not ok:
-                    return self._poison(page, slot)
+            if error:
+                return self._poison(page, slot, error)
             self._install(first, count, page, slot, buf, dirty=write)
         except BaseException:
             if not self.closed:
@@ -377,21 +389,23 @@ class Region:
         finally:
             self._bufs.append(buf)
 
-    async def _read_with_retries(self, slot: int, count: int, buf: AlignedBuffer) -> bool:
+    async def _read_with_retries(self, slot: int, count: int, buf: AlignedBuffer) -> OSError | None:
+        """Read slots slot.. into buf: None, or the last error once retrying is pointless."""
         for attempt in range(1, READ_RETRIES + 1):
             try:
                 await self.daemon.io.read(slot, count, buf)
-                return True
+                return None
             except OSError as e:
+                error = e
                 self.stats.read_errors += 1
                 self.daemon.note_read_error(self, e, slot, attempt)
-                if e.errno == errno.ETIMEDOUT:
-                    return False   # the store already waited its timeout (an NFS server that stays down)
+                if e.errno == errno.ETIMEDOUT or e.errno in CORRUPT_ERRNOS:
+                    return e   # the store already waited its timeout (an NFS server that stays down); a bad slot
                 if attempt < READ_RETRIES:
                     await trio.sleep(0.01 * attempt)
             if self.closed:
-                return False
-        return False
+                return error
+        return error
 
     def _install(self, first: int, count: int, faulting: int, slot: int, buf: AlignedBuffer, *, dirty: bool) -> None:
         """UFFDIO_COPY the run in.
@@ -429,13 +443,12 @@ class Region:
                 self.uffd.wake(at, PAGE_SIZE)
                 at += PAGE_SIZE
 
-    def _poison(self, page: int, slot: int) -> None:
+    def _poison(self, page: int, slot: int, error: OSError) -> None:
         """The kernel's answer to an unreadable swap slot: SIGBUS for whoever touches it."""
         self.daemon.release_slot(slot)
         self.publish(page, POISONED)
         self.stats.poisoned += 1
-        log.error("region %d (pid %d): page %#x poisoned: slot %d unreadable", self.id, self.pid,
-                  self.address(page), slot)
+        self.daemon.note_poisoned(f"region {self.id} (pid {self.pid})", self.address(page), slot, error)
         self._install_poison(page)
 
     def _install_poison(self, page: int) -> None:

@@ -515,8 +515,7 @@ class RunProcess:
                 await self.daemon.io.read(slot, 1, self.ra)
             except OSError:
                 self.daemon.stats.read_errors += 1
-                log.error("run %d (pid %d): slot %d of page %#x unreadable (%s): the page is poisoned",
-                          self.id, self.pid, slot, a, err)
+                self.daemon.note_poisoned(f"run {self.id} (pid {self.pid})", a, slot, err)
                 if self._fill(a, lambda: self.uffd.poison(a, PS), "poisoned"):
                     self._installed(a, slot, 1)
                     return True
@@ -986,7 +985,8 @@ class RunProcess:
                 "registered_ranges": len(self.ranges), **self.counts()}
 
     def counts(self) -> dict:
-        """Python's counters with the fault thread's added in (engine_faults: faults served in C)."""
+        """Python's counters with the fault thread's added in.  The thread reads every fault and serves it in
+        C (engine_faults) or hands it to Python (slow_path_faults): faults is their sum (events apart)."""
         out = asdict(self.stats)
         e = self.engine.stats()
         out["pswpin"] += e.pswpin
@@ -995,6 +995,7 @@ class RunProcess:
         out["wp_faults"] += e.wp_faults
         out["engine_faults"] = e.engine_faults
         out["slow_path_faults"] = e.forwarded
+        out["faults"] = e.engine_faults + e.forwarded
         out["throttled"] = e.throttled
         return out
 

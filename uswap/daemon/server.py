@@ -45,7 +45,7 @@ from uswap.config import DEFAULTS
 from uswap.daemon.limits import UserLedger, UserLimits
 from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_received
 from uswap.daemon.reclaim import Reclaimer
-from uswap.daemon.region import Region
+from uswap.daemon.region import CORRUPT_ERRNOS, Region
 from uswap.daemon.runpolicy import RunPolicy
 from uswap.daemon.runs import Run, RunProcess, accept_run, is_run_connection
 from uswap.daemon.swapmap import SWAPPED, slot_of, state_of
@@ -72,6 +72,10 @@ WRITEBACK_BATCH = 64
 MAX_WRITEBACK_BATCH = 256           # `uswap daemon --writeback-batch` accepts 1..MAX_WRITEBACK_BATCH
 RECLAIM_RESTART_FIRST = 0.1
 RECLAIM_RESTART_MAX = 10.0
+# The daemon's fault totals: a region's engine counts, and a run process's fault counts (its readahead_pages
+# counts its synchronous windows too, unlike the region engines' async readahead: not added in).
+REGION_FAULT_COUNTS = ("faults", "engine_faults", "slow_path_faults", "readahead_pages")
+RUN_FAULT_COUNTS = ("faults", "engine_faults", "slow_path_faults")
 
 
 @dataclass
@@ -135,11 +139,12 @@ class Daemon:
         self.run_trees: dict[int, Run] = {}       # the runs themselves: process trees with one budget
         self.run_policy = run_policy or RunPolicy.default()   # who may start runs, how many (runpolicy.py)
         self.run_connections: collections.Counter[int] = collections.Counter()   # per uid, handshakes included
-        self._ended_engine_counts = {"engine_faults": 0, "slow_path_faults": 0, "readahead_pages": 0}
+        self._ended_fault_counts = dict.fromkeys(REGION_FAULT_COUNTS, 0)   # of regions and run processes gone
         self.mapped_pages = 0
         self.nursery: trio.Nursery | None = None
         self._next_id = 1
         self._log_times: dict[str, tuple[float, int]] = {}
+        self._bad_slots = (-2, -2)     # the run of bad slots poisoned last (note_poisoned)
         self._stopping = trio.Event()
         self._accept_scope = trio.CancelScope()
         self._reclaim_scope = trio.CancelScope()
@@ -161,9 +166,24 @@ class Daemon:
             self.slots.free(slot)   # and the codec forgets it
 
     def note_read_error(self, region: Region, error: OSError, slot: int, attempt: int) -> None:
+        """A failed read of slots slot..; a slot that did not verify is logged only if its page is poisoned
+        (note_poisoned: one line for a stretch of bad slots)."""
         self.stats.read_errors += 1
-        self.log_limited("read", logging.ERROR, "region %d: read of slot %d (offset %d) failed, attempt %d: %s",
-                         region.id, slot, (slot + 1) * PAGE_SIZE, attempt, error)
+        if error.errno not in CORRUPT_ERRNOS:
+            self.log_limited("read", logging.ERROR, "region %d: read of slot %d (offset %d) failed, attempt %d: %s",
+                             region.id, slot, (slot + 1) * PAGE_SIZE, attempt, error)
+
+    def note_poisoned(self, owner: str, address: int, slot: int, error: OSError) -> None:
+        """A page poisoned for its unreadable slot.  One line (rate-limited) per run of bad slots, i.e.
+        consecutive slots (either way) poisoned one after another: a damaged stretch of the store is one
+        line, not one per page; the count is each region's and run's ``poisoned``."""
+        first, last = self._bad_slots
+        if first - 1 <= slot <= last + 1:
+            self._bad_slots = (min(first, slot), max(last, slot))
+            return
+        self._bad_slots = (slot, slot)
+        self.log_limited("poisoned", logging.ERROR, "%s: page %#x poisoned: slot %d unreadable (%s); poisoned "
+                         "pages of the slots next to it are not logged one by one", owner, address, slot, error)
 
     def log_limited(self, key: str, level: int, msg: str, *args) -> None:
         """At most one line a second per kind, saying how many were held back."""
@@ -362,6 +382,7 @@ class Daemon:
             await run.serve()
         finally:
             del self.runs[run.id]
+            self._count_ended(run.counts(), RUN_FAULT_COUNTS)
             ended = run.leave()
             run.done.set()
             log.info("run %d released (pid %s): %s", run.id, run.pid,
@@ -526,8 +547,7 @@ class Daemon:
 
     def _drop(self, region: Region) -> None:
         region.serve_scope.cancel()
-        for key, value in region.engine_stats().items():
-            self._ended_engine_counts[key] += value
+        self._count_ended(region.engine_stats(), REGION_FAULT_COUNTS)
         del self.regions[region.id]
         self.mapped_pages -= region.pages
         self.ledger.remove_region(region.uid, region.pages)
@@ -581,12 +601,18 @@ class Daemon:
 
     # -- status ----------------------------------------------------------------------------
 
-    def engine_counts(self) -> dict:
-        """Faults served in C and faults the engines handed to Python, regions gone included."""
-        counts = dict(self._ended_engine_counts)
-        for region in self.regions.values():
-            for key, value in region.engine_stats().items():
-                counts[key] += value
+    def _count_ended(self, counts: dict, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            self._ended_fault_counts[key] += counts[key]
+
+    def fault_counts(self) -> dict:
+        """Every fault of every region and run process, those gone included: faults = engine_faults (served in
+        C) + slow_path_faults (handed to Python); readahead_pages: the region engines' async readahead."""
+        counts = dict(self._ended_fault_counts)
+        for source, keys in [(region.engine_stats(), REGION_FAULT_COUNTS) for region in self.regions.values()] + \
+                            [(run.counts(), RUN_FAULT_COUNTS) for run in self.runs.values()]:
+            for key in keys:
+                counts[key] += source[key]
         return counts
 
     def status(self, for_uid: int | None = None) -> dict:
@@ -612,7 +638,7 @@ class Daemon:
                 "run_resident_pages": sum(run.resident for run in self.run_trees.values()),
                 "run_slots": self.run_slots_held(),
                 **asdict(self.stats),
-                **self.engine_counts(),
+                **self.fault_counts(),
                 "write_ios": self.io.write_ios,
                 "punches": r.punches,
                 "uptime_s": round(time.time() - self.started, 1),

@@ -73,12 +73,13 @@ def render_status(status: dict) -> str:
     if status.get("runs"):      # processes of `uswap run` (uswap.daemon.runs)
         lines.append("")
         lines.append(f"{'RUN':>6} {'PID':>7} {'PARENT':>7} {'BUDGET':>7} {'RESIDENT':>8} {'SWAPPED':>8} "
-                     f"{'PSWPIN':>8} {'PSWPOUT':>8} {'RANGES':>6} {'POISONED':>8}")
+                     f"{'PSWPIN':>8} {'PSWPOUT':>8} {'FAULTS':>8} {'RANGES':>6} {'POISONED':>8}")
         for r in sorted(status["runs"], key=lambda r: (r["run"], r["id"])):   # a run's processes together
             lines.append(f"{r['run']:>6} {r['pid'] or '?':>7} {r['parent'] or '-':>7} "
                          f"{_pages(r['budget_pages'], ps):>7} "
                          f"{_pages(r['resident_pages'], ps):>8} {_pages(r['swapped_pages'], ps):>8} "
-                         f"{r['pswpin']:>8} {r['pswpout']:>8} {r['registered_ranges']:>6} {r['poisoned']:>8}")
+                         f"{r['pswpin']:>8} {r['pswpout']:>8} {r['faults']:>8} {r['registered_ranges']:>6} "
+                         f"{r['poisoned']:>8}")
     return "\n".join(lines)
 
 
