@@ -346,6 +346,7 @@ def test_option_ranges_come_from_the_engine_and_the_help_says_them():
     help_text = " ".join(uswap("daemon", "--help").stdout.split())
     assert "resident budget, 256K to the physical memory" in help_text
     assert "swap-in window in pages, 1 (off) to 64 (default 32)" in help_text
+    assert "besides root and the daemon's own uid (always served)" in help_text
 
 
 @pytest.mark.parametrize("resident", ["0", "4K", "99999999T"])
@@ -357,3 +358,13 @@ def test_run_refuses_a_budget_out_of_range(tmp_path, resident):
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr.splitlines() == [f"uswap run: error: --resident {format_size_exact(parse_size(resident))} is "
                                      f"out of range: {RESIDENT_RANGE.format(max=_max_budget())}"]
+
+
+def test_run_users_add_to_root_and_the_daemons_uid():
+    from uswap.daemon.runpolicy import parse_run_users
+    me = os.geteuid()
+    assert parse_run_users(None) == {0, me}
+    assert parse_run_users("65534") == {0, me, 65534}
+    assert parse_run_users("nobody, 1002") == {0, me, 65534, 1002}
+    with pytest.raises(ValueError, match="--run-users: no user named 'no-such-user-here'"):
+        parse_run_users("0,no-such-user-here")

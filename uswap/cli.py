@@ -460,9 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="close a connection that has not mapped a region (or finished a run's handshake) "
                              "by then (default 10)")
     access.add_argument("--run-users", default=None, metavar="LIST",
-                        help="uids or user names (comma-separated) whose programs `uswap run` may budget: each "
-                             "run gets the daemon's /dev/userfaultfd fd, i.e. kernel-mode userfaultfd (default: "
-                             "root and the daemon's own uid; others are refused)")
+                        help="uids or user names (comma-separated) whose programs `uswap run` may budget, besides "
+                             "root and the daemon's own uid (always served): each run gets the daemon's "
+                             "/dev/userfaultfd fd, i.e. kernel-mode userfaultfd (others are refused)")
     access.add_argument("--user-max-runs", type=int, default=16, metavar="N",
                         help="processes of `uswap run` one uid may have served at once (default 16)")
     p.set_defaults(func=cmd_daemon)
