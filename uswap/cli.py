@@ -208,8 +208,9 @@ def cmd_status(args) -> int:
 def cmd_run(args) -> int:
     """Exec CMD with the preload library and the daemon's socket: its anonymous memory is then swapped
     by the daemon under --resident (docs/RUN-DESIGN.md).  Refuses what would run unbudgeted."""
+    import errno
     import socket
-    from uswap.daemon.status import default_socket_path
+    from uswap.daemon.status import WHO_MAY_CONNECT, default_socket_path
     from uswap.run import LIBRUN, NotPreloadable, check_preloadable
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
@@ -226,6 +227,9 @@ def cmd_run(args) -> int:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as probe:
         try:
             probe.connect(path)     # the daemon closes a connection that says nothing, quietly
+        except PermissionError:     # not the daemon's uid nor in its socket's group: what the region client says
+            raise OSError(errno.EACCES, f"no uswap daemon answers: permission denied: {WHO_MAY_CONNECT} (the "
+                                        "program would run unbudgeted)", path) from None
         except OSError as e:
             raise OSError(e.errno, f"no uswap daemon answers: {e.strerror} (the program would run unbudgeted)",
                           path) from None
