@@ -42,7 +42,7 @@
 #define NEG_ERRNO() (-(errno ? errno : EIO))
 #define RING_SIZE 4096                 /* messages; a power of two */
 #define RING_NOTIFY_AT (RING_SIZE / 4) /* wake Python at this fill even when it is not waiting for us */
-#define MAX_WINDOW 64
+#define MAX_WINDOW USWAP_MAX_READAHEAD
 #define AHEAD_DEPTH 2                  /* windows read ahead of a stream, in flight at once */
 #define AHEAD_REACH (4 * MAX_WINDOW)   /* how far past the stream's last fault they may go */
 

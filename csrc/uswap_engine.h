@@ -15,6 +15,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The largest swap-in window, in pages: `uswap daemon --readahead` accepts 1 to this (uswap/daemon/options.py
+ * reads it through the cdef); the engine's buffers and io_uring are sized for it. */
+#define USWAP_MAX_READAHEAD 64
+
 /* CDEF-BEGIN */
 
 struct uswap_slots;   /* uswap_slots.h */

@@ -436,6 +436,23 @@ def test_outside_the_group_the_socket_says_who_is_served(group_daemon):
     assert group_daemon.status()["regions"] == []
 
 
+def test_uswap_run_outside_the_group_says_who_is_served(group_daemon):
+    """`uswap run` says what the region client says (not "no uswap daemon answers: Permission denied" alone);
+    in the group, the same command reaches the daemon, which refuses runs for 65534 (not in --run-users)."""
+    argv = [sys.executable, "-m", "uswap", "run", "--socket", group_daemon.socket, "--", "echo", "ran"]
+    r = run_as(argv)
+    assert (r.returncode, r.stdout) == (1, ""), r
+    assert r.stderr.splitlines() == [
+        f"uswap run: error: {group_daemon.socket}: no uswap daemon answers: permission denied: the daemon serves "
+        'its own uid and members of its group (uswap by default; see README "Who may use uswap") (the program '
+        "would run unbudgeted)"], r.stderr
+    r = run_as(argv, groups=(TEST_GID,))       # negative control: connected, then refused by the daemon
+    assert (r.returncode, r.stdout) == (1, ""), r
+    assert r.stderr.endswith("refused: the daemon does not serve runs for this user (uswap daemon --run-users); "
+                             "not running it unbudgeted\n"), r.stderr
+    assert group_daemon.status()["runs"] == []
+
+
 def test_in_the_group_without_userfaultfd_access_the_udev_rule_is_named(group_daemon):
     with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
         need(f.read().strip() == "0", "vm.unprivileged_userfaultfd is not 0: other users may create userfaultfds")

@@ -219,3 +219,152 @@ def test_writeback_batch_default_and_range():
     # The help states the default without importing the daemon: it must say the constant's value.
     help_text = " ".join(uswap("daemon", "--help").stdout.split())
     assert f"1 to 256 (default {WRITEBACK_BATCH}:" in help_text
+
+
+# -- uswap daemon and uswap run: every option checked before anything is made ---------------------------------
+
+def _max_budget() -> str:
+    from uswap.daemon.options import max_budget
+    from uswap.units import format_size_exact
+    return format_size_exact(max_budget())
+
+
+def _nr_open() -> int:
+    with open("/proc/sys/fs/nr_open") as f:
+        return int(f.read())
+
+
+RESIDENT_RANGE = "give 256K to {max} (one readahead window to the physical memory)"
+COUNT_RANGE = "give {low} to {nr_open} (at most fs.nr_open, the fds a process may hold)"
+REFUSED_OPTIONS = [
+    (["--resident", "0"], "--resident 0B is out of range: " + RESIDENT_RANGE),
+    (["--resident", "128K"], "--resident 128K is out of range: " + RESIDENT_RANGE),
+    (["--resident", "99999999T"], "--resident 99999999T is out of range: " + RESIDENT_RANGE),
+    (["--readahead", "100000"], "--readahead 100000 is out of range: give 1 to 64 pages (1 is off; at most the "
+                                "engine's largest window)"),
+    (["--readahead", "0"], "--readahead 0 is out of range: give 1 to 64 pages (1 is off; at most the engine's "
+                           "largest window)"),
+    (["--writeback-batch", "-1"], "--writeback-batch -1 is out of range: give 1 to 256 pages"),
+    (["--map-timeout", "0"], "--map-timeout 0 is out of range: give 0.1 to 86400 seconds"),
+    (["--map-timeout", "nan"], "--map-timeout nan is out of range: give 0.1 to 86400 seconds"),
+    (["--nfs-timeout", "-5"], "--nfs-timeout -5 is out of range: give 0.1 to 86400 seconds"),
+    (["--user-max-size", "1K"], "--user-max-size 1K is out of range: give 4K to 131072T (a page to the largest "
+                                "user address space)"),
+    (["--user-max-regions", "-1"], "--user-max-regions -1 is out of range: " + COUNT_RANGE.replace("{low}", "0")),
+    (["--user-max-connections", "0"], "--user-max-connections 0 is out of range: "
+                                      + COUNT_RANGE.replace("{low}", "1")),
+    (["--user-max-runs", "-2"], "--user-max-runs -2 is out of range: " + COUNT_RANGE.replace("{low}", "0")),
+    (["--run-users", "0,,1"], "--run-users '0,,1': an empty item (give uids or user names, comma-separated)"),
+    (["--group", "no-such-group-here"], "--group: no group named 'no-such-group-here'"),
+]
+
+
+def refused_daemon(capsys, tmp_path, *args: str, socket: str | None = None) -> str:
+    """`uswap daemon` in this process, on a store in a directory that does not exist yet: its one error line.
+    Should it accept, it stops at the first thing it would make (the store), not serve inside pytest."""
+    from uswap import cli
+
+    def made_a_store(path, *a, **kw):
+        raise AssertionError(f"uswap daemon {' '.join(args)} got as far as making its store {path}")
+    socket = socket or str(tmp_path / "d.sock")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "ensure_store", made_a_store)
+        code = cli.main(["daemon", "--store", str(tmp_path / "new" / "store"), "--socket", socket, *args])
+    out, err = capsys.readouterr()
+    assert (code, out) == (1, ""), err
+    assert err.count("\n") == 1, err
+    return err.rstrip("\n")
+
+
+@pytest.mark.parametrize("args,message", REFUSED_OPTIONS, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+def test_daemon_refuses_an_option_out_of_range_before_making_anything(capsys, tmp_path, args, message):
+    """No directory, store, socket or lock for a refused option (a refused --resident made the directory and
+    wrote a 1 GiB store first)."""
+    expected = message.format(max=_max_budget(), nr_open=_nr_open())
+    assert refused_daemon(capsys, tmp_path, *args) == f"uswap daemon: error: {expected}"
+    assert os.listdir(tmp_path) == []
+
+
+def test_daemon_refused_resident_as_a_user_meets_it(tmp_path):
+    r = uswap("daemon", "--resident", "0", "--store", str(tmp_path / "new" / "dir" / "x"), "--socket",
+              str(tmp_path / "d.sock"), timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"uswap daemon: error: --resident 0B is out of range: "
+                                     f"{RESIDENT_RANGE.format(max=_max_budget())}"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_daemon_socket_directory_must_exist_and_be_safe(capsys, tmp_path):
+    """Only /run/uswap (the default socket's) is ever made; any other socket directory must exist, be safe, and
+    hold nothing but a stale socket at the path."""
+    missing = tmp_path / "no" / "such" / "d.sock"
+    assert refused_daemon(capsys, tmp_path, socket=str(missing)) == (
+        f"uswap daemon: error: {missing}: directory {missing.parent} does not exist (the daemon makes only "
+        "/run/uswap, for its default socket)")
+    assert os.listdir(tmp_path) == []
+    long = tmp_path / ("s" * 120)
+    assert refused_daemon(capsys, tmp_path, socket=str(long)) == (
+        f"uswap daemon: error: {long}: too long for a socket path ({len(str(long))} bytes, at most 107)")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    assert refused_daemon(capsys, tmp_path, socket=str(open_dir / "d.sock")) == (
+        f"uswap daemon: error: {open_dir}: directory is writable by group and others (mode 0777): fix with "
+        "chmod go-w")
+    (tmp_path / "file").write_text("mine\n")
+    assert refused_daemon(capsys, tmp_path, socket=str(tmp_path / "file")) == (
+        f"uswap daemon: error: {tmp_path / 'file'}: exists and is not a socket")
+    assert sorted(os.listdir(tmp_path)) == ["file", "open"]
+    assert os.listdir(open_dir) == [] and (tmp_path / "file").read_text() == "mine\n"
+
+
+def test_daemon_refuses_a_socket_a_daemon_answers_on_before_making_a_store(uswapd, capsys, tmp_path):
+    daemon = uswapd()
+    before = sorted(os.listdir(tmp_path))
+    assert refused_daemon(capsys, tmp_path, socket=daemon.socket) == (
+        f"uswap daemon: error: {daemon.socket}: another uswap daemon is listening here")
+    assert sorted(os.listdir(tmp_path)) == before            # no new/store
+    assert daemon.answers()
+
+
+def test_daemon_accepts_every_range_at_its_bounds(uswapd):
+    """The negative control of the refusals: the smallest budget and the largest window serve (the daemon says
+    what it took), and the other bounds start it."""
+    daemon = uswapd(resident="256K", readahead=64, extra=(
+        "--writeback-batch", "256", "--map-timeout", "86400", "--nfs-timeout", "0.1", "--user-max-size", "4K",
+        "--user-max-regions", "0", "--user-max-connections", "1", "--user-max-runs", "0"))
+    assert "budget 64 pages, sync I/O, readahead 64, writeback batch 256" in daemon.log()
+    d = daemon.status()["daemon"]
+    assert (d["budget_pages"], d["readahead"]) == (64, 64)
+
+
+def test_option_ranges_come_from_the_engine_and_the_help_says_them():
+    from uswap._core import lib
+    from uswap.daemon import options
+    assert options.MAX_READAHEAD == lib.USWAP_MAX_READAHEAD == 64      # csrc/uswap_engine.h sizes for it
+    assert options.MIN_BUDGET == 64 * PAGE_SIZE
+    help_text = " ".join(uswap("daemon", "--help").stdout.split())
+    assert "resident budget, 256K to the physical memory" in help_text
+    assert "swap-in window in pages, 1 (off) to 64 (default 32)" in help_text
+    assert "besides root and the daemon's own uid (always served)" in help_text
+
+
+@pytest.mark.parametrize("resident", ["0", "4K", "99999999T"])
+def test_run_refuses_a_budget_out_of_range(tmp_path, resident):
+    """Before it looks for a daemon: --resident 0 used to mean "the daemon's budget" silently."""
+    from uswap.units import format_size_exact, parse_size
+    r = uswap("run", "--resident", resident, "--socket", str(tmp_path / "none.sock"), "--", "echo", "ran",
+              timeout=60)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.splitlines() == [f"uswap run: error: --resident {format_size_exact(parse_size(resident))} is "
+                                     f"out of range: {RESIDENT_RANGE.format(max=_max_budget())}"]
+
+
+def test_run_users_add_to_root_and_the_daemons_uid():
+    from uswap.daemon.runpolicy import parse_run_users
+    me = os.geteuid()
+    assert parse_run_users(None) == {0, me}
+    assert parse_run_users("65534") == {0, me, 65534}
+    assert parse_run_users("nobody, 1002") == {0, me, 65534, 1002}
+    with pytest.raises(ValueError, match="--run-users: no user named 'no-such-user-here'"):
+        parse_run_users("0,no-such-user-here")

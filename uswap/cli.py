@@ -15,6 +15,7 @@ import sys
 
 from uswap.config import DEFAULTS, IO_MODES, c_client_flags
 from uswap.core import PAGE_SIZE
+from uswap.daemon import options
 from uswap.extras import MissingExtra, require
 from uswap.nfs import DEFAULT_TIMEOUT, STABLE_MODES
 from uswap.nfs.url import is_nfs_url
@@ -119,15 +120,27 @@ def cmd_daemon(args) -> int:
     import trio
 
     from uswap.daemon.main import harden_process, lock_memory, run_daemon
-    from uswap.daemon.server import writeback_batch
+    from uswap.daemon.server import check_socket_path, writeback_batch
     from uswap.protocol import daemon_socket_path
     from uswap.daemon.runpolicy import parse_run_users
-    batch = writeback_batch(args.writeback_batch)   # refused before anything is made or started
+    # Every option is checked before anything is made or started: a refused one leaves no directory,
+    # store, socket, lock or log behind (tests/test_t3_cli.py).
+    batch = writeback_batch(args.writeback_batch)
+    options.resident(args.resident)
+    options.readahead(args.readahead)
+    options.timeout("--nfs-timeout", args.nfs_timeout)
+    options.timeout("--map-timeout", args.map_timeout)
+    if args.user_max_size is not None:
+        options.user_max_size(args.user_max_size)
+    options.count("--user-max-regions", args.user_max_regions, 0)        # 0: other uids map no region
+    options.count("--user-max-connections", args.user_max_connections, 1)
+    options.count("--user-max-runs", args.user_max_runs, 0)              # 0: runs for the daemon's uid only
     run_users = parse_run_users(args.run_users)
+    group = socket_group(args.group)
+    socket_path = args.socket or daemon_socket_path()  # may ask for --socket
+    check_socket_path(socket_path)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="uswap daemon[%(process)d]: %(levelname)s %(message)s")
-    group = socket_group(args.group)
-    socket_path = args.socket or daemon_socket_path()  # before a store is made: may ask for --socket
     ensure_store(args.store)
     lock_memory()
     harden_process()
@@ -195,12 +208,15 @@ def cmd_status(args) -> int:
 def cmd_run(args) -> int:
     """Exec CMD with the preload library and the daemon's socket: its anonymous memory is then swapped
     by the daemon under --resident (docs/RUN-DESIGN.md).  Refuses what would run unbudgeted."""
+    import errno
     import socket
-    from uswap.daemon.status import default_socket_path
+    from uswap.daemon.status import WHO_MAY_CONNECT, default_socket_path
     from uswap.run import LIBRUN, NotPreloadable, check_preloadable
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise ValueError("no command: uswap run [--resident SIZE] [--socket PATH] -- CMD ARGS")
+    if args.resident is not None:
+        options.resident(args.resident)
     try:
         check_preloadable(cmd[0])
     except NotPreloadable as e:
@@ -211,13 +227,16 @@ def cmd_run(args) -> int:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as probe:
         try:
             probe.connect(path)     # the daemon closes a connection that says nothing, quietly
+        except PermissionError:     # not the daemon's uid nor in its socket's group: what the region client says
+            raise OSError(errno.EACCES, f"no uswap daemon answers: permission denied: {WHO_MAY_CONNECT} (the "
+                                        "program would run unbudgeted)", path) from None
         except OSError as e:
             raise OSError(e.errno, f"no uswap daemon answers: {e.strerror} (the program would run unbudgeted)",
                           path) from None
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(x for x in (LIBRUN, env.get("LD_PRELOAD")) if x)
     env["USWAP_RUN_SOCKET"] = path
-    env["USWAP_RUN_RESIDENT"] = str(args.resident or 0)
+    env["USWAP_RUN_RESIDENT"] = str(args.resident or 0)     # 0: the daemon's budget
     env["USWAP_RUN_REQUIRED"] = "1"     # refused by the daemon (or any failure): the preload exits 1, one line
     # No rseq registration: the kernel writes a thread's rseq area (in its TLS, registered memory) on every
     # return to user mode; if that page is swapped and the daemon has died, the write meets the agent's
@@ -419,11 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=None, help="socket path (default: /run/uswap/uswap.sock for root, "
                                                   "$XDG_RUNTIME_DIR/uswap.sock otherwise)")
     p.add_argument("--resident", type=_size, default=DEFAULT_BUDGET,
-                   help=f"resident budget (default {format_size(DEFAULT_BUDGET)})")
+                   help=f"resident budget, {format_size(options.MIN_BUDGET)} to the physical memory (default "
+                        f"{format_size(DEFAULT_BUDGET)})")
     p.add_argument("--io", choices=IO_MODES, default=DEFAULTS.io,
                    help=f"slot I/O mode (default {DEFAULTS.io}: measured, docs/BENCHMARKS.md)")
     p.add_argument("--readahead", type=int, default=DEFAULTS.readahead,
-                   help=f"swap-in window in pages (default {DEFAULTS.readahead}, 1 = off)")
+                   help=f"swap-in window in pages, 1 (off) to {options.MAX_READAHEAD} (default {DEFAULTS.readahead})")
     p.add_argument("--writeback-batch", type=int, default=None, metavar="N",
                    help="pages per writeback batch, 1 to 256 (default 64: measured; "
                         "docs/BENCHMARKS.md)")
@@ -444,16 +464,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="close a connection that has not mapped a region (or finished a run's handshake) "
                              "by then (default 10)")
     access.add_argument("--run-users", default=None, metavar="LIST",
-                        help="uids or user names (comma-separated) whose programs `uswap run` may budget: each "
-                             "run gets the daemon's /dev/userfaultfd fd, i.e. kernel-mode userfaultfd (default: "
-                             "root and the daemon's own uid; others are refused)")
+                        help="uids or user names (comma-separated) whose programs `uswap run` may budget, besides "
+                             "root and the daemon's own uid (always served): each run gets the daemon's "
+                             "/dev/userfaultfd fd, i.e. kernel-mode userfaultfd (others are refused)")
     access.add_argument("--user-max-runs", type=int, default=16, metavar="N",
                         help="processes of `uswap run` one uid may have served at once (default 16)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("run", help="run an unmodified program with its anonymous memory swapped by the daemon")
     p.add_argument("--resident", type=_size, default=None, metavar="SIZE",
-                   help="the program's resident budget (default and most: the daemon's budget)")
+                   help=f"the program's resident budget, {format_size(options.MIN_BUDGET)} to the physical memory "
+                        "(default and most: the daemon's budget)")
     p.add_argument("--socket", default=None, help="the daemon's socket (default: as for uswap status)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     p.set_defaults(func=cmd_run)

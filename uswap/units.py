@@ -28,3 +28,24 @@ def format_size(nbytes: int) -> str:
             value = nbytes / unit
             return f"{value:.0f}{suffix}" if value == int(value) else f"{value:.1f}{suffix}"
     return f"{nbytes}B"
+
+
+def format_size_exact(nbytes: int) -> str:
+    """Like format_size, but a string that parses back to ``nbytes`` exactly (24105M, not 23.5G): for bounds a
+    user may type back."""
+    short = format_size(nbytes)
+    if parse_size(short) == nbytes:
+        return short
+    for suffix in ("T", "G", "M", "K"):
+        if nbytes % _SUFFIX[suffix] == 0:
+            return f"{nbytes // _SUFFIX[suffix]}{suffix}"
+    return str(nbytes)
+
+
+def check_range(option: str, value, low, high, *, show=str, unit: str = "", why: str = ""):
+    """``value`` if ``low <= value <= high`` (NaN is not); else ValueError, one line naming the option and the range:
+    '--readahead 100 is out of range: give 1 to 64 pages (why)'."""
+    if not low <= value <= high:
+        raise ValueError(f"{option} {show(value)} is out of range: give {show(low)} to {show(high)}{unit}"
+                         + (f" ({why})" if why else ""))
+    return value

@@ -4,8 +4,8 @@ Serving a run hands the program the daemon's own /dev/userfaultfd fd (csrc/uswap
 a process makes *kernel-mode* userfaultfds, which the system may forbid unprivileged users
 (/dev/userfaultfd is root's 0600 and vm.unprivileged_userfaultfd 0 by default: a known aid to kernel
 exploits that need a kernel access to stall).  A process keeps that fd as long as it likes.  So runs are
-served only to the uids the operator lists (``uswap daemon --run-users``; default: root and the daemon's
-own uid, who can open the device anyway); any other uid is refused with READY(-EPERM) before any fd is sent.
+served only to root, the daemon's own uid (who can open the device anyway) and the uids the operator adds
+(``uswap daemon --run-users``); any other uid is refused with READY(-EPERM) before any fd is sent.
 
 Each run costs the daemon four fds and ~2 MiB of locked buffers, and a run whose agent never answers a
 DROP is kept (it may be stopped, not hostile): ``--user-max-runs`` bounds what one uid holds, like the
@@ -25,11 +25,11 @@ DEFAULT_MAX_RUNS = 16
 
 
 def parse_run_users(text: str | None) -> frozenset[int]:
-    """``--run-users``: uids or user names, comma-separated; None: root and the daemon's own uid.
-    ValueError naming what is wrong."""
+    """Who may start runs: root, the daemon's own uid, and ``--run-users`` (uids or user names, comma-separated;
+    None: nobody more).  ValueError naming what is wrong."""
+    uids = {0, os.geteuid()}
     if text is None:
-        return frozenset({0, os.geteuid()})
-    uids = set()
+        return frozenset(uids)
     for item in (x.strip() for x in text.split(",")):
         if not item:
             raise ValueError(f"--run-users {text!r}: an empty item (give uids or user names, comma-separated)")

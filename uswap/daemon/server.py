@@ -38,12 +38,14 @@ from dataclasses import asdict, dataclass
 
 import trio
 
-from uswap._core import lib
+from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer, check
 from uswap.backoff import Backoff
 from uswap.config import DEFAULTS
+from uswap.daemon import options
 from uswap.daemon.limits import UserLedger, UserLimits
 from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_received
+from uswap.daemon.options import MAX_USER_ADDRESS
 from uswap.daemon.reclaim import Reclaimer
 from uswap.daemon.region import CORRUPT_ERRNOS, Region
 from uswap.daemon.runpolicy import RunPolicy
@@ -54,6 +56,7 @@ from uswap.paths import secure_directory
 from uswap.protocol import (MAX_REQUEST_FDS, OP_DETACH, OP_FDS, OP_MAP, OP_STATUS, OP_UNMAP, OPS, REQUEST,
                             ProtocolError, Reply, Request)
 from uswap.store.base import Store
+from uswap.units import check_range
 from uswap.uffd import RegisterMode, Userfaultfd
 
 log = logging.getLogger("uswap.daemon")
@@ -61,7 +64,6 @@ log = logging.getLogger("uswap.daemon")
 _PEERCRED = struct.Struct("3i")
 _INT = struct.Struct("i")
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_REQUEST_FDS * _INT.size)
-MAX_USER_ADDRESS = 1 << 57          # above any x86-64/arm64 user address space (5-level paging included)
 ACCEPT_BACKOFF_FIRST = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
 ASYNC_BATCHES_IN_FLIGHT = 4
@@ -70,6 +72,10 @@ ASYNC_BATCHES_IN_FLIGHT = 4
 # search, 64 cuts the hog's wall time and daemon CPU by a fifth and changes random and zipf little.
 WRITEBACK_BATCH = 64
 MAX_WRITEBACK_BATCH = 256           # `uswap daemon --writeback-batch` accepts 1..MAX_WRITEBACK_BATCH
+# The one socket directory the daemon makes if missing (0755, like systemd's RuntimeDirectory=uswap): its
+# default socket's.  Any other socket's directory must exist: a typo in --socket is refused, not created.
+SYSTEM_SOCKET_DIR = os.path.dirname(os.fsdecode(ffi.string(lib.USWAP_SYSTEM_SOCKET)))
+MAX_SOCKET_PATH = 107               # bytes: sockaddr_un.sun_path holds 108 with the NUL
 RECLAIM_RESTART_FIRST = 0.1
 RECLAIM_RESTART_MAX = 10.0
 # The daemon's fault totals: a region's engine counts, and a run process's fault counts (its readahead_pages
@@ -106,17 +112,43 @@ def writeback_batch(pages: int | None) -> int:
     """Pages per writeback batch: ``--writeback-batch`` checked (None: WRITEBACK_BATCH); ValueError otherwise."""
     if pages is None:
         return WRITEBACK_BATCH
-    if not 1 <= pages <= MAX_WRITEBACK_BATCH:
-        raise ValueError(f"--writeback-batch {pages} is out of range: give 1 to {MAX_WRITEBACK_BATCH} pages")
-    return pages
+    return check_range("--writeback-batch", pages, 1, MAX_WRITEBACK_BATCH, unit=" pages")
+
+
+def check_socket_path(path: str) -> None:
+    """What :meth:`Daemon.bind` would refuse, found without making or removing anything (the command line
+    asks first, before the store is made): a path too long for a socket, a missing directory (other than
+    SYSTEM_SOCKET_DIR, which bind makes), an unsafe one (uswap.paths.secure_directory), something at the path
+    that is not a socket, or a daemon answering there (SocketInUse).  A socket nobody answers on is stale:
+    bind replaces it."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise OSError(errno.ENAMETOOLONG, f"too long for a socket path ({len(os.fsencode(path))} bytes, at most "
+                                          f"{MAX_SOCKET_PATH})", path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.lexists(directory):
+        if directory == SYSTEM_SOCKET_DIR:
+            return
+        raise OSError(errno.ENOENT, f"directory {directory} does not exist (the daemon makes only "
+                                    f"{SYSTEM_SOCKET_DIR}, for its default socket)", path)
+    secure_directory(directory, 0o755)      # it exists: only checked
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise SocketInUse(errno.EEXIST, "exists and is not a socket", path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return                          # stale: its daemon is gone
+    raise SocketInUse(errno.EADDRINUSE, "another uswap daemon is listening here", path)
 
 
 class Daemon:
     def __init__(self, store: Store, socket_path: str, *, budget: int, io_mode: str = DEFAULTS.io,
                  readahead: int = DEFAULTS.readahead, batch: int | None = None, group: int | None = None,
                  limits: UserLimits | None = None, map_timeout: float = 10.0, run_policy: RunPolicy | None = None):
-        if budget < PAGE_SIZE:
-            raise ValueError(f"resident budget {budget} is smaller than one page")
+        budget = options.resident(budget)     # the command line checked them first (uswap.daemon.options)
+        readahead = options.readahead(readahead)
         batch = writeback_batch(batch)
         self.store = store
         self.socket_path = socket_path
@@ -124,7 +156,7 @@ class Daemon:
         self.ledger = UserLedger(limits or default_limits(store.slot_count))
         self.map_timeout = map_timeout
         self.budget = budget
-        self.readahead = max(1, readahead)
+        self.readahead = readahead
         self.io = store.slot_io(io_mode)
         self.store_fd = store.local_fd     # the engines read slots here; -1: every fault goes to Python
         self.codec_c = self.io.codec_c if self.store_fd >= 0 else None
@@ -201,19 +233,10 @@ class Daemon:
 
     def bind(self) -> trio.socket.SocketType:
         """Bind the listening socket (0600, or 0660 for ``group``); refuse a path a live daemon answers on."""
-        secure_directory(os.path.dirname(self.socket_path) or ".", 0o755)
+        check_socket_path(self.socket_path)     # again: the command line asked before the store was made
+        secure_directory(os.path.dirname(os.path.abspath(self.socket_path)), 0o755)   # makes SYSTEM_SOCKET_DIR only
         if os.path.lexists(self.socket_path):
-            if not stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                raise SocketInUse(errno.EEXIST, "exists and is not a socket", self.socket_path)
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(self.socket_path)
-            except ConnectionRefusedError:
-                os.unlink(self.socket_path)  # stale: its daemon is gone
-            else:
-                raise SocketInUse(errno.EADDRINUSE, "another uswap daemon is listening here", self.socket_path)
-            finally:
-                probe.close()
+            os.unlink(self.socket_path)         # stale: check_socket_path found no daemon answering
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o177)   # born 0600: no window in which others can connect
         try:

@@ -14,6 +14,9 @@ from uswap.units import format_size
 
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Who may connect, as the C client says it on EACCES (csrc/uswap_client.c); `uswap status` and `uswap run` too.
+WHO_MAY_CONNECT = ("the daemon serves its own uid and members of its group (uswap by default; see README \"Who may "
+                   "use uswap\")")
 
 
 def fetch_status(socket_path: str | None = None, timeout: float = 10.0) -> dict:
@@ -24,9 +27,8 @@ def fetch_status(socket_path: str | None = None, timeout: float = 10.0) -> dict:
         try:
             sock.connect(path)
         except PermissionError:
-            raise OSError(errno.EACCES, "no uswap daemon answers: permission denied: the daemon serves its own uid "
-                                        "and members of its group (uswap by default; see README \"Who may use "
-                                        "uswap\")", path) from None
+            raise OSError(errno.EACCES, f"no uswap daemon answers: permission denied: {WHO_MAY_CONNECT}",
+                          path) from None
         except OSError as e:
             raise OSError(e.errno, f"no uswap daemon answers: {e.strerror}", path) from None
         _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))

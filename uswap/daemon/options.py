@@ -1,0 +1,64 @@
+"""What the numeric options of `uswap daemon` and `uswap run` accept.
+
+The command line checks every one of them before it makes anything (no directory, store, socket, lock or log
+for a refused option: uswap.cli.cmd_daemon); each refusal is one line naming the option and the range.  The
+ranges are what the daemon can serve, not taste:
+
+- ``--resident``: at least one swap-in window of the engine's largest size (a fault's window must fit in the
+  budget), at most the machine's physical memory (a budget above it bounds nothing);
+- ``--readahead``: 1 (off) to the engine's largest window (csrc/uswap_engine.h USWAP_MAX_READAHEAD);
+- timeouts: from 0.1 s to a day;
+- per-uid counts: 0 or 1 (as the option's meaning needs) to fs.nr_open, the most fds a process may hold (each
+  connection, region and run holds at least one of the daemon's);
+- ``--user-max-size``: a page to the largest user address space.
+"""
+
+from __future__ import annotations
+
+import os
+
+from uswap._core import lib
+from uswap.core import PAGE_SIZE
+from uswap.units import check_range, format_size_exact
+
+MAX_READAHEAD = lib.USWAP_MAX_READAHEAD
+MIN_BUDGET = MAX_READAHEAD * PAGE_SIZE
+TIMEOUT_S = (0.1, 86400.0)
+MAX_USER_ADDRESS = 1 << 57  # above any x86-64/arm64 user address space (5-level paging included)
+
+
+def max_budget() -> int:
+    """The machine's physical memory, rounded down to a whole MiB (a bound a user can type back)."""
+    return (PAGE_SIZE * os.sysconf("SC_PHYS_PAGES")) >> 20 << 20
+
+
+def max_count() -> int:
+    """fs.nr_open: no process holds more fds, so no uid can hold more connections, regions or runs."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20      # the kernel's default
+
+
+def resident(nbytes: int, option: str = "--resident") -> int:
+    return check_range(option, nbytes, MIN_BUDGET, max_budget(), show=format_size_exact,
+                       why="one readahead window to the physical memory")
+
+
+def readahead(pages: int) -> int:
+    return check_range("--readahead", pages, 1, MAX_READAHEAD, unit=" pages", why="1 is off; at most the engine's "
+                       "largest window")
+
+
+def timeout(option: str, seconds: float) -> float:
+    return check_range(option, seconds, *TIMEOUT_S, show=lambda s: f"{s:g}", unit=" seconds")
+
+
+def count(option: str, n: int, low: int) -> int:
+    return check_range(option, n, low, max_count(), why="at most fs.nr_open, the fds a process may hold")
+
+
+def user_max_size(nbytes: int) -> int:
+    return check_range("--user-max-size", nbytes, PAGE_SIZE, MAX_USER_ADDRESS, show=format_size_exact,
+                       why="a page to the largest user address space")
