@@ -110,6 +110,12 @@ int uswap_uffd_read_events(int fd, struct uswap_uffd_event *out, int max);
 /* pages */
 void *uswap_alloc_aligned(size_t align, size_t size);
 void uswap_free(void *p);
+/* A zeroed buffer that is a mapping of its own (aligned to align, a power of two; out of core dumps), given
+ * back to the system by uswap_unmap_buffer(p, size): what a run process or region held goes when it ends,
+ * which a malloc'd buffer in the mlockall'd daemon did not (freed into the brk heap, it stays locked).
+ * NULL if it cannot be mapped. */
+void *uswap_map_buffer(size_t align, size_t size);
+void uswap_unmap_buffer(void *p, size_t size);
 void uswap_page_copy(void *dst, const void *src, size_t len);
 int uswap_is_zero(const void *p, size_t len);
 uint32_t uswap_crc32c(uint32_t crc, const void *p, size_t len);
@@ -152,10 +158,10 @@ void uswap_uffd_decode(const struct uffd_msg *m, struct uswap_uffd_event *e);
 #include <pthread.h>
 /* Start fn(arg) named `name`, every signal blocked in it, on a small stack: the daemon is mlockall'd, and
  * a default 8 MiB stack per thread was locked and populated for every region and run process (measured:
- * 12 MiB per forked run process).  0, or -errno. */
+ * 12 MiB per forked run process); the stack is the caller's mapping, unmapped at uswap_stop_thread.  0, or -errno. */
 int uswap_start_thread(pthread_t *thread, void *(*fn)(void *), void *arg, const char *name);
 /* Stop a thread started so: tell it through its eventfd and, under its lock, its stopping flag (a wait on
- * cond ends), and join it. */
+ * cond ends), join it and unmap its stack. */
 void uswap_stop_thread(pthread_t thread, int stop_fd, pthread_mutex_t *lock, pthread_cond_t *cond, int *stopping);
 /* Copy n atomic counters. */
 void uswap_copy_counters(const uint64_t *src, uint64_t *dst, size_t n);

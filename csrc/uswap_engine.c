@@ -876,13 +876,13 @@ int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t ad
 	e->last_fault = -(1LL << 40);
 	e->notify_fd = e->stop_fd = -1;
 	int ret = -ENOMEM;
-	e->buf = uswap_alloc_aligned(page_size, (size_t)e->ra_max * page_size);
+	e->buf = uswap_map_buffer(page_size, (size_t)e->ra_max * page_size);
 	if (!e->buf)
 		goto fail;
 	e->uring_ok = io_uring_queue_init(MAX_WINDOW, &e->uring, 0) == 0;   /* else: one pread per run */
 	e->ahead_ring_ok = io_uring_queue_init(AHEAD_DEPTH * MAX_WINDOW, &e->ahead_ring, 0) == 0;   /* else none */
 	for (int i = 0; i < AHEAD_DEPTH; i++) {
-		e->ahead[i].buf = uswap_alloc_aligned(page_size, (size_t)MAX_WINDOW * page_size);
+		e->ahead[i].buf = uswap_map_buffer(page_size, (size_t)MAX_WINDOW * page_size);
 		if (!e->ahead[i].buf)
 			goto fail;
 	}
@@ -949,12 +949,12 @@ void uswap_engine_free(struct uswap_engine *e)
 	if (e->ahead_ring_ok)
 		io_uring_queue_exit(&e->ahead_ring);
 	for (int i = 0; i < AHEAD_DEPTH; i++)
-		uswap_free(e->ahead[i].buf);
+		uswap_unmap_buffer(e->ahead[i].buf, (size_t)MAX_WINDOW * e->page_size);
 	if (e->notify_fd >= 0)
 		close(e->notify_fd);
 	if (e->stop_fd >= 0)
 		close(e->stop_fd);
-	uswap_free(e->buf);
+	uswap_unmap_buffer(e->buf, (size_t)e->ra_max * e->page_size);
 	free(e);
 }
 

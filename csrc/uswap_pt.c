@@ -6,6 +6,7 @@
  */
 #define _GNU_SOURCE
 #include "uswap_pt.h"
+#include "uswap_core.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -30,12 +31,19 @@ static inline uint64_t bucket_of(const struct uswap_pt *pt, uint64_t key)
 
 static inline uint32_t state_of(uint64_t entry) { return (uint32_t)(entry & USWAP_PT_STATE_MASK); }
 
+/* The buckets are mappings of their own (uswap_map_buffer): a process's table goes back to the system with it. */
+static void free_buckets(uint64_t *key, uint64_t *val, uint64_t n)
+{
+	uswap_unmap_buffer(key, n * sizeof(*key));
+	uswap_unmap_buffer(val, n * sizeof(*val));
+}
+
 static int alloc_buckets(struct uswap_pt *pt, uint64_t n)
 {
-	uint64_t *key = calloc(n, sizeof(*key)), *val = calloc(n, sizeof(*val));
+	uint64_t *key = uswap_map_buffer(sizeof(*key), n * sizeof(*key));
+	uint64_t *val = uswap_map_buffer(sizeof(*val), n * sizeof(*val));
 	if (!key || !val) {
-		free(key);
-		free(val);
+		free_buckets(key, val, n);
 		return -ENOMEM;
 	}
 	pt->key = key;
@@ -63,8 +71,7 @@ void uswap_pt_free(struct uswap_pt *pt)
 	if (!pt)
 		return;
 	pthread_mutex_destroy(&pt->lock);
-	free(pt->key);
-	free(pt->val);
+	free_buckets(pt->key, pt->val, pt->mask + 1);
 	free(pt);
 }
 
@@ -111,8 +118,7 @@ static int grow(struct uswap_pt *pt)
 		pt->key[to] = key[b];
 		pt->val[to] = val[b];
 	}
-	free(key);
-	free(val);
+	free_buckets(key, val, n);
 	return 0;
 }
 

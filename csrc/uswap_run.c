@@ -448,7 +448,12 @@ static int start(int sock, int child, const char **why)
 		if (m.op == USWAP_RUN_READY && ret == -EPERM)
 			*why = "the daemon does not serve runs for this user (uswap daemon --run-users)";
 		else if (m.op == USWAP_RUN_READY && ret == -EDQUOT)
-			*why = "this user has as many runs as the daemon allows (uswap daemon --user-max-runs)";
+			*why = "this user has as many run processes as the daemon allows (uswap daemon --user-max-runs)";
+		else if (m.op == USWAP_RUN_READY && ret == -EAGAIN && child)
+			*why = "this child is not served (its fork is over a bound: uswap daemon --user-max-runs, "
+			       "--max-run-processes): it runs unbudgeted; a page swapped out before the fork gives SIGBUS";
+		else if (m.op == USWAP_RUN_READY && ret == -EAGAIN)
+			*why = "the daemon serves as many run processes as it allows (uswap daemon --max-run-processes)";
 		else if (m.op == USWAP_RUN_READY)
 			*why = daemon_refused(ret);
 		return ret < 0 ? ret : -EPROTO;
@@ -589,7 +594,9 @@ static void after_fork_in_child(void)
 		raise(SIGBUS);
 		_exit(128 + SIGBUS);
 	}
-	if (ret < 0) {
+	if (ret == -EAGAIN && why) {
+		say(why);                /* refused at its CONNECT: its fork was not served (no uffd of its own) */
+	} else if (ret < 0) {
 		char what[512];
 		snprintf(what, sizeof(what), "this child is served but never swapped out: %s", why ? why : strerror(-ret));
 		say(what);

@@ -365,7 +365,7 @@ int uswap_runeng_start(struct uswap_pt *pt, struct uswap_run_budget *budget, int
 		       int store_fd, const struct uswap_codec *codec, uint32_t readahead, int forward_all,
 		       struct uswap_runeng **out)
 {
-	struct uswap_runeng *e = calloc(1, sizeof(*e));
+	struct uswap_runeng *e = uswap_map_buffer(sizeof(uint64_t), sizeof(*e));   /* its ring: 64 KiB */
 	if (!e)
 		return -ENOMEM;
 	e->pt = pt;
@@ -380,7 +380,7 @@ int uswap_runeng_start(struct uswap_pt *pt, struct uswap_run_budget *budget, int
 		e->codec = *codec;
 	e->notify_fd = e->stop_fd = -1;
 	int ret = -ENOMEM;
-	e->buf = uswap_alloc_aligned(page_size, (size_t)e->ra_max * page_size);
+	e->buf = uswap_map_buffer(page_size, (size_t)e->ra_max * page_size);
 	if (!e->buf)
 		goto fail;
 	e->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -472,6 +472,6 @@ void uswap_runeng_free(struct uswap_runeng *e)
 		close(e->notify_fd);
 	if (e->stop_fd >= 0)
 		close(e->stop_fd);
-	uswap_free(e->buf);
-	free(e);
+	uswap_unmap_buffer(e->buf, (size_t)e->ra_max * e->page_size);
+	uswap_unmap_buffer(e, sizeof(*e));
 }

@@ -469,3 +469,113 @@ def test_a_setgid_program_takes_no_socket_from_the_environment(run_server, socke
     setgid = subprocess.run([*AS_ANOTHER, *variables, program, LIBRUN], capture_output=True, text=True, timeout=60)
     assert (setgid.returncode, setgid.stdout, setgid.stderr) == (0, "loaded\n", ""), setgid
     assert root.report()["ops"] == [CONNECT, HELLO]                              # the plain program's only
+
+
+# -- fork children ----------------------------------------------------------------------------------------
+
+def usage(daemon) -> dict:
+    """The daemon's threads, fds and locked memory (VmLck, KiB) now."""
+    with open(f"/proc/{daemon.proc.pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {"threads": int(fields["Threads"]), "fds": len(daemon.open_fds()),
+            "locked_kib": int(fields["VmLck"].split()[0])}
+
+
+@pytest.fixture(scope="module")
+def run_forks(tmp_path_factory):
+    """tests/c/run_forks.c, where 65534 can run it."""
+    out = tmp_path_factory.mktemp("forks") / "run_forks"
+    subprocess.run(["cc", "-O2", "-Wall", "-Werror", os.path.join(HERE, "c", "run_forks.c"), "-o", str(out)],
+                   check=True)
+    os.chmod(out.parent, 0o755)
+    return str(out)
+
+
+def forks(daemon, run_forks, n: int, how: str, *, as_nobody: bool = True, peak=None) -> tuple[str, str]:
+    """run_forks (8 MiB, 6 of them swapped out) under `uswap run`: ``n`` children, all alive when ``peak`` is
+    called, then each verifies what it inherited; (stdout, stderr)."""
+    p = subprocess.Popen([*(AS_NOBODY if as_nobody else ()), *uswap_argv(
+        "run", "--resident", "2M", "--socket", daemon.socket, "--", run_forks, "8", str(n), how)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        assert p.stdout.readline() == f"forked {n}\n", p.communicate(timeout=30)
+        if peak is not None:
+            peak()
+        out, err = p.communicate("go\n", timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0 and out.endswith("parent ok\n"), (p.returncode, out, err)
+    return out, err
+
+
+MAX_RUNS = 8                 # --user-max-runs below; runpolicy's cost of one process:
+PROCESS_FDS, PROCESS_KIB = 7, 600
+
+
+@pytest.fixture
+def fork_daemon(socket_dir, uswapd):
+    """A daemon that serves 65534 at most MAX_RUNS run processes, and a check that it is back where it was (no run,
+    the fds it had)."""
+    need_root()
+    need(os.path.exists(LIBRUN), "libuswaprun.so not built (python3 setup.py build_ext --inplace)")
+    daemon = uswapd(socket_dir=socket_dir, resident="16M", store_size="64M",
+                    extra=("--group", str(GROUP), "--run-users", f"0,{NOBODY}", "--user-max-runs", str(MAX_RUNS)))
+    fds = settled_fds(daemon)
+
+    def back(when: str) -> None:
+        deadline = time.monotonic() + 10
+        while daemon.status()["runs"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.status()["runs"] == [], when
+        assert settled_fds(daemon) == fds, when
+    daemon.back = back
+    return daemon
+
+
+def test_fork_children_count_against_the_uid(fork_daemon, run_forks):
+    """Issue 18, finding 3: 300 raw forks (SYS_fork: no agent, no CONNECT) of a run of 65534.  The daemon serves
+    --user-max-runs processes of the uid, fork children included (the parent and 7 children); its threads, fds
+    and locked memory grow by what those cost, and are back where they were once the children are gone.  The
+    children it refused run on: every one that reads a page swapped out before the fork gets SIGBUS, none reads
+    a wrong word; the refusal is logged, not once per child."""
+    d = fork_daemon
+    before = usage(d)
+    peak = {}
+    started = time.monotonic()
+    out, err = forks(d, run_forks, 300, "raw", peak=lambda: (time.sleep(0.5), peak.update(usage(d))))
+    took = time.monotonic() - started
+    assert out == f"ok {MAX_RUNS - 1} bad 0 sigbus {300 - MAX_RUNS + 1} other 0\nparent ok\n", (out, err)
+    assert peak["threads"] <= before["threads"] + MAX_RUNS, (before, peak)
+    assert peak["fds"] <= before["fds"] + MAX_RUNS * PROCESS_FDS, (before, peak)
+    # one run's eviction buffer (4 MiB) and the children's page tables (16 bytes a page) besides
+    assert peak["locked_kib"] <= before["locked_kib"] + MAX_RUNS * PROCESS_KIB + 6 * 1024, (before, peak)
+    log = d.log()
+    told = log.count("a fork child is not served (uid 65534 has")
+    assert 1 <= told <= 1 + took, (told, took, tail(log))
+    assert f"the limit (--user-max-runs {MAX_RUNS})): it runs unbudgeted, and its " in log, tail(log)
+    d.back("after 300 forks")           # no run, no slot, the fds it had
+    after = usage(d)
+    assert after["threads"] == before["threads"], (before, after)
+    assert after["locked_kib"] <= before["locked_kib"] + 2048, (before, peak, after)   # Python's heap
+
+
+def test_a_refused_fork_child_is_told_and_the_daemons_uid_is_not_bounded(fork_daemon, run_forks):
+    """libc fork(): the preload's atfork handler connects each child.  One whose fork the daemon did not serve is
+    refused at its CONNECT and says so on stderr, once; it runs unbudgeted and gets SIGBUS on a page swapped out
+    before its fork, never a wrong word.  Negative control: root's (the daemon's uid) forks are all served."""
+    d = fork_daemon
+    out, err = forks(d, run_forks, 12, "libc")
+    assert out == f"ok {MAX_RUNS - 1} bad 0 sigbus {12 - MAX_RUNS + 1} other 0\nparent ok\n", (out, err)
+    told = [line for line in err.splitlines() if line]
+    assert len(told) == 12 - MAX_RUNS + 1, err
+    assert all(line.endswith("this child is not served (its fork is over a bound: uswap daemon --user-max-runs, "
+                             "--max-run-processes): it runs unbudgeted; a page swapped out before the fork gives "
+                             "SIGBUS") for line in told), err
+    assert "its fork was not served (uid 65534 has" in d.log(), tail(d.log())
+    d.back("after refused libc forks")
+    out, err = forks(d, run_forks, 12, "libc", as_nobody=False)
+    assert (out, err) == ("ok 12 bad 0 sigbus 0 other 0\nparent ok\n", ""), (out, err)
+    d.back("after root's forks")
+

@@ -150,7 +150,7 @@ def cmd_daemon(args) -> int:
                                user_max_size=args.user_max_size, user_max_regions=args.user_max_regions,
                                user_max_connections=args.user_max_connections, map_timeout=args.map_timeout,
                                encrypt=args.encrypt == "on", writeback_batch=batch, run_users=run_users,
-                               user_max_runs=args.user_max_runs))
+                               user_max_runs=args.user_max_runs, max_run_processes=args.max_run_processes))
     return 0
 
 
@@ -468,7 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "root and the daemon's own uid (always served): each run gets the daemon's "
                              "/dev/userfaultfd fd, i.e. kernel-mode userfaultfd (others are refused)")
     access.add_argument("--user-max-runs", type=int, default=16, metavar="N",
-                        help="processes of `uswap run` one uid may have served at once (default 16)")
+                        help="processes of `uswap run` one uid may have served at once, fork children included "
+                             "(default 16; each costs the daemon a thread, up to 7 fds and ~600 KiB of locked "
+                             "memory); a fork child over it runs unbudgeted, and a page swapped out before its "
+                             "fork gives it SIGBUS (docs/SECURITY.md)")
+    access.add_argument("--max-run-processes", type=int, default=1024, metavar="N",
+                        help="processes of `uswap run` of every uid together, the daemon's own included "
+                             "(default 1024, lowered so that they hold at most half of RLIMIT_NOFILE)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("run", help="run an unmodified program with its anonymous memory swapped by the daemon")

@@ -39,10 +39,10 @@ class AlignedBuffer:
             raise ValueError(f"buffer size must be positive, not {size}")
         if align <= 0 or align & (align - 1):
             raise ValueError(f"alignment must be a power of two, not {align}")
-        raw = lib.uswap_alloc_aligned(align, size)
+        raw = lib.uswap_map_buffer(align, size)   # a mapping of its own: unmapped when freed (uswap_core.h)
         if raw == ffi.NULL:
             raise MemoryError(f"cannot allocate {size} bytes aligned to {align}")
-        self.ptr = ffi.gc(ffi.cast("char *", raw), lib.uswap_free, size=size)
+        self.ptr = ffi.gc(ffi.cast("char *", raw), lambda p: lib.uswap_unmap_buffer(p, size), size=size)
         self.size = size
         self.align = align
         self.view = memoryview(ffi.buffer(self.ptr, size))

@@ -12,7 +12,7 @@ from uswap._core import lib
 from uswap.core import PAGE_SIZE
 from uswap.daemon import notify
 from uswap.daemon.limits import UserLimits
-from uswap.daemon.runpolicy import DEFAULT_MAX_RUNS, RunPolicy
+from uswap.daemon.runpolicy import DEFAULT_MAX_RUN_PROCESSES, DEFAULT_MAX_RUNS, RunPolicy, max_run_processes
 from uswap.daemon.server import Daemon, default_limits
 from uswap.store.base import StoreOptions
 from uswap.store.opening import opened_store
@@ -52,17 +52,25 @@ def user_limits(slot_count: int, *, max_size: int | None, max_regions: int, max_
                       exempt_uid=base.exempt_uid)
 
 
-def run_policy(users: frozenset[int] | None, max_runs: int) -> RunPolicy:
-    """Who may start runs (--run-users; None: the default) and how many each (--user-max-runs)."""
+def run_policy(users: frozenset[int] | None, max_runs: int,
+               max_processes: int = DEFAULT_MAX_RUN_PROCESSES) -> RunPolicy:
+    """Who may start runs (--run-users; None: the default), how many processes each (--user-max-runs) and
+    all together (--max-run-processes, lowered to what RLIMIT_NOFILE allows: runpolicy.max_run_processes)."""
     default = RunPolicy.default()
-    return RunPolicy(default.users if users is None else users, max_runs, exempt_uid=default.exempt_uid)
+    processes = max_run_processes(max_processes, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    if processes < max_processes:
+        log.info("run processes: at most %d (half of RLIMIT_NOFILE %d, not --max-run-processes %d)", processes,
+                 resource.getrlimit(resource.RLIMIT_NOFILE)[0], max_processes)
+    return RunPolicy(default.users if users is None else users, max_runs, exempt_uid=default.exempt_uid,
+                     max_processes=processes)
 
 
 async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode: str, readahead: int,
                      nfs_timeout: float, nfs_stable: str, group: int | None = None, user_max_size: int | None = None,
                      user_max_regions: int = 64, user_max_connections: int = 64, map_timeout: float = 10.0,
                      encrypt: bool = True, writeback_batch: int | None = None,
-                     run_users: frozenset[int] | None = None, user_max_runs: int = DEFAULT_MAX_RUNS) -> None:
+                     run_users: frozenset[int] | None = None, user_max_runs: int = DEFAULT_MAX_RUNS,
+                     max_run_processes: int = DEFAULT_MAX_RUN_PROCESSES) -> None:
     """Open the store (a path or an nfs:// URL), serve until signalled, close the store."""
     options = StoreOptions(encrypt=encrypt, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable)
     async with opened_store(store_spec, options) as store:
@@ -70,7 +78,7 @@ async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode:
                              max_connections=user_max_connections)
         daemon = Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead, group=group,
                         limits=limits, map_timeout=map_timeout, batch=writeback_batch,
-                        run_policy=run_policy(run_users, user_max_runs))
+                        run_policy=run_policy(run_users, user_max_runs, max_run_processes))
         await serve_until_signalled(daemon)
 
 

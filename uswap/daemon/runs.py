@@ -35,6 +35,7 @@ resident or never touched.  Invariants (RUN-DESIGN; DESIGN.md "Runs"):
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import errno
 import logging
@@ -51,6 +52,7 @@ from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.daemon.mapcheck import check_uffd
 from uswap.daemon.procimage import ImageChanged, ProcessImage
+from uswap.daemon.runpolicy import RunCount
 from uswap.daemon.runengine import (BUSY, CLAIMED, EVENT, FREED, INFLIGHT, SHARED, SWAPPED, PageTable, RunEngine,
                                      entry, slot_of, state_of)
 from uswap.daemon.runwatch import POLL, RssWatch
@@ -173,6 +175,7 @@ class RunStats:
     readahead_pages: int = 0       # swapped in without a fault of their own (in pswpin too)
     no_room: int = 0               # eviction batches cut short: no store room (regions' reservations, uid limit)
     overwrites: int = 0            # a REMAP onto a swapped page (an invariant broke: counted, never leaked)
+    forks_refused: int = 0         # fork children not served (over a bound: runpolicy; refuse_fork)
     max_resident_pages: int = 0
     growth_counts: int = 0         # counts started by unexplained RSS growth (runwatch), not the tick
 
@@ -281,8 +284,12 @@ class RunProcess:
         # (pid unknown) has its faults forwarded until its first one names it.
         self.table = PageTable()
         d = self.daemon
-        self.engine = RunEngine(self.table, tree.budget, uffd=uffd.fd, store_fd=d.store_fd, codec=d.codec_c,
-                                readahead=READAHEAD, forward_all=image is None)
+        try:
+            self.engine = RunEngine(self.table, tree.budget, uffd=uffd.fd, store_fd=d.store_fd, codec=d.codec_c,
+                                    readahead=READAHEAD, forward_all=image is None)
+        except OSError:                            # no thread or fd for it (the caller refuses the process)
+            self.table.close()
+            raise
         if image is not None:
             try:
                 self.attach(image)
@@ -303,6 +310,7 @@ class RunProcess:
         self.detach = False                        # the daemon is stopping: read everything back, unregister
         self.agent_gone = False                    # a DROP went unanswered: stop serving (see drop)
         self.done = trio.Event()
+        self.fork_refusal: str | None = None       # why the last fork child was not served (refuse_fork)
 
     def attach(self, image: ProcessImage) -> None:
         """Take the verified image: eviction, counting and rescans read through it only."""
@@ -611,13 +619,40 @@ class RunProcess:
         comes with its first fault (THREAD_ID; the preload's atfork handler makes one at once)."""
         child_uffd = Userfaultfd.from_fd(fd)
         os.set_blocking(fd, False)         # not inherited from the parent's fcntl (RUN-DESIGN)
-        child = RunProcess(self.daemon.next_id(), None, None, child_uffd, tree=self.tree, doorbell=self.doorbell,
-                           proof=self.proof, nonce=self.nonce, parent=self.pid)
+        # The bounds first (runpolicy): nothing is made for a child over one.  No await from the count to
+        # RunProcess(), which makes it a member: the count stays true.
+        refused = self.daemon.run_policy.process_refusal(self.uid, run_count(self.daemon, self.uid))
+        if refused is None:
+            try:
+                child = RunProcess(self.daemon.next_id(), None, None, child_uffd, tree=self.tree,
+                                   doorbell=self.doorbell, proof=self.proof, nonce=self.nonce, parent=self.pid)
+            except OSError as e:
+                refused = e
+        if refused is not None:
+            self.refuse_fork(child_uffd, refused)
+            return
         child.ranges = list(self.ranges)   # registration is inherited
         for a, e in self.table.walk(states=(SWAPPED,)):   # this thread waits: nothing is BUSY
             child.table.set(a, entry(SWAPPED, slot_of(e)))
             self.tree.ref(slot_of(e))
         self.daemon.nursery.start_soon(self.daemon.serve_run_process, child)
+
+    def refuse_fork(self, uffd: Userfaultfd, why: Exception) -> None:
+        """A fork child the daemon does not serve (over a bound, or no thread or fd for it): it runs on
+        unbudgeted with what it has (resident and copy-on-write pages; zeros where nothing was ever
+        written), and every page swapped out here is poisoned in it (SIGBUS if touched: its data is in a
+        slot nobody will read for it; never zeros).  Its CONNECT, if its preload makes one, is refused
+        (READY -EAGAIN, refused_fork).  Logged once a second per uid."""
+        self.stats.forks_refused += 1
+        self.fork_refusal = str(why)
+        pages = sorted(a for a, _ in self.table.walk(states=(SWAPPED,)))
+        self.daemon.log_limited(f"fork {self.uid}", logging.WARNING, "run %d (pid %s) uid %d: a fork child is "
+                                "not served (%s): it runs unbudgeted, and its %d page(s) swapped out at the fork "
+                                "give SIGBUS if touched", self.tree.id, self.pid, self.uid, why, len(pages))
+        if not release_unserved(uffd, pages):
+            log.error("run %d (pid %s): a refused fork child's pages could not all be poisoned; its uffd is kept "
+                      "(a fault there waits) until it exits", self.tree.id, self.pid)
+            self.daemon.parked_forks.append(uffd)
 
     def learn_pid(self, tid: int) -> None:
         """A fork child's first fault names it: the faulting thread's process, verified as the image the fork
@@ -1001,6 +1036,132 @@ class RunProcess:
 
 
 CHILD_WAIT = 2.0                 # s: a child's HELLO waits this long for the doorbell fault that names it
+POISON_ROUNDS = 100              # release_unserved: event reads before a page that stays EAGAIN is given up
+
+
+def _page_runs(pages: list[int]):
+    """(first, count) of each run of consecutive pages in sorted ``pages``."""
+    i = 0
+    while i < len(pages):
+        j = i + 1
+        while j < len(pages) and pages[j] == pages[j - 1] + PS:
+            j += 1
+        yield pages[i], j - i
+        i = j
+
+
+def release_unserved(uffd: Userfaultfd, pages: list[int]) -> bool:
+    """Poison ``pages`` (sorted) in the fork child behind ``uffd``, which nobody will serve, then close ``uffd``
+    (the kernel unregisters the child's memory, lifts the write protection it inherited, and wakes its faults:
+    a page never swapped out is then its own or a zero page, as it would be without uswap).
+
+    The child may be running already: the kernel completes EVENT_FORK when the event is read, so it went on
+    before this runs.  Its events since (mmap_changing: the poison gets EAGAIN) are read here in order and
+    applied to ``pages`` first: REMOVE and UNMAP drop theirs (the child expects zeros or nothing there), REMAP
+    moves them, a FORK of its own gets the same treatment; a fault of its waits until the poison or the close
+    wakes it.  False (``uffd`` left open: a fault there waits rather than read zeros) if a page could not be
+    poisoned; then the caller keeps ``uffd`` until the child is gone."""
+    todo = [(uffd, pages)]
+    ok = True
+    while todo:
+        u, left = todo.pop()
+        for _ in range(POISON_ROUNDS):
+            again = []
+            for first, n in _page_runs(left):
+                try:
+                    u.poison(first, n * PS)
+                except PartialFill as e:   # an event of the child's is pending: read it, then the rest
+                    again.extend(range(first + e.done, first + n * PS, PS))
+                except OSError as e:
+                    if e.errno == errno.ESRCH:
+                        again = []         # the child is gone (exit, exec): nothing of it to protect
+                        break
+                    # EEXIST/ENOENT: some page is there, or not mapped: poison the others one by one
+                    for a in range(first, first + n * PS, PS):
+                        try:
+                            u.poison(a, PS)
+                        except PartialFill:
+                            again.append(a)
+                        except OSError as err:
+                            if err.errno not in (errno.EEXIST, errno.ENOENT):
+                                again.append(a)
+            left = again
+            if not left:
+                break
+            try:
+                events = u.read_events()
+            except OSError:
+                events = []
+            for ev in events:
+                if isinstance(ev, (Remove, Unmap)):
+                    left = [a for a in left if not ev.start <= a < ev.end]
+                elif isinstance(ev, Remap):
+                    left = sorted(a - ev.old + ev.new if ev.old <= a < ev.old + ev.length else a for a in left)
+                elif isinstance(ev, Fork):
+                    grandchild = Userfaultfd.from_fd(ev.uffd)
+                    os.set_blocking(ev.uffd, False)
+                    todo.append((grandchild, list(left)))
+        if left:
+            ok = False
+            if u is uffd:
+                continue           # the caller keeps it
+        u.close()
+    return ok
+
+
+def parked_gone(uffd: Userfaultfd) -> bool:
+    """Whether the process behind a kept uffd of a refused fork child is gone (ioctls fail with ESRCH)."""
+    try:
+        uffd.wake(0, PS)
+    except OSError as e:
+        return e.errno == errno.ESRCH
+    return False
+
+
+def run_count(daemon, uid: int, *, asking: bool = False) -> RunCount:
+    """What the bounds count (runpolicy): the processes of the daemon's runs, of ``uid`` and of every uid, that it
+    serves (members) or is shaking hands with (run connections that are no member's yet; ``asking``: less
+    the one asking), and of those the ones that have not exited (RunProcess.gone, asked only near a bound).
+    Kept uffds of refused fork children whose process is gone are closed here."""
+    for u in [u for u in daemon.parked_forks if parked_gone(u)]:
+        daemon.parked_forks.remove(u)
+        u.close()
+    members = [p for t in daemon.run_trees.values() for p in t.members]
+    # A connection is a member's (its agent's, or a fork child's in its handshake: its pid is known since
+    # its doorbell fault) or a new process's handshake.
+    connected = collections.Counter(p.uid for p in members
+                                    if p.sock is not None or (p.pid is not None and p.pid in daemon.run_peers))
+    uid_held = sum(p.uid == uid for p in members) + max(0, daemon.run_connections[uid] - asking - connected[uid])
+    held = len(members) + max(0, sum(daemon.run_connections.values()) - asking - sum(connected.values()))
+    policy = daemon.run_policy
+    uid_live, live = uid_held, held
+    if uid_held >= policy.max_runs or held >= policy.max_processes:
+        gone = [p for p in members if p.gone()]
+        uid_live -= sum(p.uid == uid for p in gone)
+        live -= len(gone)
+    return RunCount(uid_live=uid_live, uid_held=uid_held, live=live, held=held)
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of ``pid`` (/proc/PID/stat); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def refused_fork(daemon, pid: int, uid: int) -> ProtocolError | None:
+    """A child's CONNECT whose fork was refused (refuse_fork: its uffd is closed, so its doorbell fault named it
+    to nobody), told at once rather than after CHILD_WAIT; None if it is served (or unknown: fork_child_of)."""
+    trees = [t for t in daemon.run_trees.values() if t.uid == uid]
+    if any(t.member(pid) is not None for t in trees):
+        return None
+    ppid = parent_pid(pid)
+    parent = next((p for t in trees for p in t.members if p.pid == ppid), None) if ppid else None
+    if parent is None or not parent.stats.forks_refused:
+        return None
+    return ProtocolError(f"pid {pid}: its fork was not served ({parent.fork_refusal})", errno.EAGAIN)
 
 
 def find_run(daemon, pid: int, uid: int) -> Run | None:
@@ -1011,12 +1172,8 @@ def find_run(daemon, pid: int, uid: int) -> Run | None:
         for t in trees:
             if t.member(pid) is not None:
                 return t
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                pid = int(f.read().rsplit(b")", 1)[1].split()[1])     # ppid
-        except (OSError, IndexError, ValueError):
-            return None
-        if pid <= 1:
+        pid = parent_pid(pid)
+        if pid is None or pid <= 1:
             return None
     return None
 
@@ -1065,8 +1222,13 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
     sock = client.sock
     try:
         connect = parse(await sock.recv(MSG_SIZE + 1), lib.USWAP_RUN_CONNECT)
-        # Policy first: the fd below gives kernel-mode userfaultfds (uswap.daemon.runpolicy).
-        refused = daemon.run_policy.refusal(client.uid, daemon.run_connections[client.uid] - 1)
+        child = bool(connect.flags & lib.USWAP_RUN_CHILD)
+        # Policy first: the fd below gives kernel-mode userfaultfds (uswap.daemon.runpolicy).  A fork child is
+        # counted since its fork, or was refused there.
+        if child:
+            refused = daemon.run_policy.refusal(client.uid) or refused_fork(daemon, client.pid, client.uid)
+        else:
+            refused = daemon.run_policy.refusal(client.uid, run_count(daemon, client.uid, asking=True))
         if refused:
             raise refused
         try:
@@ -1077,7 +1239,6 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
         with contextlib.suppress(OSError):
             await sock.send(message(lib.USWAP_RUN_READY, status=-e.errno))
         raise
-    child = bool(connect.flags & lib.USWAP_RUN_CHILD)
     try:
         await sock.sendmsg([message(lib.USWAP_RUN_DEVFD)],
                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dev]))])
@@ -1099,6 +1260,11 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [proc.uffd.fd]))])
             proc.excluded, proc.sock = excluded + ((proc.proof, PS),), sock    # now it rescans and evicts
             return proc, False
+        # The bounds again, exactly: other handshakes may have made processes since the CONNECT.  No await from
+        # here to RunProcess(), which makes it a member: the count stays true.
+        refused = daemon.run_policy.process_refusal(client.uid, run_count(daemon, client.uid, asking=True))
+        if refused:
+            raise refused
         check_uffd(fds[0], [])
         got, ioctls = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         ret = lib.uswap_uffd_api(fds[0], FEATURES, got, ioctls)

@@ -172,6 +172,8 @@ class Daemon:
         self.run_policy = run_policy or RunPolicy.default()   # who may start runs, how many (runpolicy.py)
         self.run_connections: collections.Counter[int] = collections.Counter()   # per uid, handshakes included
         self._ended_fault_counts = dict.fromkeys(REGION_FAULT_COUNTS, 0)   # of regions and run processes gone
+        self.run_peers: collections.Counter[int] = collections.Counter()   # run connections per peer pid
+        self.parked_forks: list = []              # uffds of refused fork children kept until they exit (runs.py)
         self.mapped_pages = 0
         self.nursery: trio.Nursery | None = None
         self._next_id = 1
@@ -364,12 +366,16 @@ class Daemon:
         """A process of `uswap run` (csrc/uswap_run.h): accepted, served until it exits or execs, released.
         A fork child is served from its FORK event on (serve_run_process); its connection only pairs."""
         self.run_connections[client.uid] += 1
+        self.run_peers[client.pid] += 1
         try:
             await self._run_accepted(client)
         finally:
             self.run_connections[client.uid] -= 1
             if not self.run_connections[client.uid]:
                 del self.run_connections[client.uid]
+            self.run_peers[client.pid] -= 1
+            if not self.run_peers[client.pid]:
+                del self.run_peers[client.pid]
 
     async def _run_accepted(self, client: "Client") -> None:
         accepted = None
