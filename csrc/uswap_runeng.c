@@ -15,6 +15,9 @@
  *     either precedes the lookup (forwarded) or follows the un-protect
  *     (eviction write-protects after claiming).
  *   - Slot references are dropped by Python only (FREED), in ring order.
+ *     A reference this thread takes out of the table (a swap-in clears the
+ *     entries, then posts FREED) is always in the ring: posts after stop
+ *     began use the ring's reserve, never dropped (post).
  *   - The thread never calls into Python; every signal is blocked in it.
  */
 #define _GNU_SOURCE
@@ -33,6 +36,8 @@
 
 #define RING_SIZE 1024                 /* messages; a power of two */
 #define RING_NOTIFY_AT (RING_SIZE / 4) /* wake Python at this fill even when nothing is urgent */
+#define READ_MSGS 32                   /* uffd messages read at a time */
+#define RING_RESERVE READ_MSGS         /* left free for the posts once stop began: the rest of one read */
 #define THROTTLE_POLLS 50             /* above the hard line: waits of THROTTLE_POLL_US for reclaim */
 #define THROTTLE_POLL_US 100
 #define MAX_WINDOW 32
@@ -79,16 +84,21 @@ static void notify(struct uswap_runeng *e)
 }
 
 /* Queue a message; an EVENT also pauses the thread until Python resumes it.  Forwarded
- * faults and events wake Python at once, FREED only when the ring fills up. */
+ * faults and events wake Python at once, FREED only when the ring fills up.
+ *
+ * Once stop began nothing waits: Python drains the ring after the thread is gone (a swap-in's FREED, a
+ * FORK's child uffd, which Python poisons before closing it).  The thread then posts at most what is
+ * left of the read it is in (it serves no fault more, and reads nothing more), so the RING_RESERVE
+ * entries that other posts leave free always take it: a FREED lost here leaked its slots for good. */
 static void post(struct uswap_runeng *e, const struct uswap_runeng_msg *msg)
 {
 	pthread_mutex_lock(&e->lock);
-	while (e->tail - e->head == RING_SIZE && !e->stopping)
+	while (e->tail - e->head >= RING_SIZE - RING_RESERVE && !e->stopping)
 		pthread_cond_wait(&e->cond, &e->lock);
-	if (e->stopping) {
+	if (e->tail - e->head == RING_SIZE) {   /* cannot happen (above) */
 		pthread_mutex_unlock(&e->lock);
 		if (msg->kind == USWAP_RUNENG_EVENT && msg->ev.event == UFFD_EVENT_FORK)
-			close((int)msg->ev.arg2);   /* nobody will serve that child */
+			close((int)msg->ev.arg2);
 		return;
 	}
 	uint64_t queued = e->tail - e->head;
@@ -331,7 +341,7 @@ static void handle_fault(struct uswap_runeng *e, const struct uffd_msg *m)
 static void *runeng_main(void *arg)
 {
 	struct uswap_runeng *e = arg;
-	struct uffd_msg msgs[32];
+	struct uffd_msg msgs[READ_MSGS];
 	for (;;) {
 		struct pollfd fds[2] = { { .fd = e->uffd, .events = POLLIN }, { .fd = e->stop_fd, .events = POLLIN } };
 		if (poll(fds, 2, -1) < 0) {
@@ -349,7 +359,9 @@ static void *runeng_main(void *arg)
 		}
 		for (ssize_t i = 0; i < got / (ssize_t)sizeof(msgs[0]); i++) {
 			if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
-				handle_fault(e, &msgs[i]);
+				/* once stopping, faults are left to the uffd's close (post's reserve) */
+				if (!__atomic_load_n(&e->stopping, __ATOMIC_RELAXED))
+					handle_fault(e, &msgs[i]);
 				continue;
 			}
 			struct uswap_runeng_msg msg = { .kind = USWAP_RUNENG_EVENT };

@@ -579,3 +579,23 @@ def test_a_refused_fork_child_is_told_and_the_daemons_uid_is_not_bounded(fork_da
     assert (out, err) == ("ok 12 bad 0 sigbus 0 other 0\nparent ok\n", ""), (out, err)
     d.back("after root's forks")
 
+
+
+def test_every_fork_child_served_gives_every_slot_back(socket_dir, uswapd, run_forks):
+    """Raw forks of a parent being evicted, every child served (a bound far above them): each child reads every
+    page it inherited (swapped-out ones from the parent's slots, one more reference each) and exits while the
+    parent and its siblings go on.  Once the run has ended no slot is left, in any round (a child's last swap-ins,
+    its table and the parent's at their releases; fork events the ring still held)."""
+    need_root()
+    need(os.path.exists(LIBRUN), "libuswaprun.so not built (python3 setup.py build_ext --inplace)")
+    d = uswapd(socket_dir=socket_dir, resident="16M", store_size="64M",
+               extra=("--group", str(GROUP), "--run-users", f"0,{NOBODY}", "--user-max-runs", "1000"))
+    for round in range(2):
+        out, err = forks(d, run_forks, 300, "raw")
+        assert out == "ok 300 bad 0 sigbus 0 other 0\nparent ok\n", (round, out, err)
+        deadline = time.monotonic() + 10
+        while d.status()["runs"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s = d.status()
+        assert s["runs"] == [], (round, s["runs"])
+        assert (s["daemon"]["slots_used"], s["daemon"]["run_slots"]) == (0, 0), (round, s["daemon"])

@@ -987,15 +987,27 @@ class RunProcess:
         return True
 
     def release(self) -> None:
-        """Drop every slot reference this process holds and close what we opened (no fd outlives it)."""
+        """Drop every slot reference this process holds and close what we opened (no fd outlives it).
+
+        A slot reference is in exactly one place: an entry of the table (SWAPPED, INFLIGHT), or a FREED in the
+        engine's ring (a swap-in cleared the entries, Python has not read it yet; the thread never drops one,
+        not even once stop began: runeng.c post).  So the ring is read to its end after the thread is gone, then
+        the table taken: every reference goes exactly once.  A FORK still in the ring is a child nobody will
+        serve, running already (the kernel let it go when the thread read the event): refused like one over a
+        bound (refuse_fork), its pages swapped out here poisoned, never read as zeros."""
         if self.engine.c is not None:
             trio.lowlevel.notify_closing(self.engine.notify_fd)
             self.engine.stop()
+            unserved = []
             for kind, slot, count, ev in self.engine.drain():   # what the thread did last
                 if kind == FREED:
                     self._freed(slot, count)
                 elif isinstance(ev, Fork):
-                    os.close(ev.uffd)      # a child nobody serves: its registration goes with the fd
+                    unserved.append(ev.uffd)
+            for fd in unserved:            # the table as the fork saw it (SWAPPED entries), FREED applied
+                os.set_blocking(fd, False)
+                self.refuse_fork(Userfaultfd.from_fd(fd), ProtocolError("its parent is no longer served",
+                                                                       errno.ESRCH))
             self.engine.take_filled()      # out of the run's count
             self.engine.close()
         if self.table.c is not None:
