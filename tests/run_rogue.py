@@ -310,6 +310,31 @@ def answer(drop, mode: str):
     return bytes(ffi.buffer(m))
 
 
+def answer_drops(s: socket.socket, mode: str, seconds: float, result: dict) -> None:
+    """For ``seconds``, answer each DROP per ``mode`` ("silent": never); counted in ``result`` (drops,
+    answered; eof when the daemon closed, not_a_drop when it sent something else)."""
+    result["drops"] = result["answered"] = 0
+    deadline = time.monotonic() + seconds
+    s.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            data = s.recv(MSG_SIZE + 1)
+        except socket.timeout:
+            continue
+        if not data:
+            result["eof"] = True
+            return
+        result["drops"] += 1
+        try:
+            parse(data, lib.USWAP_RUN_DROP)
+        except ProtocolError:
+            result["not_a_drop"] = True
+            return
+        if mode != "silent":
+            s.send(answer(data, mode))
+            result["answered"] += 1
+
+
 def attack_agent(path: str, mode: str, seconds: float = 1.5) -> dict:
     """Fill 16 MiB, then HELLO with this process's uffd over a 256-page budget (only the window registered:
     it is never written again); answer DROPs per ``mode``."""
@@ -323,29 +348,7 @@ def attack_agent(path: str, mode: str, seconds: float = 1.5) -> dict:
         result["ready"] = hello(s, [uffd], **w.fields)
         os.close(uffd)
         os.close(dev)
-        drops = lies = 0
-        deadline = time.monotonic() + seconds
-        s.settimeout(0.2)
-        while time.monotonic() < deadline:
-            try:
-                data = s.recv(MSG_SIZE + 1)
-            except socket.timeout:
-                continue
-            if not data:
-                result["eof"] = True
-                break
-            drops += 1
-            try:
-                parse(data, lib.USWAP_RUN_DROP)
-            except ProtocolError:
-                result["not_a_drop"] = True
-                break
-            if mode == "silent":
-                continue
-            s.send(answer(data, mode))
-            lies += 1
-        result["drops"] = drops
-        result["answered"] = lies
+        answer_drops(s, mode, seconds, result)
         result["own_data_intact"] = all(area[off:off + 8] == off.to_bytes(8, "little")
                                         for off in range(0, len(area), PS))
     finally:
@@ -417,20 +420,7 @@ def attack_exec_after_hello(path: str, holder: list[str], seconds: float = 3.0) 
         become(holder, wr)
     os.close(wr)
     wait_ready(r)
-    drops = after = 0
-    deadline = time.monotonic() + seconds
-    s.settimeout(0.2)
-    while time.monotonic() < deadline:
-        try:
-            data = s.recv(MSG_SIZE + 1)
-        except socket.timeout:
-            continue
-        if not data:
-            result["eof"] = True
-            break
-        drops += 1
-        s.send(answer(data, "claims_all"))
-    result["drops_after_exec"] = drops
+    answer_drops(s, "claims_all", seconds, result)
     return result
 
 
