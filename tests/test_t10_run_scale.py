@@ -21,21 +21,30 @@ from uswap.child import uswap_argv
 pytestmark = pytest.mark.kernel
 
 HUGE = r"""
-import mmap, sys
+import mmap, select, sys
 size, step = 128 << 30, 8 << 20                     # one page every 8 MiB: 16,384 pages, 64 MiB
 m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000))
 for off in range(0, size, step):
     m[off:off + 8] = (off // step).to_bytes(8, "little")
 print("touched", flush=True)
-sys.stdin.readline()
+while not select.select([sys.stdin], [], [], 0)[0]:  # busy until told: swap-ins, so counts and passes go on
+    for off in range(0, size, 64 * step):
+        m[off]
 bad = sum(m[off:off + 8] != (off // step).to_bytes(8, "little") for off in range(0, size, step))
 print("bad", bad, flush=True)
 """
 
 
-def vm_rss(pid: int) -> int:
+def vm_hwm(pid: int) -> int:
+    """The peak of the process's RSS (a pagemap read held for a moment counts)."""
     with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmHWM:"))
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_huge_sparse_mapping_stalls_no_other_client(uswapd, tmp_path):
@@ -44,7 +53,18 @@ def test_a_huge_sparse_mapping_stalls_no_other_client(uswapd, tmp_path):
     daemon = uswapd("run", resident="64M", store_size="256M")
     for _ in range(20):                          # warm: the status path's first use allocates
         daemon.status()
-    rss0 = vm_rss(daemon.proc.pid)
+    rss0 = vm_hwm(daemon.proc.pid)
+    # The control: the same requests with no run.  The bound is the issue's 50 ms, or twice the control's p99
+    # when other work on the machine delays even an idle daemon that much (the stall this test catches was
+    # 0.6-2.5 s).
+    alone = []
+    for _ in range(250):
+        t = time.monotonic()
+        daemon.status()
+        alone.append(time.monotonic() - t)
+        time.sleep(0.004)
+    alone.sort()
+    bound = max(0.050, 2 * alone[len(alone) * 99 // 100])
     script = tmp_path / "huge.py"
     script.write_text(HUGE)
     p = subprocess.Popen(uswap_argv("run", "--resident", "16M", "--socket", daemon.socket, "--", PYTHON,
@@ -53,13 +73,15 @@ def test_a_huge_sparse_mapping_stalls_no_other_client(uswapd, tmp_path):
     try:
         assert p.stdout.readline() == "touched\n", p.communicate(timeout=60)[1] + daemon.log()
         took, rss, swapped = [], rss0, 0
+        cpu0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
         for _ in range(250):
             t = time.monotonic()
             s = daemon.status()
             took.append(time.monotonic() - t)
-            rss = max(rss, vm_rss(daemon.proc.pid))
+            rss = vm_hwm(daemon.proc.pid)
             swapped = max(swapped, sum(r["swapped_pages"] for r in s["runs"]))
             time.sleep(0.004)
+        cpu, wall = cpu_seconds(daemon.proc.pid) - cpu0, time.monotonic() - t0
         took.sort()
         p99 = took[len(took) * 99 // 100]
         out, err = p.communicate("go\n", timeout=120)
@@ -68,11 +90,12 @@ def test_a_huge_sparse_mapping_stalls_no_other_client(uswapd, tmp_path):
             p.kill()
             p.communicate()
     print(f"STATUS p50 {took[len(took) // 2] * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, max {took[-1] * 1e3:.1f} ms; "
-          f"daemon RSS {rss0 >> 20} -> {rss >> 20} MiB; swapped {swapped}")
+          f"daemon RSS {rss0 >> 20} -> {rss >> 20} MiB, CPU {cpu:.2f} s in {wall:.2f} s; swapped {swapped}; "
+          f"load {os.getloadavg()[0]:.1f}; alone p99 {alone[len(alone) * 99 // 100] * 1e3:.1f} ms")
     assert (p.returncode, out) == (0, "bad 0\n"), (p.returncode, out, err)
     assert swapped > 0, "reclaim never ran: the test measures nothing"
-    assert p99 < 0.050, f"STATUS p99 {p99 * 1e3:.1f} ms while a run maps 128 GiB"
-    assert rss - rss0 < 32 << 20, f"daemon RSS grew {(rss - rss0) >> 20} MiB"
+    assert p99 < bound, f"STATUS p99 {p99 * 1e3:.1f} ms while a run maps 128 GiB (bound {bound * 1e3:.1f} ms)"
+    assert rss - rss0 < 32 << 20, f"daemon peak RSS grew {(rss - rss0) >> 20} MiB"
 
 
 def test_present_runs_agree_with_pagemap():
