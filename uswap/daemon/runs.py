@@ -68,7 +68,9 @@ MAGIC = lib.USWAP_RUN_MAGIC.to_bytes(4, "little")
 MAX_RUNS = lib.USWAP_RUN_MAX_RUNS
 RUN_PAGES = 32                 # pages per eviction run (one MOVE)
 BATCH_PAGES = 1024             # pages per eviction batch at most (one slot write, one DROP of up to MAX_RUNS runs)
-SCAN_CHUNK = 4096              # pages of pagemap read at a time by a pass between counts
+SCAN_CHUNK = 4096              # pages of pagemap read at a time (counts and passes): held at once at most
+SCAN_REGIONS = 64              # runs of present pages found per PAGEMAP_SCAN; a checkpoint after each
+SCAN_CAP = 1 << 18             # pages of pagemap one reclaim pass reads at most; the next goes on from there
 READAHEAD = 32                 # pages read per swap-in at most (the fault thread's window adapts up to it)
 SLOW_READAHEAD = 8             # the same for the faults Python serves (fixed)
 HARD_SLACK = 256               # pages above the line (and 1/32 of it) the fault threads fill; then they wait
@@ -717,6 +719,40 @@ class RunProcess:
         data = os.pread(self.image.pagemap, (b - a) // PS * 8, a // PS * 8)
         return data[7::8]
 
+    def _present(self, a: int, b: int):
+        """[start, end) runs of present pages in [a, b), each at most SCAN_CHUNK pages, and how far the walk
+        got (holes skipped by PAGEMAP_SCAN: a sparse 128 GiB range is as cheap as its present pages)."""
+        runs, walked = self.image.present(a, b, SCAN_REGIONS)
+        out = []
+        for s, e in runs:
+            out.extend((x, min(e, x + SCAN_CHUNK * PS)) for x in range(s, e, SCAN_CHUNK * PS))
+        return out, walked
+
+    async def _count(self) -> int | None:
+        """Present pages of the registered ranges charged to this process (None: it may not be read any more).
+        In chunks of at most SCAN_REGIONS runs, a checkpoint between them: the trio loop serves every other
+        client meanwhile, and no more than SCAN_CHUNK pages of pagemap are held at once."""
+        # A page a fork shares is charged once, to the process the run started with (or the oldest one
+        # still sharing it: a child counts only the pages it has alone).  Counting it in every process
+        # (summed RSS) put a 2-worker pool permanently over its line with pages nobody can evict (a fork
+        # shares them), and reclaim thrashed the rest.  Pages only siblings still share are charged to
+        # none (a limit, RUN-DESIGN).
+        own = _PRESENT if self.parent is None else _NOT_EXCLUSIVE
+        present = 0
+        for a, b in list(self.ranges):
+            pos = a
+            while pos < b:
+                try:
+                    runs, pos = self._present(pos, b)
+                    for s, e in runs:
+                        present += (e - s) // PS if own is _PRESENT else len(self._tops(s, e).translate(None, own))
+                except OSError:
+                    break                   # gone meanwhile
+                await trio.sleep(0)
+                if not self.readable():     # awaited: again (procimage, rule 4)
+                    return None
+        return present
+
     async def reclaim(self, count: bool = True) -> None:
         """Above the line, evict runs in address order from where the last pass stopped (a FIFO, not a
         CLOCK).  ``count``: count the registered resident pages first (pagemap, each tick).  Between ticks
@@ -725,23 +761,12 @@ class RunProcess:
         a whole count of a 256 MiB program every 2 ms was a fifth of the daemon's time."""
         if not self.readable():
             return
-        tops = None
         shared = [a for a, _ in self.table.walk(states=(SHARED,))] if self.table.count(SHARED) else []
         if count:
             self.engine.take_filled()      # before the count: a page filled meanwhile is counted twice, not never
-            tops = []
-            for a, b in self.ranges:
-                try:
-                    tops.append(self._tops(a, b))
-                except OSError:
-                    tops.append(b"")
-            # A page a fork shares is charged once, to the process the run started with (or the oldest one
-            # still sharing it: a child counts only the pages it has alone).  Counting it in every process
-            # (summed RSS) put a 2-worker pool permanently over its line with pages nobody can evict (a fork
-            # shares them), and reclaim thrashed the rest.  Pages only siblings still share are charged to
-            # none (a limit, RUN-DESIGN).
-            own = _PRESENT if self.parent is None else _NOT_EXCLUSIVE
-            present = sum(len(t.translate(None, own)) for t in tops)
+            present = await self._count()
+            if present is None:
+                return
             # Pages MOVE refused (SHARED) stay until written, like mlocked pages: they are shown
             # (cow_shared_pages) but not held against the line, or the rest of the run thrashes under them
             # (a parent that read its pages after a child exited kept 4,868 such pages over a 4,096-page line).
@@ -764,8 +789,11 @@ class RunProcess:
             if want <= 0:
                 return
         batch: list[tuple[int, int]] = []
-        pages = 0
-        for start, evictable in self._candidates(tops, shared):
+        pages = read = 0
+        for start, evictable in self._candidates(shared):
+            if start is None:               # the pass read SCAN_CAP pages of pagemap: the next one goes on from here
+                self.cursor = evictable
+                break
             for m in re.finditer(b"\x01+", evictable):
                 first = start + m.start() * PS
                 count = min(m.end() - m.start(), want)
@@ -784,37 +812,49 @@ class RunProcess:
                     break
             if want <= 0:
                 break
+            read += len(evictable) + 64     # a pread costs as much as a few pages more
+            if read >= SCAN_CHUNK:          # a checkpoint: the other clients.  (The candidates read before may be
+                read = 0                    # stale after it: evict claims each page, and skips what has an entry.)
+                await trio.sleep(0)
         else:
             self.cursor = 0
         if batch:
             await self.evict(batch)
 
-    def _candidates(self, tops: list[bytes] | None, shared: list[int]):
+    def _candidates(self, shared: list[int]):
         """(address, one byte per page from there: 1 evictable) over the registered ranges from the cursor
-        on: from ``tops`` (a count's pagemap bytes per range), or read in chunks as the pass asks for them.
-        SHARED pages are cut out (MOVE refused them)."""
+        on, read in chunks (at most SCAN_CHUNK pages of present pages, holes skipped) as the pass asks for
+        them; SHARED pages are cut out (MOVE refused them).  A pass reads at most SCAN_CAP pages of pagemap:
+        then (None, where to go on from)."""
         order = sorted(range(len(self.ranges)), key=lambda k: (self.ranges[k][1] <= self.cursor, self.ranges[k][0]))
+        scanned = 0
         for k in order:
             a0, b0 = self.ranges[k]
             start = max(a0, self.cursor) if a0 < self.cursor < b0 else a0
             while start < b0:
-                end = b0 if tops is not None else min(b0, start + SCAN_CHUNK * PS)
-                if tops is not None:
-                    t = tops[k][(start - a0) // PS:]
-                else:
+                if scanned >= SCAN_CAP:
+                    yield None, start
+                    return
+                try:
+                    runs, walked = self._present(start, b0)
+                except OSError:
+                    break                       # gone meanwhile
+                for s, end in runs:
                     try:
-                        t = self._tops(start, end)
+                        t = self._tops(s, end)
                     except OSError:
-                        break                   # gone meanwhile
-                evictable = t.translate(_EVICTABLE)
-                cut = [(a - start) // PS for a in shared if start <= a < end]
-                if cut:
-                    evictable = bytearray(evictable)
-                    for i in cut:
-                        if i < len(evictable):
-                            evictable[i] = 0
-                yield start, evictable
-                start = end
+                        return                  # gone meanwhile
+                    scanned += len(t)
+                    evictable = t.translate(_EVICTABLE)
+                    cut = [(a - s) // PS for a in shared if s <= a < end]
+                    if cut:
+                        evictable = bytearray(evictable)
+                        for i in cut:
+                            if i < len(evictable):
+                                evictable[i] = 0
+                    yield s, evictable
+                scanned += 1                    # a walk that found nothing still costs
+                start = walked
 
     async def evict(self, runs: list[tuple[int, int]]) -> None:
         """Invariant 1, in this order: claim (the fault thread then hands a write to these pages to
