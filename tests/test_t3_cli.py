@@ -6,6 +6,7 @@ was on disk exactly as it was.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -16,8 +17,10 @@ import tempfile
 import time
 
 import pytest
+import trio
 
 from conftest import need_root, store_held_elsewhere, uswap
+from uswap import cli
 from uswap.core import PAGE_SIZE
 
 
@@ -219,3 +222,37 @@ def test_writeback_batch_default_and_range():
     # The help states the default without importing the daemon: it must say the constant's value.
     help_text = " ".join(uswap("daemon", "--help").stdout.split())
     assert f"1 to 256 (default {WRITEBACK_BATCH}:" in help_text
+
+
+def raised_in_nested_nurseries(*errors: BaseException) -> BaseException:
+    """What trio.run raises when tasks of a nursery inside another raise ``errors`` (strict groups, the
+    default since trio 0.25: a group in a group)."""
+    async def fail(e):
+        raise e
+
+    async def main():
+        async with trio.open_nursery() as outer:
+            async def inner():
+                async with trio.open_nursery() as nursery:
+                    for e in errors:
+                        nursery.start_soon(fail, e)
+            outer.start_soon(inner)
+    with pytest.raises(BaseException) as raised:
+        trio.run(main, strict_exception_groups=True)
+    return raised.value
+
+
+def test_errors_from_nurseries_are_a_users_and_bugs_stay_whole():
+    """cli.main prints a user's errors (USER_ERRORS) one line each however deep in groups they come,
+    and re-raises a group holding anything else (test_t4_daemon.py::test_socket_and_store_in_use: the
+    whole stderr of a second daemon on a socket in use)."""
+    from uswap.daemon.server import SocketInUse
+    in_use = SocketInUse(errno.EADDRINUSE, "another uswap daemon is listening here", "/run/x.sock")
+    group = raised_in_nested_nurseries(in_use)
+    assert isinstance(group, BaseExceptionGroup) and isinstance(group.exceptions[0], BaseExceptionGroup)
+    assert cli.user_errors(group) == [in_use]
+    bad_size = ValueError("--resident: not a size")
+    assert set(cli.user_errors(raised_in_nested_nurseries(in_use, bad_size))) == {in_use, bad_size}
+    assert cli.user_errors(raised_in_nested_nurseries(in_use, RuntimeError("a bug"))) is None   # negative control
+    assert cli.user_errors(RuntimeError("a bug")) is None
+    assert cli.user_errors(in_use) == [in_use]
