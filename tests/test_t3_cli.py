@@ -142,6 +142,7 @@ def run_cli_as_nobody(*args: str) -> tuple[int, str]:
     """cli.main in a forked child with uid/gid 65534 (the interpreter under
     /root is not executable for nobody); returns (exit status, stderr)."""
     from uswap import cli
+    cli.build_parser()   # imports what parsing needs (argparse's gettext: locale) while the stdlib is readable
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
