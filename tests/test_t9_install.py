@@ -137,6 +137,20 @@ def test_dependencies_are_what_the_daemon_imports_and_extras_the_rest(dist):
     assert "prometheus-client" in {n.replace("_", "-") for n in by_extra["test"]}
 
 
+def test_the_lowest_environment_pins_every_dependency_to_its_lower_bound(dist):
+    """.ci/run's "lowest" venv: scripts/lower-bounds pins each Requires-Dist of the wheel at its ">=" bound."""
+    with zipfile.ZipFile(dist[1]) as whl:
+        meta = email.parser.Parser().parsestr(whl.read("uswap-0.1.0.dist-info/METADATA").decode())
+    bounds = {}
+    for r in meta.get_all("Requires-Dist"):
+        if not r.startswith("uswap["):              # uswap[bench,demo,fuse]: the extras, listed themselves
+            name, bound = re.match(r"([A-Za-z0-9._-]+)\s*>=\s*([^,; ]+)", r).groups()
+            bounds[re.sub(r"[-_.]+", "-", name).lower()] = bound
+    assert {"trio", "cffi", "pyfuse3", "pytest", "build"} <= set(bounds)
+    pins = run(os.path.join(REPO, "scripts", "lower-bounds")).stdout.splitlines()
+    assert sorted(pins) == sorted(f"{name}=={bound}" for name, bound in bounds.items())
+
+
 @pytest.mark.parametrize("module, argv, extra", [
     ("pyfuse3", ["mount", "/nonexistent"], "fuse"),
     ("rich", ["bench", "--workloads", "seq"], "bench"),
