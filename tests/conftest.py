@@ -38,6 +38,15 @@ def run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
 
 
+def this_uswap_env() -> dict:
+    """The environment for children that must import the uswap this process imported (this checkout, or
+    the one installed in the interpreter's site-packages: the suite runs on both, see the Makefile) even
+    when they start with -P or from "/": its directory first on PYTHONPATH."""
+    import uswap
+    where = os.path.dirname(os.path.dirname(os.path.abspath(uswap.__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (where, os.environ.get("PYTHONPATH")) if x)}
+
+
 def uswap(*args: str, **kw) -> subprocess.CompletedProcess:
     """Run the uswap CLI in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "uswap", *args], capture_output=True, text=True, **kw)

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import HERE, build_c, need, need_root
+from conftest import HERE, build_c, need, need_root, this_uswap_env
 from test_t4_daemon import finish_holder, start_holder
 from test_t8_hostile import GROUP, settled_fds, socket_dir, tail  # noqa: F401 (socket_dir: a fixture)
 from test_t10_run_probes import LIBRUN, PYTHON
@@ -51,12 +51,6 @@ print("sum", sum(xs) == 7 * sum(range(len(xs))), flush=True)
 """
 
 
-def env() -> dict:
-    """Children import this checkout's uswap (they start with -P, from "/")."""
-    root = os.path.dirname(HERE)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)}
-
-
 class Field:
     """A daemon under attack, with a memfd region and a `uswap run` program whose data must come through."""
 
@@ -67,7 +61,7 @@ class Field:
         script.write_text(GOOD_RUN)
         self.good = subprocess.Popen(uswap_argv("run", "--resident", "2M", "--socket", daemon.socket, "--", PYTHON,
                                                 str(script), "60000"), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=this_uswap_env())
         if self.good.stdout.readline() != "built\n":
             self.good.kill()
             pytest.fail(f"the good run did not start: {self.good.communicate()[1]}\n{tail(daemon.log())}")
@@ -78,7 +72,7 @@ class Field:
 
     def rogue(self, attack: str, timeout: float = 60, **args) -> dict:
         r = subprocess.run([*AS_NOBODY, sys.executable, ROGUE, self.daemon.socket, attack, json.dumps(args)],
-                           capture_output=True, text=True, timeout=timeout, env=env())
+                           capture_output=True, text=True, timeout=timeout, env=this_uswap_env())
         assert r.returncode == 0 and r.stdout, (attack, r.stdout, r.stderr, tail(self.daemon.log()))
         result = json.loads(r.stdout.splitlines()[-1])
         assert result["uid"] == NOBODY
@@ -136,7 +130,7 @@ def field(socket_dir, uswapd, tmp_path):   # socket_dir first: removed after the
 
 def uswap_run_as_nobody(daemon, *cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run([*AS_NOBODY, *uswap_argv("run", "--socket", daemon.socket, "--", *cmd)],
-                          capture_output=True, text=True, timeout=60, env=env())
+                          capture_output=True, text=True, timeout=60, env=this_uswap_env())
 
 
 # -- who gets /dev/userfaultfd --------------------------------------------------------------------------
@@ -171,7 +165,7 @@ def test_a_listed_uid_runs_and_a_bad_list_is_refused(field, tmp_path):
     f.finish()
     bad = subprocess.run(uswap_argv("daemon", "--store", str(tmp_path / "x.store"), "--socket",
                                     str(tmp_path / "x.sock"), "--run-users", "0,no-such-user-here"),
-                         capture_output=True, text=True, timeout=30, env=env())
+                         capture_output=True, text=True, timeout=30, env=this_uswap_env())
     assert bad.returncode != 0 and "--run-users: no user named 'no-such-user-here'" in bad.stderr, bad
     assert not os.path.exists(tmp_path / "x.store")          # refused before anything was made
 
@@ -281,7 +275,7 @@ def test_a_daemon_without_dev_userfaultfd_refuses_runs_saying_why(uswapd, tmp_pa
     daemon = uswapd("nodev", resident="16M", store_size="16M", prefix=tuple(private_dev))
     assert not os.path.exists(f"/proc/{daemon.proc.pid}/root/dev/userfaultfd")
     r = subprocess.run(uswap_argv("run", "--socket", daemon.socket, "--", PYTHON, "-c", "print('ran')"),
-                       capture_output=True, text=True, timeout=60, env=env())
+                       capture_output=True, text=True, timeout=60, env=this_uswap_env())
     assert r.returncode == 1 and r.stdout == "", r
     assert r.stderr.endswith("refused: the daemon refused the run (No such file or directory): its log says why; "
                              "not running it unbudgeted\n"), r.stderr

@@ -6,6 +6,7 @@ was on disk exactly as it was.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -16,8 +17,10 @@ import tempfile
 import time
 
 import pytest
+import trio
 
 from conftest import need_root, store_held_elsewhere, uswap
+from uswap import cli
 from uswap.core import PAGE_SIZE
 
 
@@ -139,6 +142,7 @@ def run_cli_as_nobody(*args: str) -> tuple[int, str]:
     """cli.main in a forked child with uid/gid 65534 (the interpreter under
     /root is not executable for nobody); returns (exit status, stderr)."""
     from uswap import cli
+    cli.build_parser()   # imports what parsing needs (argparse's gettext: locale) while the stdlib is readable
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -368,3 +372,37 @@ def test_run_users_add_to_root_and_the_daemons_uid():
     assert parse_run_users("nobody, 1002") == {0, me, 65534, 1002}
     with pytest.raises(ValueError, match="--run-users: no user named 'no-such-user-here'"):
         parse_run_users("0,no-such-user-here")
+
+
+def raised_in_nested_nurseries(*errors: BaseException) -> BaseException:
+    """What trio.run raises when tasks of a nursery inside another raise ``errors`` (strict groups, the
+    default since trio 0.25: a group in a group)."""
+    async def fail(e):
+        raise e
+
+    async def main():
+        async with trio.open_nursery() as outer:
+            async def inner():
+                async with trio.open_nursery() as nursery:
+                    for e in errors:
+                        nursery.start_soon(fail, e)
+            outer.start_soon(inner)
+    with pytest.raises(BaseException) as raised:
+        trio.run(main, strict_exception_groups=True)
+    return raised.value
+
+
+def test_errors_from_nurseries_are_a_users_and_bugs_stay_whole():
+    """cli.main prints a user's errors (USER_ERRORS) one line each however deep in groups they come,
+    and re-raises a group holding anything else (test_t4_daemon.py::test_socket_and_store_in_use: the
+    whole stderr of a second daemon on a socket in use)."""
+    from uswap.daemon.server import SocketInUse
+    in_use = SocketInUse(errno.EADDRINUSE, "another uswap daemon is listening here", "/run/x.sock")
+    group = raised_in_nested_nurseries(in_use)
+    assert isinstance(group, BaseExceptionGroup) and isinstance(group.exceptions[0], BaseExceptionGroup)
+    assert cli.user_errors(group) == [in_use]
+    bad_size = ValueError("--resident: not a size")
+    assert set(cli.user_errors(raised_in_nested_nurseries(in_use, bad_size))) == {in_use, bad_size}
+    assert cli.user_errors(raised_in_nested_nurseries(in_use, RuntimeError("a bug"))) is None   # negative control
+    assert cli.user_errors(RuntimeError("a bug")) is None
+    assert cli.user_errors(in_use) == [in_use]

@@ -212,6 +212,21 @@ def test_more_fds_than_the_op_takes_end_only_that_connection(arena):
         assert r["closed"], (name, "the daemon kept the connection open", r)
 
 
+def test_fds_sent_with_status_requests_are_closed(arena):
+    """Two /dev/null fds on each of 200 STATUS requests: each is refused, and the daemon closes every one
+    (in its closing threads: a trio call there that raised TypeError left 400 of them open until restart)."""
+    a = arena()
+    rogue = a.rogue()
+    before = settled_fds(a.daemon)
+    results = [rogue.call("packet", op=OP_STATUS, fds=["devnull", "devnull"]) for _ in range(200)]
+    after = settled_fds(a.daemon)
+    assert after == before, (f"the daemon's fds: {sum(before.values())} before 200 requests, "
+                             f"{sum(after.values())} after; extra {dict(after - before)}")
+    for r in results:
+        assert (refused(r), r["closed"]) == (("EINVAL", "STATUS takes 0 file descriptors, got 2"), True), r
+    a.finish()
+
+
 def test_oversized_packets_end_only_that_connection(arena):
     """A packet over 1 MiB (MSG_TRUNC) ended the daemon; anything but one 32-byte request is refused."""
     a = arena()

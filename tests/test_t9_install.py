@@ -2,9 +2,9 @@
 
 The sdist and the wheel are built once per session the way pip does it
 (``python -m build``: the wheel from the sdist, in an isolated environment).
-The wheel is then installed into a venv of its own that sees the system's
-dependencies (cffi, trio, pyfuse3, rich, ...) but not this checkout, and is
-run from directories that are not the checkout.  .ci/smoke-install does the
+The wheel is then installed into a venv of its own that sees the dependencies
+the suite runs on (cffi, trio, pyfuse3, rich, ...) but not this checkout, and
+is run from directories that are not the checkout.  .ci/smoke-install does the
 same from a bare venv with the extras from the index.
 """
 
@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import site
 import socket
 import struct
 import subprocess
@@ -27,7 +28,7 @@ import zipfile
 
 import pytest
 
-from conftest import DaemonProcess, need, need_root, run, uswap
+from conftest import DaemonProcess, need, need_root, run, this_uswap_env, uswap
 from test_t8_hostile import GROUP, socket_dir  # noqa: F401 (socket_dir: a fixture)
 from uswap.child import uswap_argv
 from uswap.config import DEFAULTS
@@ -55,7 +56,7 @@ def dist(tmp_path_factory):
 
 
 class Installed:
-    """The wheel in a venv that sees the system's site-packages but not this checkout."""
+    """The wheel in a venv that sees the suite's site-packages but not this checkout."""
 
     def __init__(self, venv):
         self.venv = venv
@@ -69,8 +70,14 @@ class Installed:
 @pytest.fixture(scope="session")
 def installed(dist, tmp_path_factory):
     venv = tmp_path_factory.mktemp("venv")
-    run(sys.executable, "-m", "venv", "--system-site-packages", str(venv))
+    run(sys.executable, "-m", "venv", str(venv))
     run(str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--disable-pip-version-check", dist[1])
+    # Then the dependencies the suite runs on, as plain directories after the venv's own: a venv's if it runs
+    # in one (--system-site-packages would name the base interpreter's), without their .pth files (an editable
+    # uswap's).  After the install: pip would take the uswap there for this one.
+    purelib = run(str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")
+    with open(os.path.join(purelib.stdout.strip(), "suite-dependencies.pth"), "w") as f:
+        f.write("".join(f"{path}\n" for path in site.getsitepackages()))
     return Installed(venv)
 
 
@@ -130,6 +137,20 @@ def test_dependencies_are_what_the_daemon_imports_and_extras_the_rest(dist):
                 for e in extras}
     assert "pyfuse3" in by_extra["fuse"] and {"rich", "matplotlib"} <= by_extra["bench"]
     assert "prometheus-client" in {n.replace("_", "-") for n in by_extra["test"]}
+
+
+def test_the_lowest_environment_pins_every_dependency_to_its_lower_bound(dist):
+    """.ci/run's "lowest" venv: scripts/lower-bounds pins each Requires-Dist of the wheel at its ">=" bound."""
+    with zipfile.ZipFile(dist[1]) as whl:
+        meta = email.parser.Parser().parsestr(whl.read("uswap-0.1.0.dist-info/METADATA").decode())
+    bounds = {}
+    for r in meta.get_all("Requires-Dist"):
+        if not r.startswith("uswap["):              # uswap[bench,demo,fuse]: the extras, listed themselves
+            name, bound = re.match(r"([A-Za-z0-9._-]+)\s*>=\s*([^,; ]+)", r).groups()
+            bounds[re.sub(r"[-_.]+", "-", name).lower()] = bound
+    assert {"trio", "cffi", "pyfuse3", "pytest", "build"} <= set(bounds)
+    pins = run(os.path.join(REPO, "scripts", "lower-bounds")).stdout.splitlines()
+    assert sorted(pins) == sorted(f"{name}=={bound}" for name, bound in bounds.items())
 
 
 @pytest.mark.parametrize("module, argv, extra", [
@@ -488,7 +509,7 @@ def test_the_daemon_serves_under_the_units_hardening(units, hog, socket_dir, tmp
             pswpout = daemon.status()["daemon"]["pswpout"]
             ran = subprocess.run([*as_nobody, *uswap_argv("run", "--resident", "4M", "--socket", daemon.socket, "--",
                                                           sys.executable, script, "nobody")],
-                                 capture_output=True, text=True, timeout=120, env=checkout_env())
+                                 capture_output=True, text=True, timeout=120, env=this_uswap_env())
             results[name] = (r.returncode, r.stdout + r.stderr, pswpout, ran,
                              daemon.status()["daemon"]["pswpout"] - pswpout, daemon.log())
         finally:
@@ -502,12 +523,6 @@ def test_the_daemon_serves_under_the_units_hardening(units, hog, socket_dir, tmp
     assert code == 0 and pswpout > 0, out                       # regions need no DAC override
     assert ran.returncode == 1 and ran.stdout == "" and run_pswpout == 0, ran
     assert "/proc/PID: Permission denied" in log, log[-2000:]
-
-
-def checkout_env() -> dict:
-    """Children import this checkout's uswap (they start with -P, from "/")."""
-    root = os.path.dirname(os.path.abspath(__file__ + "/.."))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH")) if x)}
 
 
 # -- metrics ----------------------------------------------------------------------------

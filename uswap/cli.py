@@ -572,22 +572,43 @@ def _describe(e: OSError) -> str:
     return f"{e.filename}: {text}" if e.filename else text
 
 
+# What a user can cause (MissingExtra is an ImportError; StoreUnusable, SocketInUse... are OSErrors).
+USER_ERRORS = (MissingExtra, OSError, ValueError, KeyboardInterrupt)
+
+
+def user_errors(exc: BaseException) -> list[BaseException] | None:
+    """The errors in ``exc`` if every one is a user's (USER_ERRORS), else None: a bug.
+
+    A trio nursery raises what its tasks raise as an exception group (trio >= 0.25
+    always does), so "another daemon is listening here" can arrive nested in groups:
+    flattened, it is still one line; one other exception anywhere makes the whole a bug."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [user_errors(e) for e in exc.exceptions]
+        return None if None in leaves else [e for errors in leaves for e in errors]
+    return [exc] if isinstance(exc, USER_ERRORS) else None
+
+
+def _report(command: str, e: BaseException) -> int:
+    """One user error as one line on stderr (a refused store's report first); returns the exit status."""
+    if isinstance(e, KeyboardInterrupt):
+        print(f"uswap {command}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(e, StoreUnusable):
+        print(e.report.render(), file=sys.stderr)
+    text = _describe(e) if isinstance(e, OSError) else str(e)
+    print(f"uswap {command}: error: {text}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MissingExtra as e:
-        print(f"uswap {args.command}: error: {e}", file=sys.stderr)
-    except StoreUnusable as e:
-        print(e.report.render(), file=sys.stderr)
-        print(f"uswap {args.command}: error: {_describe(e)}", file=sys.stderr)
-    except (OSError, ValueError) as e:
-        text = _describe(e) if isinstance(e, OSError) else str(e)
-        print(f"uswap {args.command}: error: {text}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"uswap {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 1
+    except (BaseExceptionGroup, *USER_ERRORS) as e:
+        errors = user_errors(e)
+        if errors is None:
+            raise           # a group that holds a bug: its traceback, whole
+    return max(_report(args.command, e) for e in errors)
 
 
 if __name__ == "__main__":

@@ -155,4 +155,4 @@ async def close_received(fds: list[int]) -> None:
         if target.startswith(("anon_inode:", "pipe:")) or is_shmem(fd):
             os.close(fd)
         else:
-            await trio.to_thread.run_sync(os.close, fd, limiter=_CLOSE_THREADS, cancellable=True)
+            await trio.to_thread.run_sync(os.close, fd, limiter=_CLOSE_THREADS, abandon_on_cancel=True)
