@@ -301,7 +301,7 @@ class RunServer:
     def __init__(self, path: str, uid: int):
         self.path = path
         self.proc = subprocess.Popen([sys.executable, ROGUE_SERVER, path, str(uid)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=this_uswap_env())
         line = self.proc.stdout.readline()
         if line != f"listening as uid {uid}\n":
             self.close()
@@ -338,7 +338,7 @@ def preloaded(path: str, *cmd: str, required: bool, prefix=()) -> subprocess.Com
     """cmd with the preload library and USWAP_RUN_SOCKET set by hand (as `uswap run` would, without its probe);
     through ``env`` after ``prefix``, so that setpriv itself is not preloaded."""
     variables = [f"LD_PRELOAD={LIBRUN}", f"USWAP_RUN_SOCKET={path}", *(["USWAP_RUN_REQUIRED=1"] if required else [])]
-    return subprocess.run([*prefix, "env", *variables, *cmd], capture_output=True, text=True, timeout=60, env=env())
+    return subprocess.run([*prefix, "env", *variables, *cmd], capture_output=True, text=True, timeout=60, env=this_uswap_env())
 
 
 def test_uswap_run_gives_nothing_to_a_server_of_another_uid(run_server):
@@ -349,7 +349,7 @@ def test_uswap_run_gives_nothing_to_a_server_of_another_uid(run_server):
     rogue, third = run_server(NOBODY, "rogue"), run_server(NOBODY - 1, "third")
     refusal = f"refusing the uswap daemon at {rogue.path}: it runs as uid {NOBODY}, not root"
     r = subprocess.run(uswap_argv("run", "--socket", rogue.path, "--", ECHO, "ran"), capture_output=True, text=True,
-                       timeout=60, env=env())
+                       timeout=60, env=this_uswap_env())
     assert (r.returncode, r.stdout) == (REFUSED_EXIT, ""), r
     assert r.stderr.count("\n") == 1 and r.stderr.endswith(f"refused: {refusal}; not running it unbudgeted\n"), r
     required = preloaded(rogue.path, ECHO, "ran", required=True)
@@ -374,7 +374,7 @@ def test_uswap_run_talks_to_a_server_of_root_or_its_own_uid(run_server):
     fails after the check, saying so."""
     root, own = run_server(0, "root"), run_server(NOBODY, "own")
     r = subprocess.run(uswap_argv("run", "--socket", root.path, "--", ECHO, "ran"), capture_output=True, text=True,
-                       timeout=60, env=env())
+                       timeout=60, env=this_uswap_env())
     assert (r.returncode, r.stdout) == (REFUSED_EXIT, ""), r
     assert r.stderr.endswith("refused: Protocol error; not running it unbudgeted\n"), r
     mine = preloaded(own.path, ECHO, "ran", required=False, prefix=AS_ANOTHER)
@@ -410,7 +410,7 @@ def test_a_fork_child_checks_the_server_again(run_server, uswapd, socket_dir, tm
     script = tmp_path / "forks.py"
     script.write_text(FORKS_TWICE)
     p = subprocess.Popen(uswap_argv("run", "--socket", link, "--", PYTHON, str(script)), stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=this_uswap_env())
     try:
         p.stdin.write("\n")
         p.stdin.flush()
@@ -490,7 +490,7 @@ def forks(daemon, run_forks, n: int, how: str, *, as_nobody: bool = True, peak=N
     called, then each verifies what it inherited; (stdout, stderr)."""
     p = subprocess.Popen([*(AS_NOBODY if as_nobody else ()), *uswap_argv(
         "run", "--resident", "2M", "--socket", daemon.socket, "--", run_forks, "8", str(n), how)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=this_uswap_env())
     try:
         assert p.stdout.readline() == f"forked {n}\n", p.communicate(timeout=30)
         if peak is not None:

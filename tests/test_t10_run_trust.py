@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-from conftest import need_root, run
+from conftest import need_root, run, this_uswap_env
 from test_t8_hostile import GROUP, socket_dir, tail  # noqa: F401 (socket_dir: a fixture)
-from test_t10_run_hostile import AS_NOBODY, NOBODY, ROGUE, env, field  # noqa: F401 (field: a fixture)
+from test_t10_run_hostile import AS_NOBODY, NOBODY, ROGUE, field  # noqa: F401 (field: a fixture)
 
 pytestmark = pytest.mark.kernel
 
@@ -122,7 +122,7 @@ def suid():
 def rogue(daemon, attack: str, **args) -> subprocess.Popen:
     return subprocess.Popen([*AS_NOBODY, sys.executable, ROGUE, daemon.socket, attack, json.dumps(args)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env())
+                            env=this_uswap_env())
 
 
 def result_of(p: subprocess.Popen, daemon, timeout: float = 30) -> dict:
