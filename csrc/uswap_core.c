@@ -121,6 +121,24 @@ int uswap_uffd_poison_evicted(int fd, uint64_t start, uint64_t len, int64_t *don
 	return uswap_uffd_poison(fd, start, len, 0, done);
 }
 
+int uswap_pagemap_present(int fd, uint64_t start, uint64_t end, uint64_t *vec, uint64_t vec_len, uint64_t max_pages,
+			  uint64_t *walk_end)
+{
+	struct page_region regions[64];
+	struct pm_scan_arg arg = { .size = sizeof(arg), .start = start, .end = end, .vec = (uint64_t)(uintptr_t)regions,
+				   .vec_len = vec_len < 64 ? vec_len : 64, .max_pages = max_pages,
+				   .category_mask = PAGE_IS_PRESENT, .return_mask = PAGE_IS_PRESENT };
+	long n = ioctl(fd, PAGEMAP_SCAN, &arg);
+	if (n < 0)
+		return NEG_ERRNO();
+	for (long i = 0; i < n; i++) {
+		vec[2 * i] = regions[i].start;
+		vec[2 * i + 1] = regions[i].end;
+	}
+	*walk_end = arg.walk_end;
+	return (int)n;
+}
+
 int uswap_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done)
 {
 	struct uffdio_move m = { .dst = dst, .src = src, .len = len, .mode = mode };

@@ -68,6 +68,32 @@ struct uffdio_move {
 #define FS_NOCOW_FL 0x00800000
 #endif
 
+/* PAGEMAP_SCAN (Linux 6.7; Debian 12's headers are 6.1): <linux/fs.h> has it on newer systems */
+#ifndef PAGEMAP_SCAN
+#include <linux/types.h>
+#define PAGE_IS_PRESENT (1 << 3)
+struct page_region {
+	__u64 start;
+	__u64 end;
+	__u64 categories;
+};
+struct pm_scan_arg {
+	__u64 size;
+	__u64 flags;
+	__u64 start;
+	__u64 end;
+	__u64 walk_end;
+	__u64 vec;
+	__u64 vec_len;
+	__u64 max_pages;
+	__u64 category_inverted;
+	__u64 category_mask;
+	__u64 category_anyof_mask;
+	__u64 return_mask;
+};
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#endif
+
 /*
  * Everything from here to CDEF-END is also read by build.py as cffi
  * declarations: keep it plain C (no macros, no includes).
@@ -102,6 +128,12 @@ int uswap_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int
 int uswap_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *mapped);
 int uswap_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *updated);
 int uswap_uffd_poison_evicted(int fd, uint64_t start, uint64_t len, int64_t *done);
+
+/* /proc/PID/pagemap: up to vec_len runs of present pages in [start, end), as (start, end) pairs in vec (two
+ * words a run), at most max_pages pages (0: no limit); *walk_end is where the walk stopped.  The number of runs,
+ * or -errno (-ENOTTY/-EINVAL: a kernel without PAGEMAP_SCAN). */
+int uswap_pagemap_present(int fd, uint64_t start, uint64_t end, uint64_t *vec, uint64_t vec_len, uint64_t max_pages,
+			  uint64_t *walk_end);
 int uswap_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *moved);
 int uswap_uffd_wake(int fd, uint64_t start, uint64_t len);
 int uswap_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);

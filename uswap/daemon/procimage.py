@@ -24,22 +24,17 @@ ptrace (``__ptrace_may_access`` for a caller without CAP_SYS_PTRACE):
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import os
 import re
-import struct
 
+from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.protocol import ProtocolError
 from uswap.uffd import RegisterMode, Userfaultfd
 
-# PAGEMAP_SCAN (linux/fs.h, 6.7+): an ioctl on pagemap that returns the runs of pages in a category, skipping
-# empty page tables: a sparse 128 GiB range costs what its present pages cost, not 256 MiB of pagemap.
-PAGEMAP_SCAN = 0xC0606610           # _IOWR('f', 16, struct pm_scan_arg), 96 bytes
-PAGE_IS_PRESENT = 1 << 3
-_SCAN_ARG = "12Q"                   # size flags start end walk_end vec vec_len max_pages inv mask anyof return
+# PAGEMAP_SCAN (6.7+; lib.uswap_pagemap_present) returns the runs of present pages, skipping empty page
+# tables: a sparse 128 GiB range costs what its present pages cost, not 256 MiB of pagemap.
 SCAN_FALLBACK = 4096                # pages of pagemap read at once where the kernel has no PAGEMAP_SCAN
 NONCE = 32          # bytes of the proof page the nonce fills
 _PRESENT_RUN = re.compile(rb"[\x80-\xff]+")   # pagemap top bytes: bit 7 (bit 63) present
@@ -160,18 +155,13 @@ class ProcessImage:
         in all (0: no limit), and where the walk stopped (b when it got to the end): the next call goes on from
         there.  Through pagemap (rule 1): nothing once the mm is gone."""
         if self.scan_ok:
-            vec = (ctypes.c_uint64 * (3 * regions))()
-            arg = bytearray(struct.pack(_SCAN_ARG, 96, 0, a, b, 0, ctypes.addressof(vec), regions, max_pages, 0,
-                                        PAGE_IS_PRESENT, 0, PAGE_IS_PRESENT))
-            try:
-                n = fcntl.ioctl(self.pagemap, PAGEMAP_SCAN, arg, True)
-            except OSError as e:
-                if e.errno not in (errno.ENOTTY, errno.EINVAL):
-                    raise
-                self.scan_ok = False
-            else:
-                walk_end = struct.unpack_from("Q", arg, 32)[0]
-                return [(vec[3 * i], vec[3 * i + 1]) for i in range(n)], walk_end if walk_end > a else b
+            vec, walk_end = ffi.new("uint64_t[]", 2 * regions), ffi.new("uint64_t *")
+            n = lib.uswap_pagemap_present(self.pagemap, a, b, vec, regions, max_pages, walk_end)
+            if n >= 0:
+                return [(vec[2 * i], vec[2 * i + 1]) for i in range(n)], walk_end[0] if walk_end[0] > a else b
+            if n not in (-errno.ENOTTY, -errno.EINVAL):
+                raise OSError(-n, os.strerror(-n))
+            self.scan_ok = False
         # Without PAGEMAP_SCAN: one bounded chunk of pagemap at a time.
         end = min(b, a + SCAN_FALLBACK * PAGE_SIZE)
         tops = os.pread(self.pagemap, (end - a) // PAGE_SIZE * 8, a // PAGE_SIZE * 8)[7::8]
