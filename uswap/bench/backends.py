@@ -48,14 +48,17 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
-def run_to_end(cmd: list[str], timeout: float, **kw) -> tuple[subprocess.CompletedProcess, float]:
+def run_to_end(cmd: list[str], timeout: float, during=contextlib.nullcontext,
+               **kw) -> tuple[subprocess.CompletedProcess, float]:
     """Run a workload; whatever happens (Ctrl-C, timeout), it has fully exited on return.
 
     subprocess.run gives a child only 0.25 s after Ctrl-C; a workload still
-    exiting keeps its memcg busy and its swap slots in use.
+    exiting keeps its memcg busy and its swap slots in use.  ``during()`` is
+    entered once the child has exec'd (a thread it starts is never forked with
+    a lock held, into a preexec_fn) and left once it has exited.
     """
     t0 = time.perf_counter()
-    with running(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as proc:
+    with running(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as proc, during():
         out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - t0
 
@@ -284,8 +287,7 @@ class KernelSwap:
         usage = self._usage()
         sampler = PeakSampler(usage or dict)
         base = usage() if usage else {}
-        with sampler:
-            proc, wall = run_to_end(cmd, timeout, preexec_fn=self._enter_group)
+        proc, wall = run_to_end(cmd, timeout, during=lambda: sampler, preexec_fn=self._enter_group)
         after = read_vmstat()
         extra: dict = {"outside_budget_mib": 0.0 if self.kind == "native" else None}
         peak = sampler.peak
