@@ -138,7 +138,7 @@ def plot(bench: Bench, path: str) -> None:
     ax.set_ylabel("uswap / native wall time")
     ax.set_title("wall time ratio (lower is better)")
     fig.suptitle(f"uswap bench — {bench.machine()['cpu_model']}, kernel {bench.machine()['kernel']}; "
-                 f"{bench.config.placement}", fontsize=9)
+                 f"{bench.config.placement}; {describe_fill(bench.config.fill)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
