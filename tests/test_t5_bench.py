@@ -274,6 +274,17 @@ def test_old_json_failures_come_from_the_exit_code(tmp_path):
     assert "| random | zswap pc=3 | FAILED |" in md and "2 of 2 rounds failed: exit -9" in md
 
 
+def test_a_timed_out_run_is_failed_and_says_so():
+    from uswap.bench.backends import run_failure, run_to_end
+    proc, wall = run_to_end(["sleep", "30"], 0.2)
+    assert proc.returncode == -signal.SIGKILL and wall < 20
+    assert run_failure(proc.returncode, 0, proc.stderr) == "timed out after 0.2 s"
+    assert run_failure(-signal.SIGKILL, 0, "") == "killed by SIGKILL"     # control: a kill from elsewhere
+    assert run_failure(137, 0, "hog: a process died of signal 9\n") == "a child killed by SIGKILL"
+    assert run_failure(1, 0, "x\nworkload: cannot map\n") == "exit 1: workload: cannot map"
+    assert run_failure(0, 0, "") is None
+
+
 def test_memcg_oom_kill_is_a_failed_run(tmp_path):
     """Real kernel: a native run whose memcg may not swap (memory.swappiness 0) is OOM-killed; the run says so."""
     need_bench_kernel()

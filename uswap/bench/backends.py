@@ -48,6 +48,9 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
+TIMED_OUT = "bench: killed the workload: timed out"
+
+
 def run_to_end(cmd: list[str], timeout: float, during=contextlib.nullcontext,
                **kw) -> tuple[subprocess.CompletedProcess, float]:
     """Run a workload; whatever happens (Ctrl-C, timeout), it has fully exited on return.
@@ -59,7 +62,12 @@ def run_to_end(cmd: list[str], timeout: float, during=contextlib.nullcontext,
     """
     t0 = time.perf_counter()
     with running(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as proc, during():
-        out, err = proc.communicate(timeout=timeout)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:   # a failed run (run_failure says why), not the end of the bench
+            proc.kill()
+            out, err = proc.communicate()
+            err += f"\n{TIMED_OUT} after {timeout:g} s"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - t0
 
 
@@ -110,7 +118,10 @@ def run_failure(returncode: int, oom_kills: int, stderr: str) -> str | None:
     if returncode == 0 and not oom_kills:
         return None
     child = CHILD_SIGNAL.search(stderr)
-    if returncode < 0:
+    last = (stderr.strip().splitlines() or [""])[-1]
+    if returncode < 0 and last.startswith(TIMED_OUT):
+        why = last.removeprefix("bench: killed the workload: ")
+    elif returncode < 0:
         why = f"killed by {_signal_name(-returncode)}"
     elif child:
         why = f"a child killed by {_signal_name(int(child[1]))}"
