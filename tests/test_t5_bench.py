@@ -6,6 +6,7 @@ plot), not speed — speed is measured by running the bench, in docs/BENCHMARKS.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -206,3 +207,137 @@ def test_breakdown_splits_a_fault(tmp_path):
     assert parts["swap-in"] > parts["install"]
     assert parts["C floor: random swap-in (this run)"] > parts["install"]   # a read and a round trip more
     assert "one swap-in fault" in r.stdout
+
+
+def _fake_bench(tmp_path):
+    """A bench whose runs are recorded from made-up RunResults (the report layer only): zswap is killed by the
+    memcg OOM killer in every round of random and in one of two rounds of seq."""
+    from uswap.bench.backends import RunResult
+    from uswap.bench.runner import Bench, BenchConfig
+    bench = Bench(BenchConfig(workloads=["seq", "random"], size=8 << 20, resident=4 << 20,
+                              against=["native", "zswap"], io=["sync"], repeat=2, workdir=str(tmp_path)))
+    ok = "mode=x faults=10 fault_p50_us=5.0 fault_p99_us=9.0 mismatches=0"
+    for repeat in range(2):
+        for workload in ("seq", "random"):
+            for backend, io, pc in bench.config.backends():
+                wall = {"uswap": 1.0, "native": 2.0, "zswap": 4.0}[backend] + repeat
+                killed = backend == "zswap" and (workload == "random" or repeat == 1)
+                result = (RunResult(-9, "", "", 99.0, 5, 5, {"outside_budget_mib": 30.0}, oom_kills=1) if killed
+                          else RunResult(0, ok, "", wall, 5, 5, {"outside_budget_mib": 7.0}))
+                bench.runs.append(bench._record(workload, backend, io, pc, repeat, result))
+    return bench
+
+
+def test_killed_runs_are_failed_not_times(tmp_path):
+    """A run killed by a signal with an OOM kill in its memcg is FAILED (with why) in the JSON, the tables and
+    the ratios, and left out of every median: 99 s, the killed runs' wall time, appears nowhere."""
+    from uswap.bench.report import markdown, plot, table
+    from uswap.bench.runner import Bench
+    bench = _fake_bench(tmp_path)
+    result = json.loads(json.dumps(bench.to_json()))
+    why = "killed by SIGKILL (memcg OOM: 1 kill)"
+    killed = [r for r in result["runs"] if r["failed"]]
+    assert len(killed) == 3 and all(r["backend"] == "zswap" and r["failed"] == why for r in killed)
+    assert all(r["failed"] is None for r in result["runs"] if r["backend"] != "zswap")
+    ratios = {(r["workload"], r["io"]): r for r in result["ratios"]}
+    assert ratios["random", "zswap"]["uswap_over_native_wall"] is None
+    assert ratios["random", "zswap"]["failed"] == f"2 of 2 rounds failed: {why}"
+    assert ratios["seq", "zswap"]["uswap_over_native_wall"] == 1.6    # 4 s (round 0 alone) over 2.5, not 99 s
+    assert ratios["seq", "zswap"]["spread"] == [2.0, 2.0]               # round 0's pair alone
+    assert ratios["seq", "sync"] == {"workload": "seq", "io": "sync", "uswap_over_native_wall": 0.6,
+                                     "spread": [0.5, 0.667], "failed": None}
+    md = markdown(Bench.from_json(result))
+    assert f"| random | zswap pc=3 | FAILED | - |" in md
+    assert f"| random | zswap | failed | - | 2 of 2 rounds failed: {why} |" in md
+    assert f"| seq | zswap pc=3 | 4.00 | 7.0 |" in md and f"1 of 2 rounds failed: {why}" in md
+    assert "99.00" not in md and "30.0" not in md
+    from rich.console import Console
+    console = Console(file=io.StringIO(), width=400)
+    for t in table(bench):
+        console.print(t)
+    shown = console.file.getvalue()
+    assert "│ random   │ zswap pc=3  │ FAILED │" in shown and "│ random   │ zswap │ failed │" in shown, shown
+    assert "99.00" not in shown
+    png = tmp_path / "b.png"
+    plot(bench, str(png))
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_old_json_failures_come_from_the_exit_code(tmp_path):
+    """A --json from before runs carried "failed": a non-zero exit is still a failure, not a time."""
+    from uswap.bench.report import markdown
+    from uswap.bench.runner import Bench
+    data = _fake_bench(tmp_path).to_json()
+    for r in data["runs"]:
+        del r["failed"]
+    md = markdown(Bench.from_json(data))
+    assert "| random | zswap pc=3 | FAILED |" in md and "2 of 2 rounds failed: exit -9" in md
+
+
+def test_a_timed_out_run_is_failed_and_says_so():
+    from uswap.bench.backends import run_failure, run_to_end
+    proc, wall = run_to_end(["sleep", "30"], 0.2)
+    assert proc.returncode == -signal.SIGKILL and wall < 20
+    assert run_failure(proc.returncode, 0, proc.stderr) == "timed out after 0.2 s"
+    assert run_failure(-signal.SIGKILL, 0, "") == "killed by SIGKILL"     # control: a kill from elsewhere
+    assert run_failure(137, 0, "hog: a process died of signal 9\n") == "a child killed by SIGKILL"
+    assert run_failure(1, 0, "x\nworkload: cannot map\n") == "exit 1: workload: cannot map"
+    assert run_failure(0, 0, "") is None
+
+
+def test_memcg_oom_kill_is_a_failed_run(tmp_path):
+    """Real kernel: a native run whose memcg may not swap (memory.swappiness 0) is OOM-killed; the run says so."""
+    need_bench_kernel()
+    from uswap.bench.backends import KernelSwap, run_failure
+    from uswap.bench.build import workload_binaries
+    before = global_state()
+    workload = workload_binaries()["workload"]
+    with KernelSwap(str(tmp_path), budget=4 << 20, swap_size=32 << 20, page_cluster=3) as swap:
+        with open(os.path.join(swap.group, "memory.swappiness"), "w") as f:
+            f.write("0")
+        killed = swap.run([workload, "seq", "-a", "-s", "16"], 120)
+    with KernelSwap(str(tmp_path), budget=4 << 20, swap_size=32 << 20, page_cluster=3) as swap:   # control
+        completed = swap.run([workload, "seq", "-a", "-s", "16"], 120)
+    assert global_state() == before
+    assert killed.returncode == -signal.SIGKILL and killed.oom_kills >= 1, killed
+    assert run_failure(killed.returncode, killed.oom_kills, killed.stderr).startswith(
+        "killed by SIGKILL (memcg OOM: ")
+    assert completed.returncode == 0 and completed.oom_kills == 0 and completed.pswpout > 0, completed
+    assert run_failure(completed.returncode, completed.oom_kills, completed.stderr) is None
+    assert completed.extra["outside_budget_mib"] == 0.0
+
+
+@pytest.mark.parametrize("fill", ["0", "0.5", "1"])
+def test_workloads_fill_and_verify_every_fraction(fill):
+    """-f FRACTION: that part of every page is random, the rest zeros, and all of it is verified."""
+    from uswap.bench.build import workload_binaries
+    binaries = workload_binaries()
+    r = subprocess.run([binaries["workload"], "random", "-a", "-s", "4", "-n", "5000", "-f", fill],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "mismatches=0" in r.stdout, r.stdout + r.stderr
+    assert f"random_bytes_per_page={round(float(fill) * 510) * 8}" in r.stdout
+    r = subprocess.run([binaries["hog"], "-a", "-s", "4", "-p", "2", "-f", fill], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.count(" 0 mismatches") == 2, r.stdout + r.stderr
+
+
+def test_fill_half_is_half_compressible(tmp_path):
+    """--fill half through zram: the pages compress about 2:1 and verify; the default (zeros past a header) is
+    the negative control, compressing far better."""
+    need_bench_kernel()
+    need(os.path.exists("/sys/block/zram0"), "no zram0")
+    before = global_state()
+    ratio = {}
+    for fill in ("half", "zeros"):
+        out = tmp_path / f"{fill}.json"
+        r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--size", "16M", "--resident", "4M", "--repeat",
+                            "1", "--workloads", "seq", "--io", "", "--against", "zram", "--fill", fill, "--workdir",
+                            str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        [run] = json.loads(out.read_text())["runs"]
+        assert run["failed"] is None and run["mismatches"] == 0 and run["pswpout"] > 0, run
+        assert run["outside_budget_mib"] > 0 and run["pool_orig_mib"] > 0, run
+        ratio[fill] = run["pool_compressed_mib"] / run["pool_orig_mib"]
+    assert global_state() == before
+    assert 0.4 < ratio["half"] < 0.75, ratio
+    assert ratio["zeros"] < 0.1, ratio

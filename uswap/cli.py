@@ -274,7 +274,7 @@ def cmd_bench(args) -> int:
     from rich.progress import Progress
 
     from uswap.bench.report import breakdown_table, markdown, plot, table
-    from uswap.bench.runner import WORKLOADS, Bench, BenchConfig
+    from uswap.bench.runner import WORKLOADS, Bench, BenchConfig, failed, parse_fill
 
     workloads = args.workloads.split(",")
     unknown = set(workloads) - set(WORKLOADS)
@@ -300,8 +300,9 @@ def cmd_bench(args) -> int:
     if os.geteuid() != 0 and run:
         console.print("[yellow]not root: `uswap run` rows need a root daemon (EVENT_FORK); leaving them out")
         run = []
+    fill = None if args.fill is None else parse_fill(args.fill)
     pin = [int(c) for c in args.pin.split(",")] if args.pin else [None, None]
-    config = BenchConfig(workloads=workloads, size=args.size, resident=args.resident, against=against,
+    config = BenchConfig(fill=fill, workloads=workloads, size=args.size, resident=args.resident, against=against,
                          io=args.io.split(","), repeat=args.repeat, workdir=args.workdir,
                          readahead=args.readahead, accesses=args.accesses, daemon_cpu=pin[0], workload_cpu=pin[1],
                          run=run)
@@ -340,7 +341,7 @@ def cmd_bench(args) -> int:
         out.print(ratio_table)
     for line in bench.not_run():
         out.print(f"not run under `uswap run`: {line}")
-    bad = [r for r in bench.runs if r["exit_code"] != 0 or r["mismatches"]]
+    bad = [r for r in bench.runs if failed(r) or r["mismatches"]]
     return 1 if bad else 0
 
 
@@ -514,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resident` against a daemon with these --io modes, comma-separated (e.g. sync; default "
                         "none). Needs root")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--fill", default=None, metavar="CONTENT",
+                   help="page contents: zeros (past a 16-byte header), half (half of each page random), random "
+                        "(incompressible) or the random fraction, e.g. 0.25 (default: zeros for seq/random/zipf, "
+                        "random for hog)")
     p.add_argument("--accesses", type=int, default=None, help="random/zipf accesses (default 200k per GiB)")
     p.add_argument("--readahead", type=int, default=DEFAULTS.readahead)
     p.add_argument("--pin", default=None, help="DAEMON_CPU,WORKLOAD_CPU (default: unpinned)")

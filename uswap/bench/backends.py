@@ -13,7 +13,9 @@ import dataclasses
 import errno
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +28,8 @@ from uswap.nfs.ganesha import NfsServer
 MEMCG_ROOT = "/sys/fs/cgroup/memory"
 PAGE_CLUSTER = "/proc/sys/vm/page-cluster"
 ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
+ZSWAP_POOL = "/sys/kernel/debug/zswap/pool_total_size"   # only where debugfs is mounted; else /proc/meminfo Zswap
+ZRAM_MM_STAT = "/sys/block/zram0/mm_stat"
 TOP_PRIORITY = 32767  # the bench's swap area comes before any the machine already has
 
 
@@ -44,15 +48,26 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
-def run_to_end(cmd: list[str], timeout: float, **kw) -> tuple[subprocess.CompletedProcess, float]:
+TIMED_OUT = "bench: killed the workload: timed out"
+
+
+def run_to_end(cmd: list[str], timeout: float, during=contextlib.nullcontext,
+               **kw) -> tuple[subprocess.CompletedProcess, float]:
     """Run a workload; whatever happens (Ctrl-C, timeout), it has fully exited on return.
 
     subprocess.run gives a child only 0.25 s after Ctrl-C; a workload still
-    exiting keeps its memcg busy and its swap slots in use.
+    exiting keeps its memcg busy and its swap slots in use.  ``during()`` is
+    entered once the child has exec'd (a thread it starts is never forked with
+    a lock held, into a preexec_fn) and left once it has exited.
     """
     t0 = time.perf_counter()
-    with running(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as proc:
-        out, err = proc.communicate(timeout=timeout)
+    with running(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as proc, during():
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:   # a failed run (run_failure says why), not the end of the bench
+            proc.kill()
+            out, err = proc.communicate()
+            err += f"\n{TIMED_OUT} after {timeout:g} s"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - t0
 
 
@@ -77,13 +92,106 @@ def _pin(cpu: int | None):
 
 @dataclass
 class RunResult:
-    returncode: int
+    returncode: int         # subprocess's: negative for a signal
     stdout: str
     stderr: str
     wall_s: float
     pswpin: int
     pswpout: int
     extra: dict = field(default_factory=dict)
+    oom_kills: int = 0      # OOM kills in the run's memcg (memory.oom_control oom_kill), kernel rows only
+
+
+CHILD_SIGNAL = re.compile(r"hog: a process died of signal (\d+)")   # hog's parent, for a forked child
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def run_failure(returncode: int, oom_kills: int, stderr: str) -> str | None:
+    """Why a workload run failed, in one line, or None if it completed: a run killed by a signal, ended by a
+    non-zero exit or with an OOM kill in its memcg has no wall time worth comparing."""
+    if returncode == 0 and not oom_kills:
+        return None
+    child = CHILD_SIGNAL.search(stderr)
+    last = (stderr.strip().splitlines() or [""])[-1]
+    if returncode < 0 and last.startswith(TIMED_OUT):
+        why = last.removeprefix("bench: killed the workload: ")
+    elif returncode < 0:
+        why = f"killed by {_signal_name(-returncode)}"
+    elif child:
+        why = f"a child killed by {_signal_name(int(child[1]))}"
+    elif returncode:
+        why = f"exit {returncode}: " + (stderr.strip().splitlines() or ["(no output)"])[-1]
+    else:
+        why = "exit 0"
+    if oom_kills:
+        why += f" (memcg OOM: {oom_kills} kill{'s' if oom_kills > 1 else ''})"
+    return why
+
+
+class PeakSampler:
+    """The largest value of each of ``read()``'s numbers while a run goes on, sampled every ``interval`` s in a
+    thread (the workload's exit frees its swap: a pool read afterwards is empty)."""
+
+    def __init__(self, read, interval: float = 0.02):
+        self.read = read
+        self.interval = interval
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        for k, v in self.read().items():
+            self.peak[k] = max(self.peak.get(k, 0), v)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "PeakSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def zram_usage() -> dict[str, int]:
+    """zram0's mm_stat (Documentation/admin-guide/blockdev/zram.rst): bytes stored, compressed, and the memory
+    the device uses (mem_used_total; mem_used_max is its peak since the device was set up)."""
+    fields = _read(ZRAM_MM_STAT).split()
+    return {"orig": int(fields[0]), "compressed": int(fields[1]), "used": int(fields[2]), "used_max": int(fields[4])}
+
+
+def zswap_usage() -> dict[str, int]:
+    """zswap's pool: its size (debugfs pool_total_size where debugfs is mounted, else /proc/meminfo's Zswap,
+    the same number) and the bytes it holds uncompressed (meminfo's Zswapped).  System-wide: zswap has no
+    per-memcg count under memcg v1."""
+    meminfo = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            if key in ("Zswap", "Zswapped"):
+                meminfo[key] = int(value.split()[0]) * 1024
+    if "Zswap" not in meminfo:
+        return {}
+    try:
+        used = int(_read(ZSWAP_POOL))
+    except OSError:
+        used = meminfo["Zswap"]
+    return {"used": used, "orig": meminfo.get("Zswapped", 0), "compressed": meminfo["Zswap"]}
+
+
+def _mib(n: int) -> float:
+    return round(n / (1 << 20), 1)
 
 
 class Setting:
@@ -169,12 +277,38 @@ class KernelSwap:
         if self.workload_cpu is not None:
             os.sched_setaffinity(0, {self.workload_cpu})
 
+    def _oom_kills(self) -> int:
+        for line in _read(os.path.join(self.group, "memory.oom_control")).splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def _usage(self):
+        """What the swap device holds in memory outside the memcg, to sample during the run (None: nothing
+        measurable here: native swap's pages are charged to the memcg; the FUSE server's memory is not counted)."""
+        if self.kind == "zram":
+            return zram_usage
+        if self.kind == "zswap" and zswap_usage():
+            return zswap_usage
+        return None
+
     def run(self, cmd: list[str], timeout: float) -> RunResult:
         before = read_vmstat()
-        proc, wall = run_to_end(cmd, timeout, preexec_fn=self._enter_group)
+        oom_before = self._oom_kills()
+        usage = self._usage()
+        sampler = PeakSampler(usage or dict)
+        base = usage() if usage else {}
+        proc, wall = run_to_end(cmd, timeout, during=lambda: sampler, preexec_fn=self._enter_group)
         after = read_vmstat()
+        extra: dict = {"outside_budget_mib": 0.0 if self.kind == "native" else None}
+        peak = sampler.peak
+        if usage:
+            used = peak["used_max"] if "used_max" in peak else peak["used"] - base["used"]
+            extra["outside_budget_mib"] = _mib(max(0, used))
+            extra["pool_orig_mib"] = _mib(peak["orig"])
+            extra["pool_compressed_mib"] = _mib(peak["compressed"])
         return RunResult(proc.returncode, proc.stdout, proc.stderr, wall, after["pswpin"] - before["pswpin"],
-                         after["pswpout"] - before["pswpout"])
+                         after["pswpout"] - before["pswpout"], extra, self._oom_kills() - oom_before)
 
 
 class UswapDaemon(DaemonProcess):
@@ -231,8 +365,9 @@ class UswapDaemon(DaemonProcess):
         proc, wall = run_to_end(cmd, timeout, env=dict(os.environ, USWAP_SOCKET=self.socket),
                                 preexec_fn=_pin(self.workload_cpu))
         after = fetch_status(self.socket)["daemon"]
-        extra = {"daemon_cpu_s": round(self._cpu_seconds() - cpu0, 2),
-                 "daemon_rss_mib": round(self._peak_rss() / (1 << 20), 1),
+        rss = round(self._peak_rss() / (1 << 20), 1)
+        extra = {"daemon_cpu_s": round(self._cpu_seconds() - cpu0, 2), "daemon_rss_mib": rss,
+                 "outside_budget_mib": rss,    # the daemon's memory (mlocked) is on top of the budget
                  "write_errors": after["write_errors"] - before["write_errors"],
                  "read_errors": after["read_errors"] - before["read_errors"]}
         return RunResult(proc.returncode, proc.stdout, proc.stderr, wall, after["pswpin"] - before["pswpin"],

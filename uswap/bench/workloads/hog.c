@@ -4,8 +4,10 @@
  * regenerated stream.  Several processes (and threads) at once.
  *
  *   cc -O2 -pthread hog.c $(uswap config --cflags --libs) -o hog
- *   hog [-s SIZE_MIB] [-r ROUNDS] [-p PROCS] [-t THREADS] [-S SEED] [-a]
+ *   hog [-s SIZE_MIB] [-r ROUNDS] [-p PROCS] [-t THREADS] [-S SEED] [-a] [-f FRACTION]
  *
+ * -f: the fraction of each page's words that are random (default 1: all of
+ * it, incompressible); the rest stays zeros, and is verified to be.
  * -a uses plain anonymous memory instead of uswap_map (to compare with kernel
  * swap).  Each process prints one line; the exit status is 0 only if every
  * process saw 0 mismatches.  A process killed by a signal (SIGBUS when uswap
@@ -31,6 +33,7 @@ struct job {
 	uint64_t *mem;
 	size_t pages, first, last; /* this thread's pages: [first, last) */
 	size_t page_words;
+	size_t noise;      /* the first `noise` words of a page are random, the rest zeros */
 	uint64_t seed;
 	int rounds;
 	size_t mismatches;
@@ -58,7 +61,7 @@ static void *fill(void *arg)
 	for (size_t p = j->first; p < j->last; p++) {
 		uint64_t s = page_seed(j->seed, p);
 		uint64_t *w = j->mem + p * j->page_words;
-		for (size_t i = 0; i < j->page_words; i++)
+		for (size_t i = 0; i < j->noise; i++)
 			w[i] = next(&s);
 	}
 	return NULL;
@@ -79,7 +82,7 @@ static void *verify(void *arg)
 		uint64_t s = page_seed(j->seed, p);
 		uint64_t *w = j->mem + p * j->page_words;
 		for (size_t i = 0; i < j->page_words; i++) {
-			uint64_t want = next(&s) + (i == 0 ? (uint64_t)j->rounds : 0);
+			uint64_t want = (i < j->noise ? next(&s) : 0) + (i == 0 ? (uint64_t)j->rounds : 0);
 			if (w[i] != want) {
 				if (j->mismatches < 5)
 					fprintf(stderr, "hog[%d]: page %zu word %zu: %#llx, expected %#llx\n", getpid(), p,
@@ -108,7 +111,7 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static int one_process(size_t bytes, int rounds, int threads, uint64_t seed, int anon)
+static int one_process(size_t bytes, int rounds, int threads, uint64_t seed, int anon, double random_fraction)
 {
 	long ps = sysconf(_SC_PAGESIZE);
 	void *mem;
@@ -129,6 +132,7 @@ static int one_process(size_t bytes, int rounds, int threads, uint64_t seed, int
 	for (int i = 0; i < threads; i++)
 		jobs[i] = (struct job){ .mem = mem, .pages = pages, .first = pages * i / threads,
 					.last = pages * (i + 1) / threads, .page_words = WORDS_PER_PAGE(ps),
+					.noise = (size_t)(random_fraction * WORDS_PER_PAGE(ps) + 0.5),
 					.seed = seed, .rounds = rounds };
 	double t0 = now();
 	run_threads(fill, jobs, threads);
@@ -153,7 +157,8 @@ int main(int argc, char **argv)
 	size_t mib = 64;
 	int rounds = 3, procs = 1, threads = 1, anon = 0, opt;
 	uint64_t seed = 42;
-	while ((opt = getopt(argc, argv, "s:r:p:t:S:a")) != -1) {
+	double random_fraction = 1;
+	while ((opt = getopt(argc, argv, "s:r:p:t:S:af:")) != -1) {
 		switch (opt) {
 		case 's': mib = strtoull(optarg, NULL, 0); break;
 		case 'r': rounds = atoi(optarg); break;
@@ -161,21 +166,23 @@ int main(int argc, char **argv)
 		case 't': threads = atoi(optarg); break;
 		case 'S': seed = strtoull(optarg, NULL, 0); break;
 		case 'a': anon = 1; break;
+		case 'f': random_fraction = strtod(optarg, NULL); break;
 		default:
-			fprintf(stderr, "usage: %s [-s MiB] [-r rounds] [-p procs] [-t threads] [-S seed] [-a]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-s MiB] [-r rounds] [-p procs] [-t threads] [-S seed] [-a] [-f fraction]\n",
+				argv[0]);
 			return 2;
 		}
 	}
-	if (threads < 1 || threads > 64 || procs < 1 || mib < 1) {
+	if (threads < 1 || threads > 64 || procs < 1 || mib < 1 || !(random_fraction >= 0 && random_fraction <= 1)) {
 		fprintf(stderr, "hog: bad arguments\n");
 		return 2;
 	}
 	if (procs == 1)
-		return one_process(mib << 20, rounds, threads, seed, anon);
+		return one_process(mib << 20, rounds, threads, seed, anon, random_fraction);
 	for (int i = 0; i < procs; i++) {
 		pid_t pid = fork();
 		if (pid == 0)
-			_exit(one_process(mib << 20, rounds, threads, seed + i, anon));
+			_exit(one_process(mib << 20, rounds, threads, seed + i, anon, random_fraction));
 		if (pid < 0) {
 			perror("fork");
 			return 2;

@@ -3,7 +3,7 @@
  * plain anonymous memory (kernel swap), timed from inside.
  *
  *   cc -O2 workload.c $(uswap config --cflags --libs) -o workload
- *   workload seq|random|zipf [-s MiB] [-n ACCESSES] [-w WRITE%] [-S SEED] [-a] [-o FILE] [-F]
+ *   workload seq|random|zipf [-s MiB] [-n ACCESSES] [-w WRITE%] [-S SEED] [-a] [-o FILE] [-F] [-f FRACTION]
  *
  *   seq     write every page, then read every page in order
  *   random  write every page, then ACCESSES uniform random page accesses
@@ -11,8 +11,10 @@
  *
  * Every access is timed with the vDSO clock; one that takes over 1 µs is
  * counted as a fault (a resident access takes ~0.1 µs) and goes into the
- * latency percentiles.  Every page is verified at the end: its first word
- * names the page, its second counts the writes it got.
+ * latency percentiles.  Every page is verified at the end, every word of it:
+ * its first word names the page, its second counts the writes it got, the
+ * next FRACTION of the rest (-f, 0 to 1; default 0) comes from a PRNG seeded
+ * per page (incompressible), and the remainder is zeros.
  * Output: one line of key=value pairs; exit 1 on any mismatch.  -o FILE also
  * writes every fault latency (ns, sorted, native-endian uint32) to FILE.  -F leaves the
  * first-touch (fill) phase out of the timing.
@@ -47,6 +49,22 @@ static inline uint64_t now_ns(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ULL + ts.tv_nsec;
+}
+
+/* the random part of page p: xorshift64*, seeded per page, so the check regenerates it */
+static uint64_t page_next(uint64_t *s)
+{
+	uint64_t x = *s;
+	x ^= x >> 12;
+	x ^= x << 25;
+	x ^= x >> 27;
+	*s = x;
+	return x * 0x2545F4914F6CDD1DULL;
+}
+
+static uint64_t page_seed(uint64_t seed, size_t page)
+{
+	return (seed ^ (0x9E3779B97F4A7C15ULL * (page + 1))) | 1;
 }
 
 static int cmp_u32(const void *a, const void *b)
@@ -88,11 +106,12 @@ int main(int argc, char **argv)
 {
 	size_t mib = 256, accesses = 200000;
 	int write_pct = 50, anon = 0, time_fill = 1, opt;
+	double fill = 0;
 	const char *dump = NULL;
 	uint64_t seed = 1;
 	const char *mode = argc > 1 ? argv[1] : "";
 	optind = 2;
-	while ((opt = getopt(argc, argv, "s:n:w:S:ao:F")) != -1) {
+	while ((opt = getopt(argc, argv, "s:n:w:S:ao:Ff:")) != -1) {
 		switch (opt) {
 		case 's': mib = strtoull(optarg, NULL, 0); break;
 		case 'n': accesses = strtoull(optarg, NULL, 0); break;
@@ -101,19 +120,21 @@ int main(int argc, char **argv)
 		case 'a': anon = 1; break;
 		case 'o': dump = optarg; break;
 		case 'F': time_fill = 0; break;
+		case 'f': fill = strtod(optarg, NULL); break;
 		default: goto usage;
 		}
 	}
 	int seq = !strcmp(mode, "seq"), random_ = !strcmp(mode, "random"), zipf = !strcmp(mode, "zipf");
-	if (!(seq || random_ || zipf) || mib == 0) {
+	if (!(seq || random_ || zipf) || mib == 0 || !(fill >= 0 && fill <= 1)) {
 usage:
-		fprintf(stderr, "usage: %s seq|random|zipf [-s MiB] [-n accesses] [-w write%%] [-S seed] [-a] [-o file]\n",
-			argv[0]);
+		fprintf(stderr, "usage: %s seq|random|zipf [-s MiB] [-n accesses] [-w write%%] [-S seed] [-a] [-o file] "
+			"[-F] [-f fraction 0..1]\n", argv[0]);
 		return 2;
 	}
 	rng ^= seed * 0x9E3779B97F4A7C15ULL;
 	long ps = sysconf(_SC_PAGESIZE);
 	size_t bytes = mib << 20, pages = bytes / ps, words = ps / 8;
+	size_t noise = (size_t)(fill * (words - 2) + 0.5);   /* random words per page, after the 2 header words */
 	uint64_t *mem = anon ? mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
 			     : uswap_map(bytes);
 	if (mem == NULL || mem == MAP_FAILED) {
@@ -140,6 +161,9 @@ usage:
 		mem[p * words] = p ^ seed;
 		if (time_fill)
 			record(&t, now_ns() - t0);
+		uint64_t s = page_seed(seed, p);   /* after the timed first touch: not a fault */
+		for (size_t i = 0; i < noise; i++)
+			mem[p * words + 2 + i] = page_next(&s);
 	}
 	if (seq) {
 		for (size_t p = 0; p < pages; p++)
@@ -163,9 +187,13 @@ usage:
 	}
 	double wall = (now_ns() - start) / 1e9;
 	size_t mismatches = 0;
-	for (size_t p = 0; p < pages; p++)
-		if (mem[p * words] != (p ^ seed) || mem[p * words + 1] != writes[p])
-			mismatches++;
+	for (size_t p = 0; p < pages; p++) {
+		uint64_t *w = mem + p * words, s = page_seed(seed, p);
+		int bad = w[0] != (p ^ seed) || w[1] != writes[p];
+		for (size_t i = 2; i < words; i++)
+			bad |= w[i] != (i - 2 < noise ? page_next(&s) : 0);
+		mismatches += bad;
+	}
 	size_t n = t.faults < t.cap ? t.faults : t.cap;
 	qsort(t.ns, n, sizeof(uint32_t), cmp_u32);
 	double p50 = n ? t.ns[n / 2] / 1e3 : 0, p99 = n ? t.ns[(size_t)(n * 0.99)] / 1e3 : 0;
@@ -177,8 +205,8 @@ usage:
 		}
 	}
 	printf("mode=%s backend=%s pages=%zu accesses=%zu wall_s=%.3f faults=%zu fault_p50_us=%.1f "
-	       "fault_p99_us=%.1f mismatches=%zu\n", mode, anon ? "anon" : "uswap", pages, ops, wall, t.faults,
-	       p50, p99, mismatches);
+	       "fault_p99_us=%.1f mismatches=%zu random_bytes_per_page=%zu\n", mode, anon ? "anon" : "uswap", pages,
+	       ops, wall, t.faults, p50, p99, mismatches, noise * 8);
 	if (!anon)
 		uswap_unmap(mem, bytes);
 	return mismatches ? 1 : 0;
