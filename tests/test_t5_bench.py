@@ -219,12 +219,12 @@ def _fake_bench(tmp_path):
     ok = "mode=x faults=10 fault_p50_us=5.0 fault_p99_us=9.0 mismatches=0"
     for repeat in range(2):
         for workload in ("seq", "random"):
-            for backend, io, pc in bench.config.backends():
+            for backend, mode, pc in bench.config.backends():
                 wall = {"uswap": 1.0, "native": 2.0, "zswap": 4.0}[backend] + repeat
                 killed = backend == "zswap" and (workload == "random" or repeat == 1)
                 result = (RunResult(-9, "", "", 99.0, 5, 5, {"outside_budget_mib": 30.0}, oom_kills=1) if killed
                           else RunResult(0, ok, "", wall, 5, 5, {"outside_budget_mib": 7.0}))
-                bench.runs.append(bench._record(workload, backend, io, pc, repeat, result))
+                bench.runs.append(bench._record(workload, backend, mode, pc, repeat, result))
     return bench
 
 
@@ -247,9 +247,9 @@ def test_killed_runs_are_failed_not_times(tmp_path):
     assert ratios["seq", "sync"] == {"workload": "seq", "io": "sync", "uswap_over_native_wall": 0.6,
                                      "spread": [0.5, 0.667], "failed": None}
     md = markdown(Bench.from_json(result))
-    assert f"| random | zswap pc=3 | FAILED | - |" in md
+    assert "| random | zswap pc=3 | FAILED | - |" in md
     assert f"| random | zswap | failed | - | 2 of 2 rounds failed: {why} |" in md
-    assert f"| seq | zswap pc=3 | 4.00 | 7.0 |" in md and f"1 of 2 rounds failed: {why}" in md
+    assert "| seq | zswap pc=3 | 4.00 | 7.0 |" in md and f"1 of 2 rounds failed: {why}" in md
     assert "99.00" not in md and "30.0" not in md
     from rich.console import Console
     console = Console(file=io.StringIO(), width=400)
