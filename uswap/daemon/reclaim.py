@@ -45,6 +45,7 @@ import trio
 from uswap._core import ffi, lib
 from uswap.backoff import Backoff
 from uswap.core import PAGE_SIZE, AlignedBuffer, check
+from uswap.daemon.budget import MIN_LINE, Demand, Share, hard_line
 from uswap.daemon.region import Region, RegionGone
 from uswap.daemon.slots import NoSlots
 from uswap.daemon.swapmap import CLEAN, DIRTY, Budget
@@ -58,13 +59,22 @@ REBUILD_AFTER = 50   # passes that found no victim while over the budget
 
 
 class Reclaimer:
-    def __init__(self, daemon, budget_pages: int, *, batch: int = 32, in_flight: int = 1, clock=time.monotonic):
+    """The regions' reclaimer, and the regions' client of the daemon's budget (uswap.daemon.budget): the
+    regions together hold one share of it, ``line`` (reclaim runs above it, down to ``low``) and
+    ``budget.hard`` (faults wait at it; both read by the engines in C), which ``shares`` (the daemon's
+    budget; None: the regions alone, the whole budget theirs) keeps up to date."""
+
+    kind = "regions"
+
+    def __init__(self, daemon, budget_pages: int, *, batch: int = 32, in_flight: int = 1, clock=time.monotonic,
+                 shares=None):
         self.daemon = daemon
         self.budget_pages = budget_pages
-        self.low = max(1, budget_pages - max(batch, budget_pages // 32))  # stop here
-        hard = budget_pages + max(2 * batch, budget_pages // 8)           # faults wait above this
-        self.budget = Budget(hard, soft=budget_pages)
+        self.shares = shares
         self.batch = batch
+        self.budget = Budget(hard_line(budget_pages), soft=budget_pages)
+        self.line = self.low = 0
+        self._set_line(budget_pages)
         self.clock = clock
         self.runs: collections.deque[tuple[Region, int, int]] = collections.deque()  # the CLOCK
         self.writeback = 0               # pages under writeback now
@@ -87,12 +97,39 @@ class Reclaimer:
     def resident(self) -> int:
         return self.budget.resident
 
+    # -- the regions' share of the daemon's budget (uswap.daemon.budget) --------------
+
+    def _set_line(self, line: int) -> None:
+        self.line = line
+        self.low = max(1, line - max(self.batch, line // 32))   # reclaim stops here
+        self.budget.c.soft = line                                # the engines wake us above it
+
+    def budget_demand(self) -> Demand:
+        return Demand(self.resident, self.budget_pages, min(MIN_LINE, self.budget_pages),
+                      lambda line: max(2 * self.batch, line // 8), stuck=self.paused, hard=self.budget.hard)
+
+    def set_share(self, share: Share) -> None:
+        """The regions' new line and hard line: reclaim if over the line, throttled faults look again if the
+        hard line rose."""
+        raised = share.hard > self.budget.hard
+        self._set_line(share.line)
+        self.budget.c.hard = share.hard
+        if raised:
+            self.progressed()
+        if self.resident > self.line:
+            self._kick.set()
+
+    def update_shares(self) -> None:
+        """Share the daemon's budget out again (the other clients' counts move our lines)."""
+        if self.shares is not None:
+            self.shares.update()
+
     # -- bookkeeping, called by regions -----------------------------------------
 
     def add_run(self, region: Region, first: int, count: int) -> None:
         """Put a run of pages that just became resident on the CLOCK."""
         self.runs.append((region, first, count))
-        if self.resident > self.budget_pages:
+        if self.resident > self.line:
             self._kick.set()
 
     @contextlib.contextmanager
@@ -122,6 +159,9 @@ class Reclaimer:
         past the budget instead of deadlocking the client.
         """
         while self.resident >= self.budget.hard and not self.paused:
+            self.update_shares()            # room another client freed since the last update
+            if self.resident < self.budget.hard:
+                break
             self._kick.set()
             await self._progress.wait()
 
@@ -142,16 +182,19 @@ class Reclaimer:
                 # under the budget line); looking every IDLE_LOOK keeps the CLOCK current
                 # above it.  Under it nothing needs reclaim until an engine wakes Python
                 # (resident memory crossed the line: add_run kicks) or a fault throttles.
-                with trio.move_on_after(IDLE_LOOK if self.resident > self.budget_pages else math.inf):
+                with trio.move_on_after(IDLE_LOOK if self.resident > self.line else math.inf):
                     await self._kick.wait()
                 self._kick = trio.Event()
                 self.take_messages()
+                self.update_shares()
                 idle = 0
                 while self.resident - self.writeback > self.low:
                     if self.paused:
                         await trio.sleep_until(self.paused_until)
+                        self.update_shares()
                         continue
                     progressed = await self.reclaim_batch()
+                    self.update_shares()
                     self.progressed()
                     idle = 0 if progressed else idle + 1
                     if idle == REBUILD_AFTER:

@@ -50,6 +50,7 @@ import trio
 
 from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer
+from uswap.daemon.budget import MIN_LINE, Demand, Share
 from uswap.daemon.mapcheck import check_uffd
 from uswap.daemon.procimage import ImageChanged, ProcessImage
 from uswap.daemon.runpolicy import RunCount
@@ -78,7 +79,6 @@ TICK = 0.01                    # rescan and budget check
 COUNT_EVERY = 0.1              # a whole pagemap count at least this often (between: the estimate, reclaim)
 RECOUNT = 0.002                # between two pagemap counts at least
 IDLE_POLLS = 10                # an idle process wakes every IDLE_POLLS * POLL (= TICK): its RSS, its EOF
-MIN_LINE = 256                 # pages a run keeps however full the daemon's budget is
 DRAIN_ROUNDS = 100             # eviction: drains before a refused (EAGAIN) drop is given up
 FEATURES = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP | lib.UFFD_FEATURE_EVENT_FORK | lib.UFFD_FEATURE_EVENT_REMAP
             | lib.UFFD_FEATURE_EVENT_REMOVE | lib.UFFD_FEATURE_EVENT_UNMAP | lib.UFFD_FEATURE_THREAD_ID
@@ -184,7 +184,8 @@ class RunStats:
 
 class Run:
     """The process tree of one `uswap run`: one budget over all its processes (like a memory cgroup's limit),
-    inside the daemon's; exec and fork keep a process in its run.
+    inside the daemon's (a client of uswap.daemon.budget: its line and hard line are its share of the
+    daemon's); exec and fork keep a process in its run.  A new run is one of the daemon's at once.
 
     Slots are counted per process, as the kernel's swap_map counts references: a fork gives the child a
     reference to every slot the parent's SWAPPED pages hold (``refs`` counts the references beyond the
@@ -200,6 +201,8 @@ class Run:
         self.refs: dict[int, int] = {}
         self.max_resident_pages = 0   # the tree's largest count (``resident`` after any member's pagemap count)
         self.budget = ffi.new("struct uswap_run_budget *")   # read by the members' fault threads
+        self.share = Share(budget_pages, budget_pages, budget_pages)   # until the daemon's budget is shared out
+        daemon.run_trees[id] = self
         self.recount()
         # Eviction's page buffer, one per run (the daemon is mlockall'd: 4 MiB per process added up), taken
         # from the /proc/PID/mem read to the end of the slot write; never held across a DROP (a stopped
@@ -234,29 +237,38 @@ class Run:
         """The members' resident pages at their last counts, and what they faulted in since."""
         return self.budget.counted + self.budget.filled
 
+    kind = "runs"
+
     def recount(self) -> None:
-        """After a member's count (or its exit): the counted total, and the lines the fault threads check:
-        above the line they wake Python to reclaim, above the hard line they hand faults to Python, which
-        serves them between reclaims."""
+        """After a member's count (or its exit): the counted total, and the daemon's budget shared out again
+        (``set_share``: the lines the fault threads check: above the line they wake Python to reclaim,
+        above the hard line they hand faults to Python, which serves them between reclaims)."""
         self.budget.counted = sum(p.resident for p in self.members)
-        line = self.line()
-        self.budget.soft = line
+        self.daemon.shares.update()
+
+    @property
+    def stuck(self) -> bool:
+        """No member that can evict (it has an agent) evicted anything in its last pass.  One member with
+        nothing to give (a parent that only waits for its children) must not unthrottle the others."""
+        now = trio.current_time()
+        return all(p.stuck_until > now for p in self.members if p.sock is not None)
+
+    def budget_demand(self) -> Demand:
+        return Demand(self.resident, self.budget_pages, MIN_LINE, lambda line: line // 32 + HARD_SLACK,
+                      stuck=self.stuck, hard=self.budget.hard)
+
+    def set_share(self, share: Share) -> None:
+        self.share = share
+        self.budget.soft = share.line
         # A run reclaim cannot bring down (no store room; every page shared, pinned or refused) is not
         # throttled: waiting would only slow every fault (a run over its line for want of store room paid
         # 5 ms a fault).  Its next pass that evicts something brings the line back.
-        # Stuck: no member that can evict (it has an agent) evicted anything in its last pass.  One member
-        # with nothing to give (a parent that only waits for its children) must not unthrottle the others.
-        now = trio.current_time()
-        stuck = all(p.stuck_until > now for p in self.members if p.sock is not None)
-        self.budget.hard = (1 << 62) if stuck else line + line // 32 + HARD_SLACK
+        self.budget.hard = (1 << 62) if self.stuck else share.hard
 
     def line(self) -> int:
-        """Resident pages the run may hold: its own budget, within what the daemon's budget leaves after
-        memfd regions and the other runs (floored at MIN_LINE: a run always makes progress)."""
-        d = self.daemon
-        others = sum(r.resident for r in d.run_trees.values() if r is not self)
-        left = d.reclaimer.budget_pages - d.reclaimer.resident - others
-        return max(min(self.budget_pages, left), min(MIN_LINE, self.budget_pages))
+        """Resident pages the run may hold: its own budget, within its share of the daemon's (floored at
+        MIN_LINE: a run always makes progress)."""
+        return self.share.line
 
     def member(self, pid: int) -> "RunProcess | None":
         return next((p for p in self.members if p.pid == pid), None)
@@ -1331,7 +1343,6 @@ async def accept_run(daemon, client) -> tuple[RunProcess, bool]:
             asked = connect.resident // PS
             tree = Run(daemon.next_id(), client.uid, client.gid, min(asked, daemon.budget // PS) if asked
                        else daemon.budget // PS, daemon)
-            daemon.run_trees[tree.id] = tree
         try:
             run = RunProcess(daemon.next_id(), image, sock, uffd, tree=tree, excluded=excluded + ((hello.proof, PS),),
                              doorbell=hello.doorbell, proof=hello.proof, nonce=image.nonce)

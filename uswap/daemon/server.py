@@ -43,6 +43,7 @@ from uswap.core import PAGE_SIZE, AlignedBuffer, check
 from uswap.backoff import Backoff
 from uswap.config import DEFAULTS
 from uswap.daemon import options
+from uswap.daemon.budget import DaemonBudget
 from uswap.daemon.limits import UserLedger, UserLimits
 from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_received
 from uswap.daemon.options import MAX_USER_ADDRESS
@@ -163,8 +164,12 @@ class Daemon:
         self.slots = SlotAllocator(store.slot_count, store.codec)
         # Writeback batches in flight: one with sync I/O (each write completes before the
         # next batch is chosen); with async I/O, writes overlap the choice of the next ones.
+        # One budget for regions and runs (uswap.daemon.budget): its clients are the regions together (the
+        # reclaimer holds their share) while there are any, and each run.
+        self.shares = DaemonBudget(budget // PAGE_SIZE, self._budget_clients)
         self.reclaimer = Reclaimer(self, budget // PAGE_SIZE, batch=batch,
-                                   in_flight=ASYNC_BATCHES_IN_FLIGHT if self.io.mode == "async" else 1)
+                                   in_flight=ASYNC_BATCHES_IN_FLIGHT if self.io.mode == "async" else 1,
+                                   shares=self.shares)
         self.stats = DaemonStats()
         self.regions: dict[int, Region] = {}
         self.runs: dict[int, RunProcess] = {}     # processes of `uswap run`, by id (uswap.daemon.runs)
@@ -184,6 +189,9 @@ class Daemon:
         self._reclaim_scope = trio.CancelScope()
         self._reclaim_ended = trio.Event()
         self.started = time.time()
+
+    def _budget_clients(self) -> list:
+        return ([self.reclaimer] if self.regions else []) + list(self.run_trees.values())
 
     # -- services for regions -----------------------------------------------
 
@@ -547,6 +555,7 @@ class Daemon:
             raise
         self.regions[region.id] = region
         self.mapped_pages += pages
+        self.shares.update()      # before its first fault: the regions' lines count the runs' pages
         log.info("region %d: pid %d uid %d, %d pages at %#x", region.id, client.pid, client.uid, pages, addr)
         return region
 
@@ -581,7 +590,8 @@ class Daemon:
         self.mapped_pages -= region.pages
         self.ledger.remove_region(region.uid, region.pages)
         region.release()
-        self.reclaimer.progressed()   # its pages left the budget: faults throttled elsewhere look again
+        self.shares.update()          # its pages left the budget: the others' lines and hard lines rise
+        self.reclaimer.progressed()   # and faults throttled elsewhere look again
         log.info("region %d released (pid %d)", region.id, region.pid)
 
     # -- shutdown: swapoff and detach -------------------------------------------------------
@@ -648,6 +658,7 @@ class Daemon:
         """Everything, for root and the daemon's uid; for any other uid, only its own regions."""
         r = self.reclaimer
         everything = for_uid is None or for_uid in (0, os.geteuid())
+        self.shares.update()
         health = "ok" if not r.pause_reason else r.pause_reason
         return {
             "daemon": {
@@ -665,6 +676,7 @@ class Daemon:
                 "slots_used": self.slots.in_use,
                 "mapped_pages": self.mapped_pages,
                 "run_resident_pages": sum(run.resident for run in self.run_trees.values()),
+                **self.shares.status(),
                 "run_slots": self.run_slots_held(),
                 **asdict(self.stats),
                 **self.fault_counts(),
