@@ -658,6 +658,14 @@ def test_prometheus_one_family_per_name_with_a_region_and_a_run(uswapd):
         for key, name, kind, _, _ in table:
             assert key in values, key                       # the table's keys are the status's
             assert families[f"uswap_{name}"].type == kind   # and each is its own family
+    for kind in ("regions", "runs"):          # one budget for both: each kind's part of it
+        share = status["daemon"]["shares"][kind]
+        assert share["clients"] == 1 and sample(families, "uswap_share_clients", kind=kind) == 1
+        for key, name, kind_of_metric, _, _ in metrics.SHARE:
+            assert key in share and families[f"uswap_{name}"].type == kind_of_metric
+            assert sample(families, f"uswap_{name}", kind=kind) >= 0
+    assert sample(families, "uswap_share_fair_bytes", kind="regions") + \
+        sample(families, "uswap_share_fair_bytes", kind="runs") == sample(families, "uswap_budget_bytes")
     assert families["uswap_readahead_window_pages"].type == "gauge"
     assert families["uswap_readahead_pages"].type == "counter"
     assert sample(families, "uswap_faults_total") == \

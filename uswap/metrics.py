@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 DAEMON = [
     ("budget_pages", "budget_bytes", "gauge", "Resident budget: beyond it, cold pages are written out.", "pages"),
     ("resident_pages", "resident_bytes", "gauge", "Pages of client regions held in memory.", "pages"),
+    ("run_resident_pages", "runs_resident_bytes", "gauge", "Pages of `uswap run` processes held in memory, as their "
+     "counts say.", "pages"),
+    ("total_resident_pages", "total_resident_bytes", "gauge", "Pages of regions and runs together held in memory: "
+     "the budget covers them all.", "pages"),
+    ("hard_pages", "budget_hard_bytes", "gauge", "The daemon's hard line: at it, faults wait for reclaim.", "pages"),
     ("writeback_pages", "writeback_bytes", "gauge", "Pages being written to the store now.", "pages"),
     ("mapped_pages", "mapped_bytes", "gauge", "Size of every client region together.", "pages"),
     ("slots_total", "store_size_bytes", "gauge", "Store capacity (its slots).", "pages"),
@@ -68,6 +73,12 @@ RUN = [   # one process of `uswap run`
     ("slow_path_faults", "run_slow_path_faults", "counter", "Page faults its fault thread handed to Python.", ""),
     ("pswpin", "run_pswpin_pages", "counter", "Pages of the process read back from the store.", ""),
     ("pswpout", "run_pswpout_pages", "counter", "Pages of the process written to the store.", ""),
+]
+SHARE = [   # one kind of client of the daemon's budget (uswap.daemon.budget): regions, runs
+    ("clients", "share_clients", "gauge", "Clients of this kind sharing the budget (the regions count as one).", ""),
+    ("resident_pages", "share_resident_bytes", "gauge", "Memory this kind of client holds.", "pages"),
+    ("fair_pages", "share_fair_bytes", "gauge", "This kind's fair share of the budget.", "pages"),
+    ("line_pages", "share_line_bytes", "gauge", "This kind's line: above it, its pages are reclaimed.", "pages"),
 ]
 NFS = [
     ("timeout_s", "nfs_timeout_seconds", "gauge", "How long a request waits for a server that is down.", ""),
@@ -146,6 +157,8 @@ def prometheus(status: dict | None, mounts: dict[str, dict], *, page_size: int) 
         out.add("store_healthy", "gauge", "1 if writeback runs; 0 if paused by store errors.",
                 1 if d["store_health"] == "ok" else 0)
         out.add_table(DAEMON, d, {}, ps)
+        for kind, share in d.get("shares", {}).items():
+            out.add_table(SHARE, share, {"kind": kind}, ps)
         if "uptime_s" in d:
             out.add("start_time_seconds", "gauge", "Unix time the daemon started.", round(time.time() - d["uptime_s"]))
         nfs = status.get("nfs")

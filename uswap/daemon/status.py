@@ -57,6 +57,12 @@ def render_status(status: dict) -> str:
         f"{d['pswpout']:>8} {d['writeback_pages']:>4} {d['read_errors']:>5} {d['write_errors']:>5}  "
         f"{d['store_health']}",
     ]
+    shares = d.get("shares")
+    if shares:      # one budget for regions and runs (uswap.daemon.budget)
+        parts = " + ".join(f"{kind} {_pages(k['resident_pages'], ps)} (line {_pages(k['line_pages'], ps)}, fair "
+                           f"{_pages(k['fair_pages'], ps)})" for kind, k in shares.items() if k["clients"])
+        lines.append(f"BUDGET {_pages(d['budget_pages'], ps)} (hard {_pages(d['hard_pages'], ps)}): resident "
+                     f"{_pages(d['total_resident_pages'], ps)}" + (f" = {parts}" if parts else ""))
     nfs = status.get("nfs")
     if nfs:
         since = time.strftime("%H:%M:%S", time.localtime(nfs["since"]))
