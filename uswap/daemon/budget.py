@@ -25,11 +25,13 @@ client's hard line, so between two updates the total resident stays under H (no 
 at or above H) without the engines of different clients ever looking at each other.  Lines are written
 lowered first, so the sum holds between two writes too.
 
-What this does not bound (stated with the measurements in tests/test_t4_budget.py): a client reclaim cannot
-bring down (``Demand.stuck``: writeback paused by store errors; a run whose last pass evicted nothing) is not
-throttled and its pages above its line are not held against the others; a run's pages filled before the
-range was registered count only from its next pagemap count; a run's fault at its hard line waits 5 ms,
-then Python serves it (uswap_runeng.c: throttled, not refused).
+What this does not bound (measured in tests/test_t10_run_shared_budget.py): a client reclaim cannot bring down
+(``Demand.stuck``: writeback paused by store errors; a run whose last pass evicted nothing) is not throttled,
+and its pages above its line are not held against the others; a run's pages filled before their range was
+registered count only from its next pagemap count; a run's fault at its hard line waits 5 ms, then Python
+serves it (uswap_runeng.c: throttled, not refused).  A run's count also runs ahead of the kernel's by the pages
+its fault threads fill during a pagemap count (counted twice until the next count): the policy sees more than
+is there, never less.
 """
 
 from __future__ import annotations
