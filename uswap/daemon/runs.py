@@ -193,6 +193,8 @@ class Run:
     the slot has a reference, so a child that reads its swapped pages while the parent frees its own
     reads the data the parent had at the fork."""
 
+    kind = "runs"   # of the daemon's budget's clients
+
     def __init__(self, id: int, uid: int, gid: int, budget_pages: int, daemon):
         self.id, self.uid, self.budget_pages = id, uid, budget_pages
         self.gid = gid                # with uid, the connection's (SO_PEERCRED): every read is checked for them
@@ -236,8 +238,6 @@ class Run:
     def resident(self) -> int:
         """The members' resident pages at their last counts, and what they faulted in since."""
         return self.budget.counted + self.budget.filled
-
-    kind = "runs"
 
     def recount(self) -> None:
         """After a member's count (or its exit): the counted total, and the daemon's budget shared out again

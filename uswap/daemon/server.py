@@ -162,11 +162,11 @@ class Daemon:
         self.store_fd = store.local_fd     # the engines read slots here; -1: every fault goes to Python
         self.codec_c = self.io.codec_c if self.store_fd >= 0 else None
         self.slots = SlotAllocator(store.slot_count, store.codec)
-        # Writeback batches in flight: one with sync I/O (each write completes before the
-        # next batch is chosen); with async I/O, writes overlap the choice of the next ones.
         # One budget for regions and runs (uswap.daemon.budget): its clients are the regions together (the
         # reclaimer holds their share) while there are any, and each run.
         self.shares = DaemonBudget(budget // PAGE_SIZE, self._budget_clients)
+        # Writeback batches in flight: one with sync I/O (each write completes before the
+        # next batch is chosen); with async I/O, writes overlap the choice of the next ones.
         self.reclaimer = Reclaimer(self, budget // PAGE_SIZE, batch=batch,
                                    in_flight=ASYNC_BATCHES_IN_FLIGHT if self.io.mode == "async" else 1,
                                    shares=self.shares)
