@@ -251,18 +251,26 @@ uint64_t uswap_pt_count(struct uswap_pt *pt, uint32_t state)
 	return n;
 }
 
-int uswap_pt_claim_free(struct uswap_pt *pt, uint64_t a, uint64_t n, uint64_t entry)
+int uswap_pt_claim_evict(struct uswap_pt *pt, uint64_t a, uint64_t n)
 {
 	uint64_t old;
 	int ret = 1;
 	uswap_pt_lock(pt);
-	for (uint64_t i = 0; i < n && ret == 1; i++)
-		if (uswap_pt_get_locked(pt, a + (i << PAGE_SHIFT)))
-			ret = 0;
 	for (uint64_t i = 0; i < n && ret == 1; i++) {
-		if (uswap_pt_set_locked(pt, a + (i << PAGE_SHIFT), entry, &old) < 0) {
-			while (i--)
-				uswap_pt_set_locked(pt, a + (i << PAGE_SHIFT), 0, &old);
+		uint64_t e = uswap_pt_get_locked(pt, a + (i << PAGE_SHIFT));
+		if (e && (state_of(e) != USWAP_PT_CLEAN || (e & USWAP_PT_BUSY)))
+			ret = 0;
+	}
+	for (uint64_t i = 0; i < n && ret == 1; i++) {
+		uint64_t p = a + (i << PAGE_SHIFT), e = uswap_pt_get_locked(pt, p);
+		uint64_t next = e ? (e & ~(uint64_t)USWAP_PT_STATE_MASK) | USWAP_PT_INFLIGHT : USWAP_PT_CLAIMED;
+		if (uswap_pt_set_locked(pt, p, next, &old) < 0) {
+			while (i--) {   /* back as it was: CLAIMED pages lose their entry, INFLIGHT ones are CLEAN again */
+				p = a + (i << PAGE_SHIFT);
+				e = uswap_pt_get_locked(pt, p);
+				uswap_pt_set_locked(pt, p, state_of(e) == USWAP_PT_INFLIGHT
+						    ? (e & ~(uint64_t)USWAP_PT_STATE_MASK) | USWAP_PT_CLEAN : 0, &old);
+			}
 			ret = -ENOMEM;
 		}
 	}

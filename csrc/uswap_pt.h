@@ -21,7 +21,10 @@ enum {
 	USWAP_PT_CLAIMED = 2,   /* chosen by eviction (write-protected or about to be), no slot written yet */
 	USWAP_PT_INFLIGHT = 3,  /* written to its slot, still resident and write-protected: the agent's drop pending */
 	USWAP_PT_SHARED = 4,    /* the agent's MOVE refused it (copy-on-write shared): reclaim skips it until written */
-	USWAP_PT_STATES = 5,
+	USWAP_PT_CLEAN = 5,     /* swapped in by a read (or readahead): resident, write-protected, equal to its slot,
+				 * which it keeps (the swap cache): evicting it again is a drop, no write; a write
+				 * (its WP fault) frees the slot */
+	USWAP_PT_STATES = 6,
 	USWAP_PT_STATE_MASK = 7,
 	USWAP_PT_BUSY = 8,      /* a swap-in holds it: only the holder installs it and drops its slot */
 	USWAP_PT_SLOT_SHIFT = 32
@@ -48,8 +51,10 @@ int uswap_pt_walk(struct uswap_pt *pt, uint64_t *cursor, uint64_t start, uint64_
 uint64_t uswap_pt_count(struct uswap_pt *pt, uint32_t state);
 
 /* Batches for eviction, one lock each (pages are 4096 bytes, addresses page-aligned): */
-/* Pages a..a+n-1 all get `entry` if none has one (1), else none changes (0).  -ENOMEM. */
-int uswap_pt_claim_free(struct uswap_pt *pt, uint64_t a, uint64_t n, uint64_t entry);
+/* Eviction's claim of pages a..a+n-1: if every one has no entry or is CLEAN (not BUSY), those without
+ * one become CLAIMED (no slot) and the CLEAN ones INFLIGHT (their slot kept: written already), and it
+ * returns 1; else none changes (0).  -ENOMEM. */
+int uswap_pt_claim_evict(struct uswap_pt *pt, uint64_t a, uint64_t n);
 /* Pages a..a+n-1 whose state bit (1 << state; bit 0: no entry) is in from_mask and that are not BUSY
  * change to_state, keeping their slot (to_state 0: removed); old[i]: the entry changed, else 0 (old may
  * be NULL).  How many changed.  Never -ENOMEM unless from_mask has bit 0. */

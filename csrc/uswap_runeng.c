@@ -15,9 +15,20 @@
  *     either precedes the lookup (forwarded) or follows the un-protect
  *     (eviction write-protects after claiming).
  *   - Slot references are dropped by Python only (FREED), in ring order.
- *     A reference this thread takes out of the table (a swap-in clears the
- *     entries, then posts FREED) is always in the ring: posts after stop
- *     began use the ring's reserve, never dropped (post).
+ *     A reference this thread takes out of the table (a swap-in for a write
+ *     clears the faulting page's entry, a write to a CLEAN page its entry,
+ *     then posts FREED) is always in the ring: posts after stop began use
+ *     the ring's reserve, never dropped (post).  A fault posts at most one
+ *     message.
+ *   - A CLEAN page (swapped in, write-protected, equal to its slot) is
+ *     un-protected here only with its entry dropped in the same hold of the
+ *     table's lock.  Eviction claims a CLEAN page (it becomes INFLIGHT) under
+ *     that lock, so either the claim came first (the write fault finds
+ *     INFLIGHT and goes to Python, which cancels the eviction: the page is
+ *     never dropped after a write) or the un-protect did (no entry: eviction
+ *     claims it as any resident page, protects, reads and writes it).  A
+ *     swap-in publishes CLEAN only after the page is installed protected;
+ *     until then its entry is BUSY, which eviction never claims.
  *   - The thread never calls into Python; every signal is blocked in it.
  */
 #define _GNU_SOURCE
@@ -201,9 +212,12 @@ static uint32_t window(struct uswap_runeng *e, uint64_t page)
 	return e->ra_size;
 }
 
-/* do_swap_page: the faulting page and the swapped pages after it whose slots follow its slot,
- * read in one I/O, installed writable (their slots are stale at once: no swap cache for runs). */
-static int swap_in(struct uswap_runeng *e, uint64_t a, uint64_t entry)
+/* do_swap_page: the faulting page and the swapped pages after it whose slots follow its slot, read in
+ * one I/O and installed write-protected, CLEAN with their slots (the swap cache: evicting one again is a
+ * drop, no write).  A write's page is then un-protected and its slot freed, as the kernel frees the slot
+ * of a page swapped in for a write; if that is refused it stays CLEAN and the write comes back as a WP
+ * fault. */
+static int swap_in(struct uswap_runeng *e, uint64_t a, uint64_t entry, int write)
 {
 	int64_t slot = slot_of(entry);
 	uint64_t n = 1, old, ps = e->page_size;
@@ -229,12 +243,14 @@ static int swap_in(struct uswap_runeng *e, uint64_t a, uint64_t entry)
 		return ret;   /* Python reads it again and poisons it if it must */
 	}
 	int64_t done = 0;
-	ret = uswap_uffd_copy(e->uffd, a, (uint64_t)(uintptr_t)e->buf, n * ps, 0, &done);
+	uint64_t mode = UFFDIO_COPY_MODE_WP | (write ? UFFDIO_COPY_MODE_DONTWAKE : 0);
+	ret = uswap_uffd_copy(e->uffd, a, (uint64_t)(uintptr_t)e->buf, n * ps, mode, &done);
 	uint64_t in = (uint64_t)done / ps;
+	uint32_t freed = 0;   /* the faulting page's slot goes (a write, or it was not installed here) */
 	if (in == 0 && n > 1 && ret != -EAGAIN) {
 		/* ENOENT for the whole window when it crosses a VMA boundary (a split by madvise or
 		 * mprotect, which has no event): the faulting page alone */
-		ret = uswap_uffd_copy(e->uffd, a, (uint64_t)(uintptr_t)e->buf, ps, 0, &done);
+		ret = uswap_uffd_copy(e->uffd, a, (uint64_t)(uintptr_t)e->buf, ps, mode, &done);
 		in = (uint64_t)done / ps;
 	}
 	if (in == 0) {
@@ -246,14 +262,24 @@ static int swap_in(struct uswap_runeng *e, uint64_t a, uint64_t entry)
 		 * either way the fault is over and the page's slot with it, as Python's path does */
 		wake(e, a);
 		in = 1;
+		freed = 1;
+	} else if (write) {
+		/* still BUSY: nobody else changes it; un-protected, it is dirty at once */
+		if (uswap_uffd_writeprotect(e->uffd, a, ps, 0) == 0)
+			freed = 1;
+		else
+			wake(e, a);   /* the write faults again (WP), on a CLEAN page */
 	}
 	if (in < n)
 		unclaim(e, a + in * ps, n - in, slot + (int64_t)in);
 	uswap_pt_lock(e->pt);
 	for (uint64_t i = 0; i < in; i++)
-		uswap_pt_set_locked(e->pt, a + i * ps, 0, &old);
+		uswap_pt_set_locked(e->pt, a + i * ps,
+				    i < freed ? 0 : USWAP_PT_CLEAN | (uint64_t)(slot + (int64_t)i + 1) << USWAP_PT_SLOT_SHIFT,
+				    &old);   /* replaces: cannot fail */
 	uswap_pt_unlock(e->pt);
-	struct uswap_runeng_msg msg = { .kind = USWAP_RUNENG_FREED, .slot = slot, .count = (uint32_t)in };
+	struct uswap_runeng_msg msg = { .kind = USWAP_RUNENG_FREED, .slot = slot, .count = freed,
+					.swapped_in = (uint32_t)in };
 	post(e, &msg);
 	count(&e->stats.pswpin, in);
 	count(&e->stats.readahead, in - 1);
@@ -266,7 +292,7 @@ static int swap_in(struct uswap_runeng *e, uint64_t a, uint64_t entry)
  * lookup (a stale fault on a page another thread's fault filled) is present here (EEXIST), never
  * zero-filled over its slot); SWAPPED and not held, claimed (BUSY) and swapped in; anything else is
  * Python's (CLAIMED, INFLIGHT: the agent may be moving it; SHARED; held). */
-static int missing(struct uswap_runeng *e, uint64_t a)
+static int missing(struct uswap_runeng *e, uint64_t a, int write)
 {
 	uint64_t old;
 	int64_t done = 0;
@@ -275,7 +301,7 @@ static int missing(struct uswap_runeng *e, uint64_t a)
 	if (state_of(entry) == USWAP_PT_SWAPPED && !(entry & USWAP_PT_BUSY)) {
 		uswap_pt_set_locked(e->pt, a, entry | USWAP_PT_BUSY, &old);   /* replaces: cannot fail */
 		uswap_pt_unlock(e->pt);
-		return swap_in(e, a, entry);
+		return swap_in(e, a, entry, write);
 	}
 	if (entry) {
 		uswap_pt_unlock(e->pt);
@@ -295,13 +321,14 @@ static int missing(struct uswap_runeng *e, uint64_t a)
 }
 
 /* A write to a write-protected page that no eviction holds: a SHARED mark goes (the page is
- * this process's alone once written), the protection is lifted. */
+ * this process's alone once written), a CLEAN page's slot goes (its copy is stale from now on:
+ * FREED), the protection is lifted, all under the table's lock (the CLEAN invariant above). */
 static int unprotect(struct uswap_runeng *e, uint64_t a)
 {
 	uint64_t old;
 	uswap_pt_lock(e->pt);
 	uint64_t entry = uswap_pt_get_locked(e->pt, a);
-	if (entry && state_of(entry) != USWAP_PT_SHARED) {
+	if (entry && state_of(entry) != USWAP_PT_SHARED && state_of(entry) != USWAP_PT_CLEAN) {
 		uswap_pt_unlock(e->pt);
 		return -EBUSY;   /* CLAIMED, INFLIGHT: Python cancels that eviction */
 	}
@@ -313,6 +340,11 @@ static int unprotect(struct uswap_runeng *e, uint64_t a)
 	uswap_pt_unlock(e->pt);
 	if (ret == -EAGAIN)
 		return ret;
+	if (state_of(entry) == USWAP_PT_CLEAN) {   /* out of the table: its reference is the ring's now */
+		struct uswap_runeng_msg msg = { .kind = USWAP_RUNENG_FREED, .slot = slot_of(entry), .count = 1 };
+		post(e, &msg);
+		count(&e->stats.clean_written, 1);
+	}
 	if (ret < 0)
 		wake(e, a);
 	else
@@ -331,7 +363,7 @@ static void handle_fault(struct uswap_runeng *e, const struct uffd_msg *m)
 	} else if (budget_total(e->budget) >= __atomic_load_n(&e->budget->hard, __ATOMIC_RELAXED) && throttled(e)) {
 		ret = -ENOMEM;   /* Python serves it after its reclaim */
 	} else {
-		ret = missing(e, a);
+		ret = missing(e, a, !!(m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE));
 	}
 	if (ret < 0)
 		return forward(e, m, ret);

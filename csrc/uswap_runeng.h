@@ -31,13 +31,15 @@ struct uswap_run_budget {
 enum {
 	USWAP_RUNENG_FORWARD = 1,   /* a fault not served: ev; slot: why (-errno; 0: forward_all) */
 	USWAP_RUNENG_EVENT = 2,     /* an event: ev; the thread waits for uswap_runeng_resume */
-	USWAP_RUNENG_FREED = 3      /* swapped in: the process's references to slots slot..slot+count-1 are gone */
+	USWAP_RUNENG_FREED = 3      /* the process's references to slots slot..slot+count-1 are gone (a swap-in by a
+				     * write, a CLEAN page written); swapped_in: pages a swap-in brought in (pswpin) */
 };
 
 struct uswap_runeng_msg {
 	uint32_t kind;
 	uint32_t count;
 	int64_t slot;
+	uint32_t swapped_in;
 	struct uswap_uffd_event ev;
 };
 
@@ -48,6 +50,7 @@ struct uswap_runeng_stats {
 	uint64_t readahead;        /* pages swapped in without a fault of their own (in pswpin too) */
 	uint64_t zero_fills;
 	uint64_t wp_faults;
+	uint64_t clean_written;    /* WP faults on CLEAN pages: written after a clean swap-in, their slots freed */
 	uint64_t read_ios;
 	uint64_t events;
 	uint64_t throttled;        /* faults that waited their whole time above the hard line */

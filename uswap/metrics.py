@@ -67,12 +67,16 @@ RUN = [   # one process of `uswap run`
     ("resident_pages", "run_resident_bytes", "gauge", "Registered memory of the process in memory, at its last "
      "count.", "pages"),
     ("swapped_pages", "run_swapped_bytes", "gauge", "Memory of the process in the store.", "pages"),
+    ("clean_pages", "run_clean_bytes", "gauge", "Memory of the process read back from the store and not written "
+     "since: in memory and in the store alike, evicted again without a write.", "pages"),
     ("poisoned", "run_poisoned_pages", "gauge", "Pages that could not be read back (a touch gets SIGBUS).", ""),
     ("faults", "run_faults", "counter", "Page faults of the process (engine_faults + slow_path_faults).", ""),
     ("engine_faults", "run_engine_faults", "counter", "Page faults its fault thread served in C.", ""),
     ("slow_path_faults", "run_slow_path_faults", "counter", "Page faults its fault thread handed to Python.", ""),
     ("pswpin", "run_pswpin_pages", "counter", "Pages of the process read back from the store.", ""),
     ("pswpout", "run_pswpout_pages", "counter", "Pages of the process written to the store.", ""),
+    ("dropped", "run_dropped_pages", "counter", "Pages moved out of the process (written to the store for it, "
+     "or clean: no write).", ""),
 ]
 SHARE = [   # one kind of client of the daemon's budget (uswap.daemon.budget): regions, runs
     ("clients", "share_clients", "gauge", "Clients of this kind sharing the budget (the regions count as one).", ""),

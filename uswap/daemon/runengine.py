@@ -2,10 +2,11 @@
 
 The table holds, by address, the pages of the process that are not plainly resident: SWAPPED (out, in a
 slot), CLAIMED (chosen by eviction, no slot yet), INFLIGHT (written to a slot, the agent's drop pending),
-SHARED (the agent's MOVE refused it).  The thread is the only reader of the process's uffd: it serves
-swap-ins, zero-fills and first writes in C, and hands Python, in order, the faults it does not serve
-(FORWARD) and every event (EVENT: it serves nothing more until :meth:`RunEngine.resume`), and the slot
-references its swap-ins dropped (FREED).
+SHARED (the agent's MOVE refused it), CLEAN (swapped in by a read or readahead: resident, write-protected,
+equal to the slot it keeps).  The thread is the only reader of the process's uffd: it serves swap-ins,
+zero-fills and first writes in C, and hands Python, in order, the faults it does not serve (FORWARD) and
+every event (EVENT: it serves nothing more until :meth:`RunEngine.resume`), and the slot references it
+dropped with the pages its swap-ins brought in (FREED).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, check
 from uswap.uffd import _decode
 
-SWAPPED, CLAIMED, INFLIGHT, SHARED = (lib.USWAP_PT_SWAPPED, lib.USWAP_PT_CLAIMED, lib.USWAP_PT_INFLIGHT,
-                                      lib.USWAP_PT_SHARED)
+SWAPPED, CLAIMED, INFLIGHT, SHARED, CLEAN = (lib.USWAP_PT_SWAPPED, lib.USWAP_PT_CLAIMED, lib.USWAP_PT_INFLIGHT,
+                                             lib.USWAP_PT_SHARED, lib.USWAP_PT_CLEAN)
+HOLD_SLOT = (SWAPPED, INFLIGHT, CLEAN)     # the states whose entry holds a reference to its slot
 BUSY = lib.USWAP_PT_BUSY
 FORWARD, EVENT, FREED = lib.USWAP_RUNENG_FORWARD, lib.USWAP_RUNENG_EVENT, lib.USWAP_RUNENG_FREED
 _SHIFT = lib.USWAP_PT_SLOT_SHIFT
@@ -69,7 +71,7 @@ class PageTable:
         ret = lib.uswap_pt_claim(self.c, a, self._old)
         return ret if ret < 0 else self._old[0]
 
-    def walk(self, start: int = 0, end: int = 1 << 64, states: tuple = (SWAPPED, CLAIMED, INFLIGHT, SHARED),
+    def walk(self, start: int = 0, end: int = 1 << 64, states: tuple = (SWAPPED, CLAIMED, INFLIGHT, SHARED, CLEAN),
              take: bool = False) -> list[tuple[int, int]]:
         """(address, entry) of the entries in [start, end) in ``states``; with ``take``, removed."""
         mask = sum(1 << s for s in states)
@@ -88,9 +90,10 @@ class PageTable:
 
     # -- batches (eviction): one call, one lock, for a run of pages ----------------------------
 
-    def claim_free(self, a: int, n: int, e: int) -> bool:
-        """Pages a.. (n) all get entry ``e`` if none has an entry, else none changes."""
-        return check(lib.uswap_pt_claim_free(self.c, a, n, e)) == 1
+    def claim_evict(self, a: int, n: int) -> bool:
+        """Eviction's claim of pages a.. (n): if each has no entry or is CLEAN, those without one become
+        CLAIMED and the CLEAN ones INFLIGHT (slot kept); else none changes."""
+        return check(lib.uswap_pt_claim_evict(self.c, a, n)) == 1
 
     def change(self, a: int, n: int, states: tuple, to_state: int) -> list[int]:
         """Pages a.. (n) in ``states`` (0: no entry), not BUSY, change to ``to_state`` keeping their slot
@@ -130,6 +133,7 @@ class RunEngineStats:
     readahead: int
     zero_fills: int
     wp_faults: int
+    clean_written: int
     read_ios: int
     events: int
     throttled: int
@@ -151,7 +155,8 @@ class RunEngine:
         self._final: RunEngineStats | None = None
 
     def drain(self) -> list:
-        """Every queued message, oldest first: (kind, slot, count, event or None)."""
+        """Every queued message, oldest first: (kind, slot, count, event); for FREED the last is the pages
+        the swap-in brought in (0: a CLEAN page written)."""
         try:
             os.read(self.notify_fd, 8)    # the wake-up is for everything queued until now
         except BlockingIOError:
@@ -161,7 +166,7 @@ class RunEngine:
             n = lib.uswap_runeng_drain(self.c, self._msgs, DRAIN_BATCH)
             for i in range(n):
                 m = self._msgs[i]
-                out.append((m.kind, m.slot, m.count, None if m.kind == FREED else _decode(m.ev)))
+                out.append((m.kind, m.slot, m.count, m.swapped_in if m.kind == FREED else _decode(m.ev)))
             if n < DRAIN_BATCH:
                 return out
 
@@ -187,7 +192,7 @@ class RunEngine:
         lib.uswap_runeng_stats(self.c, self._stats)
         s = self._stats
         return RunEngineStats(s.engine_faults, s.forwarded, s.pswpin, s.readahead, s.zero_fills, s.wp_faults,
-                              s.read_ios, s.events, s.throttled)
+                              s.clean_written, s.read_ios, s.events, s.throttled)
 
     def stop(self) -> None:
         if self.c is not None:

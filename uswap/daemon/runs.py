@@ -16,8 +16,9 @@ and answers READY before the program's main() runs.
 
 Page state, per process, in its table: SWAPPED (out of the process, its data in the slot), CLAIMED
 (chosen by eviction, no slot yet), INFLIGHT (written to its slot, still resident and write-protected,
-not yet dropped by the agent), SHARED (the agent's MOVE refused it).  An address with no entry is
-resident or never touched.  Invariants (RUN-DESIGN; DESIGN.md "Runs"):
+not yet dropped by the agent), SHARED (the agent's MOVE refused it), CLEAN (swapped in by a read or by
+readahead: resident, write-protected, equal to the slot it keeps, as the kernel's swap cache).  An address
+with no entry is resident or never touched.  Invariants (RUN-DESIGN; DESIGN.md "Runs"):
 
 1. A page leaves the process only by the agent's move, only after its slot write completed, only while
    write-protected: ``evict`` claims, protects, reads /proc/PID/mem, writes slots, *then* sends DROP.
@@ -30,6 +31,11 @@ resident or never touched.  Invariants (RUN-DESIGN; DESIGN.md "Runs"):
    between taking a DROP reply and publishing SWAPPED.
 4. EAGAIN (events pending: mmap_changing) is never retried in place: the fault waits on a deferred list
    until the ring has been read, the eviction drains it before asking again.
+5. A CLEAN page is write-protected and equal to its slot: it is installed protected before its entry says
+   CLEAN, and its protection is lifted only together with the entry's removal (the fault thread under the
+   table's lock, or ``fault`` here), which frees the slot.  So eviction may drop it without a write: its
+   claim turns CLEAN into INFLIGHT under the same lock, after which a write is a WP fault on an INFLIGHT
+   page (invariant 3: cancelled, never dropped).  A page still INFLIGHT after its drop is again CLEAN.
 """
 
 from __future__ import annotations
@@ -54,12 +60,12 @@ from uswap.daemon.budget import MIN_LINE, Demand, Share
 from uswap.daemon.mapcheck import check_uffd
 from uswap.daemon.procimage import ImageChanged, ProcessImage
 from uswap.daemon.runpolicy import RunCount
-from uswap.daemon.runengine import (BUSY, CLAIMED, EVENT, FREED, INFLIGHT, SHARED, SWAPPED, PageTable, RunEngine,
-                                     entry, slot_of, state_of)
+from uswap.daemon.runengine import (BUSY, CLAIMED, CLEAN, EVENT, FREED, HOLD_SLOT, INFLIGHT, SHARED, SWAPPED,
+                                     PageTable, RunEngine, entry, slot_of, state_of)
 from uswap.daemon.runwatch import POLL, RssWatch
 from uswap.daemon.slots import NoSlots
 from uswap.protocol import ProtocolError
-from uswap.uffd import Fork, Pagefault, PartialFill, Remap, Remove, RegisterMode, Unmap, Userfaultfd
+from uswap.uffd import CopyMode, Fork, Pagefault, PartialFill, Remap, Remove, RegisterMode, Unmap, Userfaultfd
 
 log = logging.getLogger("uswap.daemon")
 
@@ -159,7 +165,9 @@ def check_dropped(reply, addrs: list[int], lens: list[int]):
 @dataclass
 class RunStats:
     pswpin: int = 0
-    pswpout: int = 0
+    pswpout: int = 0               # pages written to slots
+    dropped: int = 0               # pages the agent moved out (written for it, or CLEAN: no write)
+    clean_written: int = 0         # CLEAN pages written (their slots freed); the fault thread's added in counts()
     zero_fills: int = 0
     wp_faults: int = 0
     poisoned: int = 0
@@ -371,7 +379,7 @@ class RunProcess:
 
     @property
     def slots_held(self) -> int:
-        return self.table.count(SWAPPED) + self.table.count(INFLIGHT)
+        return sum(self.table.count(s) for s in HOLD_SLOT)
 
     @property
     def filled(self) -> int:
@@ -465,7 +473,7 @@ class RunProcess:
             msgs = self.engine.drain()
             for kind, slot, count, ev in msgs:
                 if kind == FREED:
-                    self._freed(slot, count)
+                    self._freed(slot, count, ev)
                 elif kind == EVENT:        # the thread waits for us: the table must change first
                     await self.handle(ev)
                     self.engine.resume()
@@ -505,7 +513,8 @@ class RunProcess:
             self.learn_pid(ev.thread_id)
         if ev.is_wp:
             e = t.get(a)
-            if e and state_of(e) != SWAPPED:   # invariant 3: an eviction of a written page is cancelled
+            clean = bool(e) and state_of(e) == CLEAN
+            if e and state_of(e) != SWAPPED and not clean:   # invariant 3: an eviction of a written page is cancelled
                 t.set(a, 0)
                 if state_of(e) == INFLIGHT:
                     self.tree.unref(slot_of(e))
@@ -513,10 +522,15 @@ class RunProcess:
             try:
                 self.uffd.write_protect(a, PS, protect=False)
             except OSError as err:
-                if err.errno == errno.EAGAIN:
+                if err.errno == errno.EAGAIN:   # still protected: a CLEAN page stays so
                     self.stats.eagain += 1
                     return False
                 self._wake(a)
+            # Invariant 5: no await since the un-protect; its slot is stale.  Unless the fault thread lifted it
+            # first (another thread's write), under the table's lock, and dropped the reference itself (FREED).
+            if clean and t.swap(a, e, 0):
+                self.tree.unref(slot_of(e))
+                self.stats.clean_written += 1
             self.stats.wp_faults += 1
             return True
         e = t.claim(a)
@@ -543,18 +557,20 @@ class RunProcess:
                     return True
                 self._unclaim(a, slot, 1)
                 return False
-        if not self._fill(a, lambda: self.uffd.copy(a, self.ra.address, PS), "pswpin"):
+        # A read installs it write-protected and CLEAN (invariant 5), a write writable, its slot freed.
+        mode = CopyMode.NONE if ev.is_write else CopyMode.WP
+        if not self._fill(a, lambda: self.uffd.copy(a, self.ra.address, PS, mode), "pswpin"):
             self._unclaim(a, slot, n)
             return False
-        self._installed(a, slot, 1)
+        self._installed(a, slot, 1, clean=not ev.is_write)
         self.daemon.stats.pswpin += 1
         for i in range(1, n):              # no fault waits on these: EAGAIN or EEXIST ends the window
             try:
-                self.uffd.copy(a + i * PS, self.ra.address + i * PS, PS)
+                self.uffd.copy(a + i * PS, self.ra.address + i * PS, PS, CopyMode.WP)
             except OSError:                # events pending (mmap_changing), or the range changed
                 self._unclaim(a + i * PS, slot + i, n - i)
                 break
-            self._installed(a + i * PS, slot + i, 1)
+            self._installed(a + i * PS, slot + i, 1, clean=True)
             self.stats.pswpin += 1
             self.stats.readahead_pages += 1
             self.daemon.stats.pswpin += 1
@@ -577,17 +593,22 @@ class RunProcess:
         self.engine.add_filled(1)
         return True
 
-    def _freed(self, slot: int, count: int) -> None:
-        """The fault thread swapped in the pages of slots slot.. (count): this process's references go."""
+    def _freed(self, slot: int, count: int, swapped_in: int) -> None:
+        """The fault thread dropped this process's references to slots slot.. (count) and swapped in
+        ``swapped_in`` pages."""
         for s in range(slot, slot + count):
             self.tree.unref(s)
-        self.daemon.stats.pswpin += count
+        self.daemon.stats.pswpin += swapped_in
 
-    def _installed(self, a: int, slot: int, n: int) -> None:
-        """Pages a.. (claimed) are in: their entries and this process's references to their slots go."""
+    def _installed(self, a: int, slot: int, n: int, clean: bool = False) -> None:
+        """Pages a.. (claimed) are in: CLEAN with their slots if installed write-protected (``clean``), else
+        their entries and this process's references to their slots go."""
         for i in range(n):
-            self.table.set(a + i * PS, 0)
-            self.tree.unref(slot + i)
+            if clean:
+                self.table.set(a + i * PS, entry(CLEAN, slot + i))
+            else:
+                self.table.set(a + i * PS, 0)
+                self.tree.unref(slot + i)
 
     def _unclaim(self, a: int, slot: int, n: int) -> None:
         for i in range(n):
@@ -600,18 +621,19 @@ class RunProcess:
             pass
 
     def _forget(self, e: int) -> None:
-        """An entry taken out of the table: the reference its slot held (SWAPPED, INFLIGHT) goes."""
-        if state_of(e) in (SWAPPED, INFLIGHT):
+        """An entry taken out of the table: the reference its slot held (SWAPPED, INFLIGHT, CLEAN) goes."""
+        if state_of(e) in HOLD_SLOT:
             self.tree.unref(slot_of(e))
 
     def invalidate(self, start: int, end: int) -> None:
         """REMOVE/UNMAP: the contents of [start, end) are gone, and so are their slots; an eviction of a
-        page there is cancelled, a SHARED mark forgotten."""
+        page there is cancelled, a SHARED mark forgotten, a CLEAN page's slot freed."""
         for _, e in self.table.walk(start, end, take=True):
             self._forget(e)
 
     def remap(self, old: int, new: int, length: int) -> None:
-        """REMAP: swapped pages move with their range; a pending eviction of a moved page is cancelled."""
+        """REMAP: swapped pages move with their range; a pending eviction of a moved page is cancelled, a
+        CLEAN one's slot freed (it moved resident; a write to it, still protected, finds no entry)."""
         moved = []
         for a, e in self.table.walk(old, old + length, take=True):
             if state_of(e) == SWAPPED:
@@ -628,8 +650,9 @@ class RunProcess:
     def fork(self, fd: int) -> None:
         """EVENT_FORK, read while the parent still waits in fork() and before the child runs: the child's
         registered memory is served through ``fd``; its missing pages that are swapped here are filled from
-        the same slots (one more reference each).  Pages in flight here are resident at the fork: the child
-        has its own copy (write-protected, as here), and their slots stay ours.  Which process the child is
+        the same slots (one more reference each).  Pages in flight or CLEAN here are resident at the fork: the
+        child has its own copy (write-protected, as here; its write finds no entry in its table and lifts it),
+        and their slots stay ours.  Which process the child is
         comes with its first fault (THREAD_ID; the preload's atfork handler makes one at once)."""
         child_uffd = Userfaultfd.from_fd(fd)
         os.set_blocking(fd, False)         # not inherited from the parent's fcntl (RUN-DESIGN)
@@ -792,6 +815,12 @@ class RunProcess:
         if want <= 0 or self.sock is None:  # no agent (a raw fork's child): counted, served, never evicted
             return
         room = self.slot_room()
+        if room < want and self.table.count(CLEAN):
+            # Short of store room: CLEAN pages give their slots back first, as the kernel frees swap cache
+            # when swap runs full.  They stay resident and protected; a write finds no entry and lifts it.
+            for _, e in self.table.walk(states=(CLEAN,), take=True):
+                self._forget(e)
+            room = self.slot_room()
         if room < want:
             self.stats.no_room += 1
             self.daemon.log_limited(f"runroom {self.id}", logging.WARNING, "run %d (pid %d): no store room "
@@ -871,12 +900,14 @@ class RunProcess:
     async def evict(self, runs: list[tuple[int, int]]) -> None:
         """Invariant 1, in this order: claim (the fault thread then hands a write to these pages to
         Python, which cancels), write-protect, read through /proc/PID/mem, write slots, agent drop,
-        publish SWAPPED.  Whatever is still claimed or in flight at the end stays resident."""
+        publish SWAPPED.  A CLEAN page is claimed straight into INFLIGHT (invariant 5): its slot holds it
+        already, so it is neither read nor written, only dropped.  Whatever is still in flight at the end
+        stays resident as CLEAN (protected, equal to its slot); what is still claimed stays resident."""
         t = self.table
         claimed, kept = [], []
         for a, n in runs:
-            if not t.claim_free(a, n, entry(CLAIMED)):
-                continue                        # a page of it has an entry (SHARED since the count)
+            if not t.claim_evict(a, n):
+                continue                        # a page of it has another entry (SHARED since the count)
             claimed.append((a, n))
             for _ in range(DRAIN_ROUNDS):
                 try:
@@ -894,17 +925,20 @@ class RunProcess:
             room = self.slot_room()       # other runs may have taken slots since reclaim looked
             pos = 0
             read = []
-            for a, n in (kept if self.readable() else ()):   # awaited since reclaim's check: again
-                if pos + n > room:
-                    continue                        # write-protected but kept: a WP fault lifts the protection
-                try:
-                    got = os.preadv(self.image.mem, [buf.view[pos * PS:(pos + n) * PS]], a)
-                except OSError:
-                    got = 0
-                if got != n * PS:
-                    continue                        # unmapped meanwhile; a WP fault lifts the protection
-                read.append((a, n, pos))
-                pos += n
+            if not self.readable():             # awaited since reclaim's check: again
+                kept = []                       # nothing is dropped either: the CLEAN pages stay so
+            for a, n in kept:
+                for f, k in t.runs(a, n, CLAIMED, n):   # the pages without a slot (CLEAN ones, INFLIGHT, have theirs)
+                    if pos + k > room:
+                        continue                    # write-protected but kept: a WP fault lifts the protection
+                    try:
+                        got = os.preadv(self.image.mem, [buf.view[pos * PS:(pos + k) * PS]], f)
+                    except OSError:
+                        got = 0
+                    if got != k * PS:
+                        continue                    # unmapped meanwhile; a WP fault lifts the protection
+                    read.append((f, k, pos))
+                    pos += k
             # One slot write for the batch (split only where the allocator gives a shorter range): slots follow
             # the buffer, so the pages of a run get consecutive slots (what swap-in readahead looks for).
             pages = [a + i * PS for a, n, _ in read for i in range(n)]
@@ -923,13 +957,20 @@ class RunProcess:
                     self.daemon.log_limited("runwrite", logging.ERROR, "run %d: slot write failed: %s", self.id, e)
                     break
                 # the slots are complete; a page is still here unless written meanwhile (its claim cancelled)
+                written = 0
                 for i, ok in enumerate(t.assign(pages[done:done + got], CLAIMED, INFLIGHT, first)):
+                    written += ok
                     if not ok:
                         self.tree.unref(first + i)
+                self.stats.pswpout += written
+                self.daemon.stats.pswpout += written
                 done += got
         await self.drop(kept)
-        for a, n in claimed:                    # not moved: the pages stay, their slots go
-            for e in t.change(a, n, (CLAIMED, INFLIGHT), 0):
+        for a, n in claimed:
+            # Not moved.  Still in flight: protected and equal to its slot since its claim (a write would have
+            # cancelled it, invariant 3): CLEAN, its slot kept.  Still claimed: no slot; the page stays.
+            t.change(a, n, (INFLIGHT,), CLEAN)
+            for e in t.change(a, n, (CLAIMED,), 0):
                 self._forget(e)
         self.tree.recount()                     # a fault thread waiting above the hard line sees the room
 
@@ -964,10 +1005,9 @@ class RunProcess:
             for k in range(reply.count):
                 moved = reply.len[k] // PS
                 t.change(reply.addr[k], moved, (INFLIGHT,), SWAPPED)
-                self.stats.pswpout += moved
+                self.stats.dropped += moved
                 self.evicted += moved
                 self.resident = max(0, self.resident - moved)   # until the next count
-                self.daemon.stats.pswpout += moved
                 err = reply.err[k]
                 if not err:
                     continue
@@ -1041,7 +1081,7 @@ class RunProcess:
     def release(self) -> None:
         """Drop every slot reference this process holds and close what we opened (no fd outlives it).
 
-        A slot reference is in exactly one place: an entry of the table (SWAPPED, INFLIGHT), or a FREED in the
+        A slot reference is in exactly one place: an entry of the table (SWAPPED, INFLIGHT, CLEAN), or a FREED in the
         engine's ring (a swap-in cleared the entries, Python has not read it yet; the thread never drops one,
         not even once stop began: runeng.c post).  So the ring is read to its end after the thread is gone, then
         the table taken: every reference goes exactly once.  A FORK still in the ring is a child nobody will
@@ -1053,7 +1093,7 @@ class RunProcess:
             unserved = []
             for kind, slot, count, ev in self.engine.drain():   # what the thread did last
                 if kind == FREED:
-                    self._freed(slot, count)
+                    self._freed(slot, count, ev)
                 elif isinstance(ev, Fork):
                     unserved.append(ev.uffd)
             for fd in unserved:            # the table as the fork saw it (SWAPPED entries), FREED applied
@@ -1081,6 +1121,7 @@ class RunProcess:
                 "agent": self.sock is not None, "resident_pages": self.resident,
                 "cow_shared_pages": self.table.count(SHARED) if self.table.c is not None else 0,
                 "swapped_pages": self.table.count(SWAPPED) if self.table.c is not None else 0,
+                "clean_pages": self.table.count(CLEAN) if self.table.c is not None else 0,
                 "registered_ranges": len(self.ranges), **self.counts()}
 
     def counts(self) -> dict:
@@ -1092,6 +1133,7 @@ class RunProcess:
         out["readahead_pages"] += e.readahead
         out["zero_fills"] += e.zero_fills
         out["wp_faults"] += e.wp_faults
+        out["clean_written"] += e.clean_written
         out["engine_faults"] = e.engine_faults
         out["slow_path_faults"] = e.forwarded
         out["faults"] = e.engine_faults + e.forwarded
