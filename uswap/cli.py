@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bench", help="measure uswap against kernel swap on the same disk")
-    p.add_argument("--workloads", default="seq,random,zipf,hog", help="comma-separated: seq,random,zipf,hog")
+    p.add_argument("--workloads", default="seq,random,zipf,hog", help="comma-separated: seq,random,zipf,hog,threads (8 threads random on one region)")
     p.add_argument("--size", type=_size, default=1 << 30, help="working set (default 1G)")
     p.add_argument("--resident", type=_size, default=256 << 20, help="budget and memcg limit (default 256M)")
     p.add_argument("--against", default="native", help="kernel rows: native,fuse,zram,zswap (default native)")
