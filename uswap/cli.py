@@ -128,6 +128,8 @@ def cmd_daemon(args) -> int:
     batch = writeback_batch(args.writeback_batch)
     options.resident(args.resident)
     options.readahead(args.readahead)
+    fault_threads = options.fault_threads(args.fault_threads if args.fault_threads is not None
+                                          else options.default_fault_threads())
     options.timeout("--nfs-timeout", args.nfs_timeout)
     options.timeout("--map-timeout", args.map_timeout)
     if args.user_max_size is not None:
@@ -146,7 +148,7 @@ def cmd_daemon(args) -> int:
     harden_process()
     trio.run(functools.partial(run_daemon, store_spec=args.store, socket_path=socket_path,
                                budget=args.resident, io_mode=args.io, readahead=args.readahead,
-                               nfs_timeout=args.nfs_timeout, nfs_stable=args.nfs_stable, group=group,
+                               fault_threads=fault_threads, nfs_timeout=args.nfs_timeout, nfs_stable=args.nfs_stable, group=group,
                                user_max_size=args.user_max_size, user_max_regions=args.user_max_regions,
                                user_max_connections=args.user_max_connections, map_timeout=args.map_timeout,
                                encrypt=args.encrypt == "on", writeback_batch=batch, run_users=run_users,
@@ -445,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"slot I/O mode (default {DEFAULTS.io}: measured, docs/BENCHMARKS.md)")
     p.add_argument("--readahead", type=int, default=DEFAULTS.readahead,
                    help=f"swap-in window in pages, 1 (off) to {options.MAX_READAHEAD} (default {DEFAULTS.readahead})")
+    p.add_argument("--fault-threads", type=int, default=None, metavar="N",
+                   help=f"threads serving each region's faults, 1 to {options.MAX_FAULT_THREADS} (default: the CPUs, "
+                        f"at most 4; here {options.default_fault_threads()})")
     p.add_argument("--writeback-batch", type=int, default=None, metavar="N",
                    help="pages per writeback batch, 1 to 256 (default 64: measured; "
                         "docs/BENCHMARKS.md)")

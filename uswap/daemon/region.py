@@ -100,7 +100,7 @@ class Region:
         local = daemon.store_fd
         self.engine = Engine(self.map, uffd=uffd.fd, memfd=memfd, addr=addr, store_fd=local,
                              codec=daemon.codec_c if local >= 0 else None, slots=daemon.slots,
-                             readahead=daemon.readahead)
+                             readahead=daemon.readahead, threads=daemon.fault_threads)
 
     # -- accounting -------------------------------------------------------
 
