@@ -21,9 +21,9 @@
  *   - The ring is the only channel from the engine to Python; it keeps each
  *     fault thread's order (what Python needs of it: post).
  *   - Several fault threads serve a region (uswap_engine_start: threads); they
- *     share the map, the ring, the counters (atomic) and the window size
- *     (relaxed atomics, a heuristic); each has its own buffers, io_uring rings
- *     and readahead stream.  A thread never waits for a page Python holds; it
+ *     share the map, the ring, the counters (atomic) and the window sizes
+ *     (per client thread, relaxed atomics: a heuristic); each has its own
+ *     buffers, io_uring rings and readahead stream.  A thread never waits for a page Python holds; it
  *     waits a bounded time for one another thread holds (claim_for_fault).
  *   - The engine never calls into Python and never takes the GIL; its threads
  *     have every signal blocked.
@@ -53,6 +53,7 @@
 #define MAX_WINDOW USWAP_MAX_READAHEAD
 #define AHEAD_DEPTH 2                  /* windows read ahead of a stream, in flight at once */
 #define AHEAD_REACH (4 * MAX_WINDOW)   /* how far past the stream's last fault they may go */
+#define RA_STREAMS 64                  /* window states per region, one per faulting thread (by its tid) */
 
 /* ------------------------------------------------------------------ */
 /* the swap map                                                        */
@@ -275,7 +276,18 @@ struct fault_thread {
 	int streaming;                 /* faults stream forward: keep windows in flight */
 	uint64_t stream_next;          /* the stream's next page to read ahead */
 	uint64_t stream_fault;         /* atomic: its last fault (another thread's fault may move it) */
+	uint32_t stream_tid;           /* the client thread whose faults the stream follows */
 	uint64_t hold_first, hold_n;   /* atomic: the run it claimed for a fault (hold_n 0: none) */
+};
+
+/* The adaptive window of one faulting thread of the client (file readahead keeps it per
+ * open file; a region's threads each walk their own way, so here it is per thread).
+ * Fields are relaxed atomics: two fault threads serving one client thread's faults at once
+ * may both move it (a window one step off, never out of 1..ra_max). */
+struct ra_state {
+	uint32_t tid;                  /* the faulting thread (UFFD_FEATURE_THREAD_ID; 0 without it) */
+	uint32_t size;
+	int64_t last_fault;
 };
 
 struct uswap_engine {
@@ -288,8 +300,7 @@ struct uswap_engine {
 	struct uswap_codec codec;      /* read-only; decode is thread-safe (a cipher context per call) */
 	struct uswap_slots *slots;     /* the daemon's allocator (atomic frees): slots made stale here are freed here */
 	uint32_t ra_max;
-	uint32_t ra_size;              /* atomic: the window adapts to the region's faults, whichever thread reads them */
-	int64_t last_fault;            /* atomic */
+	struct ra_state ra[RA_STREAMS];   /* the adaptive window, per faulting thread of the client */
 	int install_dirty;             /* atomic: swap-ins go in writable (set by Python) */
 
 	int nthreads;
@@ -385,23 +396,34 @@ static int fill(struct uswap_engine *e, const void *buf, uint64_t page, uint64_t
 	return 0;
 }
 
-/* The readahead window's size for a fault at page (adaptive, like file readahead).  The
- * state is the region's, shared by its fault threads with relaxed atomics: a fault reads
- * and moves it without a lock, so two at once may both double it or both see the older
- * fault (a window one step off, never out of 1..ra_max). */
-static uint32_t window(struct uswap_engine *e, uint64_t page)
+static struct ra_state *ra_of(struct uswap_engine *e, uint32_t tid)
 {
-	int64_t dist = (int64_t)page - __atomic_load_n(&e->last_fault, __ATOMIC_RELAXED);
+	return &e->ra[(tid * 2654435761u) >> 26];   /* RA_STREAMS = 2^6 slots */
+}
+
+/* The readahead window's size for a fault of thread tid at page (adaptive, like file
+ * readahead): a fault near the thread's previous one doubles it, one elsewhere halves it.
+ * A slot another thread used last starts over. */
+static uint32_t window(struct uswap_engine *e, uint64_t page, uint32_t tid)
+{
+	struct ra_state *r = ra_of(e, tid);
+	uint32_t size = __atomic_load_n(&r->size, __ATOMIC_RELAXED);
+	int64_t last = __atomic_load_n(&r->last_fault, __ATOMIC_RELAXED);
+	if (__atomic_load_n(&r->tid, __ATOMIC_RELAXED) != tid || size == 0) {
+		__atomic_store_n(&r->tid, tid, __ATOMIC_RELAXED);
+		size = 1;
+		last = -(1LL << 40);
+	}
+	int64_t dist = (int64_t)page - last;
 	if (dist < 0)
 		dist = -dist;
-	uint32_t size = __atomic_load_n(&e->ra_size, __ATOMIC_RELAXED);
 	int64_t near = size > 2 ? size : 2;
 	if (dist <= near)
 		size = size * 2 < e->ra_max ? size * 2 : e->ra_max;
 	else
 		size = size / 2 > 1 ? size / 2 : 1;
-	__atomic_store_n(&e->ra_size, size, __ATOMIC_RELAXED);
-	__atomic_store_n(&e->last_fault, (int64_t)page, __ATOMIC_RELAXED);
+	__atomic_store_n(&r->size, size, __ATOMIC_RELAXED);
+	__atomic_store_n(&r->last_fault, (int64_t)page, __ATOMIC_RELAXED);
 	return size;
 }
 
@@ -664,7 +686,8 @@ static void finish_window(struct fault_thread *t, int i, int install)
 	} else {
 		publish_installed(e, w->first, w->n, w->slots, -1, 0, all_dirty);
 		count(&e->stats.readahead, w->n);
-		__atomic_store_n(&e->last_fault, (int64_t)w->first, __ATOMIC_RELAXED);   /* the stream goes on from here */
+		/* the stream goes on from this window */
+		__atomic_store_n(&ra_of(e, t->stream_tid)->last_fault, (int64_t)w->first, __ATOMIC_RELAXED);
 	}
 	__atomic_store_n(&w->active, 0, __ATOMIC_RELEASE);
 	wake_hold_waiters(e);
@@ -834,13 +857,13 @@ static int claim_for_fault(struct fault_thread *t, uint64_t page, uint64_t *entr
  * choice, for a region whose swapped-in pages are nearly all written next)
  * the whole window goes in writable and every slot is freed, so no write
  * fault comes back for them. */
-static int swap_in(struct fault_thread *t, uint64_t page, uint64_t entry, int write)
+static int swap_in(struct fault_thread *t, uint64_t page, uint64_t entry, int write, uint32_t tid)
 {
 	struct uswap_engine *e = t->e;
 	struct uswap_swapmap *m = e->map;
 	int64_t slots[MAX_WINDOW];
 	uint64_t first;
-	uint64_t n = claim_window(e, page, slot_of(entry), window(e, page), &first, slots), was = first;
+	uint64_t n = claim_window(e, page, slot_of(entry), window(e, page, tid), &first, slots), was = first;
 	if (fit_budget(e, &first, &n, page - first) < 0)
 		return -ENOMEM;
 	if (first != was)
@@ -870,6 +893,7 @@ static int swap_in(struct fault_thread *t, uint64_t page, uint64_t entry, int wr
 	if (e->ra_max > 1 && n == e->ra_max && page - first <= n / 4) {   /* a full window entered at its front */
 		t->streaming = t->ahead_ring_ok;
 		t->stream_next = first + n;
+		t->stream_tid = tid;
 		__atomic_store_n(&t->stream_fault, page, __ATOMIC_RELAXED);
 		top_up(t);
 	}
@@ -882,11 +906,11 @@ void uswap_engine_set_install_dirty(struct uswap_engine *e, int on)
 }
 
 /* First touch: zero pages for the faulting page and the never-touched pages after it. */
-static int zero_fill(struct fault_thread *t, uint64_t page)
+static int zero_fill(struct fault_thread *t, uint64_t page, uint32_t tid)
 {
 	struct uswap_engine *e = t->e;
 	struct uswap_swapmap *m = e->map;
-	uint32_t limit = window(e, page);
+	uint32_t limit = window(e, page, tid);
 	uint64_t n = 1;
 	while (n < limit && page + n < m->pages) {
 		uint64_t x = load(m, page + n);
@@ -969,9 +993,9 @@ static void handle_fault(struct fault_thread *t, const struct uffd_msg *m)
 			ret = -EAGAIN;   /* WRITEBACK (a writer waits), POISONED: Python's */
 		}
 	} else if (s == USWAP_SWAPPED) {
-		ret = swap_in(t, page, entry, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0);
+		ret = swap_in(t, page, entry, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0, m->arg.pagefault.feat.ptid);
 	} else if (s == USWAP_ABSENT) {
-		ret = zero_fill(t, page);
+		ret = zero_fill(t, page, m->arg.pagefault.feat.ptid);
 	} else {
 		uswap_map_publish(e->map, page, s, slot_of(entry), -1);
 		ret = is_resident(s) ? uswap_uffd_wake(e->uffd, address & ~(uint64_t)(e->page_size - 1), e->page_size)
@@ -1110,8 +1134,6 @@ int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t ad
 	if (codec)
 		e->codec = *codec;
 	e->ra_max = readahead < 1 ? 1 : readahead > MAX_WINDOW ? MAX_WINDOW : readahead;
-	e->ra_size = 1;
-	e->last_fault = -(1LL << 40);
 	e->notify_fd = e->stop_fd = -1;
 	pthread_mutex_init(&e->lock, NULL);
 	pthread_cond_init(&e->space, NULL);

@@ -332,10 +332,14 @@ def test_a_forward_stream_is_read_ahead_and_a_bad_window_never_goes_in(rig, corr
     if corrupt:
         rig.corrupt_slot(5)
     engine = rig.start_engine(readahead=2)
-    for page in (0, 1):      # the second fault is near the first: a full window, entered at its front
-        reader = rig.touch(page)
-        assert joined(reader)
-        assert bytes(reader.buf.view) == pattern(page)
+    # One thread faults twice, the second near the first (the window is per faulting thread):
+    # a full window, entered at its front.
+    bufs = [AlignedBuffer(PAGE_SIZE) for _ in range(2)]
+    walker = threading.Thread(target=lambda: [page_copy(bufs[p].address, rig.address(p), PAGE_SIZE) for p in (0, 1)],
+                              daemon=True)
+    walker.start()
+    walker.join(5)
+    assert not walker.is_alive() and [bytes(b.view) for b in bufs] == [pattern(0), pattern(1)]
     bad = {5, 6} if corrupt else set()   # windows of 2 from page 3: [3, 4], [5, 6], [7]
     wait_until(lambda: engine.stats().readahead == PAGES - 3 - len(bad), "read the stream ahead")
     faults = engine.stats().engine_faults
@@ -468,3 +472,18 @@ def test_fault_threads_serve_eight_threads_on_one_region(tmp_path, corrupt):
             server.stop.set()
             server.join(5)
         rig.close()
+
+
+def test_the_window_is_per_faulting_thread(rig):
+    """Neighbouring faults of two different threads are not a stream: each thread's window starts at one page,
+    so nothing is read ahead (the same two faults from one thread are: the test above)."""
+    rig.swap_out_all()
+    engine = rig.start_engine(readahead=2)
+    for page in (0, 1):
+        reader = rig.touch(page)
+        assert joined(reader) and bytes(reader.buf.view) == pattern(page)
+    wait_until(lambda: engine.stats().pswpin == 2, "swapped in both pages")
+    time.sleep(SETTLE)
+    s = engine.stats()
+    assert (s.pswpin, s.readahead) == (2, 0), s
+    assert [rig.map.state(p) for p in range(2, PAGES)] == [SWAPPED] * (PAGES - 2)
