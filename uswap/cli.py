@@ -128,8 +128,7 @@ def cmd_daemon(args) -> int:
     batch = writeback_batch(args.writeback_batch)
     options.resident(args.resident)
     options.readahead(args.readahead)
-    fault_threads = options.fault_threads(args.fault_threads if args.fault_threads is not None
-                                          else options.default_fault_threads())
+    fault_threads = options.fault_threads(args.fault_threads)
     options.timeout("--nfs-timeout", args.nfs_timeout)
     options.timeout("--map-timeout", args.map_timeout)
     if args.user_max_size is not None:
@@ -447,9 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"slot I/O mode (default {DEFAULTS.io}: measured, docs/BENCHMARKS.md)")
     p.add_argument("--readahead", type=int, default=DEFAULTS.readahead,
                    help=f"swap-in window in pages, 1 (off) to {options.MAX_READAHEAD} (default {DEFAULTS.readahead})")
-    p.add_argument("--fault-threads", type=int, default=None, metavar="N",
-                   help=f"threads serving each region's faults, 1 to {options.MAX_FAULT_THREADS} (default: the CPUs, "
-                        f"at most 4; here {options.default_fault_threads()})")
+    p.add_argument("--fault-threads", type=int, default=DEFAULTS.fault_threads, metavar="N",
+                   help=f"threads serving each region's faults, 1 to {options.MAX_FAULT_THREADS} (default "
+                        f"{DEFAULTS.fault_threads})")
     p.add_argument("--writeback-batch", type=int, default=None, metavar="N",
                    help="pages per writeback batch, 1 to 256 (default 64: measured; "
                         "docs/BENCHMARKS.md)")

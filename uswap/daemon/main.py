@@ -9,6 +9,7 @@ import signal
 import trio
 
 from uswap._core import lib
+from uswap.config import DEFAULTS
 from uswap.core import PAGE_SIZE
 from uswap.daemon import notify
 from uswap.daemon.limits import UserLimits
@@ -66,7 +67,7 @@ def run_policy(users: frozenset[int] | None, max_runs: int,
 
 
 async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode: str, readahead: int,
-                     fault_threads: int | None = None,
+                     fault_threads: int = DEFAULTS.fault_threads,
                      nfs_timeout: float, nfs_stable: str, group: int | None = None, user_max_size: int | None = None,
                      user_max_regions: int = 64, user_max_connections: int = 64, map_timeout: float = 10.0,
                      encrypt: bool = True, writeback_batch: int | None = None,

@@ -8,7 +8,7 @@ ranges are what the daemon can serve, not taste:
   budget), at most the machine's physical memory (a budget above it bounds nothing);
 - ``--readahead``: 1 (off) to the engine's largest window (csrc/uswap_engine.h USWAP_MAX_READAHEAD);
 - ``--fault-threads``: 1 to the engine's most (csrc/uswap_engine.h USWAP_MAX_FAULT_THREADS); each thread of
-  each region holds its buffers and io_uring rings (about 0.8 MiB at the largest window);
+  each region holds its buffers, io_uring rings and stack (about 1 MiB);
 - timeouts: from 0.1 s to a day;
 - per-uid counts: 0 or 1 (as the option's meaning needs) to fs.nr_open, the most fds a process may hold (each
   connection, region and run holds at least one of the daemon's);
@@ -52,11 +52,6 @@ def resident(nbytes: int, option: str = "--resident") -> int:
 def readahead(pages: int) -> int:
     return check_range("--readahead", pages, 1, MAX_READAHEAD, unit=" pages", why="1 is off; at most the engine's "
                        "largest window")
-
-
-def default_fault_threads() -> int:
-    """Fault threads per region by default: the CPUs, at most 4 (docs/BENCHMARKS.md "Fault threads")."""
-    return max(1, min(os.cpu_count() or 1, 4))
 
 
 def fault_threads(n: int) -> int:

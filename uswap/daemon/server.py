@@ -145,13 +145,12 @@ def check_socket_path(path: str) -> None:
 
 class Daemon:
     def __init__(self, store: Store, socket_path: str, *, budget: int, io_mode: str = DEFAULTS.io,
-                 readahead: int = DEFAULTS.readahead, fault_threads: int | None = None, batch: int | None = None,
+                 readahead: int = DEFAULTS.readahead, fault_threads: int = DEFAULTS.fault_threads, batch: int | None = None,
                  group: int | None = None,
                  limits: UserLimits | None = None, map_timeout: float = 10.0, run_policy: RunPolicy | None = None):
         budget = options.resident(budget)     # the command line checked them first (uswap.daemon.options)
         readahead = options.readahead(readahead)
-        fault_threads = options.fault_threads(options.default_fault_threads() if fault_threads is None
-                                              else fault_threads)
+        fault_threads = options.fault_threads(fault_threads)
         batch = writeback_batch(batch)
         self.store = store
         self.socket_path = socket_path
