@@ -2,7 +2,7 @@
  * The fault engine (see uswap_engine.h): the swap map, a thread per region
  * serving faults, and writeback's per-page work.
  *
- * The engine thread reads like the kernel's fault path:
+ * A fault thread reads like the kernel's fault path:
  *   handle_fault (do_swap_page / do_wp_page) decides,
  *   swap_in (swap_readpage with a readahead window) reads and checks,
  *   install (UFFDIO_COPY / UFFDIO_ZEROPAGE) maps, publish updates the map.
@@ -18,9 +18,15 @@
  *     flight.
  *   - The resident counts (region and budget) change only in publish, from
  *     the old state to the new, so they are exact whoever publishes.
- *   - The ring is the only channel from the engine to Python; it keeps order.
- *   - The engine never calls into Python and never takes the GIL; its thread
- *     has every signal blocked.
+ *   - The ring is the only channel from the engine to Python; it keeps each
+ *     fault thread's order (what Python needs of it: post).
+ *   - Several fault threads serve a region (uswap_engine_start: threads); they
+ *     share the map, the ring, the counters (atomic) and the window sizes
+ *     (per client thread, relaxed atomics: a heuristic); each has its own
+ *     buffers, io_uring rings and readahead stream.  A thread never waits for a page Python holds; it
+ *     waits a bounded time for one another thread holds (claim_for_fault).
+ *   - The engine never calls into Python and never takes the GIL; its threads
+ *     have every signal blocked.
  */
 #define _GNU_SOURCE
 #include "uswap_engine.h"
@@ -33,8 +39,10 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <liburing.h>
@@ -45,6 +53,7 @@
 #define MAX_WINDOW USWAP_MAX_READAHEAD
 #define AHEAD_DEPTH 2                  /* windows read ahead of a stream, in flight at once */
 #define AHEAD_REACH (4 * MAX_WINDOW)   /* how far past the stream's last fault they may go */
+#define RA_STREAMS 64                  /* window states per region, one per faulting thread (by its tid) */
 
 /* ------------------------------------------------------------------ */
 /* the swap map                                                        */
@@ -232,53 +241,81 @@ int uswap_codec_decode(const struct uswap_codec *c, void *buf, uint64_t first_sl
 }
 
 /* ------------------------------------------------------------------ */
-/* the engine thread                                                   */
+/* the fault threads                                                   */
 /* ------------------------------------------------------------------ */
 
-/* A window read ahead of a stream: its pages are claimed (BUSY) by the engine from its
- * read's start to its install (finish_window). */
+/* A window read ahead of a stream: its pages are claimed (BUSY) by its fault thread from
+ * its read's start to its install (finish_window).  first and n are written before active
+ * is set and read by the other fault threads (engine_holds) only after active. */
 struct ahead_window {
-	int active;
-	uint64_t first, n;
+	int active;                   /* atomic */
+	uint64_t first, n;            /* atomic */
 	uint32_t in_flight;           /* its reads not yet completed */
 	int err;                      /* the first error among them */
 	void *buf;                    /* MAX_WINDOW pages, aligned for O_DIRECT */
 	int64_t slots[MAX_WINDOW];
 };
 
-struct uswap_engine {
-	struct uswap_swapmap *map;
-	int uffd, memfd, store_fd;
-	int notify_fd;       /* eventfd: Python waits on it */
-	int stop_fd;         /* eventfd: tells the thread to stop */
-	uint64_t addr;
-	uint32_t page_size;
-	struct uswap_codec codec;
-	struct uswap_slots *slots;     /* the daemon's allocator: slots made stale here are freed here */
-	uint32_t ra_max, ra_size;
-	int64_t last_fault;
-	void *buf;           /* ra_max pages, aligned for O_DIRECT */
-	struct io_uring uring;         /* readahead: several slot runs in flight at once */
-	int uring_ok;
+/* One fault thread: what only it touches (its buffers, its io_uring rings, liburing's
+ * rings being single-issuer; its readahead stream), and the run of pages it holds for a
+ * swap-in or zero-fill, published for the other fault threads (engine_holds). */
+struct fault_thread {
+	struct uswap_engine *e;
+	pthread_t thread;
+	int started;
+	int epfd;                      /* the uffd (EPOLLEXCLUSIVE), the stop eventfd, its readahead ring */
+	void *buf;                     /* ra_max pages, aligned for O_DIRECT */
+	struct io_uring uring;         /* a window's slot runs in flight at once */
+	int uring_init, uring_ok;      /* made; still usable */
 	/* Async readahead of a forward stream (start_window and after): its windows, each
 	 * with its own buffer, read on their own ring. */
 	struct ahead_window ahead[AHEAD_DEPTH];
 	struct io_uring ahead_ring;
-	int ahead_ring_ok;
+	int ahead_ring_init, ahead_ring_ok;
+	int ahead_polled;              /* the ring's fd is in epfd */
 	int streaming;                 /* faults stream forward: keep windows in flight */
 	uint64_t stream_next;          /* the stream's next page to read ahead */
-	uint64_t stream_fault;         /* its last fault */
+	uint64_t stream_fault;         /* atomic: its last fault (another thread's fault may move it) */
+	uint32_t stream_tid;           /* the client thread whose faults the stream follows */
+	uint64_t hold_first, hold_n;   /* atomic: the run it claimed for a fault (hold_n 0: none) */
+};
+
+/* The adaptive window of one faulting thread of the client (file readahead keeps it per
+ * open file; a region's threads each walk their own way, so here it is per thread).
+ * Fields are relaxed atomics: two fault threads serving one client thread's faults at once
+ * may both move it (a window one step off, never out of 1..ra_max). */
+struct ra_state {
+	uint32_t tid;                  /* the faulting thread (UFFD_FEATURE_THREAD_ID; 0 without it) */
+	uint32_t size;
+	int64_t last_fault;
+};
+
+struct uswap_engine {
+	struct uswap_swapmap *map;
+	int uffd, memfd, store_fd;
+	int notify_fd;       /* eventfd: Python waits on it */
+	int stop_fd;         /* eventfd: tells every thread to stop (never read: stays readable) */
+	uint64_t addr;
+	uint32_t page_size;
+	struct uswap_codec codec;      /* read-only; decode is thread-safe (a cipher context per call) */
+	struct uswap_slots *slots;     /* the daemon's allocator (atomic frees): slots made stale here are freed here */
+	uint32_t ra_max;
+	struct ra_state ra[RA_STREAMS];   /* the adaptive window, per faulting thread of the client */
 	int install_dirty;             /* atomic: swap-ins go in writable (set by Python) */
 
-	pthread_mutex_t lock;          /* guards the ring */
+	int nthreads;
+	struct fault_thread *threads;
+
+	pthread_mutex_t lock;          /* guards the ring and stopping */
 	pthread_cond_t space;          /* the ring has room again */
+	pthread_cond_t released;       /* a fault thread gave up pages it held (under lock; see engine_holds) */
+	int hold_waiters;              /* atomic: threads waiting on released */
 	struct uswap_engine_msg ring[RING_SIZE];
 	uint64_t head, tail;           /* tail - head messages; head advanced by drain */
 	int stopping;                  /* under lock */
+	int quit;                      /* atomic: stop (a thread between faults looks here, one in epoll at stop_fd) */
 
 	struct uswap_engine_stats stats;   /* atomic fields */
-	pthread_t thread;
-	int started;
 };
 
 static void count(uint64_t *counter, uint64_t n)
@@ -287,7 +324,17 @@ static void count(uint64_t *counter, uint64_t n)
 }
 
 /* Queue a message for Python; wakes it when it is waiting for us (a forwarded
- * fault, or resident memory above the budget line) or the ring fills. */
+ * fault, or resident memory above the budget line) or the ring fills.
+ *
+ * Several fault threads post: the ring is taken under the lock, so messages of
+ * one thread stay in its order and those of different threads interleave.
+ * Python relies on no more than that (DESIGN.md "The fault engine"):
+ *   - every message is true when posted (pages are published before it);
+ *   - a page's INSTALLED/ZEROED precede its next ones: the page leaves
+ *     residency only through the CLOCK, which only that message puts it on;
+ *   - a FORWARD is served from the map as it is when Python serves it, and every
+ *     way a fault ends (install, wake, un-protect, poison) wakes the page's whole
+ *     range, so faults of one page may be forwarded, and served, in any order. */
 static void post(struct uswap_engine *e, const struct uswap_engine_msg *msg)
 {
 	pthread_mutex_lock(&e->lock);
@@ -349,19 +396,59 @@ static int fill(struct uswap_engine *e, const void *buf, uint64_t page, uint64_t
 	return 0;
 }
 
-/* The readahead window's size for a fault at page (adaptive, like file readahead). */
-static uint32_t window(struct uswap_engine *e, uint64_t page)
+static struct ra_state *ra_of(struct uswap_engine *e, uint32_t tid)
 {
-	int64_t dist = (int64_t)page - e->last_fault;
+	return &e->ra[(tid * 2654435761u) >> 26];   /* RA_STREAMS = 2^6 slots */
+}
+
+/* The readahead window's size for a fault of thread tid at page (adaptive, like file
+ * readahead): a fault near the thread's previous one doubles it, one elsewhere halves it.
+ * A slot another thread used last starts over. */
+static uint32_t window(struct uswap_engine *e, uint64_t page, uint32_t tid)
+{
+	struct ra_state *r = ra_of(e, tid);
+	uint32_t size = __atomic_load_n(&r->size, __ATOMIC_RELAXED);
+	int64_t last = __atomic_load_n(&r->last_fault, __ATOMIC_RELAXED);
+	if (__atomic_load_n(&r->tid, __ATOMIC_RELAXED) != tid || size == 0) {
+		__atomic_store_n(&r->tid, tid, __ATOMIC_RELAXED);
+		size = 1;
+		last = -(1LL << 40);
+	}
+	int64_t dist = (int64_t)page - last;
 	if (dist < 0)
 		dist = -dist;
-	int64_t near = e->ra_size > 2 ? e->ra_size : 2;
+	int64_t near = size > 2 ? size : 2;
 	if (dist <= near)
-		e->ra_size = e->ra_size * 2 < e->ra_max ? e->ra_size * 2 : e->ra_max;
+		size = size * 2 < e->ra_max ? size * 2 : e->ra_max;
 	else
-		e->ra_size = e->ra_size / 2 > 1 ? e->ra_size / 2 : 1;
-	e->last_fault = (int64_t)page;
-	return e->ra_size;
+		size = size / 2 > 1 ? size / 2 : 1;
+	__atomic_store_n(&r->size, size, __ATOMIC_RELAXED);
+	__atomic_store_n(&r->last_fault, (int64_t)page, __ATOMIC_RELAXED);
+	return size;
+}
+
+/* A fault thread waiting in engine_holds learns here that pages it may wait for were given back. */
+static void wake_hold_waiters(struct uswap_engine *e)
+{
+	if (__atomic_load_n(&e->hold_waiters, __ATOMIC_ACQUIRE) == 0)
+		return;
+	pthread_mutex_lock(&e->lock);
+	pthread_cond_broadcast(&e->released);
+	pthread_mutex_unlock(&e->lock);
+}
+
+/* The run a fault thread holds for one fault: set once claimed, cleared once published. */
+static void hold_run(struct fault_thread *t, uint64_t first, uint64_t n)
+{
+	__atomic_store_n(&t->hold_n, 0, __ATOMIC_RELEASE);
+	__atomic_store_n(&t->hold_first, first, __ATOMIC_RELEASE);
+	__atomic_store_n(&t->hold_n, n, __ATOMIC_RELEASE);
+}
+
+static void hold_none(struct fault_thread *t)
+{
+	__atomic_store_n(&t->hold_n, 0, __ATOMIC_RELEASE);
+	wake_hold_waiters(t->e);
 }
 
 /* Give back claims taken for a run that will not be installed (state unchanged). */
@@ -377,7 +464,10 @@ static void unclaim(struct uswap_swapmap *m, uint64_t first, uint64_t n)
  * page at index at) may go in.  At the hard line none: the claims are given back and
  * the fault goes to Python, which throttles (the same test as Reclaimer.throttle, so a
  * fault it lets through is served here).  Below it, the window is cut to what fits
- * around the faulting page, the rest unclaimed. */
+ * around the faulting page, the rest unclaimed.  Several fault threads each cut their
+ * own window to the room they read, so together they may pass the hard line by up to
+ * (threads - 1) windows for as long as reclaim takes to catch up; the resident counts
+ * stay exact (publish), and the next fault sees them. */
 static int fit_budget(struct uswap_engine *e, uint64_t *first, uint64_t *n, uint64_t at)
 {
 	struct uswap_budget *b = e->map->budget;
@@ -466,45 +556,46 @@ static int queue_reads(struct io_uring *ring, int fd, void *buf, size_t ps, cons
 	return queued;
 }
 
-/* Read the window's slots into buf: one read per run of contiguous slots, all
- * in flight at once through io_uring when there are several (the kernel's
- * swap readahead plugs its reads the same way).  0, or -errno. */
-static int read_slots(struct uswap_engine *e, const int64_t *slots, uint64_t n)
+/* Read the window's slots into the thread's buffer: one read per run of contiguous slots,
+ * all in flight at once through io_uring when there are several (the kernel's swap
+ * readahead plugs its reads the same way).  0, or -errno. */
+static int read_slots(struct fault_thread *t, const int64_t *slots, uint64_t n)
 {
+	struct uswap_engine *e = t->e;
 	size_t ps = e->page_size;
 	uint64_t runs = 0;
 	for (uint64_t i = 0; i < n; i++)
 		runs += i == 0 || slots[i] != slots[i - 1] + 1;
-	if (runs == 1 || !e->uring_ok) {
+	if (runs == 1 || !t->uring_ok) {
 		for (uint64_t i = 0, k; i < n; i += k) {
 			k = slot_run(slots, i, n);
-			int64_t got = uswap_pread_full(e->store_fd, (char *)e->buf + i * ps, k * ps, (slots[i] + 1) * (int64_t)ps);
+			int64_t got = uswap_pread_full(e->store_fd, (char *)t->buf + i * ps, k * ps, (slots[i] + 1) * (int64_t)ps);
 			count(&e->stats.read_ios, 1);
 			if (got != (int64_t)(k * ps))
 				return got < 0 ? (int)got : -EIO;
 		}
 		return 0;
 	}
-	int queued = queue_reads(&e->uring, e->store_fd, e->buf, ps, slots, n, 0);
+	int queued = queue_reads(&t->uring, e->store_fd, t->buf, ps, slots, n, 0);
 	if (queued < 0) {
-		e->uring_ok = 0;   /* what was queued is never submitted: the ring is not used again */
+		t->uring_ok = 0;   /* what was queued is never submitted: the ring is not used again */
 		return queued;
 	}
 	count(&e->stats.read_ios, (uint64_t)queued);
-	int ret = io_uring_submit_and_wait(&e->uring, (unsigned)queued);
+	int ret = io_uring_submit_and_wait(&t->uring, (unsigned)queued);
 	if (ret < 0)
 		return ret;
 	int err = 0;
 	for (int done = 0; done < queued; done++) {
 		struct io_uring_cqe *cqe;
-		ret = io_uring_wait_cqe(&e->uring, &cqe);
+		ret = io_uring_wait_cqe(&t->uring, &cqe);
 		if (ret < 0)
 			return ret;   /* the ring is unusable from here; the reads all completed or failed */
 		if (cqe->res < 0 && !err)
 			err = cqe->res;
 		else if ((uint64_t)cqe->res != cqe->user_data && !err)
 			err = -EIO;   /* a short read of a slot the checks said is allocated */
-		io_uring_cqe_seen(&e->uring, cqe);
+		io_uring_cqe_seen(&t->uring, cqe);
 	}
 	return err;
 }
@@ -544,66 +635,71 @@ static void publish_installed(struct uswap_engine *e, uint64_t first, uint64_t n
 }
 
 /* The kernel's async readahead (PG_readahead): once faults stream forward through full
- * windows, the windows after the one just installed are read on their own ring while
- * the faulting thread goes on, AHEAD_DEPTH of them in flight at once (the disk serves
- * them in parallel) but never more than AHEAD_REACH pages past the stream's last fault.
+ * windows, the windows after the one just installed are read on the thread's own ring
+ * while it goes on, AHEAD_DEPTH of them in flight at once (the disk serves them in
+ * parallel) but never more than AHEAD_REACH pages past the stream's last fault.
  * A window is installed (clean, unreferenced) when its reads complete (the ring is
  * polled with the uffd) or when a fault reaches it first; either way the stream is
- * topped up.  Its pages are claimed (BUSY) by the engine from the start of the read to
- * the install; a fault on one waits for its window here.  Best effort: on any failure a
- * window's pages stay SWAPPED and fault as usual (reporting what fails). */
+ * topped up.  Its pages are claimed (BUSY) by the thread from the start of the read to
+ * the install; a fault on one waits for its window: here when this thread reads it,
+ * in engine_holds when another does.  Best effort: on any failure a window's pages stay
+ * SWAPPED and fault as usual (reporting what fails). */
 
 /* Note completed reads: every one there is (wait_for < 0), or until window wait_for has
  * all of its own. */
-static void take_completions(struct uswap_engine *e, int wait_for)
+static void take_completions(struct fault_thread *t, int wait_for)
 {
 	for (;;) {
-		if (wait_for >= 0 && e->ahead[wait_for].in_flight == 0)
+		if (wait_for >= 0 && t->ahead[wait_for].in_flight == 0)
 			return;
 		struct io_uring_cqe *cqe;
-		int ret = wait_for >= 0 ? io_uring_wait_cqe(&e->ahead_ring, &cqe) : io_uring_peek_cqe(&e->ahead_ring, &cqe);
+		int ret = wait_for >= 0 ? io_uring_wait_cqe(&t->ahead_ring, &cqe) : io_uring_peek_cqe(&t->ahead_ring, &cqe);
 		if (ret < 0) {
 			if (wait_for >= 0) {   /* cannot happen (signals are blocked): no readahead from here on */
-				e->ahead_ring_ok = 0;
-				e->ahead[wait_for].err = ret;
-				e->ahead[wait_for].in_flight = 0;
+				t->ahead_ring_ok = 0;
+				t->ahead[wait_for].err = ret;
+				t->ahead[wait_for].in_flight = 0;
 			}
 			return;
 		}
-		struct ahead_window *w = &e->ahead[cqe->user_data >> 32];
+		struct ahead_window *w = &t->ahead[cqe->user_data >> 32];
 		uint64_t want = cqe->user_data & 0xffffffffu;
 		if (cqe->res < 0 && !w->err)
 			w->err = cqe->res;
 		else if ((uint64_t)cqe->res != want && !w->err)
 			w->err = -EIO;   /* a short read of a slot the checks said is allocated */
 		w->in_flight--;
-		io_uring_cqe_seen(&e->ahead_ring, cqe);
+		io_uring_cqe_seen(&t->ahead_ring, cqe);
 	}
 }
 
 /* Install window i once its reads are done (waiting for them), or give its pages back. */
-static void finish_window(struct uswap_engine *e, int i, int install)
+static void finish_window(struct fault_thread *t, int i, int install)
 {
-	struct ahead_window *w = &e->ahead[i];
-	take_completions(e, i);
-	w->active = 0;
+	struct uswap_engine *e = t->e;
+	struct ahead_window *w = &t->ahead[i];
+	take_completions(t, i);
 	int all_dirty = __atomic_load_n(&e->install_dirty, __ATOMIC_RELAXED);
 	if (!install || w->err || decode_slots(e, w->buf, w->slots, w->n) < 0
 	    || fill(e, w->buf, w->first, w->n, 0, !all_dirty) < 0) {
 		unclaim(e->map, w->first, w->n);
-		return;
+	} else {
+		publish_installed(e, w->first, w->n, w->slots, -1, 0, all_dirty);
+		count(&e->stats.readahead, w->n);
+		/* the stream goes on from this window */
+		__atomic_store_n(&ra_of(e, t->stream_tid)->last_fault, (int64_t)w->first, __ATOMIC_RELAXED);
 	}
-	publish_installed(e, w->first, w->n, w->slots, -1, 0, all_dirty);
-	count(&e->stats.readahead, w->n);
-	e->last_fault = (int64_t)w->first;   /* the stream goes on from this window */
+	__atomic_store_n(&w->active, 0, __ATOMIC_RELEASE);
+	wake_hold_waiters(e);
 }
 
 /* Start reading the stream's next window into free window i; 0 if nothing was started
  * (the stream ended: its next page is not SWAPPED, or held, or over the budget line). */
-static int start_window(struct uswap_engine *e, int i)
+static int start_window(struct fault_thread *t, int i)
 {
-	struct ahead_window *w = &e->ahead[i];
-	uint64_t n = 0, first = e->stream_next;
+	struct uswap_engine *e = t->e;
+	struct ahead_window *w = &t->ahead[i];
+	uint64_t n = 0, first = t->stream_next;
 	while (n < e->ra_max && first + n < e->map->pages) {
 		int64_t s = claim_swapped(e->map, first + n);
 		if (s < 0)
@@ -612,61 +708,146 @@ static int start_window(struct uswap_engine *e, int i)
 	}
 	if (n == 0 || fit_budget(e, &first, &n, 0) < 0)
 		return 0;
-	int queued = queue_reads(&e->ahead_ring, e->store_fd, w->buf, e->page_size, w->slots, n, (uint64_t)i);
-	int submitted = queued < 0 ? queued : io_uring_submit(&e->ahead_ring);
-	w->active = 1;
-	w->first = first;
-	w->n = n;
+	int queued = queue_reads(&t->ahead_ring, e->store_fd, w->buf, e->page_size, w->slots, n, (uint64_t)i);
+	int submitted = queued < 0 ? queued : io_uring_submit(&t->ahead_ring);
+	__atomic_store_n(&w->first, first, __ATOMIC_RELAXED);
+	__atomic_store_n(&w->n, n, __ATOMIC_RELAXED);
+	__atomic_store_n(&w->active, 1, __ATOMIC_RELEASE);
 	w->err = 0;
 	w->in_flight = submitted < 0 ? 0 : (uint32_t)submitted;
 	count(&e->stats.read_ios, w->in_flight);
 	if (queued < 0 || w->in_flight != (uint32_t)queued) {   /* not all in flight: no readahead from here on */
-		e->ahead_ring_ok = 0;
-		finish_window(e, i, 0);
+		t->ahead_ring_ok = 0;
+		finish_window(t, i, 0);
 		return 0;
 	}
-	e->stream_next = first + n;
+	t->stream_next = first + n;
 	return 1;
 }
 
 /* Keep the stream's windows in flight, within its reach. */
-static void top_up(struct uswap_engine *e)
+static void top_up(struct fault_thread *t)
 {
-	for (int i = 0; i < AHEAD_DEPTH && e->streaming && e->ahead_ring_ok; i++) {
-		if (e->ahead[i].active)
+	for (int i = 0; i < AHEAD_DEPTH && t->streaming && t->ahead_ring_ok; i++) {
+		if (t->ahead[i].active)
 			continue;
-		if (e->stream_next >= e->stream_fault + AHEAD_REACH || !start_window(e, i))
-			e->streaming = 0;
+		if (t->stream_next >= __atomic_load_n(&t->stream_fault, __ATOMIC_RELAXED) + AHEAD_REACH
+		    || !start_window(t, i))
+			t->streaming = 0;
 	}
 }
 
-/* A fault at page: if a window in flight holds it, install that window (waiting for its
- * reads) and keep the stream going from there.  Other windows go on as they are: a fault
- * elsewhere (another thread's) neither waits for them nor moves the stream. */
-static void stream_reached(struct uswap_engine *e, uint64_t page)
+/* A fault at page: if a window of this thread in flight holds it, install that window
+ * (waiting for its reads) and keep the stream going from there.  Other windows go on as
+ * they are: a fault elsewhere neither waits for them nor moves the stream. */
+static void stream_reached(struct fault_thread *t, uint64_t page)
 {
 	int reached = 0;
 	for (int i = 0; i < AHEAD_DEPTH; i++) {
-		if (e->ahead[i].active && e->ahead[i].first <= page && page < e->ahead[i].first + e->ahead[i].n) {
-			finish_window(e, i, 1);
+		if (t->ahead[i].active && t->ahead[i].first <= page && page < t->ahead[i].first + t->ahead[i].n) {
+			finish_window(t, i, 1);
 			reached = 1;
 		}
 	}
 	if (reached) {
-		e->stream_fault = page;
-		e->streaming = e->ahead_ring_ok;
-		top_up(e);
+		__atomic_store_n(&t->stream_fault, page, __ATOMIC_RELAXED);
+		t->streaming = t->ahead_ring_ok;
+		top_up(t);
 	}
 }
 
 /* The ring said reads completed: install the windows that are whole, keep streaming. */
-static void stream_completed(struct uswap_engine *e)
+static void stream_completed(struct fault_thread *t)
 {
-	take_completions(e, -1);
+	take_completions(t, -1);
 	for (int i = 0; i < AHEAD_DEPTH; i++)
-		if (e->ahead[i].active && e->ahead[i].in_flight == 0)
-			finish_window(e, i, 1);
-	top_up(e);
+		if (t->ahead[i].active && t->ahead[i].in_flight == 0)
+			finish_window(t, i, 1);
+	top_up(t);
+}
+
+/* Does another fault thread hold page for a swap-in, a zero-fill or a readahead window?
+ * Then the page is free again within one install.  A readahead window's stream is moved
+ * to this fault (its thread keeps reading ahead of it).  The look is racy (a run may end
+ * or start meanwhile): it only decides whether waiting is worth it. */
+static int engine_holds(struct fault_thread *self, uint64_t page)
+{
+	struct uswap_engine *e = self->e;
+	for (int k = 0; k < e->nthreads; k++) {
+		struct fault_thread *t = &e->threads[k];
+		if (t == self)
+			continue;
+		uint64_t n = __atomic_load_n(&t->hold_n, __ATOMIC_ACQUIRE), first = __atomic_load_n(&t->hold_first,
+													__ATOMIC_ACQUIRE);
+		if (n && first <= page && page < first + n)
+			return 1;
+		for (int i = 0; i < AHEAD_DEPTH; i++) {
+			struct ahead_window *w = &t->ahead[i];
+			if (!__atomic_load_n(&w->active, __ATOMIC_ACQUIRE))
+				continue;
+			first = __atomic_load_n(&w->first, __ATOMIC_RELAXED);
+			n = __atomic_load_n(&w->n, __ATOMIC_RELAXED);
+			if (first <= page && page < first + n) {
+				__atomic_store_n(&t->stream_fault, page, __ATOMIC_RELAXED);
+				return 1;
+			}
+		}
+	}
+	return 0;
+}
+
+#define HOLD_WAIT_NS 2000000   /* waiting for another fault thread's pages, at most (then Python waits) */
+#define HOLD_SLICE_NS 100000   /* between looks at this thread's own readahead ring meanwhile */
+
+/* Claim page, waiting up to HOLD_WAIT_NS while another fault thread holds it (its install
+ * is one read away).  Meanwhile this thread's own finished readahead windows are installed,
+ * so two threads waiting for each other's windows both go on.  -EBUSY: still held (by
+ * Python, or past the wait): the fault goes to Python, which waits for the holder. */
+static int claim_for_fault(struct fault_thread *t, uint64_t page, uint64_t *entry)
+{
+	struct uswap_engine *e = t->e;
+	if (uswap_map_claim(e->map, page, entry) == 0)
+		return 0;
+	if (e->nthreads == 1 || !engine_holds(t, page))
+		return -EBUSY;
+	struct timespec start, now;
+	clock_gettime(CLOCK_MONOTONIC, &start);
+	__atomic_add_fetch(&e->hold_waiters, 1, __ATOMIC_ACQ_REL);
+	int ret = -EBUSY;
+	for (;;) {
+		if (uswap_map_claim(e->map, page, entry) == 0) {
+			ret = 0;
+			break;
+		}
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		int64_t waited = (now.tv_sec - start.tv_sec) * 1000000000LL + (now.tv_nsec - start.tv_nsec);
+		if (waited >= HOLD_WAIT_NS || !engine_holds(t, page))
+			break;
+		int reading = 0;
+		for (int i = 0; i < AHEAD_DEPTH; i++)
+			reading |= t->ahead[i].active;
+		if (reading) {
+			take_completions(t, -1);
+			for (int i = 0; i < AHEAD_DEPTH; i++)
+				if (t->ahead[i].active && t->ahead[i].in_flight == 0)
+					finish_window(t, i, 1);
+		}
+		struct timespec until = now;
+		until.tv_nsec += HOLD_SLICE_NS;
+		if (until.tv_nsec >= 1000000000L) {
+			until.tv_sec++;
+			until.tv_nsec -= 1000000000L;
+		}
+		pthread_mutex_lock(&e->lock);
+		if (!e->stopping && (load(e->map, page) & USWAP_BUSY))
+			pthread_cond_timedwait(&e->released, &e->lock, &until);
+		int stopping = e->stopping;
+		pthread_mutex_unlock(&e->lock);
+		if (stopping)
+			break;
+	}
+	__atomic_sub_fetch(&e->hold_waiters, 1, __ATOMIC_ACQ_REL);
+	return ret;
 }
 
 /* do_swap_page: the page is SWAPPED and claimed by us.  0 if served; else the
@@ -676,40 +857,45 @@ static void stream_completed(struct uswap_engine *e)
  * choice, for a region whose swapped-in pages are nearly all written next)
  * the whole window goes in writable and every slot is freed, so no write
  * fault comes back for them. */
-static int swap_in(struct uswap_engine *e, uint64_t page, uint64_t entry, int write)
+static int swap_in(struct fault_thread *t, uint64_t page, uint64_t entry, int write, uint32_t tid)
 {
+	struct uswap_engine *e = t->e;
 	struct uswap_swapmap *m = e->map;
 	int64_t slots[MAX_WINDOW];
 	uint64_t first;
-	uint64_t n = claim_window(e, page, slot_of(entry), window(e, page), &first, slots), was = first;
+	uint64_t n = claim_window(e, page, slot_of(entry), window(e, page, tid), &first, slots), was = first;
 	if (fit_budget(e, &first, &n, page - first) < 0)
 		return -ENOMEM;
 	if (first != was)
 		memmove(slots, slots + (first - was), n * sizeof(slots[0]));
+	hold_run(t, first, n);
 	int all_dirty = __atomic_load_n(&e->install_dirty, __ATOMIC_RELAXED);
-	int ret = read_slots(e, slots, n);
+	int ret = read_slots(t, slots, n);
 	if (ret == 0)
-		ret = decode_slots(e, e->buf, slots, n);
+		ret = decode_slots(e, t->buf, slots, n);
 	if (ret == 0 && write && !all_dirty) {
 		uint64_t k = page - first;
-		ret = fill(e, e->buf, first, k, 0, 1);
+		ret = fill(e, t->buf, first, k, 0, 1);
 		if (ret == 0)
-			ret = fill(e, e->buf, page, 1, (int64_t)k, 0);
+			ret = fill(e, t->buf, page, 1, (int64_t)k, 0);
 		if (ret == 0)
-			ret = fill(e, e->buf, page + 1, n - k - 1, (int64_t)k + 1, 1);
+			ret = fill(e, t->buf, page + 1, n - k - 1, (int64_t)k + 1, 1);
 	} else if (ret == 0) {
-		ret = fill(e, e->buf, first, n, 0, !all_dirty);
+		ret = fill(e, t->buf, first, n, 0, !all_dirty);
 	}
 	if (ret < 0) {   /* Python retries, reports, poisons, or learns the client is gone */
 		unclaim(m, first, n);
+		hold_none(t);
 		return ret;
 	}
 	publish_installed(e, first, n, slots, (int64_t)page, write, all_dirty);
+	hold_none(t);
 	if (e->ra_max > 1 && n == e->ra_max && page - first <= n / 4) {   /* a full window entered at its front */
-		e->streaming = e->ahead_ring_ok;
-		e->stream_next = first + n;
-		e->stream_fault = page;
-		top_up(e);
+		t->streaming = t->ahead_ring_ok;
+		t->stream_next = first + n;
+		t->stream_tid = tid;
+		__atomic_store_n(&t->stream_fault, page, __ATOMIC_RELAXED);
+		top_up(t);
 	}
 	return 0;
 }
@@ -720,10 +906,11 @@ void uswap_engine_set_install_dirty(struct uswap_engine *e, int on)
 }
 
 /* First touch: zero pages for the faulting page and the never-touched pages after it. */
-static int zero_fill(struct uswap_engine *e, uint64_t page)
+static int zero_fill(struct fault_thread *t, uint64_t page, uint32_t tid)
 {
+	struct uswap_engine *e = t->e;
 	struct uswap_swapmap *m = e->map;
-	uint32_t limit = window(e, page);
+	uint32_t limit = window(e, page, tid);
 	uint64_t n = 1;
 	while (n < limit && page + n < m->pages) {
 		uint64_t x = load(m, page + n);
@@ -738,13 +925,16 @@ static int zero_fill(struct uswap_engine *e, uint64_t page)
 	uint64_t first = page;
 	if (fit_budget(e, &first, &n, 0) < 0)
 		return -ENOMEM;
+	hold_run(t, page, n);
 	int ret = fill(e, NULL, page, n, -1, 0);
 	if (ret < 0) {
 		unclaim(m, page, n);
+		hold_none(t);
 		return ret;
 	}
 	for (uint64_t p = page; p < page + n; p++)
 		uswap_map_publish(m, p, USWAP_DIRTY, -1, p == page);
+	hold_none(t);
 	struct uswap_engine_msg msg = { .kind = USWAP_MSG_ZEROED, .first = page, .count = (uint32_t)n,
 					.faulting = page, .slot = -1 };
 	count(&e->stats.zero_fills, n);
@@ -768,15 +958,19 @@ static int make_dirty(struct uswap_engine *e, uint64_t page, uint64_t entry)
 	return 0;
 }
 
-/* Serve one fault, or forward it.  Anything unusual goes to Python unchanged. */
-static void handle_fault(struct uswap_engine *e, const struct uffd_msg *m)
+/* Serve one fault, or forward it.  Anything unusual goes to Python unchanged.
+ * Several fault threads run this at once, for faults of the same page too: each
+ * decides from the page's entry under its claim, and every way it ends wakes the
+ * page's whole range (see post: the order of a page's faults does not matter). */
+static void handle_fault(struct fault_thread *t, const struct uffd_msg *m)
 {
+	struct uswap_engine *e = t->e;
 	uint64_t address = m->arg.pagefault.address, flags = m->arg.pagefault.flags;
 	if (e->store_fd < 0 || address < e->addr || address >= e->addr + e->map->pages * e->page_size)
 		return forward(e, m, -ENODEV);
 	uint64_t page = (address - e->addr) / e->page_size, entry;
-	stream_reached(e, page);
-	if (uswap_map_claim(e->map, page, &entry) < 0)
+	stream_reached(t, page);
+	if (claim_for_fault(t, page, &entry) < 0)
 		return forward(e, m, -EBUSY);   /* Python waits for the holder */
 	uint32_t s = state_of(entry);
 	int ret;
@@ -799,9 +993,9 @@ static void handle_fault(struct uswap_engine *e, const struct uffd_msg *m)
 			ret = -EAGAIN;   /* WRITEBACK (a writer waits), POISONED: Python's */
 		}
 	} else if (s == USWAP_SWAPPED) {
-		ret = swap_in(e, page, entry, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0);
+		ret = swap_in(t, page, entry, (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0, m->arg.pagefault.feat.ptid);
 	} else if (s == USWAP_ABSENT) {
-		ret = zero_fill(e, page);
+		ret = zero_fill(t, page, m->arg.pagefault.feat.ptid);
 	} else {
 		uswap_map_publish(e->map, page, s, slot_of(entry), -1);
 		ret = is_resident(s) ? uswap_uffd_wake(e->uffd, address & ~(uint64_t)(e->page_size - 1), e->page_size)
@@ -812,53 +1006,121 @@ static void handle_fault(struct uswap_engine *e, const struct uffd_msg *m)
 	count(&e->stats.engine_faults, 1);
 }
 
-static void *engine_main(void *arg)
+/* Keep the thread's readahead ring in its epoll set exactly while the ring is usable. */
+static void poll_ahead_ring(struct fault_thread *t)
 {
-	struct uswap_engine *e = arg;
-	struct uffd_msg msgs[64];
+	if (t->ahead_polled && !t->ahead_ring_ok) {
+		epoll_ctl(t->epfd, EPOLL_CTL_DEL, t->ahead_ring.ring_fd, NULL);
+		t->ahead_polled = 0;
+	}
+}
+
+/* A fault thread.  Every fault thread of a region waits on the region's uffd with
+ * EPOLLEXCLUSIVE (the kernel wakes one of them per fault queued, not all) and reads
+ * one message at a time, so a fault goes to whichever thread is free: the uffd is
+ * O_NONBLOCK and the kernel hands each queued message to one reader only.  A thread
+ * reads again before it waits, so a fault queued while every thread was busy is
+ * taken by the first one done. */
+static void *fault_thread_main(void *arg)
+{
+	struct fault_thread *t = arg;
+	struct uswap_engine *e = t->e;
+	struct uffd_msg msg;
 	for (;;) {
-		/* the readahead ring is readable when its reads completed: install them then */
-		int reading = 0;
-		for (int i = 0; i < AHEAD_DEPTH; i++)
-			reading |= e->ahead[i].active;
-		struct pollfd fds[3] = { { .fd = e->uffd, .events = POLLIN }, { .fd = e->stop_fd, .events = POLLIN },
-					 { .fd = reading ? e->ahead_ring.ring_fd : -1, .events = POLLIN } };
-		if (poll(fds, 3, -1) < 0) {
+		ssize_t got = read(e->uffd, &msg, sizeof(msg));
+		if (got == (ssize_t)sizeof(msg)) {
+			if (msg.event == UFFD_EVENT_PAGEFAULT)
+				handle_fault(t, &msg);
+			else if (msg.event == UFFD_EVENT_FORK)
+				close((int)msg.arg.fork.ufd);   /* refused at MAP; never keep an fd not asked for */
+			poll_ahead_ring(t);
+			if (__atomic_load_n(&e->quit, __ATOMIC_ACQUIRE))
+				break;
+			continue;
+		}
+		if (got < 0 && errno != EAGAIN && errno != EINTR)
+			break;
+		struct epoll_event ev[3];
+		int n = epoll_wait(t->epfd, ev, 3, -1);
+		if (n < 0) {
 			if (errno == EINTR)
 				continue;
 			break;
 		}
-		if (fds[1].revents)
-			break;
-		if (fds[0].revents & (POLLERR | POLLNVAL))
-			break;
-		if (fds[2].revents)
-			stream_completed(e);
-		if (!(fds[0].revents & POLLIN))
-			continue;
-		ssize_t got = read(e->uffd, msgs, sizeof(msgs));
-		if (got < 0) {
-			if (errno == EAGAIN || errno == EINTR)
-				continue;
-			break;
+		int stop = 0, gone = 0, completed = 0;
+		for (int i = 0; i < n; i++) {
+			if (ev[i].data.u32 == 1)
+				stop = 1;
+			else if (ev[i].data.u32 == 2)
+				completed = 1;
+			else if (ev[i].events & (EPOLLERR | EPOLLHUP))
+				gone = 1;
 		}
-		for (ssize_t i = 0; i < got / (ssize_t)sizeof(msgs[0]); i++) {
-			if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
-				handle_fault(e, &msgs[i]);
-			else if (msgs[i].event == UFFD_EVENT_FORK)
-				close((int)msgs[i].arg.fork.ufd);   /* refused at MAP; never keep an fd not asked for */
-		}
+		if (stop || gone)
+			break;
+		if (completed)
+			stream_completed(t);
+		poll_ahead_ring(t);
 	}
 	for (int i = 0; i < AHEAD_DEPTH; i++)   /* quiesced: nothing is installed after stop */
-		if (e->ahead[i].active)
-			finish_window(e, i, 0);
+		if (t->ahead[i].active)
+			finish_window(t, i, 0);
 	return NULL;
+}
+
+/* A fault thread's buffers, rings and epoll set (not yet running). */
+static int fault_thread_init(struct uswap_engine *e, struct fault_thread *t)
+{
+	t->e = e;
+	t->epfd = -1;
+	t->buf = uswap_map_buffer(e->page_size, (size_t)e->ra_max * e->page_size);
+	if (!t->buf)
+		return -ENOMEM;
+	t->uring_init = t->uring_ok = io_uring_queue_init(MAX_WINDOW, &t->uring, 0) == 0;   /* else: one pread per run */
+	t->ahead_ring_init = t->ahead_ring_ok = io_uring_queue_init(AHEAD_DEPTH * MAX_WINDOW, &t->ahead_ring, 0) == 0;
+	for (int i = 0; i < AHEAD_DEPTH; i++) {
+		t->ahead[i].buf = uswap_map_buffer(e->page_size, (size_t)MAX_WINDOW * e->page_size);
+		if (!t->ahead[i].buf)
+			return -ENOMEM;
+	}
+	t->epfd = epoll_create1(EPOLL_CLOEXEC);
+	if (t->epfd < 0)
+		return NEG_ERRNO();
+	struct epoll_event uffd_ev = { .events = EPOLLIN | EPOLLEXCLUSIVE, .data.u32 = 0 };
+	struct epoll_event stop_ev = { .events = EPOLLIN, .data.u32 = 1 };
+	if (epoll_ctl(t->epfd, EPOLL_CTL_ADD, e->uffd, &uffd_ev) < 0 || epoll_ctl(t->epfd, EPOLL_CTL_ADD, e->stop_fd,
+										   &stop_ev) < 0)
+		return NEG_ERRNO();
+	if (t->ahead_ring_ok) {
+		struct epoll_event ring_ev = { .events = EPOLLIN, .data.u32 = 2 };
+		if (epoll_ctl(t->epfd, EPOLL_CTL_ADD, t->ahead_ring.ring_fd, &ring_ev) < 0)
+			return NEG_ERRNO();
+		t->ahead_polled = 1;
+	}
+	return 0;
+}
+
+static void fault_thread_free(struct uswap_engine *e, struct fault_thread *t)
+{
+	if (!t->e)
+		return;
+	if (t->epfd >= 0)
+		close(t->epfd);
+	if (t->uring_init)
+		io_uring_queue_exit(&t->uring);
+	if (t->ahead_ring_init)
+		io_uring_queue_exit(&t->ahead_ring);
+	for (int i = 0; i < AHEAD_DEPTH; i++)
+		uswap_unmap_buffer(t->ahead[i].buf, (size_t)MAX_WINDOW * e->page_size);
+	uswap_unmap_buffer(t->buf, (size_t)e->ra_max * e->page_size);
 }
 
 int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
 		       int store_fd, const struct uswap_codec *codec, struct uswap_slots *slots, uint32_t readahead,
-		       struct uswap_engine **out)
+		       uint32_t threads, struct uswap_engine **out)
 {
+	if (threads < 1 || threads > USWAP_MAX_FAULT_THREADS)
+		return -EINVAL;
 	struct uswap_engine *e = calloc(1, sizeof(*e));
 	if (!e)
 		return -ENOMEM;
@@ -872,32 +1134,36 @@ int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t ad
 	if (codec)
 		e->codec = *codec;
 	e->ra_max = readahead < 1 ? 1 : readahead > MAX_WINDOW ? MAX_WINDOW : readahead;
-	e->ra_size = 1;
-	e->last_fault = -(1LL << 40);
 	e->notify_fd = e->stop_fd = -1;
+	pthread_mutex_init(&e->lock, NULL);
+	pthread_cond_init(&e->space, NULL);
+	pthread_condattr_t attr;
+	pthread_condattr_init(&attr);
+	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+	pthread_cond_init(&e->released, &attr);
+	pthread_condattr_destroy(&attr);
 	int ret = -ENOMEM;
-	e->buf = uswap_map_buffer(page_size, (size_t)e->ra_max * page_size);
-	if (!e->buf)
+	e->threads = calloc(threads, sizeof(*e->threads));
+	if (!e->threads)
 		goto fail;
-	e->uring_ok = io_uring_queue_init(MAX_WINDOW, &e->uring, 0) == 0;   /* else: one pread per run */
-	e->ahead_ring_ok = io_uring_queue_init(AHEAD_DEPTH * MAX_WINDOW, &e->ahead_ring, 0) == 0;   /* else none */
-	for (int i = 0; i < AHEAD_DEPTH; i++) {
-		e->ahead[i].buf = uswap_map_buffer(page_size, (size_t)MAX_WINDOW * page_size);
-		if (!e->ahead[i].buf)
-			goto fail;
-	}
 	e->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	e->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (e->notify_fd < 0 || e->stop_fd < 0) {
 		ret = NEG_ERRNO();
 		goto fail;
 	}
-	pthread_mutex_init(&e->lock, NULL);
-	pthread_cond_init(&e->space, NULL);
-	ret = uswap_start_thread(&e->thread, engine_main, e, "uswap-engine");
-	if (ret < 0)
-		goto fail;
-	e->started = 1;
+	e->nthreads = (int)threads;
+	for (uint32_t i = 0; i < threads; i++) {
+		ret = fault_thread_init(e, &e->threads[i]);
+		if (ret < 0)
+			goto fail;
+	}
+	for (uint32_t i = 0; i < threads; i++) {
+		ret = uswap_start_thread(&e->threads[i].thread, fault_thread_main, &e->threads[i], "uswap-engine");
+		if (ret < 0)
+			goto fail;   /* free stops (joins) those already started */
+		e->threads[i].started = 1;
+	}
 	*out = e;
 	return 0;
 fail:
@@ -919,7 +1185,7 @@ int uswap_engine_drain(struct uswap_engine *e, struct uswap_engine_msg *out, int
 		out[n++] = e->ring[e->head % RING_SIZE];
 		e->head++;
 	}
-	pthread_cond_signal(&e->space);
+	pthread_cond_broadcast(&e->space);   /* several fault threads may wait for room */
 	pthread_mutex_unlock(&e->lock);
 	return n;
 }
@@ -929,14 +1195,25 @@ void uswap_engine_stats(struct uswap_engine *e, struct uswap_engine_stats *out)
 	uswap_copy_counters((const uint64_t *)&e->stats, (uint64_t *)out, sizeof(*out) / sizeof(uint64_t));
 }
 
-/* Quiesce: the thread has returned when this returns (a fault it was serving is
- * finished or given back).  Messages still queued stay for drain.  Idempotent. */
+/* Quiesce: every fault thread has returned when this returns (a fault it was serving
+ * is finished or given back).  Messages still queued stay for drain.  Idempotent. */
 void uswap_engine_stop(struct uswap_engine *e)
 {
-	if (!e->started)
-		return;
-	uswap_stop_thread(e->thread, e->stop_fd, &e->lock, &e->space, &e->stopping);
-	e->started = 0;
+	/* All threads are told before any is joined: stop_fd stays readable once written and
+	 * every thread waits on it, quit is read between faults, and the broadcasts end waits
+	 * for ring space (space) and for pages another thread holds (released). */
+	__atomic_store_n(&e->quit, 1, __ATOMIC_RELEASE);
+	pthread_mutex_lock(&e->lock);
+	e->stopping = 1;
+	pthread_cond_broadcast(&e->space);
+	pthread_cond_broadcast(&e->released);
+	pthread_mutex_unlock(&e->lock);
+	for (int i = 0; i < e->nthreads; i++) {
+		struct fault_thread *t = &e->threads[i];
+		if (t->started)
+			uswap_stop_thread(t->thread, e->stop_fd, &e->lock, &e->space, &e->stopping);
+		t->started = 0;
+	}
 }
 
 void uswap_engine_free(struct uswap_engine *e)
@@ -944,17 +1221,18 @@ void uswap_engine_free(struct uswap_engine *e)
 	if (!e)
 		return;
 	uswap_engine_stop(e);
-	if (e->uring_ok)
-		io_uring_queue_exit(&e->uring);
-	if (e->ahead_ring_ok)
-		io_uring_queue_exit(&e->ahead_ring);
-	for (int i = 0; i < AHEAD_DEPTH; i++)
-		uswap_unmap_buffer(e->ahead[i].buf, (size_t)MAX_WINDOW * e->page_size);
+	if (e->threads) {
+		for (int i = 0; i < e->nthreads; i++)
+			fault_thread_free(e, &e->threads[i]);
+		free(e->threads);
+	}
 	if (e->notify_fd >= 0)
 		close(e->notify_fd);
 	if (e->stop_fd >= 0)
 		close(e->stop_fd);
-	uswap_unmap_buffer(e->buf, (size_t)e->ra_max * e->page_size);
+	pthread_cond_destroy(&e->released);
+	pthread_cond_destroy(&e->space);
+	pthread_mutex_destroy(&e->lock);
 	free(e);
 }
 

@@ -19,6 +19,9 @@
  * reads it through the cdef); the engine's buffers and io_uring are sized for it. */
 #define USWAP_MAX_READAHEAD 64
 
+/* The most fault threads a region's engine runs: `uswap daemon --fault-threads` accepts 1 to this. */
+#define USWAP_MAX_FAULT_THREADS 16
+
 /* CDEF-BEGIN */
 
 struct uswap_slots;   /* uswap_slots.h */
@@ -131,11 +134,12 @@ uint64_t uswap_map_count(struct uswap_swapmap *m, uint32_t state);
 int uswap_codec_encode(const struct uswap_codec *c, void *buf, uint64_t first_slot, uint64_t count);
 int uswap_codec_decode(const struct uswap_codec *c, void *buf, uint64_t first_slot, uint64_t count, int *bad);
 
-/* The engine thread.  store_fd < 0: forward every fault (a store Python serves, e.g. NFS).
+/* The engine: threads (1 to USWAP_MAX_FAULT_THREADS) fault threads reading the region's uffd.
+ * store_fd < 0: forward every fault (a store Python serves, e.g. NFS).
  * slots: the daemon's allocator; the engine frees the slots of pages it makes writable. */
 int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
 		       int store_fd, const struct uswap_codec *codec, struct uswap_slots *slots,
-		       uint32_t readahead, struct uswap_engine **out);
+		       uint32_t readahead, uint32_t threads, struct uswap_engine **out);
 int uswap_engine_notify_fd(struct uswap_engine *e);
 int uswap_engine_drain(struct uswap_engine *e, struct uswap_engine_msg *out, int max);
 void uswap_engine_stats(struct uswap_engine *e, struct uswap_engine_stats *out);

@@ -249,6 +249,10 @@ REFUSED_OPTIONS = [
     (["--readahead", "0"], "--readahead 0 is out of range: give 1 to 64 pages (1 is off; at most the engine's "
                            "largest window)"),
     (["--writeback-batch", "-1"], "--writeback-batch -1 is out of range: give 1 to 256 pages"),
+    (["--fault-threads", "0"], "--fault-threads 0 is out of range: give 1 to 16 (fault threads per region, at most "
+                               "the engine's most)"),
+    (["--fault-threads", "17"], "--fault-threads 17 is out of range: give 1 to 16 (fault threads per region, at "
+                                "most the engine's most)"),
     (["--map-timeout", "0"], "--map-timeout 0 is out of range: give 0.1 to 86400 seconds"),
     (["--map-timeout", "nan"], "--map-timeout nan is out of range: give 0.1 to 86400 seconds"),
     (["--nfs-timeout", "-5"], "--nfs-timeout -5 is out of range: give 0.1 to 86400 seconds"),
@@ -335,21 +339,23 @@ def test_daemon_accepts_every_range_at_its_bounds(uswapd):
     """The negative control of the refusals: the smallest budget and the largest window serve (the daemon says
     what it took), and the other bounds start it."""
     daemon = uswapd(resident="256K", readahead=64, extra=(
-        "--writeback-batch", "256", "--map-timeout", "86400", "--nfs-timeout", "0.1", "--user-max-size", "4K",
+        "--writeback-batch", "256", "--fault-threads", "16", "--map-timeout", "86400", "--nfs-timeout", "0.1", "--user-max-size", "4K",
         "--user-max-regions", "0", "--user-max-connections", "1", "--user-max-runs", "0"))
-    assert "budget 64 pages, sync I/O, readahead 64, writeback batch 256" in daemon.log()
+    assert "budget 64 pages, sync I/O, readahead 64, 16 fault threads per region, writeback batch 256" in daemon.log()
     d = daemon.status()["daemon"]
-    assert (d["budget_pages"], d["readahead"]) == (64, 64)
+    assert (d["budget_pages"], d["readahead"], d["fault_threads"]) == (64, 64, 16)
 
 
 def test_option_ranges_come_from_the_engine_and_the_help_says_them():
     from uswap._core import lib
     from uswap.daemon import options
     assert options.MAX_READAHEAD == lib.USWAP_MAX_READAHEAD == 64      # csrc/uswap_engine.h sizes for it
+    assert options.MAX_FAULT_THREADS == lib.USWAP_MAX_FAULT_THREADS == 16
     assert options.MIN_BUDGET == 64 * PAGE_SIZE
     help_text = " ".join(uswap("daemon", "--help").stdout.split())
     assert "resident budget, 256K to the physical memory" in help_text
     assert "swap-in window in pages, 1 (off) to 64 (default 32)" in help_text
+    assert "threads serving each region's faults, 1 to 16 (default 4)" in help_text
     assert "besides root and the daemon's own uid (always served)" in help_text
 
 

@@ -72,6 +72,24 @@ def test_writer_hammering_a_tiny_budget_with_one_page_batches(uswapd, hammer, io
     assert d["read_errors"] == d["write_errors"] == 0
 
 
+def test_eight_threads_through_four_fault_threads_keep_every_word(uswapd, workload):
+    """8 threads of one client write and verify random pages of one shared 16 MiB region through a 4 MiB budget,
+    served by 4 fault threads: no read sees a lost write or a wrong page, every word verifies at the end, the
+    fault counters add up, and every slot and page goes back when the client exits."""
+    daemon = uswapd(resident="4M", extra=("--fault-threads", "4"))
+    assert "readahead 32, 4 fault threads per region" in daemon.log()
+    r = subprocess.run([workload, "threads", "-t", "8", "-s", "16", "-n", "40000"], capture_output=True, text=True,
+                       env=daemon.env(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " mismatches=0 " in r.stdout and " threads=8" in r.stdout, r.stdout
+    d = daemon.status()["daemon"]
+    assert d["fault_threads"] == 4
+    assert d["pswpout"] > 4096 and d["pswpin"] > 4096, d        # the region paged through the budget, both ways
+    assert d["faults"] == d["engine_faults"] + d["slow_path_faults"] and d["engine_faults"] > d["slow_path_faults"]
+    assert d["read_errors"] == d["write_errors"] == 0
+    assert d["slots_used"] == 0 and d["mapped_pages"] == 0 and d["resident_pages"] == 0, d
+
+
 @pytest.mark.parametrize("mode", ["seq", "random", "zipf"])
 def test_workloads_verify_every_page(uswapd, workload, mode):
     daemon = uswapd(resident="4M")

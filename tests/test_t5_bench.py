@@ -186,6 +186,25 @@ def test_ctrl_c_while_a_child_starts_still_ends_it(tmp_path):
         os.kill(int(pid_file.read_text()), 0)
 
 
+def test_threads_workload_runs_in_a_region_and_natively(tmp_path):
+    """`uswap bench --workloads threads`: 8 threads on one region, and the same binary in plain anonymous memory
+    under the memcg limit, side by side; both verify every word."""
+    need_bench_kernel()
+    before = global_state()
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--size", "16M", "--resident", "4M", "--repeat", "1",
+                        "--workloads", "threads", "--io", "sync", "--against", "native", "--workdir",
+                        str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert global_state() == before
+    runs = json.loads(out.read_text())["runs"]
+    assert {(run["backend"], run["page_cluster"]) for run in runs} == {("uswap", None), ("native", 3), ("native", 0)}
+    for run in runs:
+        assert run["failed"] is None and run["mismatches"] == 0 and run["pswpout"] > 0, run
+    [ratio] = json.loads(out.read_text())["ratios"]
+    assert ratio["workload"] == "threads" and ratio["uswap_over_native_wall"] > 0, ratio
+
+
 def test_unknown_workload_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--workloads", "seq,bogus", "--workdir",
                         str(tmp_path)], capture_output=True, text=True, timeout=60)
@@ -315,6 +334,10 @@ def test_workloads_fill_and_verify_every_fraction(fill):
     r = subprocess.run([binaries["workload"], "random", "-a", "-s", "4", "-n", "5000", "-f", fill],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "mismatches=0" in r.stdout, r.stdout + r.stderr
+    assert f"random_bytes_per_page={round(float(fill) * 510) * 8}" in r.stdout
+    r = subprocess.run([binaries["workload"], "threads", "-a", "-t", "4", "-s", "4", "-n", "5000", "-f", fill],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "mismatches=0" in r.stdout and " threads=4" in r.stdout, r.stdout + r.stderr
     assert f"random_bytes_per_page={round(float(fill) * 510) * 8}" in r.stdout
     r = subprocess.run([binaries["hog"], "-a", "-s", "4", "-p", "2", "-f", fill], capture_output=True, text=True,
                        timeout=60)

@@ -128,6 +128,7 @@ def cmd_daemon(args) -> int:
     batch = writeback_batch(args.writeback_batch)
     options.resident(args.resident)
     options.readahead(args.readahead)
+    fault_threads = options.fault_threads(args.fault_threads)
     options.timeout("--nfs-timeout", args.nfs_timeout)
     options.timeout("--map-timeout", args.map_timeout)
     if args.user_max_size is not None:
@@ -146,7 +147,7 @@ def cmd_daemon(args) -> int:
     harden_process()
     trio.run(functools.partial(run_daemon, store_spec=args.store, socket_path=socket_path,
                                budget=args.resident, io_mode=args.io, readahead=args.readahead,
-                               nfs_timeout=args.nfs_timeout, nfs_stable=args.nfs_stable, group=group,
+                               fault_threads=fault_threads, nfs_timeout=args.nfs_timeout, nfs_stable=args.nfs_stable, group=group,
                                user_max_size=args.user_max_size, user_max_regions=args.user_max_regions,
                                user_max_connections=args.user_max_connections, map_timeout=args.map_timeout,
                                encrypt=args.encrypt == "on", writeback_batch=batch, run_users=run_users,
@@ -445,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"slot I/O mode (default {DEFAULTS.io}: measured, docs/BENCHMARKS.md)")
     p.add_argument("--readahead", type=int, default=DEFAULTS.readahead,
                    help=f"swap-in window in pages, 1 (off) to {options.MAX_READAHEAD} (default {DEFAULTS.readahead})")
+    p.add_argument("--fault-threads", type=int, default=DEFAULTS.fault_threads, metavar="N",
+                   help=f"threads serving each region's faults, 1 to {options.MAX_FAULT_THREADS} (default "
+                        f"{DEFAULTS.fault_threads})")
     p.add_argument("--writeback-batch", type=int, default=None, metavar="N",
                    help="pages per writeback batch, 1 to 256 (default 64: measured; "
                         "docs/BENCHMARKS.md)")
@@ -503,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bench", help="measure uswap against kernel swap on the same disk")
-    p.add_argument("--workloads", default="seq,random,zipf,hog", help="comma-separated: seq,random,zipf,hog")
+    p.add_argument("--workloads", default="seq,random,zipf,hog", help="comma-separated: seq,random,zipf,hog,threads (8 threads random on one region)")
     p.add_argument("--size", type=_size, default=1 << 30, help="working set (default 1G)")
     p.add_argument("--resident", type=_size, default=256 << 20, help="budget and memcg limit (default 256M)")
     p.add_argument("--against", default="native", help="kernel rows: native,fuse,zram,zswap (default native)")

@@ -29,6 +29,9 @@ class Defaults:
     budget: int = 256 << 20
     io: str = "sync"
     readahead: int = 32
+    # fault threads per region: they wait on the disk, not the CPU, so more than the CPUs pay (measured on 2 vCPUs:
+    # docs/BENCHMARKS.md "Fault threads"); each holds about 1 MiB of buffers
+    fault_threads: int = 4
     # the group whose members may use the daemon, when it exists (docs/SECURITY.md)
     group: str = "uswap"
     # launchers: how long a daemon may take to say READY=1, and to stop after SIGTERM

@@ -20,7 +20,7 @@ from uswap.core import PAGE_SIZE
 from uswap.store.mkswap import mkswap
 from uswap.units import format_size
 
-WORKLOADS = ("seq", "random", "zipf", "hog")
+WORKLOADS = ("seq", "random", "zipf", "hog", "threads")
 
 # Workloads the `uswap run` rows leave out, and why (said in the report, never a silent gap).  None since fork
 # support: hog's 4 forked processes are one run, under one budget (docs/RUN-DESIGN.md).

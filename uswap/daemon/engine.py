@@ -1,13 +1,17 @@
-"""A region's fault engine: the C thread that serves its common faults (csrc/uswap_engine.c).
+"""A region's fault engine: the C threads that serve its common faults (csrc/uswap_engine.c).
 
-The engine reads the region's userfaultfd (it is the only reader), serves
-swap-ins from a local store, zero-fills and first writes to clean pages in
-C, and hands everything else to Python as FORWARD messages: faults on busy
-pages, WRITEBACK and POISONED pages, read errors and checksum mismatches,
-faults above the hard budget, and every fault of a store Python serves
-(NFS).  What it did goes to Python in order through a ring (INSTALLED,
-ZEROED: resident runs for the CLOCK; DIRTIED: a clean page written), with an
-eventfd to wait on.  The slots of pages it makes writable it frees itself, in
+The engine's fault threads (``threads``, daemon --fault-threads) read the
+region's userfaultfd (they are its only readers; each fault goes to one of
+them), serve swap-ins from a local store, zero-fills and first writes to
+clean pages in C, and hand everything else to Python as FORWARD messages:
+faults on pages Python holds, WRITEBACK and POISONED pages, read errors and
+checksum mismatches, faults above the hard budget, and every fault of a
+store Python serves (NFS).  What they did goes to Python through one ring
+(INSTALLED, ZEROED: resident runs for the CLOCK; DIRTIED: a clean page
+written), in each thread's order, with an eventfd to wait on.  What Python
+may rely on in that order is written at ``post`` in csrc/uswap_engine.c: a
+page's INSTALLED/ZEROED stay in order, and its forwarded faults may arrive
+in any order (each is served from the map as it is then).  The slots of pages it makes writable it frees itself, in
 the daemon's allocator (uswap.daemon.slots).
 """
 
@@ -36,14 +40,14 @@ class EngineStats:
 
 
 class Engine:
-    """Started at construction; :meth:`stop` quiesces it (the thread has returned), :meth:`close` frees it."""
+    """Started at construction; :meth:`stop` quiesces it (every thread has returned), :meth:`close` frees it."""
 
     def __init__(self, swapmap: SwapMap, *, uffd: int, memfd: int, addr: int, store_fd: int, codec, slots,
-                 readahead: int):
+                 readahead: int, threads: int = 1):
         out = ffi.new("struct uswap_engine **")
         self._codec = codec   # a struct uswap_codec * (or NULL); kept alive as long as the engine
         check(lib.uswap_engine_start(swapmap.c, uffd, memfd, addr, PAGE_SIZE, store_fd,
-                                     codec if codec is not None else ffi.NULL, slots.c, readahead, out))
+                                     codec if codec is not None else ffi.NULL, slots.c, readahead, threads, out))
         self.c = out[0]
         self.notify_fd = lib.uswap_engine_notify_fd(self.c)
         self._msgs = ffi.new("struct uswap_engine_msg[]", DRAIN_BATCH)

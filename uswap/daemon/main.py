@@ -9,6 +9,7 @@ import signal
 import trio
 
 from uswap._core import lib
+from uswap.config import DEFAULTS
 from uswap.core import PAGE_SIZE
 from uswap.daemon import notify
 from uswap.daemon.limits import UserLimits
@@ -66,6 +67,7 @@ def run_policy(users: frozenset[int] | None, max_runs: int,
 
 
 async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode: str, readahead: int,
+                     fault_threads: int = DEFAULTS.fault_threads,
                      nfs_timeout: float, nfs_stable: str, group: int | None = None, user_max_size: int | None = None,
                      user_max_regions: int = 64, user_max_connections: int = 64, map_timeout: float = 10.0,
                      encrypt: bool = True, writeback_batch: int | None = None,
@@ -76,7 +78,8 @@ async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode:
     async with opened_store(store_spec, options) as store:
         limits = user_limits(store.slot_count, max_size=user_max_size, max_regions=user_max_regions,
                              max_connections=user_max_connections)
-        daemon = Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead, group=group,
+        daemon = Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead,
+                        fault_threads=fault_threads, group=group,
                         limits=limits, map_timeout=map_timeout, batch=writeback_batch,
                         run_policy=run_policy(run_users, user_max_runs, max_run_processes))
         await serve_until_signalled(daemon)

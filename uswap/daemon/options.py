@@ -7,6 +7,8 @@ ranges are what the daemon can serve, not taste:
 - ``--resident``: at least one swap-in window of the engine's largest size (a fault's window must fit in the
   budget), at most the machine's physical memory (a budget above it bounds nothing);
 - ``--readahead``: 1 (off) to the engine's largest window (csrc/uswap_engine.h USWAP_MAX_READAHEAD);
+- ``--fault-threads``: 1 to the engine's most (csrc/uswap_engine.h USWAP_MAX_FAULT_THREADS); each thread of
+  each region holds its buffers, io_uring rings and stack (about 1 MiB);
 - timeouts: from 0.1 s to a day;
 - per-uid counts: 0 or 1 (as the option's meaning needs) to fs.nr_open, the most fds a process may hold (each
   connection, region and run holds at least one of the daemon's);
@@ -22,6 +24,7 @@ from uswap.core import PAGE_SIZE
 from uswap.units import check_range, format_size_exact
 
 MAX_READAHEAD = lib.USWAP_MAX_READAHEAD
+MAX_FAULT_THREADS = lib.USWAP_MAX_FAULT_THREADS
 MIN_BUDGET = MAX_READAHEAD * PAGE_SIZE
 TIMEOUT_S = (0.1, 86400.0)
 MAX_USER_ADDRESS = 1 << 57  # above any x86-64/arm64 user address space (5-level paging included)
@@ -49,6 +52,11 @@ def resident(nbytes: int, option: str = "--resident") -> int:
 def readahead(pages: int) -> int:
     return check_range("--readahead", pages, 1, MAX_READAHEAD, unit=" pages", why="1 is off; at most the engine's "
                        "largest window")
+
+
+def fault_threads(n: int) -> int:
+    return check_range("--fault-threads", n, 1, MAX_FAULT_THREADS, why="fault threads per region, at most the "
+                       "engine's most")
 
 
 def timeout(option: str, seconds: float) -> float:

@@ -1,11 +1,12 @@
 """One client region: its swap map, its fault engine, and the faults Python serves.
 
-The region's C engine thread (uswap.daemon.engine) reads every fault of the
-region and serves the common ones: swap-in from a local store with a
+The region's C fault threads (uswap.daemon.engine) read every fault of the
+region and serve the common ones: swap-in from a local store with a
 readahead window, zero-fill of first touches, the first write to a clean
-page.  It tells this object what it did through a ring (resident runs for
-the CLOCK, slots to free) and forwards everything else.  The forwarded
-faults are served here, reading top to bottom like the kernel's fault path:
+page.  They tell this object what they did through one ring (resident runs
+for the CLOCK, slots to free) and forward everything else, a page's forwarded
+faults in any order (each is served from the map as it is when served: see
+``post`` in csrc/uswap_engine.c).  The forwarded faults are served here, reading top to bottom like the kernel's fault path:
 ``handle_fault`` decides (do_swap_page / do_wp_page), ``swap_in`` does the
 I/O with a readahead window (swap_readpage) and installs the pages clean and
 write-protected, so they keep their slots until first written.
@@ -100,7 +101,7 @@ class Region:
         local = daemon.store_fd
         self.engine = Engine(self.map, uffd=uffd.fd, memfd=memfd, addr=addr, store_fd=local,
                              codec=daemon.codec_c if local >= 0 else None, slots=daemon.slots,
-                             readahead=daemon.readahead)
+                             readahead=daemon.readahead, threads=daemon.fault_threads)
 
     # -- accounting -------------------------------------------------------
 
@@ -495,7 +496,7 @@ class Region:
     # -- teardown -------------------------------------------------------------------
 
     def quiesce(self) -> None:
-        """Stop the engine thread (it has returned when this returns); the fault
+        """Stop the engine's threads (all have returned when this returns); the fault
         loop must be cancelled already.  Faults then wait in the kernel."""
         self.quiesced = True
         self.engine.stop()

@@ -146,10 +146,12 @@ def check_socket_path(path: str) -> None:
 
 class Daemon:
     def __init__(self, store: Store, socket_path: str, *, budget: int, io_mode: str = DEFAULTS.io,
-                 readahead: int = DEFAULTS.readahead, batch: int | None = None, group: int | None = None,
+                 readahead: int = DEFAULTS.readahead, fault_threads: int = DEFAULTS.fault_threads, batch: int | None = None,
+                 group: int | None = None,
                  limits: UserLimits | None = None, map_timeout: float = 10.0, run_policy: RunPolicy | None = None):
         budget = options.resident(budget)     # the command line checked them first (uswap.daemon.options)
         readahead = options.readahead(readahead)
+        fault_threads = options.fault_threads(fault_threads)
         batch = writeback_batch(batch)
         self.store = store
         self.socket_path = socket_path
@@ -158,6 +160,7 @@ class Daemon:
         self.map_timeout = map_timeout
         self.budget = budget
         self.readahead = readahead
+        self.fault_threads = fault_threads   # per region's engine
         self.io = store.slot_io(io_mode)
         self.store_fd = store.local_fd     # the engines read slots here; -1: every fault goes to Python
         self.codec_c = self.io.codec_c if self.store_fd >= 0 else None
@@ -263,9 +266,10 @@ class Daemon:
         """Serve until :meth:`request_stop`, then detach every region and return."""
         listener = self.bind()
         who = f"uid {os.geteuid()} and group {self.group}" if self.group is not None else f"uid {os.geteuid()} only"
-        log.info("serving %s on %s (%s): budget %d pages, %s I/O, readahead %d, writeback batch %d",
+        log.info("serving %s on %s (%s): budget %d pages, %s I/O, readahead %d, %d fault threads per region, "
+                 "writeback batch %d",
                  self.store.path, self.socket_path, who, self.budget // PAGE_SIZE, self.io.mode, self.readahead,
-                 self.reclaimer.batch)
+                 self.fault_threads, self.reclaimer.batch)
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -668,6 +672,7 @@ class Daemon:
                 "store_health": health,
                 "io": self.io.mode,
                 "readahead": self.readahead,
+                "fault_threads": self.fault_threads,
                 "page_size": PAGE_SIZE,
                 "budget_pages": r.budget_pages,
                 "resident_pages": r.resident,

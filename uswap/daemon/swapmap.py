@@ -1,4 +1,4 @@
-"""The swap map: one atomic word per page, shared by Python and the region's C engine thread.
+"""The swap map: one atomic word per page, shared by Python and the region's C fault threads.
 
 Each entry holds the page's state, a BUSY bit, a REFERENCED bit and the page's
 slot (csrc/uswap_engine.h).  It is the only record of page state and slots;

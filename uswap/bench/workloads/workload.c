@@ -3,11 +3,16 @@
  * plain anonymous memory (kernel swap), timed from inside.
  *
  *   cc -O2 workload.c $(uswap config --cflags --libs) -o workload
- *   workload seq|random|zipf [-s MiB] [-n ACCESSES] [-w WRITE%] [-S SEED] [-a] [-o FILE] [-F] [-f FRACTION]
+ *   workload seq|random|zipf|threads [-s MiB] [-n ACCESSES] [-w WRITE%] [-S SEED] [-a] [-o FILE] [-F] [-f FRACTION]
+ *            [-t THREADS]
  *
  *   seq     write every page, then read every page in order
  *   random  write every page, then ACCESSES uniform random page accesses
  *   zipf    write every page, then ACCESSES Zipf(0.99)-distributed accesses
+ *   threads THREADS threads (-t, default 8) on the one shared mapping: each writes its share
+ *           of the pages, then makes its share of ACCESSES uniform random accesses; a write
+ *           bumps the page's write counter, a read verifies the page's name and that its
+ *           counter holds at least the writes completed before the read began
  *
  * Every access is timed with the vDSO clock; one that takes over 1 µs is
  * counted as a fault (a resident access takes ~0.1 µs) and goes into the
@@ -22,6 +27,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -102,16 +108,86 @@ static inline void access_page(uint64_t *mem, size_t words, size_t p, int write,
 	record(t, now_ns() - t0);
 }
 
+/* The threads mode: one thread's share of the fill and of the random accesses. */
+struct worker {
+	pthread_t thread;
+	uint64_t *mem;
+	uint32_t *writes;
+	size_t words, pages, first, last, accesses, noise;
+	uint64_t seed, rng;
+	int write_pct, time_fill;
+	struct timing t;
+	size_t mismatches;   /* reads that saw a wrong name or fewer writes than were done */
+};
+
+static uint64_t worker_next(struct worker *w)
+{
+	w->rng ^= w->rng << 13;
+	w->rng ^= w->rng >> 7;
+	w->rng ^= w->rng << 17;
+	return w->rng;
+}
+
+static void *worker_main(void *arg)
+{
+	struct worker *k = arg;
+	for (size_t p = k->first; p < k->last; p++) {
+		uint64_t t0 = now_ns();
+		k->mem[p * k->words] = p ^ k->seed;
+		if (k->time_fill)
+			record(&k->t, now_ns() - t0);
+		uint64_t s = page_seed(k->seed, p);
+		for (size_t i = 0; i < k->noise; i++)
+			k->mem[p * k->words + 2 + i] = page_next(&s);
+	}
+	return NULL;
+}
+
+static void *worker_access(void *arg)
+{
+	struct worker *k = arg;
+	for (size_t i = 0; i < k->accesses; i++) {
+		size_t p = worker_next(k) % k->pages;
+		uint64_t *w = k->mem + p * k->words;
+		int write = (int)(worker_next(k) % 100) < k->write_pct;
+		uint64_t t0 = now_ns();
+		if (write) {
+			__atomic_add_fetch(&w[1], 1, __ATOMIC_RELAXED);
+			__atomic_add_fetch(&k->writes[p], 1, __ATOMIC_RELEASE);   /* after the page's: counter >= writes */
+		} else {
+			uint32_t done = __atomic_load_n(&k->writes[p], __ATOMIC_ACQUIRE);
+			uint64_t name = __atomic_load_n(&w[0], __ATOMIC_RELAXED), got = __atomic_load_n(&w[1], __ATOMIC_RELAXED);
+			k->mismatches += name != (p ^ k->seed) || got < done;
+		}
+		record(&k->t, now_ns() - t0);
+	}
+	return NULL;
+}
+
+/* Run fn on every worker at once; 0, or the error of pthread_create. */
+static int run_workers(struct worker *ws, int n, void *(*fn)(void *))
+{
+	int started = 0, err = 0;
+	for (; started < n; started++) {
+		err = pthread_create(&ws[started].thread, NULL, fn, &ws[started]);
+		if (err)
+			break;
+	}
+	for (int i = 0; i < started; i++)
+		pthread_join(ws[i].thread, NULL);
+	return err;
+}
+
 int main(int argc, char **argv)
 {
 	size_t mib = 256, accesses = 200000;
-	int write_pct = 50, anon = 0, time_fill = 1, opt;
+	int write_pct = 50, anon = 0, time_fill = 1, nthreads = 8, opt;
 	double fill = 0;
 	const char *dump = NULL;
 	uint64_t seed = 1;
 	const char *mode = argc > 1 ? argv[1] : "";
 	optind = 2;
-	while ((opt = getopt(argc, argv, "s:n:w:S:ao:Ff:")) != -1) {
+	while ((opt = getopt(argc, argv, "s:n:w:S:ao:Ff:t:")) != -1) {
 		switch (opt) {
 		case 's': mib = strtoull(optarg, NULL, 0); break;
 		case 'n': accesses = strtoull(optarg, NULL, 0); break;
@@ -121,14 +197,17 @@ int main(int argc, char **argv)
 		case 'o': dump = optarg; break;
 		case 'F': time_fill = 0; break;
 		case 'f': fill = strtod(optarg, NULL); break;
+		case 't': nthreads = atoi(optarg); break;
 		default: goto usage;
 		}
 	}
 	int seq = !strcmp(mode, "seq"), random_ = !strcmp(mode, "random"), zipf = !strcmp(mode, "zipf");
-	if (!(seq || random_ || zipf) || mib == 0 || !(fill >= 0 && fill <= 1)) {
+	int threads = !strcmp(mode, "threads");
+	if (!(seq || random_ || zipf || threads) || mib == 0 || !(fill >= 0 && fill <= 1) || nthreads < 1
+	    || nthreads > 1024) {
 usage:
-		fprintf(stderr, "usage: %s seq|random|zipf [-s MiB] [-n accesses] [-w write%%] [-S seed] [-a] [-o file] "
-			"[-F] [-f fraction 0..1]\n", argv[0]);
+		fprintf(stderr, "usage: %s seq|random|zipf|threads [-s MiB] [-n accesses] [-w write%%] [-S seed] [-a] "
+			"[-o file] [-F] [-f fraction 0..1] [-t threads 1..1024]\n", argv[0]);
 		return 2;
 	}
 	rng ^= seed * 0x9E3779B97F4A7C15ULL;
@@ -155,8 +234,36 @@ usage:
 			cdf[i] /= sum;
 	}
 	volatile uint64_t sink = 0;
+	size_t read_mismatches = 0;
 	uint64_t start = now_ns();
-	for (size_t p = 0; p < pages; p++) { /* write every page */
+	if (threads) {
+		struct worker *ws = calloc((size_t)nthreads, sizeof(*ws));
+		for (int i = 0; i < nthreads; i++) {
+			struct worker *k = &ws[i];
+			*k = (struct worker){ .mem = mem, .writes = writes, .words = words, .pages = pages, .noise = noise,
+					      .seed = seed, .rng = next() | 1, .write_pct = write_pct, .time_fill = time_fill,
+					      .first = pages * i / nthreads, .last = pages * (i + 1) / nthreads,
+					      .accesses = accesses / nthreads + (i < (int)(accesses % nthreads)) };
+			k->t.cap = k->last - k->first + k->accesses;
+			k->t.ns = malloc(k->t.cap * sizeof(uint32_t));
+		}
+		int err = run_workers(ws, nthreads, worker_main);
+		if (!err)
+			err = run_workers(ws, nthreads, worker_access);
+		if (err) {
+			fprintf(stderr, "workload: cannot start a thread: %s\n", strerror(err));
+			return 2;
+		}
+		for (int i = 0; i < nthreads; i++) {   /* one timing of every thread's faults */
+			size_t n = ws[i].t.faults < ws[i].t.cap ? ws[i].t.faults : ws[i].t.cap;
+			for (size_t j = 0; j < n && t.faults < t.cap; j++)
+				t.ns[t.faults++] = ws[i].t.ns[j];
+			read_mismatches += ws[i].mismatches;
+			free(ws[i].t.ns);
+		}
+		free(ws);
+	}
+	for (size_t p = 0; p < pages && !threads; p++) { /* write every page */
 		uint64_t t0 = now_ns();
 		mem[p * words] = p ^ seed;
 		if (time_fill)
@@ -168,7 +275,7 @@ usage:
 	if (seq) {
 		for (size_t p = 0; p < pages; p++)
 			access_page(mem, words, p, 0, writes, &t, &sink);
-	} else {
+	} else if (!threads) {
 		for (size_t i = 0; i < accesses; i++) {
 			size_t p;
 			if (zipf) { /* binary search the CDF; rank r maps to a scattered page */
@@ -186,7 +293,7 @@ usage:
 		}
 	}
 	double wall = (now_ns() - start) / 1e9;
-	size_t mismatches = 0;
+	size_t mismatches = read_mismatches;
 	for (size_t p = 0; p < pages; p++) {
 		uint64_t *w = mem + p * words, s = page_seed(seed, p);
 		int bad = w[0] != (p ^ seed) || w[1] != writes[p];
@@ -205,8 +312,8 @@ usage:
 		}
 	}
 	printf("mode=%s backend=%s pages=%zu accesses=%zu wall_s=%.3f faults=%zu fault_p50_us=%.1f "
-	       "fault_p99_us=%.1f mismatches=%zu random_bytes_per_page=%zu\n", mode, anon ? "anon" : "uswap", pages,
-	       ops, wall, t.faults, p50, p99, mismatches, noise * 8);
+	       "fault_p99_us=%.1f mismatches=%zu random_bytes_per_page=%zu threads=%d\n", mode, anon ? "anon" : "uswap",
+	       pages, ops, wall, t.faults, p50, p99, mismatches, noise * 8, threads ? nthreads : 1);
 	if (!anon)
 		uswap_unmap(mem, bytes);
 	return mismatches ? 1 : 0;
