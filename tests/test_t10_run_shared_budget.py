@@ -8,12 +8,12 @@ from the kernel (the blocks of the regions' memfds, which the daemon holds, plus
 Stated slack above the daemon's hard line H = B + B/32 = 8,448 pages (measured 2026-12-07 at 1985e8a, 2 vCPUs
 shared with other test runs at load 8-17, 9 runs):
 - kernel: + 3 MiB, the run's memory uswap does not register (its agent's 2 MiB staging area, stack, libc's
-  data: 372 KiB RssAnon for a program that touches nothing); measured maxima 8,516-8,579 pages;
+  data: 372 KiB RssAnon for a program that touches nothing); measured maxima 8,516-8,702 pages;
 - daemon's count: + B/8: a run's pagemap count counts the pages its fault threads fill during the count twice
   (in the count and in ``filled``) until its next count, so it runs ahead of the kernel's; measured maxima
   8,410-8,964 pages (the largest while the t10 suite ran beside it).
 The same load on the one-way budget before it (eb339ad: the regions' reclaimer ignored run pages) reached
-11,592 pages counted, 11,712 by the kernel's count.
+11,592-14,808 pages counted, 11,712-14,864 by the kernel's count (4 runs).
 """
 
 from __future__ import annotations
