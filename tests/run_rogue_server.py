@@ -1,4 +1,4 @@
-"""A `uswap run` server anyone could start, for tests/test_t10_run_hostile.py: ``run_rogue_server.py PATH UID``.
+"""A `uswap run` server anyone could start, for tests/test_run_hostile.py: ``run_rogue_server.py PATH UID``.
 
 Started as root, it opens /dev/userfaultfd and binds PATH (mode 0666: any uid may connect), then becomes UID
 (every id, no supplementary group, no capability) before listen(): SO_PEERCRED, what clients see, is UID.  It

@@ -394,7 +394,7 @@ def raised_in_nested_nurseries(*errors: BaseException) -> BaseException:
 
 def test_errors_from_nurseries_are_a_users_and_bugs_stay_whole():
     """cli.main prints a user's errors (USER_ERRORS) one line each however deep in groups they come,
-    and re-raises a group holding anything else (test_t4_daemon.py::test_socket_and_store_in_use: the
+    and re-raises a group holding anything else (test_region_daemon.py::test_socket_and_store_in_use: the
     whole stderr of a second daemon on a socket in use)."""
     from uswap.daemon.server import SocketInUse
     in_use = SocketInUse(errno.EADDRINUSE, "another uswap daemon is listening here", "/run/x.sock")

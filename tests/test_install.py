@@ -29,7 +29,7 @@ import zipfile
 import pytest
 
 from conftest import DaemonProcess, need, need_root, run, this_uswap_env, uswap
-from test_t8_hostile import GROUP, socket_dir  # noqa: F401 (socket_dir: a fixture)
+from test_region_hostile import GROUP, socket_dir  # noqa: F401 (socket_dir: a fixture)
 from uswap.child import uswap_argv
 from uswap.config import DEFAULTS
 from uswap.daemon.status import fetch_status

@@ -1,6 +1,6 @@
 """Layer 2: the daemon's policies on their own, with fakes injected (no kernel needed).
 
-The paging path itself is tested for real in test_t4_daemon.py; these pin down
+The paging path itself is tested for real in test_region_daemon.py; these pin down
 the decisions: slot clustering, the swap map's transitions, the CLOCK over runs,
 backoff, per-uid limits.
 """

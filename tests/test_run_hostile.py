@@ -24,9 +24,9 @@ import time
 import pytest
 
 from conftest import HERE, build_c, need, need_root, this_uswap_env
-from test_t4_daemon import finish_holder, start_holder
-from test_t8_hostile import GROUP, settled_fds, socket_dir, tail  # noqa: F401 (socket_dir: a fixture)
-from test_t10_run_probes import LIBRUN, PYTHON
+from test_region_daemon import finish_holder, start_holder
+from test_region_hostile import GROUP, settled_fds, socket_dir, tail  # noqa: F401 (socket_dir: a fixture)
+from test_run_probes import LIBRUN, PYTHON
 from uswap._core import lib
 from uswap.child import uswap_argv
 

@@ -323,7 +323,7 @@ def test_a_corrupted_slot_poisons_the_process_never_wrong_data(uswapd, tmp_path)
     """Negative control of the fault thread's checks: slots flipped on disk behind the daemon's back are caught
     (authentication fails), the page is poisoned and the program gets SIGBUS, never the wrong data; the daemon
     lives on and frees every slot."""
-    from test_t4_daemon import corrupt_slots
+    from test_region_daemon import corrupt_slots
     need_root()
     daemon = uswapd("run", resident="64M", store_size="256M")
     script = tmp_path / "gated.py"
