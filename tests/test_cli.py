@@ -345,7 +345,7 @@ def test_daemon_accepts_every_range_at_its_bounds(uswapd):
 def test_option_ranges_come_from_the_engine_and_the_help_says_them():
     from uswap._core import lib
     from uswap.daemon import options
-    assert options.MAX_READAHEAD == lib.USWAP_MAX_READAHEAD == 64      # csrc/uswap_engine.h sizes for it
+    assert options.MAX_READAHEAD == lib.USWAP_MAX_READAHEAD == 64      # csrc/daemon/uswap_engine.h sizes for it
     assert options.MIN_BUDGET == 64 * PAGE_SIZE
     help_text = " ".join(uswap("daemon", "--help").stdout.split())
     assert "resident budget, 256K to the physical memory" in help_text

@@ -1,4 +1,4 @@
-"""A region's fault engine: the C thread that serves its common faults (csrc/uswap_engine.c).
+"""A region's fault engine: the C thread that serves its common faults (csrc/daemon/uswap_engine.c).
 
 The engine reads the region's userfaultfd (it is the only reader), serves
 swap-ins from a local store, zero-fills and first writes to clean pages in

@@ -6,7 +6,7 @@ ranges are what the daemon can serve, not taste:
 
 - ``--resident``: at least one swap-in window of the engine's largest size (a fault's window must fit in the
   budget), at most the machine's physical memory (a budget above it bounds nothing);
-- ``--readahead``: 1 (off) to the engine's largest window (csrc/uswap_engine.h USWAP_MAX_READAHEAD);
+- ``--readahead``: 1 (off) to the engine's largest window (csrc/daemon/uswap_engine.h USWAP_MAX_READAHEAD);
 - timeouts: from 0.1 s to a day;
 - per-uid counts: 0 or 1 (as the option's meaning needs) to fs.nr_open, the most fds a process may hold (each
   connection, region and run holds at least one of the daemon's);

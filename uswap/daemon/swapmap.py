@@ -1,7 +1,7 @@
 """The swap map: one atomic word per page, shared by Python and the region's C engine thread.
 
 Each entry holds the page's state, a BUSY bit, a REFERENCED bit and the page's
-slot (csrc/uswap_engine.h).  It is the only record of page state and slots;
+slot (csrc/daemon/uswap_engine.h).  It is the only record of page state and slots;
 it changes only through the named transitions below (and the engine's, in C,
 which use the same CAS), and the resident counts follow every transition.
 
