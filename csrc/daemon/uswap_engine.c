@@ -144,24 +144,24 @@ void uswap_map_set_referenced(struct uswap_swapmap *m, uint64_t page)
 	__atomic_fetch_or(&m->entry[page], (uint64_t)USWAP_REFERENCED, __ATOMIC_ACQ_REL);
 }
 
-/* Claim the resident, unclaimed pages (DIRTY or CLEAN) of a run, up to max: the reclaimer's victims. */
-/* Add page p (in state s) to a list of runs, extending the last run when p continues it
- * in the same state.  0 when a new run is needed and the list is full. */
-static int add_to_runs(struct uswap_run *runs, int *n, int max, uint64_t p, uint32_t s)
+/* Claim the resident, unclaimed pages (DIRTY or CLEAN) of a span, up to max: the reclaimer's victims. */
+/* Add page p (in state s) to a list of spans, extending the last span when p continues it
+ * in the same state.  0 when a new span is needed and the list is full. */
+static int add_to_spans(struct uswap_span *spans, int *n, int max, uint64_t p, uint32_t s)
 {
-	if (*n > 0 && runs[*n - 1].first + runs[*n - 1].count == p && runs[*n - 1].state == s) {
-		runs[*n - 1].count++;
+	if (*n > 0 && spans[*n - 1].first + spans[*n - 1].count == p && spans[*n - 1].state == s) {
+		spans[*n - 1].count++;
 		return 1;
 	}
 	if (*n == max)
 		return 0;
-	runs[*n] = (struct uswap_run){ .first = p, .count = 1, .state = s };
+	spans[*n] = (struct uswap_span){ .first = p, .count = 1, .state = s };
 	(*n)++;
 	return 1;
 }
 
-int uswap_map_claim_runs(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t most,
-			 struct uswap_run *taken, struct uswap_run *held, int max_runs, struct uswap_claimed *out)
+int uswap_map_claim_spans(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t most,
+			  struct uswap_span *taken, struct uswap_span *held, int max_spans, struct uswap_claimed *out)
 {
 	out->taken = out->held = 0;
 	out->pages = 0;
@@ -172,15 +172,15 @@ int uswap_map_claim_runs(struct uswap_swapmap *m, uint64_t first, uint64_t count
 		if (s != USWAP_DIRTY && s != USWAP_CLEAN)
 			continue;
 		if (uswap_map_claim(m, p, &e) < 0) {   /* someone holds it: it stays on the CLOCK */
-			if (!add_to_runs(held, &out->held, max_runs, p, 0))
+			if (!add_to_spans(held, &out->held, max_spans, p, 0))
 				break;
 			continue;
 		}
 		s = state_of(e);   /* it may have changed between the look and the claim */
-		if ((s != USWAP_DIRTY && s != USWAP_CLEAN) || !add_to_runs(taken, &out->taken, max_runs, p, s)) {
+		if ((s != USWAP_DIRTY && s != USWAP_CLEAN) || !add_to_spans(taken, &out->taken, max_spans, p, s)) {
 			uswap_map_publish(m, p, s, slot_of(e), -1);   /* give it back */
 			if (s == USWAP_DIRTY || s == USWAP_CLEAN)
-				break;   /* no room for another run: stop here */
+				break;   /* no room for another span: stop here */
 			continue;
 		}
 		out->pages++;

@@ -6,7 +6,7 @@ C, and hands everything else to Python as FORWARD messages: faults on busy
 pages, WRITEBACK and POISONED pages, read errors and checksum mismatches,
 faults above the hard budget, and every fault of a store Python serves
 (NFS).  What it did goes to Python in order through a ring (INSTALLED,
-ZEROED: resident runs for the CLOCK; DIRTIED: a clean page written), with an
+ZEROED: resident spans for the CLOCK; DIRTIED: a clean page written), with an
 eventfd to wait on.  The slots of pages it makes writable it frees itself, in
 the daemon's allocator (uswap.daemon.slots).
 """
