@@ -7,16 +7,16 @@
  *   swap_in (swap_readpage with a readahead window) reads and checks,
  *   install (UFFDIO_COPY / UFFDIO_ZEROPAGE) maps, publish updates the map.
  *
- * Invariants (each relied on below; DESIGN.md "The fault engine"):
- *   - Only the holder of a page's BUSY bit changes its PTE, its memfd page or
+ * Invariants (each relied on below; docs/DESIGN.md M1, M4, M2):
+ *   - (M1) Only the holder of a page's BUSY bit changes its PTE, its memfd page or
  *     its slot.  The engine claims a page with a CAS and never waits for a
  *     busy one: it forwards that fault to Python.  Python (the trio thread)
  *     claims through the same CAS, so the two never both hold a page.
- *   - A slot is read only by the holder of the page that owns it, and freed
+ *   - (M4) A slot is read only by the holder of the page that owns it, and freed
  *     only by that holder (or by Python after the engine reported it free
  *     through the ring), so a slot is never reused while a read of it is in
  *     flight.
- *   - The resident counts (region and budget) change only in publish, from
+ *   - (M2) The resident counts (region and budget) change only in publish, from
  *     the old state to the new, so they are exact whoever publishes.
  *   - The ring is the only channel from the engine to Python; it keeps order.
  *   - The engine never calls into Python and never takes the GIL; its thread

@@ -183,7 +183,7 @@ class Reclaimer:
                 region.held.update(range(span_first, span_first + span_count))
                 victims.append((region, span_first, span_count, state))
                 pages += span_count
-            # Invariant: every DIRTY or CLEAN page is in some span of the CLOCK.  Pages of
+            # Invariant M7 (DESIGN.md): every DIRTY or CLEAN page is in some span of the CLOCK.  Pages of
             # this span that were not taken stay: the unexamined rest (the batch filled up)
             # next in line, those held by someone right now at the tail.
             if end < first + count:

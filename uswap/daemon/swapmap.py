@@ -13,7 +13,7 @@ which use the same CAS), and the resident counts follow every transition.
     WRITEBACK  resident, write-protected, being written to the slot the writer chose (PG_writeback)
     POISONED   its slot could not be read back: the toucher gets SIGBUS
 
-Invariants (written where they are relied on, in uswap_engine.c):
+Invariants (docs/DESIGN.md M1; written where they are relied on, in uswap_engine.c):
   * a SWAPPED or CLEAN page has a slot; DIRTY, ABSENT and POISONED pages have
     none; a WRITEBACK page has none in its entry (the writer holds its slot
     until the write ends, then publishes it with the new state);
