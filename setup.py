@@ -32,12 +32,14 @@ class BuildExt(build_ext):
 setup(
     cffi_modules=["csrc/build.py:ffi", "csrc/nfs_build.py:ffi"],
     ext_modules=[
-        Extension(LIBUSWAP, sources=["csrc/uswap_client.c", "csrc/uswap_daemon_peer.c", "csrc/uswap_core.c"],
-                  include_dirs=["csrc", "uswap/include"],
+        Extension(LIBUSWAP, sources=["csrc/client/uswap_client.c", "csrc/common/uswap_daemon_peer.c",
+                                     "csrc/common/uswap_core.c"],
+                  include_dirs=["csrc/common", "uswap/include"],
                   extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
                   extra_link_args=["-pthread", "-Wl,-soname,libuswap.so"]),
         # bound at load (-z now): the agent thread must never enter the dynamic linker later
-        Extension(LIBUSWAPRUN, sources=["csrc/uswap_run.c", "csrc/uswap_daemon_peer.c"], include_dirs=["csrc"],
+        Extension(LIBUSWAPRUN, sources=["csrc/preload/uswap_run.c", "csrc/common/uswap_daemon_peer.c"],
+                  include_dirs=["csrc/common", "csrc/preload"],
                   extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
                   extra_link_args=["-pthread", "-Wl,-z,now", "-Wl,-soname,libuswaprun.so"]),
     ],

@@ -1,9 +1,10 @@
 """cffi build script for the uswap C core (uswap._core).
 
-The constants (cdef.h), the declarations (uswap_core.h) and the
-implementation (uswap_core.c) are separate files; this script only wires them
-together.  setup.py names it in
-``cffi_modules``.
+The constants (cdef.h), the declarations (the headers' CDEF sections) and the
+implementation are separate files; this script only wires them together: the
+C core (common/), the client the Python client calls (client/), the daemon's
+engines, page table, slots and sealing (daemon/) and the run protocol's struct
+(preload/uswap_run.h).  setup.py names it in ``cffi_modules``.
 """
 
 import pathlib
@@ -16,7 +17,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 def declarations(header: str) -> str:
     """The structs and prototypes of a header, between its CDEF markers."""
-    text = (HERE / header).read_text()
+    text = next(HERE.glob("*/" + header)).read_text()   # headers by name, as #include finds them
     return text.split("/* CDEF-BEGIN */", 1)[1].split("/* CDEF-END */", 1)[0]
 
 
@@ -28,9 +29,10 @@ ffi.cdef((HERE / "cdef.h").read_text() + declarations("uswap_core.h") + declarat
 ffi.set_source(
     "uswap._core",
     '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap_slots.h"\n#include "uswap_engine.h"\n#include "uswap_pt.h"\n#include "uswap_runeng.h"\n#include "uswap_run.h"\n#include "uswap.h"\n',
-    sources=["csrc/uswap_core.c", "csrc/uswap_client.c", "csrc/uswap_daemon_peer.c", "csrc/uswap_seal.c", "csrc/uswap_slots.c", "csrc/uswap_engine.c",
-             "csrc/uswap_pt.c", "csrc/uswap_runeng.c", "csrc/uswap_probe.c"],
-    include_dirs=["csrc", "uswap/include"],
+    sources=["csrc/common/uswap_core.c", "csrc/client/uswap_client.c", "csrc/common/uswap_daemon_peer.c",
+             "csrc/daemon/uswap_seal.c", "csrc/daemon/uswap_slots.c", "csrc/daemon/uswap_engine.c",
+             "csrc/daemon/uswap_pt.c", "csrc/daemon/uswap_runeng.c", "csrc/daemon/uswap_probe.c"],
+    include_dirs=["csrc/common", "csrc/daemon", "csrc/preload", "uswap/include"],
     libraries=["crypto",    # OpenSSL libcrypto: AES-256-GCM for sealed slots (uswap_seal.c)
                "uring"],    # liburing: the fault engine's readahead reads (uswap_engine.c)
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],

@@ -10,7 +10,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def shim_declarations() -> str:
-    header = (HERE / "uswap_nfs.h").read_text()
+    header = (HERE / "nfs" / "uswap_nfs.h").read_text()
     return header.split("/* CDEF-BEGIN */", 1)[1].split("/* CDEF-END */", 1)[0]
 
 
@@ -19,8 +19,8 @@ ffi.cdef((HERE / "nfs_cdef.h").read_text() + shim_declarations())
 ffi.set_source(
     "uswap._nfs",
     '#include <sys/time.h>\n#include <nfsc/libnfs.h>\n#include "uswap_nfs.h"\n',
-    sources=["csrc/uswap_nfs.c"],
-    include_dirs=["csrc"],
+    sources=["csrc/nfs/uswap_nfs.c"],
+    include_dirs=["csrc/nfs"],
     libraries=["nfs"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

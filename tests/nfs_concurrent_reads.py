@@ -1,4 +1,4 @@
-"""Run in the NFS test server's network namespace by test_t7_nfs: 16 reads at
+"""Run in the NFS test server's network namespace by test_nfs: 16 reads at
 once on one connection; prints how many were in flight at most, and checks
 every page read back."""
 

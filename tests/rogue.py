@@ -16,7 +16,7 @@ Commands (``{"cmd": NAME, ...}``; every result is a dict, ``{"error": ...}`` if 
   packet    data_hex | op a b c [extra] [size], fds [kinds]: a fresh connection, one packet, the reply and
             whether the daemon then closed the connection
   map       name, length, memfd (rw ro other other_sealed noseal fake), features, dontfork, send_uffd_of:
-            the client's MAP dance (csrc/uswap_client.c) on a connection of its own, kept under ``name``
+            the client's MAP dance (csrc/client/uswap_client.c) on a connection of its own, kept under ``name``
   touch     name, length, value: memset the region's first bytes (each page faults through the daemon)
   ftruncate name, size;  seals name;  munmap name;  close name
   fork      n: fork n children that exit at once (uffd EVENT_FORK hands the daemon a new uffd each time)
@@ -53,7 +53,7 @@ from uswap.uffd import Feature, RegisterMode, Userfaultfd
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROGUE = os.path.abspath(__file__)
 
-# What uswap_map negotiates (csrc/uswap_client.c, UFFD_CLIENT_FEATURES).
+# What uswap_map negotiates (csrc/client/uswap_client.c, UFFD_CLIENT_FEATURES).
 CLIENT_FEATURES = Feature.MISSING_SHMEM | Feature.WP_HUGETLBFS_SHMEM | Feature.THREAD_ID | Feature.POISON
 
 FD_KINDS = ("memfd", "memfd_ro", "memfd_sealed", "memfd_noseal", "tmpfs", "file", "pipe", "socket", "devnull",
@@ -266,7 +266,7 @@ def request_bytes(op: int, a: int = 0, b: int = 0, c: int = 0, *, magic: bytes =
 
 class Mapping:
     """memfd (MFD_ALLOW_SEALING) mapped MAP_SHARED, MADV_DONTFORK, a userfaultfd registered MISSING|WP
-    over it: csrc/uswap_client.c's dance.  ``backing`` replaces the memfd (it is mapped instead)."""
+    over it: csrc/client/uswap_client.c's dance.  ``backing`` replaces the memfd (it is mapped instead)."""
 
     def __init__(self, length: int, *, backing: int | None = None, features: Feature = CLIENT_FEATURES,
                  dontfork: bool = True, register: bool = True):

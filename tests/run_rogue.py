@@ -1,4 +1,4 @@
-"""A hostile `uswap run` client (csrc/uswap_run.h), for tests/test_t10_run_hostile.py.
+"""A hostile `uswap run` client (csrc/preload/uswap_run.h), for tests/test_run_hostile.py.
 
 Run as another uid through setpriv (``RunRogue`` in the test file): ``run_rogue.py SOCKET ATTACK [JSON]``
 drops every capability, does one attack and prints one JSON line of what it saw.  Handshake attacks

@@ -1,12 +1,12 @@
-"""A `uswap run` server anyone could start, for tests/test_t10_run_hostile.py: ``run_rogue_server.py PATH UID``.
+"""A `uswap run` server anyone could start, for tests/test_run_hostile.py: ``run_rogue_server.py PATH UID``.
 
 Started as root, it opens /dev/userfaultfd and binds PATH (mode 0666: any uid may connect), then becomes UID
 (every id, no supplementary group, no capability) before listen(): SO_PEERCRED, what clients see, is UID.  It
-speaks the first steps of the run protocol (csrc/uswap_run.h): to a CONNECT it answers DEVFD with the device's fd,
-and takes the HELLO (with the process's userfaultfd) without answering.  Run by uid 1002 in the field, that was
-enough to register root's memory and inject a page root then read.  It prints ``listening as uid UID``, serves
-until its stdin closes, then prints one JSON line of what it received: connections, bytes, ops, fds and how many of
-them were userfaultfds.
+speaks the first steps of the run protocol (csrc/preload/uswap_run.h): to a CONNECT it answers DEVFD with the
+device's fd, and takes the HELLO (with the process's userfaultfd) without answering.  Run by uid 1002 in the
+field, that was enough to register root's memory and inject a page root then read.  It prints ``listening as uid
+UID``, serves until its stdin closes, then prints one JSON line of what it received: connections, bytes, ops, fds
+and how many of them were userfaultfds.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def cmd_daemon(args) -> int:
     from uswap.protocol import daemon_socket_path
     from uswap.daemon.runpolicy import parse_run_users
     # Every option is checked before anything is made or started: a refused one leaves no directory,
-    # store, socket, lock or log behind (tests/test_t3_cli.py).
+    # store, socket, lock or log behind (tests/test_cli.py).
     batch = writeback_batch(args.writeback_batch)
     options.resident(args.resident)
     options.readahead(args.readahead)
@@ -242,7 +242,7 @@ def cmd_run(args) -> int:
     # No rseq registration: the kernel writes a thread's rseq area (in its TLS, registered memory) on every
     # return to user mode; if that page is swapped and the daemon has died, the write meets the agent's
     # poison in kernel mode and the kernel forces SIGSEGV instead of the SIGBUS a swapped page must give
-    # (seen: 1 run in 2-6 of tests/test_t10_run_probes.py's daemon-kill tests; 0 in 8 with this).
+    # (seen: 1 run in 2-6 of tests/test_run_probes.py's daemon-kill tests; 0 in 8 with this).
     env["GLIBC_TUNABLES"] = ":".join(x for x in (env.get("GLIBC_TUNABLES"), "glibc.pthread.rseq=0") if x)
     sys.stdout.flush()
     try:

@@ -5,7 +5,7 @@
         ...
         del a                  # every view goes before the region closes
 
-It is the C client (csrc/uswap_client.c) underneath, so Python and C programs
+It is the C client (csrc/client/uswap_client.c) underneath, so Python and C programs
 behave alike: regions are not inherited across fork(), and if the daemon dies
 a touch of a page it held raises SIGBUS instead of reading zeros.
 

@@ -1,4 +1,4 @@
-"""The client ↔ daemon protocol (version 1), shared with csrc/uswap_client.c.
+"""The client ↔ daemon protocol (version 1), shared with csrc/client/uswap_client.c.
 
 Transport: a Unix SOCK_SEQPACKET socket, so every message is one packet and
 file descriptors travel with it (SCM_RIGHTS).  One connection is one region:
@@ -97,7 +97,7 @@ class Reply:
 
 def default_socket_path() -> str:
     """Where clients find the daemon: the C client's one rule (uswap_default_socket in
-    csrc/uswap_client.c; never /tmp)."""
+    csrc/client/uswap_client.c; never /tmp)."""
     from uswap._core import ffi, lib
     buf = ffi.new("char[]", 108)  # sizeof(sockaddr_un.sun_path)
     if lib.uswap_default_socket(buf, len(buf)) < 0:

@@ -1,6 +1,6 @@
 /*
  * badslots: a uswap region whose pages are read back after the test damaged part of the store
- * (tests/test_t4_daemon.py).  Fills every page with words derived from its index, prints "filled",
+ * (tests/test_region_daemon.py).  Fills every page with words derived from its index, prints "filled",
  * waits for a line on stdin, then touches every page in order: a page that gives SIGBUS is counted
  * (the handler jumps back; the page stays poisoned), every other page is checked word by word.
  *

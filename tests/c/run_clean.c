@@ -1,5 +1,5 @@
 /*
- * Clean-page retention under `uswap run` (tests/test_t10_run_clean.py): pages swapped in by a read keep
+ * Clean-page retention under `uswap run` (tests/test_run_clean.py): pages swapped in by a read keep
  * their slots, so evicting them again needs no write, and a write to one must never be lost.
  *
  *   run_clean reread PAGES PASSES   write every page, then PASSES read-only passes in order

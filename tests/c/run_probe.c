@@ -17,7 +17,7 @@
  * private uffd A makes for itself, without events (nothing reaches D).
  *
  * Output: key=value lines, then "RESULT ok" or "RESULT FAIL: why"; exit status 0 only if ok.
- * Build: cc -O2 -Wall -pthread -Icsrc tests/c/run_probe.c -o run_probe   (run as root)
+ * Build: cc -O2 -Wall -pthread -Icsrc/common tests/c/run_probe.c -o run_probe   (run as root)
  */
 #define _GNU_SOURCE
 #include <errno.h>

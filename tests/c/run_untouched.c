@@ -1,6 +1,6 @@
 /*
  * After the daemon dies: a registered page its agents never moved out reads as zeros, one they moved
- * gives SIGBUS (tests/test_t10_run_probes.py).  Output with write(2) from the stack only: libc's own
+ * gives SIGBUS (tests/test_run_probes.py).  Output with write(2) from the stack only: libc's own
  * anonymous memory is registered too, and may be what was swapped.
  *
  *   run_untouched MIB    prints its pid and "built", sleeps 1.5 s (the daemon is killed), then reads an

@@ -94,7 +94,7 @@ def codec_rows(n: int = 20000) -> list[tuple[str, float, str]]:
 
 def measure_swapin_floor(store_path: str, n: int = 4000) -> tuple[float, float]:
     """(p50, p99) µs of a random swap-in served by a bare C handler on this store
-    (csrc/uswap_probe.c: poll, read the event, 4 KiB O_DIRECT pread, UFFDIO_COPY;
+    (csrc/daemon/uswap_probe.c: poll, read the event, 4 KiB O_DIRECT pread, UFFDIO_COPY;
     handler and toucher unpinned): the floor uswap's random-fault p50 is held to."""
     from uswap._core import ffi, lib
     from uswap.core import check

@@ -19,13 +19,13 @@ run: its members' last pagemap counts plus what their fault threads filled since
   daemon's hard line; the room goes max-min fairly to the clients that want it, none beyond its line plus
   its own slack (``Demand.slack_of``).
 
-Invariant (what the engines rely on; tests/test_t2_budget.py checks it): whenever lines are written,
+Invariant (what the engines rely on; tests/test_budget.py checks it): whenever lines are written,
 ``sum(max(resident_c, hard_c)) <= max(H, sum(resident_c))``.  The engines fill pages only below their own
 client's hard line, so between two updates the total resident stays under H (no client grows while it is
 at or above H) without the engines of different clients ever looking at each other.  Lines are written
 lowered first, so the sum holds between two writes too.
 
-What this does not bound (measured in tests/test_t10_run_shared_budget.py): a client reclaim cannot bring down
+What this does not bound (measured in tests/test_run_shared_budget.py): a client reclaim cannot bring down
 (``Demand.stuck``: writeback paused by store errors; a run whose last pass evicted nothing) is not throttled,
 and its pages above its line are not held against the others; a run's pages filled before their range was
 registered count only from its next pagemap count; a run's fault at its hard line waits 5 ms, then Python

@@ -1,4 +1,4 @@
-"""A region's fault engine: the C threads that serve its common faults (csrc/uswap_engine.c).
+"""A region's fault engine: the C threads that serve its common faults (csrc/daemon/uswap_engine.c).
 
 The engine's fault threads (``threads``, daemon --fault-threads) read the
 region's userfaultfd (they are its only readers; each fault goes to one of
@@ -7,9 +7,9 @@ clean pages in C, and hand everything else to Python as FORWARD messages:
 faults on pages Python holds, WRITEBACK and POISONED pages, read errors and
 checksum mismatches, faults above the hard budget, and every fault of a
 store Python serves (NFS).  What they did goes to Python through one ring
-(INSTALLED, ZEROED: resident runs for the CLOCK; DIRTIED: a clean page
+(INSTALLED, ZEROED: resident spans for the CLOCK; DIRTIED: a clean page
 written), in each thread's order, with an eventfd to wait on.  What Python
-may rely on in that order is written at ``post`` in csrc/uswap_engine.c: a
+may rely on in that order is written at ``post`` in csrc/daemon/uswap_engine.c: a
 page's INSTALLED/ZEROED stay in order, and its forwarded faults may arrive
 in any order (each is served from the map as it is then).  The slots of pages it makes writable it frees itself, in
 the daemon's allocator (uswap.daemon.slots).

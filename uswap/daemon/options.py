@@ -6,8 +6,8 @@ ranges are what the daemon can serve, not taste:
 
 - ``--resident``: at least one swap-in window of the engine's largest size (a fault's window must fit in the
   budget), at most the machine's physical memory (a budget above it bounds nothing);
-- ``--readahead``: 1 (off) to the engine's largest window (csrc/uswap_engine.h USWAP_MAX_READAHEAD);
-- ``--fault-threads``: 1 to the engine's most (csrc/uswap_engine.h USWAP_MAX_FAULT_THREADS); each thread of
+- ``--readahead``: 1 (off) to the engine's largest window (csrc/daemon/uswap_engine.h USWAP_MAX_READAHEAD);
+- ``--fault-threads``: 1 to the engine's most (csrc/daemon/uswap_engine.h USWAP_MAX_FAULT_THREADS); each thread of
   each region holds its buffers, io_uring rings and stack (about 1 MiB);
 - timeouts: from 0.1 s to a day;
 - per-uid counts: 0 or 1 (as the option's meaning needs) to fs.nr_open, the most fds a process may hold (each

@@ -1,11 +1,11 @@
 """Reclaim: keep resident pages under the budget by writing cold pages out (kswapd).
 
-Victims come from one CLOCK over runs of resident pages of every region, in
-the order they became resident: a readahead or zero-fill run enters as one
+Victims come from one CLOCK over spans of resident pages of every region, in
+the order they became resident: a readahead or zero-fill span enters as one
 unit, so a batch taken from it stays contiguous in memory and in the store
 (the kernel keeps a folio together the same way).  uswap only sees accesses
 that fault (first touch, swap-in, first write to a clean page); those set the
-page's REFERENCED bit in the swap map, and the hand gives a run with any
+page's REFERENCED bit in the swap map, and the hand gives a span with any
 referenced page a second chance, clearing the bits.
 
 Writeback of a batch (the kernel's shrink_folio_list → swap_writepage →
@@ -76,7 +76,7 @@ class Reclaimer:
         self.line = self.low = 0
         self._set_line(budget_pages)
         self.clock = clock
-        self.runs: collections.deque[tuple[Region, int, int]] = collections.deque()  # the CLOCK
+        self.spans: collections.deque[tuple[Region, int, int]] = collections.deque()  # the CLOCK
         self.writeback = 0               # pages under writeback now
         self.paused_until = 0.0
         self.pause_reason = ""
@@ -126,9 +126,9 @@ class Reclaimer:
 
     # -- bookkeeping, called by regions -----------------------------------------
 
-    def add_run(self, region: Region, first: int, count: int) -> None:
-        """Put a run of pages that just became resident on the CLOCK."""
-        self.runs.append((region, first, count))
+    def add_span(self, region: Region, first: int, count: int) -> None:
+        """Put a span of pages that just became resident on the CLOCK."""
+        self.spans.append((region, first, count))
         if self.resident > self.line:
             self._kick.set()
 
@@ -178,10 +178,10 @@ class Reclaimer:
         async with trio.open_nursery() as nursery:   # batches in flight (async I/O) end with reclaim
             self._nursery = nursery
             while True:
-                # Engines report new resident runs lazily (no syscall per fault while
+                # Engines report new resident spans lazily (no syscall per fault while
                 # under the budget line); looking every IDLE_LOOK keeps the CLOCK current
                 # above it.  Under it nothing needs reclaim until an engine wakes Python
-                # (resident memory crossed the line: add_run kicks) or a fault throttles.
+                # (resident memory crossed the line: add_span kicks) or a fault throttles.
                 with trio.move_on_after(IDLE_LOOK if self.resident > self.line else math.inf):
                     await self._kick.wait()
                 self._kick = trio.Event()
@@ -203,47 +203,47 @@ class Reclaimer:
                         await trio.sleep(0.01)  # everything is in flight or referenced right now
 
     def take_messages(self) -> None:
-        """What the engines did since we last looked: freed slots, new runs for the CLOCK."""
+        """What the engines did since we last looked: freed slots, new spans for the CLOCK."""
         for region in list(self.daemon.regions.values()):
             region.take_messages()
 
     def pick_victims(self) -> list[tuple[Region, int, int, int]]:
-        """Up to ``batch`` claimed pages from unreferenced runs of the CLOCK, as runs of one
+        """Up to ``batch`` claimed pages from unreferenced spans of the CLOCK, as spans of one
         state: (region, first, count, state), in CLOCK order."""
         victims: list[tuple[Region, int, int, int]] = []
         pages = 0
-        scans = 2 * len(self.runs)
-        while self.runs and pages < self.batch and scans > 0:
+        scans = 2 * len(self.spans)
+        while self.spans and pages < self.batch and scans > 0:
             scans -= 1
-            region, first, count = self.runs.popleft()
+            region, first, count = self.spans.popleft()
             if region.closed:
                 continue
             if region.map.test_clear_referenced(first, count):
-                self.runs.append((region, first, count))   # second chance: to the tail, bits cleared
+                self.spans.append((region, first, count))   # second chance: to the tail, bits cleared
                 continue
-            taken, held, end = region.map.claim_runs(first, count, self.batch - pages)
-            for run_first, run_count, state in taken:
-                region.held.update(range(run_first, run_first + run_count))
-                victims.append((region, run_first, run_count, state))
-                pages += run_count
-            # Invariant: every DIRTY or CLEAN page is in some run of the CLOCK.  Pages of
-            # this run that were not taken stay: the unexamined rest (the batch filled up)
+            taken, held, end = region.map.claim_spans(first, count, self.batch - pages)
+            for span_first, span_count, state in taken:
+                region.held.update(range(span_first, span_first + span_count))
+                victims.append((region, span_first, span_count, state))
+                pages += span_count
+            # Invariant M7 (DESIGN.md): every DIRTY or CLEAN page is in some span of the CLOCK.  Pages of
+            # this span that were not taken stay: the unexamined rest (the batch filled up)
             # next in line, those held by someone right now at the tail.
             if end < first + count:
-                self.runs.appendleft((region, end, first + count - end))
-            self.runs.extend((region, held_first, held_count) for held_first, held_count in held)
+                self.spans.appendleft((region, end, first + count - end))
+            self.spans.extend((region, held_first, held_count) for held_first, held_count in held)
         return victims
 
     def rebuild_clock(self) -> None:
         """A safety net, never needed while the CLOCK's invariant holds: rebuild it
         from the swap maps when reclaim finds nothing to take though resident memory
         is over the line (every resident page back on it, in page order)."""
-        self.runs.clear()
+        self.spans.clear()
         for region in self.daemon.regions.values():
             resident = [p for p in range(region.pages) if region.map.state(p) in (DIRTY, CLEAN)]
-            self.runs.extend((region, first, count) for first, count in runs(resident))
-        log.info("reclaim found nothing to take at %d resident pages: CLOCK rebuilt, %d runs", self.resident,
-                 len(self.runs))
+            self.spans.extend((region, first, count) for first, count in spans(resident))
+        log.info("reclaim found nothing to take at %d resident pages: CLOCK rebuilt, %d spans", self.resident,
+                 len(self.spans))
 
     async def reclaim_batch(self) -> bool:
         self.take_messages()
@@ -268,10 +268,10 @@ class Reclaimer:
         check(ret)
 
     async def write_batch(self, victims: list[tuple[Region, int, int]]) -> None:
-        """swap_writepage for a batch of claimed dirty runs (region, first, count): one write
+        """swap_writepage for a batch of claimed dirty spans (region, first, count): one write
         per cluster of contiguous slots.
 
-        The runs may be scattered over regions and addresses; their slots are
+        The spans may be scattered over regions and addresses; their slots are
         allocated as one cluster, so the batch is (usually) a single
         sequential write, like the kernel's swap_iocb plugging.  With one batch
         in flight (sync I/O) the write is awaited here; with more (async), it
@@ -298,7 +298,7 @@ class Reclaimer:
                         for p in range(first, first + count):
                             region.unclaim(p)
                         raise
-                    batch.runs.append((region, first, count, batch.count))
+                    batch.spans.append((region, first, count, batch.count))
                     batch.count += count
             if not batch.count:
                 return
@@ -353,7 +353,7 @@ class Reclaimer:
 
     def _end_writeback(self, batch: "WritebackBatch") -> None:
         """end_page_writeback, then drop the pages nobody wanted meanwhile."""
-        for region, first, count, index in batch.runs:
+        for region, first, count, index in batch.spans:
             if region.closed:
                 self.daemon.slots.free_list(batch.slots + index, count)
                 continue
@@ -369,7 +369,7 @@ class Reclaimer:
             region.stats.pswpout += self._swapped[0]
             self.daemon.stats.pswpout += self._swapped[0]
             for page in kept:
-                self.runs.append((region, page, 1))   # wanted again: referenced, at the tail
+                self.spans.append((region, page, 1))   # wanted again: referenced, at the tail
                 region.wp_waiters.pop(page).set()
         self._backoff.reset()
         self.pause_reason = ""
@@ -385,7 +385,7 @@ class Reclaimer:
         if error.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EBADMSG, errno.ETIMEDOUT):
             log.error("unexpected writeback error", exc_info=error)
         self._release_slots(batch)
-        for region, first, count, index in batch.runs:
+        for region, first, count, index in batch.spans:
             if region.closed:
                 continue
             region.stats.write_errors += count
@@ -393,7 +393,7 @@ class Reclaimer:
                 self._finish_claims(region, first, count, lib.uswap_wb_finish(
                     region.map.c, region.uffd.fd, region.memfd, region.addr, PAGE_SIZE, first, count,
                     batch.slots + index, batch.keep + index, 0, ffi.NULL, ffi.NULL))
-            self.runs.append((region, first, count))
+            self.spans.append((region, first, count))
             for page in range(first, first + count):
                 event = region.wp_waiters.pop(page, None)
                 if event:
@@ -401,7 +401,7 @@ class Reclaimer:
 
 
 class WritebackBatch:
-    """One batch's buffer and per-page arrays (zero, slot, keep), and its runs: (region, first, count, index).
+    """One batch's buffer and per-page arrays (zero, slot, keep), and its spans: (region, first, count, index).
     A batch belongs to one writeback from ``write_batch`` until ``_give_back``."""
 
     def __init__(self, pages: int):
@@ -409,17 +409,17 @@ class WritebackBatch:
         self.zero = ffi.new("uint8_t[]", pages)
         self.slots = ffi.new("int64_t[]", pages)
         self.keep = ffi.new("uint8_t[]", pages)
-        self.runs: list[tuple[Region, int, int, int]] = []
+        self.spans: list[tuple[Region, int, int, int]] = []
         self.count = 0
 
     def clear(self) -> None:
-        self.runs = []
+        self.spans = []
         self.count = 0
         ffi.buffer(self.keep)[:] = bytes(len(self.keep))
 
 
-def runs(pages: list[int]) -> list[tuple[int, int]]:
-    """Sorted page numbers as (first, count) runs of consecutive pages."""
+def spans(pages: list[int]) -> list[tuple[int, int]]:
+    """Sorted page numbers as (first, count) spans of consecutive pages."""
     out: list[tuple[int, int]] = []
     for page in pages:
         if out and out[-1][0] + out[-1][1] == page:

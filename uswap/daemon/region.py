@@ -6,7 +6,7 @@ readahead window, zero-fill of first touches, the first write to a clean
 page.  They tell this object what they did through one ring (resident runs
 for the CLOCK, slots to free) and forward everything else, a page's forwarded
 faults in any order (each is served from the map as it is when served: see
-``post`` in csrc/uswap_engine.c).  The forwarded faults are served here, reading top to bottom like the kernel's fault path:
+``post`` in csrc/daemon/uswap_engine.c).  The forwarded faults are served here, reading top to bottom like the kernel's fault path:
 ``handle_fault`` decides (do_swap_page / do_wp_page), ``swap_in`` does the
 I/O with a readahead window (swap_readpage) and installs the pages clean and
 write-protected, so they keep their slots until first written.
@@ -186,10 +186,10 @@ class Region:
                 if not self.connection.cancel_called:   # else the connection is ending: nothing to serve
                     self.nursery.start_soon(self.serve_forwarded, Pagefault(address, FaultFlag(flags), 0), -slot)
             elif self._account(kind, count):
-                self.daemon.reclaimer.add_run(self, first, count)
+                self.daemon.reclaimer.add_span(self, first, count)
 
     def _account(self, kind: int, count: int) -> bool:
-        """Counters for one message; True if it made a run resident."""
+        """Counters for one message; True if it made a span resident."""
         if kind == INSTALLED:
             self.stats.pswpin += count
             self.daemon.stats.pswpin += count
@@ -337,7 +337,7 @@ class Region:
         for p in range(first, first + count):
             self.publish(p, DIRTY, referenced=int(p == page))
         self.stats.zero_fills += count
-        self.daemon.reclaimer.add_run(self, first, count)
+        self.daemon.reclaimer.add_span(self, first, count)
 
     # -- swap-in ------------------------------------------------------------------
 
@@ -426,7 +426,7 @@ class Region:
             self.publish(p, DIRTY if dirty else CLEAN, -1 if dirty else slot + k, referenced=int(p == faulting))
         self.stats.pswpin += count
         self.daemon.stats.pswpin += count
-        self.daemon.reclaimer.add_run(self, first, count)
+        self.daemon.reclaimer.add_span(self, first, count)
 
     def _fill(self, op, page: int, count: int) -> None:
         """Run a fill ioctl (COPY, ZEROPAGE) over pages, finishing what it stops short of.

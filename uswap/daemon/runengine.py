@@ -1,4 +1,4 @@
-"""A run process's page table and fault thread (csrc/uswap_pt.c, csrc/uswap_runeng.c).
+"""A run process's page table and fault thread (csrc/daemon/uswap_pt.c, csrc/daemon/uswap_runeng.c).
 
 The table holds, by address, the pages of the process that are not plainly resident: SWAPPED (out, in a
 slot), CLAIMED (chosen by eviction, no slot yet), INFLIGHT (written to a slot, the agent's drop pending),

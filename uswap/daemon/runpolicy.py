@@ -1,6 +1,6 @@
 """Who may start a run (`uswap run`, issue 12), and how many at once.
 
-Serving a run hands the program the daemon's own /dev/userfaultfd fd (csrc/uswap_run.h, DEVFD): with it
+Serving a run hands the program the daemon's own /dev/userfaultfd fd (csrc/preload/uswap_run.h, DEVFD): with it
 a process makes *kernel-mode* userfaultfds, which the system may forbid unprivileged users
 (/dev/userfaultfd is root's 0600 and vm.unprivileged_userfaultfd 0 by default: a known aid to kernel
 exploits that need a kernel access to stall).  A process keeps that fd as long as it likes.  So runs are

@@ -1,14 +1,14 @@
 """Runs (`uswap run -- CMD`, issue 12): the daemon swaps an unmodified process through its own uffd.
 
-Each process has a fault thread (csrc/uswap_runeng.c, uswap.daemon.runengine), the only reader of its
+Each process has a fault thread (csrc/daemon/uswap_runeng.c, uswap.daemon.runengine), the only reader of its
 uffd: swap-ins (with readahead of the swapped pages after the faulting one whose slots follow its slot),
-zero-fills and first writes are served in C from the process's page table (csrc/uswap_pt.c); the rest
+zero-fills and first writes are served in C from the process's page table (csrc/daemon/uswap_pt.c); the rest
 comes here in order through a ring: faults the thread does not serve, and every event, which the thread
 waits on until this task has applied it to the table.  One trio task per process handles those, counts
 and evicts (address order from where the last pass stopped, not a CLOCK).  What runs share with memfd
 regions is the store, its slot allocator and codec, the daemon's counters and the budget.
 
-The wire protocol is csrc/uswap_run.h (read through the cdef).  A connection is a run's process when its
+The wire protocol is csrc/preload/uswap_run.h (read through the cdef).  A connection is a run's process when its
 first packet is CONNECT: the daemon hands over a /dev/userfaultfd fd, the preload (libuswaprun.so) makes
 its uffd from it and sends it back with HELLO, the daemon negotiates the events (it holds CAP_SYS_PTRACE,
 needed for EVENT_FORK), registers the process's anonymous private writable ranges (rescanned every tick)

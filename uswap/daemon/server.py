@@ -375,7 +375,7 @@ class Daemon:
                 self.ledger.close_connection(uid)
 
     async def _serve_run(self, client: "Client") -> None:
-        """A process of `uswap run` (csrc/uswap_run.h): accepted, served until it exits or execs, released.
+        """A process of `uswap run` (csrc/preload/uswap_run.h): accepted, served until it exits or execs, released.
         A fork child is served from its FORK event on (serve_run_process); its connection only pairs."""
         self.run_connections[client.uid] += 1
         self.run_peers[client.pid] += 1

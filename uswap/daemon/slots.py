@@ -1,4 +1,4 @@
-"""Which store slots are in use: the swap map's free list, allocated in clusters (C: csrc/uswap_slots.c).
+"""Which store slots are in use: the swap map's free list, allocated in clusters (C: csrc/daemon/uswap_slots.c).
 
 Like the kernel's swap cluster allocator, allocation prefers a run of
 contiguous free slots after the last one handed out, so that a batch of

@@ -14,7 +14,7 @@ from uswap.units import format_size
 
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-# Who may connect, as the C client says it on EACCES (csrc/uswap_client.c); `uswap status` and `uswap run` too.
+# Who may connect, as the C client says it on EACCES (csrc/client/uswap_client.c); `uswap status` and `uswap run` too.
 WHO_MAY_CONNECT = ("the daemon serves its own uid and members of its group (uswap by default; see README \"Who may "
                    "use uswap\")")
 

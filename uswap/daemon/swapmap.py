@@ -1,7 +1,7 @@
 """The swap map: one atomic word per page, shared by Python and the region's C fault threads.
 
 Each entry holds the page's state, a BUSY bit, a REFERENCED bit and the page's
-slot (csrc/uswap_engine.h).  It is the only record of page state and slots;
+slot (csrc/daemon/uswap_engine.h).  It is the only record of page state and slots;
 it changes only through the named transitions below (and the engine's, in C,
 which use the same CAS), and the resident counts follow every transition.
 
@@ -13,7 +13,7 @@ which use the same CAS), and the resident counts follow every transition.
     WRITEBACK  resident, write-protected, being written to the slot the writer chose (PG_writeback)
     POISONED   its slot could not be read back: the toucher gets SIGBUS
 
-Invariants (written where they are relied on, in uswap_engine.c):
+Invariants (docs/DESIGN.md M1; written where they are relied on, in uswap_engine.c):
   * a SWAPPED or CLEAN page has a slot; DIRTY, ABSENT and POISONED pages have
     none; a WRITEBACK page has none in its entry (the writer holds its slot
     until the write ends, then publishes it with the new state);
@@ -37,7 +37,7 @@ STATE_MASK = lib.USWAP_STATE_MASK
 BUSY = lib.USWAP_BUSY
 REFERENCED = lib.USWAP_REFERENCED
 SLOT_SHIFT = lib.USWAP_SLOT_SHIFT
-CLAIM_RUNS = 64   # runs claim_runs returns at most (of each kind); it stops early when they are used up
+CLAIM_SPANS = 64   # spans claim_spans returns at most (of each kind); it stops early when they are used up
 
 
 def state_of(entry: int) -> int:
@@ -74,7 +74,7 @@ class SwapMap:
         self.c = out[0]
         self.pages = pages
         self.budget = budget
-        self._runs = None   # claim_runs' arrays, made on first use
+        self._spans = None   # claim_spans' arrays, made on first use
 
     def close(self) -> None:
         """Free the map; its resident pages leave the budget.  The engine must be stopped."""
@@ -121,16 +121,16 @@ class SwapMap:
     def set_referenced(self, page: int) -> None:
         lib.uswap_map_set_referenced(self.c, page)
 
-    def claim_runs(self, first: int, count: int, most: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]], int]:
+    def claim_spans(self, first: int, count: int, most: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]], int]:
         """Claim the DIRTY and CLEAN unclaimed pages of pages first..first+count-1, up to ``most``.
 
-        ``(taken, held, end)``: the claimed pages as runs ``(first, count, state)`` of one state;
-        the resident pages someone else holds as runs ``(first, count)``; the first page not
-        looked at (the rest of the run, when ``most`` pages were taken)."""
-        if self._runs is None:
-            self._runs = (ffi.new("struct uswap_run[]", CLAIM_RUNS), ffi.new("struct uswap_run[]", CLAIM_RUNS),
+        ``(taken, held, end)``: the claimed pages as spans ``(first, count, state)`` of one state;
+        the resident pages someone else holds as spans ``(first, count)``; the first page not
+        looked at (the rest of the span, when ``most`` pages were taken)."""
+        if self._spans is None:
+            self._spans = (ffi.new("struct uswap_span[]", CLAIM_SPANS), ffi.new("struct uswap_span[]", CLAIM_SPANS),
                           ffi.new("struct uswap_claimed *"))
-        taken, held, out = self._runs
-        lib.uswap_map_claim_runs(self.c, first, count, most, taken, held, CLAIM_RUNS, out)
+        taken, held, out = self._spans
+        lib.uswap_map_claim_spans(self.c, first, count, most, taken, held, CLAIM_SPANS, out)
         return ([(r.first, r.count, r.state) for r in taken[0:out.taken]],
                 [(r.first, r.count) for r in held[0:out.held]], out.end)

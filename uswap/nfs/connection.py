@@ -4,7 +4,7 @@ Requests are queued with libnfs's asynchronous calls, any number in flight.
 Whichever task waits for one drives the socket: it waits for the context's
 fd with trio, then lets ``nfs_service`` send and receive; the other waiting
 tasks sleep until that pass ends.  Only one task drives at a time (the
-``_driver`` lock), so no two tasks ever wait on the fd, and the context is
+``_driver`` lock; docs/DESIGN.md N1), so no two tasks ever wait on the fd, and the context is
 replaced only by a task that holds the lock.
 
 Failures.  libnfs's own reconnect and request timeouts are not used (in

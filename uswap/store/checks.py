@@ -5,7 +5,7 @@ iomap_swapfile_activate, btrfs_swap_activate, nfs_swap_activate).  uswap does
 its page I/O *through* the filesystem with O_DIRECT, so it is stricter in one
 place: unwritten (preallocated) extents are refused too, because their first
 write would run an extent conversion, a filesystem transaction, inside the
-swap-out path.  The invariant every check here protects:
+swap-out path.  The invariant every check here protects (docs/DESIGN.md S1):
 
     a slot write is a pure overwrite of blocks the file already owns:
     it never allocates, converts, copies (CoW) or extends anything.

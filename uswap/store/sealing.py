@@ -1,7 +1,7 @@
 """Slots sealed with an AEAD: swapped data is unreadable on the medium and after we stop.
 
 ``--encrypt on`` (the default, for every store): each page is encrypted and
-authenticated with AES-256-GCM in the C core (csrc/uswap_seal.c, OpenSSL
+authenticated with AES-256-GCM in the C core (csrc/daemon/uswap_seal.c, OpenSSL
 libcrypto) under a 256-bit key made with getrandom() when the store is opened
 and held only in one locked, undumpable page of this process; it is wiped when
 the store closes.  Nothing on disk or on the NFS server can be read without

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import need, need_root
 from rogue import RogueProcess
-from test_t4_daemon import HOLDER
+from test_region_daemon import HOLDER
 from uswap.core import PAGE_SIZE
 from uswap.protocol import OP_MAP, OP_STATUS, OP_UNMAP
 

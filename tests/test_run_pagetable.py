@@ -1,4 +1,4 @@
-"""The page table of a run's process (csrc/uswap_pt.c, uswap.daemon.runengine.PageTable) against a dict:
+"""The page table of a run's process (csrc/daemon/uswap_pt.c, uswap.daemon.runengine.PageTable) against a dict:
 the fault thread and the daemon trust it for which page has which slot, so every lookup, removal, claim
 and walk must agree with the model, across growth and the deletions that shift entries back."""
 

@@ -404,7 +404,7 @@ def test_swapon_errors_leave_nothing_behind(fuse_store, tmp_path):
 
 def test_swapon_needs_root(fuse_store):
     m = fuse_store(size="8M")
-    from test_t3_cli import run_cli_as_nobody
+    from test_cli import run_cli_as_nobody
     status, err = run_cli_as_nobody("swapon", m.file(0))
     assert status == 1 and "needs root" in err
 

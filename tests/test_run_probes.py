@@ -31,7 +31,7 @@ ROOT = os.path.join(HERE, os.pardir)
 @pytest.fixture(scope="module")
 def run_probe(tmp_path_factory):
     out = tmp_path_factory.mktemp("bin") / "run_probe"
-    run("cc", "-O2", "-Wall", "-Werror", "-pthread", "-I", os.path.join(ROOT, "csrc"),
+    run("cc", "-O2", "-Wall", "-Werror", "-pthread", "-I", os.path.join(ROOT, "csrc", "common"),
         os.path.join(HERE, "c", "run_probe.c"), "-o", str(out))
     return str(out)
 
@@ -60,7 +60,7 @@ def test_daemon_serves_a_client_through_its_uffd(run_probe):
     assert "child_alive=Device or resource busy" in out and "after_parent_rewrite=moved" in out
 
 
-# ---- unmodified programs under `uswap run` (the preload, csrc/uswap_run.c, and the daemon) ----
+# ---- unmodified programs under `uswap run` (the preload, csrc/preload/uswap_run.c, and the daemon) ----
 
 LIBRUN = os.path.join(os.path.dirname(uswap.__file__), "lib", "libuswaprun.so")
 PYTHON = os.path.realpath(sys.executable)   # the binary itself: a shell wrapper would fork
@@ -255,7 +255,7 @@ def test_daemon_killed_swapped_pages_give_sigbus_and_nothing_hangs(uswapd, tmp_p
 
 def test_daemon_killed_untouched_pages_are_zero_swapped_ones_sigbus(uswapd, tmp_path):
     """The issue's fallback, both halves: after the daemon dies, a registered page the agents never moved out
-    (the record in csrc/uswap_run.c) is a zero page, one they moved gives SIGBUS (tests/c/run_untouched.c).
+    (the record in csrc/preload/uswap_run.c) is a zero page, one they moved gives SIGBUS (tests/c/run_untouched.c).
     Before the record, the agent poisoned every missing page, and "fresh 0" never printed."""
     need_root()
     daemon = uswapd("run", resident="64M", store_size="256M")
@@ -323,7 +323,7 @@ def test_a_corrupted_slot_poisons_the_process_never_wrong_data(uswapd, tmp_path)
     """Negative control of the fault thread's checks: slots flipped on disk behind the daemon's back are caught
     (authentication fails), the page is poisoned and the program gets SIGBUS, never the wrong data; the daemon
     lives on and frees every slot."""
-    from test_t4_daemon import corrupt_slots
+    from test_region_daemon import corrupt_slots
     need_root()
     daemon = uswapd("run", resident="64M", store_size="256M")
     script = tmp_path / "gated.py"

@@ -236,7 +236,7 @@ def test_move_transfers_a_page(mapping):
 POISON_CHILD = textwrap.dedent("""
     import ctypes, mmap, sys
     sys.path.insert(0, {tests!r})
-    from test_t1_uffd import map_memory
+    from test_uffd import map_memory
     from uswap.core import PAGE_SIZE, AlignedBuffer, page_copy
     from uswap.uffd import Feature, RegisterMode, Userfaultfd
 

@@ -103,7 +103,7 @@ def test_pread_full_stops_at_end_of_file(tmp_path):
         os.close(fd)
 
 
-# -- sealing (csrc/uswap_seal.c): AES-256-GCM per slot, slot number and generation bound in ----------
+# -- sealing (csrc/daemon/uswap_seal.c): AES-256-GCM per slot, slot number and generation bound in ----------
 
 TAG = lib.USWAP_SEAL_TAG_BYTES
 

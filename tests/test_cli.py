@@ -349,7 +349,7 @@ def test_daemon_accepts_every_range_at_its_bounds(uswapd):
 def test_option_ranges_come_from_the_engine_and_the_help_says_them():
     from uswap._core import lib
     from uswap.daemon import options
-    assert options.MAX_READAHEAD == lib.USWAP_MAX_READAHEAD == 64      # csrc/uswap_engine.h sizes for it
+    assert options.MAX_READAHEAD == lib.USWAP_MAX_READAHEAD == 64      # csrc/daemon/uswap_engine.h sizes for it
     assert options.MAX_FAULT_THREADS == lib.USWAP_MAX_FAULT_THREADS == 16
     assert options.MIN_BUDGET == 64 * PAGE_SIZE
     help_text = " ".join(uswap("daemon", "--help").stdout.split())
@@ -400,7 +400,7 @@ def raised_in_nested_nurseries(*errors: BaseException) -> BaseException:
 
 def test_errors_from_nurseries_are_a_users_and_bugs_stay_whole():
     """cli.main prints a user's errors (USER_ERRORS) one line each however deep in groups they come,
-    and re-raises a group holding anything else (test_t4_daemon.py::test_socket_and_store_in_use: the
+    and re-raises a group holding anything else (test_region_daemon.py::test_socket_and_store_in_use: the
     whole stderr of a second daemon on a socket in use)."""
     from uswap.daemon.server import SocketInUse
     in_use = SocketInUse(errno.EADDRINUSE, "another uswap daemon is listening here", "/run/x.sock")

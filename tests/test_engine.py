@@ -1,4 +1,4 @@
-"""Layer 1: the fault engine (csrc/uswap_engine.c) against a real userfaultfd, in this process.
+"""Layer 1: the fault engine (csrc/daemon/uswap_engine.c) against a real userfaultfd, in this process.
 
 Each test builds what the daemon builds for a region (a memfd mapped shared,
 a userfaultfd registered MISSING|WP with the client's features, a swap map,
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.kernel
 
 PAGES = 8
 SLOTS = 16
-# The features the client library asks for (csrc/uswap_client.c, UFFD_CLIENT_FEATURES).
+# The features the client library asks for (csrc/client/uswap_client.c, UFFD_CLIENT_FEATURES).
 CLIENT_FEATURES = Feature.MISSING_SHMEM | Feature.WP_HUGETLBFS_SHMEM | Feature.THREAD_ID | Feature.POISON
 PM_UFFD_WP = 1 << 57          # /proc/PID/pagemap: the PTE (or its marker) is uffd write-protected
 SETTLE = 0.2                  # how long a blocked thread is given to prove it stays blocked

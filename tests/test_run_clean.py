@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import HERE, need, need_root, run
-from test_t10_run_probes import LIBRUN, serve_daemon
+from test_run_probes import LIBRUN, serve_daemon
 from uswap.child import uswap_argv
 
 pytestmark = pytest.mark.kernel

@@ -21,8 +21,8 @@ import time
 import pytest
 
 from conftest import need_root, run, this_uswap_env
-from test_t8_hostile import GROUP, socket_dir, tail  # noqa: F401 (socket_dir: a fixture)
-from test_t10_run_hostile import AS_NOBODY, NOBODY, ROGUE, field  # noqa: F401 (field: a fixture)
+from test_region_hostile import GROUP, socket_dir, tail  # noqa: F401 (socket_dir: a fixture)
+from test_run_hostile import AS_NOBODY, NOBODY, ROGUE, field  # noqa: F401 (field: a fixture)
 
 pytestmark = pytest.mark.kernel
 

@@ -56,16 +56,16 @@ struct uswap_swapmap {
 	struct uswap_budget *budget;
 };
 
-/* A run of pages, and what uswap_map_claim_runs did. */
-struct uswap_run {
+/* A span of pages (first..first+count-1) in one state, and what uswap_map_claim_spans did. */
+struct uswap_span {
 	uint64_t first;
 	uint32_t count;
 	uint32_t state;
 };
 
 struct uswap_claimed {
-	int taken;            /* runs claimed, one state each */
-	int held;             /* runs of resident pages another holder has */
+	int taken;            /* spans claimed, one state each */
+	int held;             /* spans of resident pages another holder has */
 	uint64_t pages;       /* pages claimed */
 	uint64_t end;         /* the first page not looked at */
 };
@@ -98,7 +98,7 @@ struct uswap_engine_msg {
 	uint32_t count;
 	uint64_t first;
 	uint64_t faulting;
-	int64_t slot;              /* a freed run's first slot, or -1 */
+	int64_t slot;              /* a freed span's first slot, or -1 */
 	uint64_t address;
 	uint64_t flags;
 };
@@ -123,11 +123,11 @@ int uswap_map_claim(struct uswap_swapmap *m, uint64_t page, uint64_t *entry);
 void uswap_map_publish(struct uswap_swapmap *m, uint64_t page, uint32_t state, int64_t slot, int referenced);
 int uswap_map_test_clear_referenced(struct uswap_swapmap *m, uint64_t first, uint64_t count);
 void uswap_map_set_referenced(struct uswap_swapmap *m, uint64_t page);
-/* Reclaim's claim of a CLOCK run: the unheld DIRTY and CLEAN pages of first..first+count-1, up to
- * most, as runs of one state (taken); resident pages someone else holds as runs (held: they stay
- * on the CLOCK); out->end: the first page not looked at (the batch or a run list filled up). */
-int uswap_map_claim_runs(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t most,
-			 struct uswap_run *taken, struct uswap_run *held, int max_runs, struct uswap_claimed *out);
+/* Reclaim's claim of a CLOCK span: the unheld DIRTY and CLEAN pages of first..first+count-1, up to
+ * most, as spans of one state (taken); resident pages someone else holds as spans (held: they stay
+ * on the CLOCK); out->end: the first page not looked at (the batch or a span list filled up). */
+int uswap_map_claim_spans(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t most,
+			  struct uswap_span *taken, struct uswap_span *held, int max_spans, struct uswap_claimed *out);
 uint64_t uswap_map_count(struct uswap_swapmap *m, uint32_t state);
 
 /* The codec, for the engine and writeback. */

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import need, need_root
-from test_t10_run_probes import LIBRUN, PYTHON
+from test_run_probes import LIBRUN, PYTHON
 from uswap.child import uswap_argv
 
 pytestmark = pytest.mark.kernel

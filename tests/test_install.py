@@ -29,7 +29,7 @@ import zipfile
 import pytest
 
 from conftest import DaemonProcess, need, need_root, run, this_uswap_env, uswap
-from test_t8_hostile import GROUP, socket_dir  # noqa: F401 (socket_dir: a fixture)
+from test_region_hostile import GROUP, socket_dir  # noqa: F401 (socket_dir: a fixture)
 from uswap.child import uswap_argv
 from uswap.config import DEFAULTS
 from uswap.daemon.status import fetch_status
@@ -116,9 +116,9 @@ def test_wheel_holds_every_module_and_data_file(dist):
 def test_sdist_holds_what_the_build_needs(dist):
     with tarfile.open(dist[0]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    needed = {os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "csrc", "*"))
+    needed = {os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "csrc", "**"), recursive=True)
               if p.endswith((".c", ".h", ".py"))}
-    assert {"csrc/build.py", "csrc/nfs_build.py", "csrc/uswap_core.c"} <= needed
+    assert {"csrc/build.py", "csrc/nfs_build.py", "csrc/common/uswap_core.c", "csrc/preload/uswap_run.h"} <= needed
     assert needed - names == set()
     assert {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "uswap/include/uswap.h",
             "uswap/bench/workloads/hog.c", "tests/conftest.py"} <= names

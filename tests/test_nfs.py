@@ -20,8 +20,8 @@ import uuid
 import pytest
 
 from conftest import need, need_root, uswap
-from test_t4_daemon import corrupt_slots, finish_holder, start_holder
-from test_t6_fuse import blockverify_result, direct_io_loop
+from test_region_daemon import corrupt_slots, finish_holder, start_holder
+from test_fuse import blockverify_result, direct_io_loop
 from uswap.nfs.ganesha import NfsServer
 from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.store.header import StoreHeader
@@ -200,7 +200,7 @@ def test_integrity_hog_4x_budget_on_nfs(nfs, uswapd, hog, stable):
 def test_uswap_run_on_an_nfs_store(nfs, uswapd, hog):
     """`uswap run` with an nfs:// store: the fault threads read no NFS, so every fault of the run, its fork
     children's included, is handed to Python, which reads through the userspace client; every word verified."""
-    from test_t10_run_probes import released
+    from test_run_probes import released
     from uswap.child import uswap_argv
     url = mkswap(nfs)
     daemon = start_daemon(uswapd, nfs, url, resident="32M")

@@ -7,16 +7,16 @@
  *   swap_in (swap_readpage with a readahead window) reads and checks,
  *   install (UFFDIO_COPY / UFFDIO_ZEROPAGE) maps, publish updates the map.
  *
- * Invariants (each relied on below; DESIGN.md "The fault engine"):
- *   - Only the holder of a page's BUSY bit changes its PTE, its memfd page or
+ * Invariants (each relied on below; docs/DESIGN.md M1, M4, M2):
+ *   - (M1) Only the holder of a page's BUSY bit changes its PTE, its memfd page or
  *     its slot.  The engine claims a page with a CAS and never waits for a
  *     busy one: it forwards that fault to Python.  Python (the trio thread)
  *     claims through the same CAS, so the two never both hold a page.
- *   - A slot is read only by the holder of the page that owns it, and freed
+ *   - (M4) A slot is read only by the holder of the page that owns it, and freed
  *     only by that holder (or by Python after the engine reported it free
  *     through the ring), so a slot is never reused while a read of it is in
  *     flight.
- *   - The resident counts (region and budget) change only in publish, from
+ *   - (M2) The resident counts (region and budget) change only in publish, from
  *     the old state to the new, so they are exact whoever publishes.
  *   - The ring is the only channel from the engine to Python; it keeps each
  *     fault thread's order (what Python needs of it: post).
@@ -153,24 +153,24 @@ void uswap_map_set_referenced(struct uswap_swapmap *m, uint64_t page)
 	__atomic_fetch_or(&m->entry[page], (uint64_t)USWAP_REFERENCED, __ATOMIC_ACQ_REL);
 }
 
-/* Claim the resident, unclaimed pages (DIRTY or CLEAN) of a run, up to max: the reclaimer's victims. */
-/* Add page p (in state s) to a list of runs, extending the last run when p continues it
- * in the same state.  0 when a new run is needed and the list is full. */
-static int add_to_runs(struct uswap_run *runs, int *n, int max, uint64_t p, uint32_t s)
+/* Claim the resident, unclaimed pages (DIRTY or CLEAN) of a span, up to max: the reclaimer's victims. */
+/* Add page p (in state s) to a list of spans, extending the last span when p continues it
+ * in the same state.  0 when a new span is needed and the list is full. */
+static int add_to_spans(struct uswap_span *spans, int *n, int max, uint64_t p, uint32_t s)
 {
-	if (*n > 0 && runs[*n - 1].first + runs[*n - 1].count == p && runs[*n - 1].state == s) {
-		runs[*n - 1].count++;
+	if (*n > 0 && spans[*n - 1].first + spans[*n - 1].count == p && spans[*n - 1].state == s) {
+		spans[*n - 1].count++;
 		return 1;
 	}
 	if (*n == max)
 		return 0;
-	runs[*n] = (struct uswap_run){ .first = p, .count = 1, .state = s };
+	spans[*n] = (struct uswap_span){ .first = p, .count = 1, .state = s };
 	(*n)++;
 	return 1;
 }
 
-int uswap_map_claim_runs(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t most,
-			 struct uswap_run *taken, struct uswap_run *held, int max_runs, struct uswap_claimed *out)
+int uswap_map_claim_spans(struct uswap_swapmap *m, uint64_t first, uint64_t count, uint64_t most,
+			  struct uswap_span *taken, struct uswap_span *held, int max_spans, struct uswap_claimed *out)
 {
 	out->taken = out->held = 0;
 	out->pages = 0;
@@ -181,15 +181,15 @@ int uswap_map_claim_runs(struct uswap_swapmap *m, uint64_t first, uint64_t count
 		if (s != USWAP_DIRTY && s != USWAP_CLEAN)
 			continue;
 		if (uswap_map_claim(m, p, &e) < 0) {   /* someone holds it: it stays on the CLOCK */
-			if (!add_to_runs(held, &out->held, max_runs, p, 0))
+			if (!add_to_spans(held, &out->held, max_spans, p, 0))
 				break;
 			continue;
 		}
 		s = state_of(e);   /* it may have changed between the look and the claim */
-		if ((s != USWAP_DIRTY && s != USWAP_CLEAN) || !add_to_runs(taken, &out->taken, max_runs, p, s)) {
+		if ((s != USWAP_DIRTY && s != USWAP_CLEAN) || !add_to_spans(taken, &out->taken, max_spans, p, s)) {
 			uswap_map_publish(m, p, s, slot_of(e), -1);   /* give it back */
 			if (s == USWAP_DIRTY || s == USWAP_CLEAN)
-				break;   /* no room for another run: stop here */
+				break;   /* no room for another span: stop here */
 			continue;
 		}
 		out->pages++;

@@ -1,8 +1,8 @@
-"""Layer 10, hostile: the run protocol of `uswap run` (csrc/uswap_run.h, uswap/daemon/runs.py) against other
+"""Layer 10, hostile: the run protocol of `uswap run` (csrc/preload/uswap_run.h, uswap/daemon/runs.py) against other
 local users.  Whatever a run's client sends, the daemon stays up, every other client keeps its data, and it
 holds no fd nor slot of the client afterwards; and only the uids the operator lists get the daemon's
 /dev/userfaultfd fd at all (uswap/daemon/runpolicy.py).  The other way round, the preload gives nothing to a
-server of another uid on the socket it is told (tests/run_rogue_server.py; csrc/uswap_daemon_peer.c).
+server of another uid on the socket it is told (tests/run_rogue_server.py; csrc/common/uswap_daemon_peer.c).
 
 The attacks come from uid 65534 (tests/run_rogue.py through setpriv, every capability dropped), allowed to
 run with ``--run-users 65534`` or not.  Next to them (``Field``): a root memfd region (8 MiB, numpy,
@@ -24,9 +24,9 @@ import time
 import pytest
 
 from conftest import HERE, build_c, need, need_root, this_uswap_env
-from test_t4_daemon import finish_holder, start_holder
-from test_t8_hostile import GROUP, settled_fds, socket_dir, tail  # noqa: F401 (socket_dir: a fixture)
-from test_t10_run_probes import LIBRUN, PYTHON
+from test_region_daemon import finish_holder, start_holder
+from test_region_hostile import GROUP, settled_fds, socket_dir, tail  # noqa: F401 (socket_dir: a fixture)
+from test_run_probes import LIBRUN, PYTHON
 from uswap._core import lib
 from uswap.child import uswap_argv
 
@@ -285,13 +285,13 @@ def test_a_daemon_without_dev_userfaultfd_refuses_runs_saying_why(uswapd, tmp_pa
     assert "run refused: the daemon cannot open /dev/userfaultfd: No such file or directory" in daemon.log()
 
 
-# -- whom the preload trusts: root or its own uid (csrc/uswap_daemon_peer.c, shared with libuswap.so) -----------
+# -- whom the preload trusts: root or its own uid (csrc/common/uswap_daemon_peer.c, shared with libuswap.so) -----------
 
 ROGUE_SERVER = os.path.join(HERE, "run_rogue_server.py")
 ECHO = "/bin/echo"       # dynamically linked: preloadable (a shell's builtin echo would never load the preload)
 AS_ANOTHER = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]   # no capability at all
 CONNECT, HELLO = lib.USWAP_RUN_CONNECT, lib.USWAP_RUN_HELLO
-REFUSED_EXIT = 1          # USWAP_RUN_REFUSED_EXIT (csrc/uswap_run.h, outside the cdef)
+REFUSED_EXIT = 1          # USWAP_RUN_REFUSED_EXIT (csrc/preload/uswap_run.h, outside the cdef)
 NOTHING = {"bytes": 0, "ops": [], "fds": 0, "uffds": 0}
 
 

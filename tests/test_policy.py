@@ -1,7 +1,7 @@
 """Layer 2: the daemon's policies on their own, with fakes injected (no kernel needed).
 
-The paging path itself is tested for real in test_t4_daemon.py; these pin down
-the decisions: slot clustering, the swap map's transitions, the CLOCK over runs,
+The paging path itself is tested for real in test_region_daemon.py; these pin down
+the decisions: slot clustering, the swap map's transitions, the CLOCK over spans,
 backoff, per-uid limits.
 """
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from uswap.daemon.reclaim import Reclaimer, WritebackBatch, runs
+from uswap.daemon.reclaim import Reclaimer, WritebackBatch, spans
 from uswap.daemon.slots import NoSlots, SlotAllocator
 from uswap.daemon.swapmap import (ABSENT, BUSY, CLEAN, DIRTY, SWAPPED, WRITEBACK, Budget, SwapMap,
                                   slot_of)
@@ -70,8 +70,8 @@ def test_a_batch_gets_clustered_slots_and_none_for_zero_pages():
 
 
 def test_runs():
-    assert runs([1, 2, 3, 7, 8, 10]) == [(1, 3), (7, 2), (10, 1)]
-    assert runs([]) == []
+    assert spans([1, 2, 3, 7, 8, 10]) == [(1, 3), (7, 2), (10, 1)]
+    assert spans([]) == []
 
 
 def test_swapmap_transitions_keep_the_resident_counts():
@@ -106,10 +106,10 @@ def test_swapmap_referenced_bits_and_victim_claims():
         m.publish(page, state, 10 + page if state in (SWAPPED, CLEAN) else -1, referenced=int(page == 3))
     assert m.test_clear_referenced(0, 4) and not m.test_clear_referenced(0, 8)   # read and cleared
     assert m.claim(5) is not None                                                # held by someone
-    taken, held, end = m.claim_runs(0, 8, most=3)
-    assert taken == [(0, 1, DIRTY), (1, 1, CLEAN), (3, 1, DIRTY)] and end == 4   # runs of one state
+    taken, held, end = m.claim_spans(0, 8, most=3)
+    assert taken == [(0, 1, DIRTY), (1, 1, CLEAN), (3, 1, DIRTY)] and end == 4   # spans of one state
     assert held == []                                     # 0..3: nothing resident held by another
-    taken, held, end = m.claim_runs(0, 8, most=8)
+    taken, held, end = m.claim_spans(0, 8, most=8)
     assert taken == [(7, 1, DIRTY)] and end == 8          # neither SWAPPED, WRITEBACK, ABSENT nor held
     assert held == [(0, 2), (3, 1), (5, 1)]               # resident but held: ours from above, and 5
     m.close()
@@ -117,8 +117,8 @@ def test_swapmap_referenced_bits_and_victim_claims():
     for page in range(100):
         m.claim(page)
         m.publish(page, DIRTY if page % 2 else CLEAN, page if page % 2 == 0 else -1)
-    taken, held, end = m.claim_runs(0, 100, most=100)     # alternating states: one run a page
-    assert len(taken) == 64 and end == 64                 # the run list filled: the rest not looked at
+    taken, held, end = m.claim_spans(0, 100, most=100)     # alternating states: one span a page
+    assert len(taken) == 64 and end == 64                 # the span list filled: the rest not looked at
     m.close()
 
 
@@ -143,11 +143,11 @@ def test_clock_takes_runs_whole_and_gives_referenced_runs_a_second_chance():
     r = clock(batch=4)
     region = fake_region(r, [DIRTY] * 8)
     for first in (0, 2, 4, 6):
-        r.add_run(region, first, 2)
-    region.map.set_referenced(3)                   # run (2, 2) was touched
+        r.add_span(region, first, 2)
+    region.map.set_referenced(3)                   # span (2, 2) was touched
     assert pages(r.pick_victims()) == [0, 1, 4, 5]
-    assert list(r.runs)[0][1:] == (6, 2)           # untouched rest in order, the referenced run at the tail
-    assert list(r.runs)[-1][1:] == (2, 2) and not region.map.test_clear_referenced(2, 2)   # bit cleared
+    assert list(r.spans)[0][1:] == (6, 2)           # untouched rest in order, the referenced span at the tail
+    assert list(r.spans)[-1][1:] == (2, 2) and not region.map.test_clear_referenced(2, 2)   # bit cleared
     assert pages(r.pick_victims()) == [6, 7, 2, 3]   # the second pass takes it
 
 
@@ -156,18 +156,18 @@ def test_clock_keeps_held_pages_and_drops_closed_regions():
     region, gone = fake_region(r, [DIRTY, CLEAN, DIRTY, SWAPPED]), fake_region(r, [CLEAN])
     gone.closed = True
     region.map.claim(1)                            # the engine is installing it right now
-    r.add_run(region, 0, 4)
-    r.add_run(gone, 0, 1)
+    r.add_span(region, 0, 4)
+    r.add_span(gone, 0, 1)
     assert pages(r.pick_victims()) == [0, 2]
-    assert [run[1:] for run in r.runs] == [(1, 1)]   # invariant: a resident page stays on the CLOCK
+    assert [span[1:] for span in r.spans] == [(1, 1)]   # invariant: a resident page stays on the CLOCK
 
 
 def test_a_full_batch_leaves_the_rest_of_its_run_next_in_line():
     r = clock(batch=3)
     region = fake_region(r, [DIRTY] * 6)
-    r.add_run(region, 0, 6)
+    r.add_span(region, 0, 6)
     assert pages(r.pick_victims()) == [0, 1, 2]
-    assert list(r.runs)[0][1:] == (3, 3)
+    assert list(r.spans)[0][1:] == (3, 3)
 
 
 def test_backoff_pauses_reclaim_with_an_injected_clock():
