@@ -495,7 +495,7 @@ def forks(daemon, run_forks, n: int, how: str, *, as_nobody: bool = True, peak=N
         assert p.stdout.readline() == f"forked {n}\n", p.communicate(timeout=30)
         if peak is not None:
             peak()
-        out, err = p.communicate("go\n", timeout=60)
+        out, err = p.communicate("go\n", timeout=240)   # a hang guard: 300 children take ~60 s on 2 busy vCPUs
     finally:
         if p.poll() is None:
             p.kill()

@@ -139,6 +139,31 @@ int uswap_pagemap_present(int fd, uint64_t start, uint64_t end, uint64_t *vec, u
 	return (int)n;
 }
 
+int uswap_pagemap_count(int fd, uint64_t start, uint64_t end, uint64_t max_pages, uint64_t *pages,
+			uint64_t *walk_end)
+{
+	struct page_region regions[64];
+	uint64_t page_size = (uint64_t)getpagesize(), counted = 0, pos = start;
+
+	while (pos < end && counted < max_pages) {
+		struct pm_scan_arg arg = { .size = sizeof(arg), .start = pos, .end = end,
+					   .vec = (uint64_t)(uintptr_t)regions, .vec_len = 64,
+					   .max_pages = max_pages - counted,
+					   .category_mask = PAGE_IS_PRESENT, .return_mask = PAGE_IS_PRESENT };
+		long n = ioctl(fd, PAGEMAP_SCAN, &arg);
+		if (n < 0)
+			return NEG_ERRNO();
+		for (long i = 0; i < n; i++)
+			counted += (regions[i].end - regions[i].start) / page_size;
+		if (arg.walk_end <= pos)   /* no progress: the kernel said the walk is done */
+			break;
+		pos = arg.walk_end;
+	}
+	*pages = counted;
+	*walk_end = pos < end ? pos : end;
+	return 0;
+}
+
 int uswap_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done)
 {
 	struct uffdio_move m = { .dst = dst, .src = src, .len = len, .mode = mode };

@@ -134,6 +134,10 @@ int uswap_uffd_poison_evicted(int fd, uint64_t start, uint64_t len, int64_t *don
  * or -errno (-ENOTTY/-EINVAL: a kernel without PAGEMAP_SCAN). */
 int uswap_pagemap_present(int fd, uint64_t start, uint64_t end, uint64_t *vec, uint64_t vec_len, uint64_t max_pages,
 			  uint64_t *walk_end);
+/* The same walk, counted in C: the present pages in [start, end) into *pages, at most max_pages of them (the
+ * walk stops there), *walk_end where it stopped (end: the range is done).  0, or -errno as above. */
+int uswap_pagemap_count(int fd, uint64_t start, uint64_t end, uint64_t max_pages, uint64_t *pages,
+			uint64_t *walk_end);
 int uswap_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *moved);
 int uswap_uffd_wake(int fd, uint64_t start, uint64_t len);
 int uswap_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);

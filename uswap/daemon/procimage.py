@@ -168,6 +168,20 @@ class ProcessImage:
         runs = [(a + m.start() * PAGE_SIZE, a + m.end() * PAGE_SIZE) for m in _PRESENT_RUN.finditer(tops)]
         return runs, end if len(tops) == (end - a) // PAGE_SIZE else b
 
+    def count_present(self, a: int, b: int, max_pages: int) -> tuple[int, int]:
+        """Present pages in [a, b) from a on, at most ``max_pages`` of them, and where the count stopped (b when
+        it got to the end): one call into C, however fragmented the pages are."""
+        if self.scan_ok:
+            pages, walk_end = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+            rc = lib.uswap_pagemap_count(self.pagemap, a, b, max_pages, pages, walk_end)
+            if rc == 0:
+                return pages[0], walk_end[0] if walk_end[0] > a else b
+            if rc not in (-errno.ENOTTY, -errno.EINVAL):
+                raise OSError(-rc, os.strerror(-rc))
+            self.scan_ok = False
+        runs, end = self.present(a, b, 1 << 16, max_pages)
+        return sum(e - s for s, e in runs) // PAGE_SIZE, end
+
     def read_maps(self) -> bytes:
         """The image's /proc/PID/maps (empty once its mm is gone)."""
         out, off = [], 0

@@ -78,6 +78,7 @@ BATCH_PAGES = 1024             # pages per eviction batch at most (one slot writ
 SCAN_CHUNK = 4096              # pages of pagemap read at a time (counts and passes): held at once at most
 SCAN_REGIONS = 64              # runs of present pages found per PAGEMAP_SCAN; a checkpoint after each
 SCAN_CAP = 1 << 18             # pages of pagemap one reclaim pass reads at most; the next goes on from there
+COUNT_CHUNK = 1 << 16          # present pages counted in one call into C (well under a millisecond); a checkpoint after
 READAHEAD = 32                 # pages read per swap-in at most (the fault thread's window adapts up to it)
 SLOW_READAHEAD = 8             # the same for the faults Python serves (fixed)
 HARD_SLACK = 256               # pages above the line (and 1/32 of it) the fault threads fill; then they wait
@@ -765,8 +766,10 @@ class RunProcess:
 
     async def _count(self) -> int | None:
         """Present pages of the registered ranges charged to this process (None: it may not be read any more).
-        In chunks of at most SCAN_REGIONS runs, a checkpoint between them: the trio loop serves every other
-        client meanwhile, and no more than SCAN_CHUNK pages of pagemap are held at once."""
+        In chunks, a checkpoint between them: the trio loop serves every other client meanwhile.  The process
+        the run started with is counted in C, up to COUNT_CHUNK present pages a call (PAGEMAP_SCAN skips holes;
+        the runs of a fragmented range cost no Python); a fork child reads the pagemap of at most SCAN_REGIONS
+        runs of SCAN_CHUNK pages a chunk (it needs each page's exclusive bit)."""
         # A page a fork shares is charged once, to the process the run started with (or the oldest one
         # still sharing it: a child counts only the pages it has alone).  Counting it in every process
         # (summed RSS) put a 2-worker pool permanently over its line with pages nobody can evict (a fork
@@ -778,9 +781,12 @@ class RunProcess:
             pos = a
             while pos < b:
                 try:
-                    runs, pos = self._present(pos, b)
-                    for s, e in runs:
-                        present += (e - s) // PS if own is _PRESENT else len(self._tops(s, e).translate(None, own))
+                    if own is _PRESENT:
+                        pages, pos = self.image.count_present(pos, b, COUNT_CHUNK)
+                        present += pages
+                    else:
+                        runs, pos = self._present(pos, b)
+                        present += sum(len(self._tops(s, e).translate(None, own)) for s, e in runs)
                 except OSError:
                     break                   # gone meanwhile
                 await trio.sleep(0)
