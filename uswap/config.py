@@ -29,9 +29,11 @@ class Defaults:
     budget: int = 256 << 20
     io: str = "sync"
     readahead: int = 32
-    # fault threads per region: they wait on the disk, not the CPU, so more than the CPUs pay (measured on 2 vCPUs:
-    # docs/BENCHMARKS.md "Fault threads"); each holds about 1 MiB of buffers
-    fault_threads: int = 4
+    # fault threads per region (each holds about 1 MiB of buffers).  Several pay for a client whose threads fault
+    # at once (docs/BENCHMARKS.md "Fault threads"); the default stays 1 until they have run as long as one has:
+    # the bounded look at a thread's readahead ring (AHEAD_LOOK_MS in uswap_engine.c) ended a hang of 2 hog runs
+    # in 8 at 4 threads on 2026-12-07, which 16 runs since have not shown again
+    fault_threads: int = 1
     # the group whose members may use the daemon, when it exists (docs/SECURITY.md)
     group: str = "uswap"
     # launchers: how long a daemon may take to say READY=1, and to stop after SIGTERM

@@ -52,6 +52,7 @@
 #define RING_NOTIFY_AT (RING_SIZE / 4) /* wake Python at this fill even when it is not waiting for us */
 #define MAX_WINDOW USWAP_MAX_READAHEAD
 #define AHEAD_DEPTH 2                  /* windows read ahead of a stream, in flight at once */
+#define AHEAD_LOOK_MS 5                /* a thread with windows in flight looks at its ring this often at least */
 #define AHEAD_REACH (4 * MAX_WINDOW)   /* how far past the stream's last fault they may go */
 #define RA_STREAMS 64                  /* window states per region, one per faulting thread (by its tid) */
 
@@ -1010,6 +1011,9 @@ static void handle_fault(struct fault_thread *t, const struct uffd_msg *m)
 static void poll_ahead_ring(struct fault_thread *t)
 {
 	if (t->ahead_polled && !t->ahead_ring_ok) {
+		for (int i = 0; i < AHEAD_DEPTH; i++)   /* their reads could no longer wake us: pages back now */
+			if (t->ahead[i].active)
+				finish_window(t, i, 0);
 		epoll_ctl(t->epfd, EPOLL_CTL_DEL, t->ahead_ring.ring_fd, NULL);
 		t->ahead_polled = 0;
 	}
@@ -1040,8 +1044,13 @@ static void *fault_thread_main(void *arg)
 		}
 		if (got < 0 && errno != EAGAIN && errno != EINTR)
 			break;
+		/* A window in flight holds its pages BUSY, and faults on them (ours or another thread's)
+		 * wait for it: never sleep on its completion alone, look again every AHEAD_LOOK_MS. */
+		int reading = 0;
+		for (int i = 0; i < AHEAD_DEPTH; i++)
+			reading |= t->ahead[i].active;
 		struct epoll_event ev[3];
-		int n = epoll_wait(t->epfd, ev, 3, -1);
+		int n = epoll_wait(t->epfd, ev, 3, reading ? AHEAD_LOOK_MS : -1);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -1058,7 +1067,7 @@ static void *fault_thread_main(void *arg)
 		}
 		if (stop || gone)
 			break;
-		if (completed)
+		if (completed || (n == 0 && reading))
 			stream_completed(t);
 		poll_ahead_ring(t);
 	}
