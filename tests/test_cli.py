@@ -355,7 +355,8 @@ def test_option_ranges_come_from_the_engine_and_the_help_says_them():
     help_text = " ".join(uswap("daemon", "--help").stdout.split())
     assert "resident budget, 256K to the physical memory" in help_text
     assert "swap-in window in pages, 1 (off) to 64 (default 32)" in help_text
-    assert "threads serving each region's faults, 1 to 16 (default 4)" in help_text
+    from uswap.config import DEFAULTS
+    assert f"threads serving each region's faults, 1 to 16 (default {DEFAULTS.fault_threads})" in help_text
     assert "besides root and the daemon's own uid (always served)" in help_text
 
 
