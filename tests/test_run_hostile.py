@@ -235,7 +235,7 @@ def test_an_agent_that_lies_or_never_answers_hurts_only_its_own_run(field):
             assert r["drops"] >= 2 and not r.get("eof"), r
         f.check(f"after an agent answering {mode}")
     log = f.daemon.log()
-    assert "DROPPED answers 100 runs" in log or "DROPPED answers 17 runs" in log, tail(log)
+    assert "DROPPED answers 100 spans" in log or "DROPPED answers 17 spans" in log, tail(log)
     f.finish()
 
 

@@ -72,11 +72,11 @@ log = logging.getLogger("uswap.daemon")
 PS = PAGE_SIZE
 MSG_SIZE = ffi.sizeof("struct uswap_run_msg")
 MAGIC = lib.USWAP_RUN_MAGIC.to_bytes(4, "little")
-MAX_RUNS = lib.USWAP_RUN_MAX_RUNS
-RUN_PAGES = 32                 # pages per eviction run (one MOVE)
-BATCH_PAGES = 1024             # pages per eviction batch at most (one slot write, one DROP of up to MAX_RUNS runs)
+MAX_SPANS = lib.USWAP_RUN_MAX_SPANS   # spans of pages one DROP names at most
+SPAN_PAGES = 32                # pages per eviction span (one MOVE)
+BATCH_PAGES = 1024             # pages per eviction batch at most (one slot write, one DROP of up to MAX_SPANS spans)
 SCAN_CHUNK = 4096              # pages of pagemap read at a time (counts and passes): held at once at most
-SCAN_REGIONS = 64              # runs of present pages found per PAGEMAP_SCAN; a checkpoint after each
+SCAN_REGIONS = 64              # spans of present pages found per PAGEMAP_SCAN; a checkpoint after each
 SCAN_CAP = 1 << 18             # pages of pagemap one reclaim pass reads at most; the next goes on from there
 COUNT_CHUNK = 1 << 16          # present pages counted in one call into C (well under a millisecond); a checkpoint after
 READAHEAD = 32                 # pages read per swap-in at most (the fault thread's window adapts up to it)
@@ -146,19 +146,19 @@ def parse(data: bytes, op: int):
 def check_dropped(reply, addrs: list[int], lens: list[int]):
     """A DROPPED that answers the DROP of ``addrs``/``lens``, or ProtocolError.
 
-    What the agent says is trusted only within what was asked: the runs asked for, in order, no more bytes
-    than asked, whole pages, an errno or 0 (0 only if the whole run moved).  Within that, a lie hurts only
+    What the agent says is trusted only within what was asked: the spans asked for, in order, no more bytes
+    than asked, whole pages, an errno or 0 (0 only if the whole span moved).  Within that, a lie hurts only
     the liar's own process: a page claimed moved but still there is write-protected with its data in its
     slot, so the process reads its own page and a write lifts the protection (the slot stays counted against
     the liar's room until the page is evicted again, ``drop``, invalidated or the run ends; not freed at the WP
     fault: a write to a page moved out also raises one, on its uffd-wp marker); a page moved but claimed not is
     a missing page without a slot: zeros, in the liar's memory."""
     if reply.count != len(addrs):
-        raise ProtocolError(f"DROPPED answers {reply.count} runs, {len(addrs)} were asked", errno.EPROTO)
+        raise ProtocolError(f"DROPPED answers {reply.count} spans, {len(addrs)} were asked", errno.EPROTO)
     for k, (a, n) in enumerate(zip(addrs, lens)):
         moved, err = reply.len[k], reply.err[k]
         if reply.addr[k] != a or moved > n or moved % PS or not 0 <= err < 4096 or (err == 0 and moved != n):
-            raise ProtocolError(f"DROPPED run {k}: {moved} bytes at {reply.addr[k]:#x}, errno {err}; asked "
+            raise ProtocolError(f"DROPPED span {k}: {moved} bytes at {reply.addr[k]:#x}, errno {err}; asked "
                                 f"{n} bytes at {a:#x}", errno.EPROTO)
     return reply
 
@@ -756,11 +756,11 @@ class RunProcess:
         return data[7::8]
 
     def _present(self, a: int, b: int):
-        """[start, end) runs of present pages in [a, b), each at most SCAN_CHUNK pages, and how far the walk
+        """[start, end) spans of present pages in [a, b), each at most SCAN_CHUNK pages, and how far the walk
         got (holes skipped by PAGEMAP_SCAN: a sparse 128 GiB range is as cheap as its present pages)."""
-        runs, walked = self.image.present(a, b, SCAN_REGIONS)
+        spans, walked = self.image.present(a, b, SCAN_REGIONS)
         out = []
-        for s, e in runs:
+        for s, e in spans:
             out.extend((x, min(e, x + SCAN_CHUNK * PS)) for x in range(s, e, SCAN_CHUNK * PS))
         return out, walked
 
@@ -768,8 +768,8 @@ class RunProcess:
         """Present pages of the registered ranges charged to this process (None: it may not be read any more).
         In chunks, a checkpoint between them: the trio loop serves every other client meanwhile.  The process
         the run started with is counted in C, up to COUNT_CHUNK present pages a call (PAGEMAP_SCAN skips holes;
-        the runs of a fragmented range cost no Python); a fork child reads the pagemap of at most SCAN_REGIONS
-        runs of SCAN_CHUNK pages a chunk (it needs each page's exclusive bit)."""
+        the spans of a fragmented range cost no Python); a fork child reads the pagemap of at most SCAN_REGIONS
+        spans of SCAN_CHUNK pages a chunk (it needs each page's exclusive bit)."""
         # A page a fork shares is charged once, to the process the run started with (or the oldest one
         # still sharing it: a child counts only the pages it has alone).  Counting it in every process
         # (summed RSS) put a 2-worker pool permanently over its line with pages nobody can evict (a fork
@@ -785,8 +785,8 @@ class RunProcess:
                         pages, pos = self.image.count_present(pos, b, COUNT_CHUNK)
                         present += pages
                     else:
-                        runs, pos = self._present(pos, b)
-                        present += sum(len(self._tops(s, e).translate(None, own)) for s, e in runs)
+                        spans, pos = self._present(pos, b)
+                        present += sum(len(self._tops(s, e).translate(None, own)) for s, e in spans)
                 except OSError:
                     break                   # gone meanwhile
                 await trio.sleep(0)
@@ -795,7 +795,7 @@ class RunProcess:
         return present
 
     async def reclaim(self, count: bool = True) -> None:
-        """Above the line, evict runs in address order from where the last pass stopped (a FIFO, not a
+        """Above the line, evict spans in address order from where the last pass stopped (a FIFO, not a
         CLOCK).  ``count``: count the registered resident pages first (pagemap, each tick).  Between ticks
         (a pass because the run went over its line) the last count, less what was evicted since and plus
         what came in, stands for it, and pagemap is read only from the cursor on, as far as the pass goes:
@@ -844,11 +844,11 @@ class RunProcess:
             for m in re.finditer(b"\x01+", evictable):
                 first = start + m.start() * PS
                 count = min(m.end() - m.start(), want)
-                for off in range(0, count, RUN_PAGES):
-                    n = min(RUN_PAGES, count - off)
+                for off in range(0, count, SPAN_PAGES):
+                    n = min(SPAN_PAGES, count - off)
                     batch.append((first + off * PS, n))
                     pages += n
-                    if len(batch) == MAX_RUNS or pages > BATCH_PAGES - RUN_PAGES:   # the next run may not fit
+                    if len(batch) == MAX_SPANS or pages > BATCH_PAGES - SPAN_PAGES:   # the next span may not fit
                         await self.evict(batch)
                         batch, pages = [], 0
                         if self.agent_gone:
@@ -883,10 +883,10 @@ class RunProcess:
                     yield None, start
                     return
                 try:
-                    runs, walked = self._present(start, b0)
+                    spans, walked = self._present(start, b0)
                 except OSError:
                     break                       # gone meanwhile
-                for s, end in runs:
+                for s, end in spans:
                     try:
                         t = self._tops(s, end)
                     except OSError:
@@ -903,7 +903,7 @@ class RunProcess:
                 scanned += 1                    # a walk that found nothing still costs
                 start = walked
 
-    async def evict(self, runs: list[tuple[int, int]]) -> None:
+    async def evict(self, spans: list[tuple[int, int]]) -> None:
         """Invariant 1, in this order: claim (the fault thread then hands a write to these pages to
         Python, which cancels), write-protect, read through /proc/PID/mem, write slots, agent drop,
         publish SWAPPED.  A CLEAN page is claimed straight into INFLIGHT (invariant 5): its slot holds it
@@ -911,7 +911,7 @@ class RunProcess:
         stays resident as CLEAN (protected, equal to its slot); what is still claimed stays resident."""
         t = self.table
         claimed, kept = [], []
-        for a, n in runs:
+        for a, n in spans:
             if not t.claim_evict(a, n):
                 continue                        # a page of it has another entry (SHARED since the count)
             claimed.append((a, n))
@@ -934,7 +934,7 @@ class RunProcess:
             if not self.readable():             # awaited since reclaim's check: again
                 kept = []                       # nothing is dropped either: the CLEAN pages stay so
             for a, n in kept:
-                for f, k in t.runs(a, n, CLAIMED, n):   # the pages without a slot (CLEAN ones, INFLIGHT, have theirs)
+                for f, k in t.spans(a, n, CLAIMED, n):   # the pages without a slot (CLEAN ones, INFLIGHT, have theirs)
                     if pos + k > room:
                         continue                    # write-protected but kept: a WP fault lifts the protection
                     try:
@@ -946,7 +946,7 @@ class RunProcess:
                     read.append((f, k, pos))
                     pos += k
             # One slot write for the batch (split only where the allocator gives a shorter range): slots follow
-            # the buffer, so the pages of a run get consecutive slots (what swap-in readahead looks for).
+            # the buffer, so the pages of a span get consecutive slots (what swap-in readahead looks for).
             pages = [a + i * PS for a, n, _ in read for i in range(n)]
             done = 0
             while done < len(pages):
@@ -980,16 +980,16 @@ class RunProcess:
                 self._forget(e)
         self.tree.recount()                     # a fault thread waiting above the hard line sees the room
 
-    async def drop(self, runs: list[tuple[int, int]]) -> None:
-        """Ask the agent to move the INFLIGHT pages of ``runs`` out; what it moved is SWAPPED."""
+    async def drop(self, spans: list[tuple[int, int]]) -> None:
+        """Ask the agent to move the INFLIGHT pages of ``spans`` out; what it moved is SWAPPED."""
         t = self.table
         for _ in range(DRAIN_ROUNDS):
             addrs, lens = [], []
-            for a, n in runs:
-                for first, k in t.runs(a, n, INFLIGHT, MAX_RUNS - len(addrs)):
+            for a, n in spans:
+                for first, k in t.spans(a, n, INFLIGHT, MAX_SPANS - len(addrs)):
                     addrs.append(first)
                     lens.append(k * PS)
-                if len(addrs) == MAX_RUNS:
+                if len(addrs) == MAX_SPANS:
                     break
             if not addrs:
                 return
@@ -1151,8 +1151,8 @@ CHILD_WAIT = 2.0                 # s: a child's HELLO waits this long for the do
 POISON_ROUNDS = 100              # release_unserved: event reads before a page that stays EAGAIN is given up
 
 
-def _page_runs(pages: list[int]):
-    """(first, count) of each run of consecutive pages in sorted ``pages``."""
+def _page_spans(pages: list[int]):
+    """(first, count) of each span of consecutive pages in sorted ``pages``."""
     i = 0
     while i < len(pages):
         j = i + 1
@@ -1179,7 +1179,7 @@ def release_unserved(uffd: Userfaultfd, pages: list[int]) -> bool:
         u, left = todo.pop()
         for _ in range(POISON_ROUNDS):
             again = []
-            for first, n in _page_runs(left):
+            for first, n in _page_spans(left):
                 try:
                     u.poison(first, n * PS)
                 except PartialFill as e:   # an event of the child's is pending: read it, then the rest
