@@ -1,4 +1,4 @@
-"""Layer 10, scale: one run's huge mapping does not stall the daemon's other clients (uswap/daemon/runs.py:
+"""Layer 10, scale: one run's huge mapping does not stall the daemon's other clients (uswap/daemon/runreclaim.py:
 pagemap is counted and scanned in bounded chunks, with checkpoints, never held whole in memory).
 
 A program under `uswap run` maps 128 GiB MAP_NORESERVE (anonymous, private, writable: registered) and

@@ -1,7 +1,7 @@
 /*
  * The `uswap run` wire protocol (issue 12, docs/RUN-DESIGN.md): between the preload library
- * (libuswaprun.so, in the program) and whoever serves the run (today tests/c/run_server.c; the
- * the daemon, uswap/daemon/runs.py).  One SOCK_SEQPACKET connection per process; the path is in USWAP_RUN_SOCKET.
+ * (libuswaprun.so, in the program) and the daemon that serves the run (uswap/daemon/runproto.py, runaccept.py).
+ * One SOCK_SEQPACKET connection per process; the path is in USWAP_RUN_SOCKET.
  *
  *   server -> lib   DEVFD  + an fd of /dev/userfaultfd (the lib makes its uffd from it)
  *   lib -> server   HELLO  + the process's uffd (not yet API'd: the server negotiates); it names the proof
