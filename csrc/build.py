@@ -25,7 +25,7 @@ ffi = cffi.FFI()
 ffi.cdef((HERE / "cdef.h").read_text() + declarations("uswap_core.h") + declarations("uswap_slots.h")
           + declarations("uswap_engine.h") + declarations("uswap_pt.h") + declarations("uswap_runeng.h")
           # the run protocol's struct: array lengths from the compiler, like the constants
-          + declarations("uswap_run.h").replace("[USWAP_RUN_MAX_RUNS]", "[...]"))
+          + declarations("uswap_run.h").replace("[USWAP_RUN_MAX_SPANS]", "[...]"))
 ffi.set_source(
     "uswap._core",
     '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap_slots.h"\n#include "uswap_engine.h"\n#include "uswap_pt.h"\n#include "uswap_runeng.h"\n#include "uswap_run.h"\n#include "uswap.h"\n',

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rogue import drop_capabilities  # noqa: E402
 from uswap._core import ffi, lib  # noqa: E402
-from uswap.daemon.runs import MSG_SIZE, message, parse  # noqa: E402
+from uswap.daemon.runproto import MSG_SIZE, message, parse  # noqa: E402
 from uswap.protocol import ProtocolError  # noqa: E402
 
 USERFAULTFD_IOC_NEW = 0xAA00

@@ -20,7 +20,7 @@ import socket
 import sys
 
 from uswap._core import lib
-from uswap.daemon.runs import MSG_SIZE, message
+from uswap.daemon.runproto import MSG_SIZE, message
 
 PR_SET_DUMPABLE = 4
 

@@ -1,6 +1,6 @@
-"""Layer 10, hostile: the run protocol of `uswap run` (csrc/preload/uswap_run.h, uswap/daemon/runs.py) against other
-local users.  Whatever a run's client sends, the daemon stays up, every other client keeps its data, and it
-holds no fd nor slot of the client afterwards; and only the uids the operator lists get the daemon's
+"""Layer 10, hostile: the run protocol of `uswap run` (csrc/preload/uswap_run.h, uswap/daemon/runaccept.py)
+against other local users.  Whatever a run's client sends, the daemon stays up, every other client keeps its
+data, and it holds no fd nor slot of the client afterwards; and only the uids the operator lists get the daemon's
 /dev/userfaultfd fd at all (uswap/daemon/runpolicy.py).  The other way round, the preload gives nothing to a
 server of another uid on the socket it is told (tests/run_rogue_server.py; csrc/common/uswap_daemon_peer.c).
 
@@ -235,7 +235,7 @@ def test_an_agent_that_lies_or_never_answers_hurts_only_its_own_run(field):
             assert r["drops"] >= 2 and not r.get("eof"), r
         f.check(f"after an agent answering {mode}")
     log = f.daemon.log()
-    assert "DROPPED answers 100 runs" in log or "DROPPED answers 17 runs" in log, tail(log)
+    assert "DROPPED answers 100 spans" in log or "DROPPED answers 17 spans" in log, tail(log)
     f.finish()
 
 
@@ -244,7 +244,7 @@ def test_a_peer_that_died_is_told_from_one_that_lives(tmp_path):
     SO_PEERPIDFD): alive now means the pid was its own when opened; dead (reaped) means the pid may be another
     process's by now (pid reuse), and the run is refused."""
     import socket
-    from uswap.daemon.runs import peer_alive
+    from uswap.daemon.runaccept import peer_alive
     path = str(tmp_path / "peer.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
         listener.bind(path)
@@ -380,7 +380,7 @@ def test_uswap_run_talks_to_a_server_of_root_or_its_own_uid(run_server):
     mine = preloaded(own.path, ECHO, "ran", required=False, prefix=AS_ANOTHER)
     assert (mine.returncode, mine.stdout) == (0, "ran\n"), mine
     assert mine.stderr.endswith("not budgeted: Protocol error\n"), mine
-    from uswap.daemon.runs import MSG_SIZE
+    from uswap.daemon.runproto import MSG_SIZE
     handed = {"bytes": 2 * MSG_SIZE, "ops": [CONNECT, HELLO], "fds": 1, "uffds": 1}
     assert root.report() == {"connections": 2, **handed}
     assert own.report() == {"connections": 1, **handed}

@@ -1,5 +1,5 @@
 """Layer 10 (issue 12, `uswap run`): the kernel mechanisms the design relies on, probed in C, and
-unmodified programs run under `uswap run` against the real daemon (uswap/daemon/runs.py).
+unmodified programs run under `uswap run` against the real daemon (uswap/daemon/runprocess.py).
 
 tests/c/run_probe.c plays daemon, client and agent thread; docs/RUN-DESIGN.md says what each
 result means for the design.  The probe prints key=value lines and ``RESULT ok``.
@@ -396,7 +396,7 @@ def test_a_hello_that_lies_is_refused(uswapd):
     import fcntl
     import socket
     from uswap._core import lib
-    from uswap.daemon.runs import MSG_SIZE, message, parse
+    from uswap.daemon.runproto import MSG_SIZE, message, parse
     need_root()
     daemon = uswapd("hostile", resident="64M", store_size="16M")
 

@@ -1,4 +1,4 @@
-"""Layer 10, scale: one run's huge mapping does not stall the daemon's other clients (uswap/daemon/runs.py:
+"""Layer 10, scale: one run's huge mapping does not stall the daemon's other clients (uswap/daemon/runreclaim.py:
 pagemap is counted and scanned in bounded chunks, with checkpoints, never held whole in memory).
 
 A program under `uswap run` maps 128 GiB MAP_NORESERVE (anonymous, private, writable: registered) and
@@ -98,7 +98,7 @@ def test_a_huge_sparse_mapping_stalls_no_other_client(uswapd, tmp_path):
     assert rss - rss0 < 32 << 20, f"daemon peak RSS grew {(rss - rss0) >> 20} MiB"
 
 
-def test_present_runs_agree_with_pagemap():
+def test_present_spans_agree_with_pagemap():
     """ProcessImage.present (PAGEMAP_SCAN) and its fallback (pagemap read in chunks) find exactly the pages
     pagemap shows present, holes skipped, a walk resumed where the last call stopped."""
     import ctypes
@@ -120,8 +120,8 @@ def test_present_runs_agree_with_pagemap():
                 image.scan_ok = scan
                 found, pos, calls = set(), base, 0
                 while pos < base + size:
-                    runs, pos = image.present(pos, base + size, 16)
-                    found |= {a for s, e in runs for a in range(s, e, PAGE_SIZE)}
+                    spans, pos = image.present(pos, base + size, 16)
+                    found |= {a for s, e in spans for a in range(s, e, PAGE_SIZE)}
                     calls += 1
                 assert image.scan_ok == scan, "the kernel has no PAGEMAP_SCAN"
                 assert found == touched, (scan, len(found), len(touched))

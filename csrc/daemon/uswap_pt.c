@@ -319,8 +319,8 @@ int64_t uswap_pt_assign(struct uswap_pt *pt, const uint64_t *addrs, uint64_t n, 
 	return changed;
 }
 
-int uswap_pt_runs(struct uswap_pt *pt, uint64_t a, uint64_t n, uint32_t state, uint64_t *first, uint64_t *len,
-		  int max)
+int uswap_pt_spans(struct uswap_pt *pt, uint64_t a, uint64_t n, uint32_t state, uint64_t *first, uint64_t *len,
+		   int max)
 {
 	int k = 0;
 	uswap_pt_lock(pt);

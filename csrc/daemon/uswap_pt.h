@@ -63,9 +63,9 @@ int64_t uswap_pt_change(struct uswap_pt *pt, uint64_t a, uint64_t n, uint32_t fr
 /* Page addrs[i] in state `from` becomes `to` with slot first_slot + i; ok[i] says whether it did. */
 int64_t uswap_pt_assign(struct uswap_pt *pt, const uint64_t *addrs, uint64_t n, uint32_t from, uint32_t to,
 			int64_t first_slot, uint8_t *ok);
-/* The runs of pages in `state` (not BUSY) in a..a+n-1: first[k], len[k] (pages), at most max of them. */
-int uswap_pt_runs(struct uswap_pt *pt, uint64_t a, uint64_t n, uint32_t state, uint64_t *first, uint64_t *len,
-		  int max);
+/* The spans of pages in `state` (not BUSY) in a..a+n-1: first[k], len[k] (pages), at most max of them. */
+int uswap_pt_spans(struct uswap_pt *pt, uint64_t a, uint64_t n, uint32_t state, uint64_t *first, uint64_t *len,
+		   int max);
 
 /* CDEF-END */
 

@@ -9,7 +9,7 @@
  * send HELLO, wait for READY (the program's memory is registered when main() starts), then start
  * the agent thread.
  *
- * The agent moves runs the server names out of the process: UFFDIO_MOVE into staging (no event:
+ * The agent moves spans the server names out of the process: UFFDIO_MOVE into staging (no event:
  * MOVE checks only the destination's uffd), then MADV_DONTNEED of staging (no event: the private
  * uffd negotiated none).  It never touches registered memory: it runs on a stack of its own that
  * the server never registers, reads no globals after start, and calls the kernel directly (no
@@ -145,7 +145,7 @@ static void say(const char *what)
 }
 
 /* Move [addr, addr+len) out through staging; the bytes moved, *err the first errno. */
-static uint64_t drop_run(const struct agent_ctx *c, uint64_t addr, uint64_t len, int32_t *err)
+static uint64_t drop_span(const struct agent_ctx *c, uint64_t addr, uint64_t len, int32_t *err)
 {
 	uint64_t done = 0, most = c->staging_len;
 	*err = 0;
@@ -159,7 +159,7 @@ static uint64_t drop_run(const struct agent_ctx *c, uint64_t addr, uint64_t len,
 			raw6(SYS_madvise, (long)c->staging, (long)moved, MADV_DONTNEED, 0, 0, 0);
 		done += moved;
 		if (r == -EINVAL && most > c->page_size) {
-			/* the run crosses VMAs (madvise/mprotect split them, which raises no uffd event):
+			/* the span crosses VMAs (madvise/mprotect split them, which raises no uffd event):
 			 * MOVE takes one VMA at a time; go on page by page */
 			most = c->page_size;
 			continue;
@@ -357,10 +357,10 @@ static void *agent(void *arg)
 			return NULL;
 		}
 		if (n != (long)sizeof(m) || m.magic != USWAP_RUN_MAGIC || m.op != USWAP_RUN_DROP ||
-		    m.count > USWAP_RUN_MAX_RUNS)
+		    m.count > USWAP_RUN_MAX_SPANS)
 			break;
 		for (uint32_t i = 0; i < m.count; i++)
-			m.len[i] = drop_run(c, m.addr[i], m.len[i], &m.err[i]);
+			m.len[i] = drop_span(c, m.addr[i], m.len[i], &m.err[i]);
 		m.op = USWAP_RUN_DROPPED;
 		if (raw6(SYS_sendto, c->sock, (long)&m, sizeof(m), MSG_NOSIGNAL, 0, 0) != (long)sizeof(m))
 			break;

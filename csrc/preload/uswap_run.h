@@ -1,7 +1,7 @@
 /*
  * The `uswap run` wire protocol (issue 12, docs/RUN-DESIGN.md): between the preload library
- * (libuswaprun.so, in the program) and whoever serves the run (today tests/c/run_server.c; the
- * the daemon, uswap/daemon/runs.py).  One SOCK_SEQPACKET connection per process; the path is in USWAP_RUN_SOCKET.
+ * (libuswaprun.so, in the program) and the daemon that serves the run (uswap/daemon/runproto.py, runaccept.py).
+ * One SOCK_SEQPACKET connection per process; the path is in USWAP_RUN_SOCKET.
  *
  *   server -> lib   DEVFD  + an fd of /dev/userfaultfd (the lib makes its uffd from it)
  *   lib -> server   HELLO  + the process's uffd (not yet API'd: the server negotiates); it names the proof
@@ -30,7 +30,7 @@
 #define USWAP_RUN_ENV_RESIDENT "USWAP_RUN_RESIDENT"
 #define USWAP_RUN_ENV_REQUIRED "USWAP_RUN_REQUIRED"   /* not "0": exit USWAP_RUN_REFUSED_EXIT if not budgeted */
 #define USWAP_RUN_REFUSED_EXIT 1
-#define USWAP_RUN_MAX_RUNS 64
+#define USWAP_RUN_MAX_SPANS 64
 
 /* CDEF-BEGIN */
 
@@ -43,13 +43,13 @@ struct uswap_run_msg {
 	uint16_t version;
 	uint16_t op;
 	int32_t status;
-	uint32_t count;          /* DROP/DROPPED: runs */
+	uint32_t count;          /* DROP/DROPPED: spans */
 	uint64_t pid;            /* HELLO */
 	uint64_t staging, staging_len;          /* HELLO: never register these */
 	uint64_t agent_stack, agent_stack_len;  /* HELLO: the agent's stack: never register */
-	uint64_t addr[USWAP_RUN_MAX_RUNS];      /* DROP: run start */
-	uint64_t len[USWAP_RUN_MAX_RUNS];       /* DROP: run length; DROPPED: bytes moved */
-	int32_t err[USWAP_RUN_MAX_RUNS];        /* DROPPED: errno of the run, 0 if all moved */
+	uint64_t addr[USWAP_RUN_MAX_SPANS];     /* DROP: span start */
+	uint64_t len[USWAP_RUN_MAX_SPANS];      /* DROP: span length; DROPPED: bytes moved */
+	int32_t err[USWAP_RUN_MAX_SPANS];       /* DROPPED: errno of the span, 0 if all moved */
 	uint64_t resident;                      /* CONNECT: the run's budget in bytes (0: the server's) */
 	uint32_t flags;                         /* CONNECT: USWAP_RUN_CHILD */
 	uint32_t reserved;

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from uswap.child import interrupts_held, running, uswap_argv
 from uswap.daemon.process import DaemonProcess
-from uswap.daemon.runs import RunStats
+from uswap.daemon.runprocess import RunStats
 from uswap.daemon.status import fetch_status
 from uswap.nfs.ganesha import NfsServer
 

@@ -2,7 +2,7 @@
 
 The clients are the memfd regions together (they share one CLOCK and one C ``struct uswap_budget``:
 uswap.daemon.reclaim) and each run, i.e. process tree (its C ``struct uswap_run_budget``:
-uswap.daemon.runs).  Each counts its resident pages its own way (regions: the swap maps' count, exact; a
+uswap.daemon.runtree).  Each counts its resident pages its own way (regions: the swap maps' count, exact; a
 run: its members' last pagemap counts plus what their fault threads filled since) and the daemon's budget B
 (``uswap daemon --resident``) covers them all.  The policy (``share_out``), recomputed by
 ``DaemonBudget.update`` whenever a client's count or state changes:

@@ -33,11 +33,11 @@ from uswap.core import PAGE_SIZE, AlignedBuffer
 from uswap.protocol import ProtocolError
 from uswap.uffd import RegisterMode, Userfaultfd
 
-# PAGEMAP_SCAN (6.7+; lib.uswap_pagemap_present) returns the runs of present pages, skipping empty page
+# PAGEMAP_SCAN (6.7+; lib.uswap_pagemap_present) returns the spans of present pages, skipping empty page
 # tables: a sparse 128 GiB range costs what its present pages cost, not 256 MiB of pagemap.
 SCAN_FALLBACK = 4096                # pages of pagemap read at once where the kernel has no PAGEMAP_SCAN
 NONCE = 32          # bytes of the proof page the nonce fills
-_PRESENT_RUN = re.compile(rb"[\x80-\xff]+")   # pagemap top bytes: bit 7 (bit 63) present
+_PRESENT_SPAN = re.compile(rb"[\x80-\xff]+")   # pagemap top bytes: bit 7 (bit 63) present
 _IDS = re.compile(rb"^(Uid|Gid):\s+(\d+)\s+(\d+)\s+(\d+)\s+\d+\s*$", re.M)   # real, effective, saved (, fs)
 
 
@@ -151,7 +151,7 @@ class ProcessImage:
                                             f"(/proc/PID owned by {owner}, was {self.owner})")
 
     def present(self, a: int, b: int, regions: int, max_pages: int = 0) -> tuple[list[tuple[int, int]], int]:
-        """Up to ``regions`` runs [start, end) of present pages in [a, b) from a on, at most ``max_pages`` pages
+        """Up to ``regions`` spans [start, end) of present pages in [a, b) from a on, at most ``max_pages`` pages
         in all (0: no limit), and where the walk stopped (b when it got to the end): the next call goes on from
         there.  Through pagemap (rule 1): nothing once the mm is gone."""
         if self.scan_ok:
@@ -165,8 +165,8 @@ class ProcessImage:
         # Without PAGEMAP_SCAN: one bounded chunk of pagemap at a time.
         end = min(b, a + SCAN_FALLBACK * PAGE_SIZE)
         tops = os.pread(self.pagemap, (end - a) // PAGE_SIZE * 8, a // PAGE_SIZE * 8)[7::8]
-        runs = [(a + m.start() * PAGE_SIZE, a + m.end() * PAGE_SIZE) for m in _PRESENT_RUN.finditer(tops)]
-        return runs, end if len(tops) == (end - a) // PAGE_SIZE else b
+        spans = [(a + m.start() * PAGE_SIZE, a + m.end() * PAGE_SIZE) for m in _PRESENT_SPAN.finditer(tops)]
+        return spans, end if len(tops) == (end - a) // PAGE_SIZE else b
 
     def count_present(self, a: int, b: int, max_pages: int) -> tuple[int, int]:
         """Present pages in [a, b) from a on, at most ``max_pages`` of them, and where the count stopped (b when
@@ -179,8 +179,8 @@ class ProcessImage:
             if rc not in (-errno.ENOTTY, -errno.EINVAL):
                 raise OSError(-rc, os.strerror(-rc))
             self.scan_ok = False
-        runs, end = self.present(a, b, 1 << 16, max_pages)
-        return sum(e - s for s, e in runs) // PAGE_SIZE, end
+        spans, end = self.present(a, b, 1 << 16, max_pages)
+        return sum(e - s for s, e in spans) // PAGE_SIZE, end
 
     def read_maps(self) -> bytes:
         """The image's /proc/PID/maps (empty once its mm is gone)."""

@@ -88,7 +88,7 @@ class PageTable:
     def count(self, state: int) -> int:
         return lib.uswap_pt_count(self.c, state)
 
-    # -- batches (eviction): one call, one lock, for a run of pages ----------------------------
+    # -- batches (eviction): one call, one lock, for a span of pages ---------------------------
 
     def claim_evict(self, a: int, n: int) -> bool:
         """Eviction's claim of pages a.. (n): if each has no entry or is CLEAN, those without one become
@@ -108,10 +108,10 @@ class PageTable:
         lib.uswap_pt_assign(self.c, addrs, len(addrs), from_state, to_state, first_slot, ok)
         return [bool(x) for x in ok]
 
-    def runs(self, a: int, n: int, state: int, most: int) -> list[tuple[int, int]]:
-        """(first address, pages) of the runs of pages in ``state`` (not BUSY) in a.. (n), up to ``most``."""
+    def spans(self, a: int, n: int, state: int, most: int) -> list[tuple[int, int]]:
+        """(first address, pages) of the spans of pages in ``state`` (not BUSY) in a.. (n), up to ``most``."""
         first, length = ffi.new("uint64_t[]", most), ffi.new("uint64_t[]", most)
-        k = lib.uswap_pt_runs(self.c, a, n, state, first, length, most)
+        k = lib.uswap_pt_spans(self.c, a, n, state, first, length, most)
         return [(first[i], length[i]) for i in range(k)]
 
     def _buffer(self, n: int):

@@ -22,8 +22,8 @@ before the daemon hears of it (EVENT_FORK), so the bounds count processes, fork 
 
 A new process over a bound is refused before the daemon makes anything for it: a CONNECT gets READY(-EDQUOT)
 (the whole uid, --user-max-runs) or READY(-EAGAIN) (the daemon, --max-run-processes); a fork child is not
-served (uswap.daemon.runs.RunProcess.refuse_fork) and its CONNECT, if the preload makes one, gets
-READY(-EAGAIN).  A process that has exited is released at its next tick (uswap.daemon.runs.TICK); so that a
+served (uswap.daemon.runevents.RunEvents.refuse_fork) and its CONNECT, if the preload makes one, gets
+READY(-EAGAIN).  A process that has exited is released at its next tick (uswap.daemon.runprocess.TICK); so that a
 program that forks as soon as it reaped a child is not refused, one that has exited does not count against a
 bound, but at most twice a bound are held, exited ones included.
 """

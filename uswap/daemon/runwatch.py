@@ -15,7 +15,7 @@ rescan is only a rescan.
 
 Cost (measured, a sleeping program, 9 s): the daemon spent 19% of a CPU on the 1 ms polls and the 10 ms tick's
 rescan and count; a tick that finds nothing faulted, grown or over the line now skips both and the process then
-wakes once a tick (runs.IDLE_POLLS): 4.3%.
+wakes once a tick (runprocess.IDLE_POLLS): 4.3%.
 """
 
 from __future__ import annotations

@@ -50,7 +50,10 @@ from uswap.daemon.options import MAX_USER_ADDRESS
 from uswap.daemon.reclaim import Reclaimer
 from uswap.daemon.region import CORRUPT_ERRNOS, Region
 from uswap.daemon.runpolicy import RunPolicy
-from uswap.daemon.runs import Run, RunProcess, accept_run, is_run_connection
+from uswap.daemon.runaccept import accept_run
+from uswap.daemon.runprocess import RunProcess
+from uswap.daemon.runproto import is_run_connection
+from uswap.daemon.runtree import Run
 from uswap.daemon.swapmap import SWAPPED, slot_of, state_of
 from uswap.daemon.slots import SlotAllocator
 from uswap.paths import secure_directory
@@ -175,13 +178,13 @@ class Daemon:
                                    shares=self.shares)
         self.stats = DaemonStats()
         self.regions: dict[int, Region] = {}
-        self.runs: dict[int, RunProcess] = {}     # processes of `uswap run`, by id (uswap.daemon.runs)
+        self.runs: dict[int, RunProcess] = {}     # processes of `uswap run`, by id (uswap.daemon.runprocess)
         self.run_trees: dict[int, Run] = {}       # the runs themselves: process trees with one budget
         self.run_policy = run_policy or RunPolicy.default()   # who may start runs, how many (runpolicy.py)
         self.run_connections: collections.Counter[int] = collections.Counter()   # per uid, handshakes included
         self._ended_fault_counts = dict.fromkeys(REGION_FAULT_COUNTS, 0)   # of regions and run processes gone
         self.run_peers: collections.Counter[int] = collections.Counter()   # run connections per peer pid
-        self.parked_forks: list = []              # uffds of refused fork children kept until they exit (runs.py)
+        self.parked_forks: list = []              # uffds of refused fork children kept until they exit (runevents.py)
         self.mapped_pages = 0
         self.nursery: trio.Nursery | None = None
         self._next_id = 1

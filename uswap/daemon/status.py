@@ -78,7 +78,7 @@ def render_status(status: dict) -> str:
                          f"{_pages(r['resident_pages'], ps):>8} {_pages(r['swapped_pages'], ps):>8} "
                          f"{r['pswpin']:>8} {r['pswpout']:>8} {r['faults']:>8} {r['read_errors']:>5} "
                          f"{r['write_errors']:>5} {r['poisoned']:>8}")
-    if status.get("runs"):      # processes of `uswap run` (uswap.daemon.runs)
+    if status.get("runs"):      # processes of `uswap run` (uswap.daemon.runprocess)
         lines.append("")
         lines.append(f"{'RUN':>6} {'PID':>7} {'PARENT':>7} {'BUDGET':>7} {'RESIDENT':>8} {'SWAPPED':>8} "
                      f"{'PSWPIN':>8} {'PSWPOUT':>8} {'FAULTS':>8} {'RANGES':>6} {'POISONED':>8}")
