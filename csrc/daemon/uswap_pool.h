@@ -53,6 +53,8 @@ struct uswap_pool_stats {
 	uint64_t rejected;          /* pages offered that did not compress enough (written to the store) */
 	uint64_t written_back;      /* pages written from the pool to the store to make room */
 	uint64_t corrupted;         /* loads that failed their check (P2) */
+	uint64_t pool_bytes;        /* memory allocated now (what max_bytes bounds; charged_pages is it in pages) */
+	uint64_t write_ios;         /* pwrites of the pool's write-backs (contiguous slots go in one) */
 };
 
 struct uswap_pool;
@@ -76,6 +78,18 @@ void uswap_pool_get_stats(struct uswap_pool *p, struct uswap_pool_stats *out);
 /* For tests (the negative control of P2): flip one bit of slot's stored data.  0, or -ENOENT: not pooled, or
  * same-filled. */
 int uswap_pool_damage(struct uswap_pool *p, uint64_t slot);
+
+/* A contiguous run of slots, pool first, for callers outside the engines (Python's store write_slots and
+ * read_slots).  c->pool NULL: the store alone.  Write: each page offered to the pool, the rest encoded in
+ * place (crc or seal, as uswap_wb_write) and written, one pwrite per run of rejected pages; valid set once a
+ * write completed.  Read: pooled pages decompressed into buf, the rest read (one pread per run) and decoded.
+ * 0, or -errno (-EBADMSG: a check failed (P2 or the codec's), -ENODATA: a slot never written); *bad (if not
+ * NULL): the run's index of the page that failed a check, else -1.  *ios (if not NULL): pwrites or preads done,
+ * added. */
+int uswap_pool_write_slots(const struct uswap_codec *c, int fd, void *buf, uint64_t first, uint64_t count,
+			   uint64_t *ios);
+int uswap_pool_read_slots(const struct uswap_codec *c, int fd, void *buf, uint64_t first, uint64_t count,
+			  uint64_t *ios, int *bad);
 
 /* CDEF-END */
 
