@@ -61,16 +61,22 @@ struct uswap_pool;
 
 /* A pool of at most max_bytes for a store of slot_count slots of page_size bytes.  store_fd and codec: where
  * and how it writes entries back (as uswap_wb_write does).  charge: an atomic page counter the pool adds its
- * memory to and takes it back from (e.g. a budget's resident count), or NULL. */
+ * memory to and takes it back from (e.g. a budget's resident count), or NULL.  level: zstd's (0: its default,
+ * 3); lz4 takes 0 (LZ4_compress_default).  -EINVAL for anything else.
+ * Memory: every allocation at malloc_usable_size (entries, the index's chunks, zstd's contexts), so 0 when
+ * the pool holds nothing; a write-back's I/O buffer (at most 64 pages) is charged while it lives, so during
+ * one the pool may hold that much over max_bytes. */
 int uswap_pool_new(uint64_t slot_count, uint32_t page_size, int compressor, int level, uint64_t max_bytes,
 		   int store_fd, const struct uswap_codec *codec, int64_t *charge, struct uswap_pool **out);
 void uswap_pool_free(struct uswap_pool *p);
 /* Keep page as slot's data: 1 kept; 0 not (it does not compress to at most 3/4 of a page, or there is no room
- * even after writing old entries back): the caller writes it to the store itself.  -errno: a write-back failed. */
+ * even after writing old entries back): the caller writes it to the store itself.  -errno: a write-back failed.
+ * Whatever it returns, the slot's older entry is gone, after its write-back if one was in flight (P1). */
 int uswap_pool_store(struct uswap_pool *p, uint64_t slot, const void *page);
 /* Slot's data into buf: 1 if pooled, 0 if not (read the store), -EBADMSG (P2). */
 int uswap_pool_load(struct uswap_pool *p, uint64_t slot, void *buf);
-/* Forget the entries of slots first..first+count-1 (freed, or about to be written to the store). */
+/* Forget the entries of slots first..first+count-1 (freed, or about to be written to the store); waits for
+ * a write-back of one of them in flight (P1). */
 void uswap_pool_drop(struct uswap_pool *p, uint64_t first, uint64_t count);
 /* Write the oldest entries to the store until the pool holds at most target_bytes.  Pages written, or -errno. */
 int64_t uswap_pool_shrink(struct uswap_pool *p, uint64_t target_bytes);
