@@ -46,6 +46,7 @@
 
 #include <errno.h>
 #include <malloc.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -603,7 +604,7 @@ int uswap_pool_store(struct uswap_pool *p, uint64_t slot, const void *page)
 		return -ERANGE;
 	uint64_t word = 0;
 	int same = same_filled(page, p->page_size, &word);
-	struct pool_entry *e = malloc(sizeof(*e) + (same ? 0 : p->cap));
+	struct pool_entry *e = malloc(offsetof(struct pool_entry, data) + (same ? 0 : p->cap));
 	int len = 0;
 	if (e && !same) {
 		len = compress_page(p, page, e->data);
@@ -611,13 +612,15 @@ int uswap_pool_store(struct uswap_pool *p, uint64_t slot, const void *page)
 			free(e);
 			e = NULL;
 		} else {
-			struct pool_entry *shrunk = realloc(e, sizeof(*e) + (size_t)len);
+			struct pool_entry *shrunk = realloc(e, offsetof(struct pool_entry, data) + (size_t)len);
 			if (shrunk)
 				e = shrunk;
 		}
 	}
-	if (e) {
-		memset(e, 0, sizeof(*e));
+	if (e) {   /* field by field: data may begin inside sizeof(*e) (its tail padding) */
+		e->prev = e->next = NULL;
+		e->pins = 0;
+		e->in_lru = e->writing = e->dead = 0;
 		e->slot = slot;
 		e->word = word;
 		e->len = (uint32_t)len;
