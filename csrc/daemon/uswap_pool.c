@@ -38,6 +38,13 @@
  * (crc or tag, valid) is final; the caller's own write (after encode) comes
  * after it.  A loader that finds no entry reads the store: an entry leaves
  * the index only after its data is there (valid set) or its slot was freed.
+ *
+ * Cost per 4 KiB page (2026-12-07, c5b3947; thread CPU time on this 2-vCPU VM
+ * under a load average of 11, medians of 3 runs of 4096 pages): lz4 on
+ * text-like pages (1940 bytes kept) store 12.2 us (of which LZ4_compress_default
+ * 9.1, crc32c 0.6), load 4.8 us (LZ4_decompress_safe 3.8); a random page is
+ * rejected in 2.1 us; zstd level 3 (1024 bytes kept) store 34 us, load 15 us,
+ * a random page rejected in 14.6 us.
  */
 #define _GNU_SOURCE
 #include "uswap_pool.h"
