@@ -73,7 +73,7 @@ void uswap_pool_free(struct uswap_pool *p);
  * even after writing old entries back): the caller writes it to the store itself.  -errno: a write-back failed.
  * Whatever it returns, the slot's older entry is gone, after its write-back if one was in flight (P1). */
 int uswap_pool_store(struct uswap_pool *p, uint64_t slot, const void *page);
-/* Slot's data into buf: 1 if pooled, 0 if not (read the store), -EBADMSG (P2). */
+/* Slot's data into buf: 1 if pooled, 0 if not (read the store), -EBADMSG (P2), -ENOMEM (zstd: no context). */
 int uswap_pool_load(struct uswap_pool *p, uint64_t slot, void *buf);
 /* Forget the entries of slots first..first+count-1 (freed, or about to be written to the store); waits for
  * a write-back of one of them in flight (P1). */
