@@ -113,7 +113,8 @@ def test_regions_through_the_pool_keep_every_word_and_read_the_store_less(uswapd
 
 
 def test_status_and_metrics_show_the_pool(uswapd, workload):
-    daemon = pooled(uswapd, extra=("--pool-compressor", "zstd"))
+    """With zstd, and async I/O: writeback's four threads store into the pool while the engine loads."""
+    daemon = pooled(uswapd, io="async", extra=("--pool-compressor", "zstd"))
     running = workload_in_region(workload, daemon, "0.5")
     assert max(p["stored_pages"] for p in running) > 0 and all(p["corrupted"] == 0 for p in running)
     wait_for_no_regions(daemon)
