@@ -167,8 +167,9 @@ static void *ctx_take(struct uswap_pool *p, int compress, size_t *size)
 	if (c->n > 0) {
 		c->n--;
 		*size = c->size[c->n];
+		void *ctx = c->ctx[c->n];   /* read under the lock: a ctx_put may refill slot n at once */
 		pthread_mutex_unlock(&p->lock);
-		return c->ctx[c->n];
+		return ctx;
 	}
 	pthread_mutex_unlock(&p->lock);
 	void *ctx = compress ? (void *)ZSTD_createCCtx() : (void *)ZSTD_createDCtx();
