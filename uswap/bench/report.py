@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from uswap.bench.equal import tolerance
 from uswap.bench.runner import (POOL, Bench, base_backend, describe_fill, failed, failures, median_by, run_label,
                                 split_workload)
 
@@ -74,16 +75,31 @@ def rows(bench: Bench) -> list[list[str]]:
             cells.append(fmt(med[key][k], digits) if k in med[key] else "FAILED" if key == "wall_s" else "-")
         cells += [str(max(worst)) if worst else "-", failures(groups[k]) or "-"]
         if bench.config.equal_memory:
-            found = bench.limits.get(f"{k[0]} {run_label(*k[1:])}")
-            cells.append("-" if found is None else found["note"] or "yes")
+            cells.append(equal_cell(bench, k, med["total_mib"].get(k)))
         out.append(cells)
     return out
+
+
+def equal_cell(bench: Bench, key: tuple, total_mib: float | None) -> str:
+    """The equal memory column: calibration's note, or "yes" when the row's timed runs (their median total)
+    stayed within the tolerance of --resident too: a run after calibration can use more outside than the
+    calibration run did, and then the row says so rather than "yes"."""
+    found = bench.limits.get(f"{key[0]} {run_label(*key[1:])}")
+    if found is None:
+        return "-"
+    if found["note"]:
+        return found["note"]
+    line = (bench.config.resident + tolerance(bench.config.resident)) / (1 << 20)
+    if total_mib is not None and total_mib > line:
+        return (f"not in the timed runs: their total {total_mib:.1f} MiB is over {line:.1f} MiB (the calibration "
+                f"runs': {', '.join(f'{limit / (1 << 20):.1f} + {outside}' for limit, outside in found['tried'])})")
+    return "yes"
 
 
 def short_note(cell: str) -> str:
     """The equal memory column on a terminal: "yes", or "no: " and the note's first clause (the Markdown has
     the whole note)."""
-    return cell if cell in ("yes", "-") else "no: " + cell.split(":")[0]
+    return cell if cell in ("yes", "-") else "no: " + cell.split(":")[0].split(" (")[0]
 
 
 def peer_cells(r: dict) -> list[str]:
