@@ -427,7 +427,9 @@ def _pool_bench(tmp_path, equal_memory=False):
                 out = hog_ok if workload == "hog" else ok
                 result = (RunResult(-9, "", "", 99.0, 5, 5, {"outside_budget_mib": 77.0}, oom_kills=1) if killed
                           else RunResult(0, out, "", wall, 5, 5, extra))
-                limit = (6 << 20) if equal_memory and backend == "zram" else None
+                limit = None
+                if equal_memory and backend == "zram":
+                    limit = (3 << 20) if workload == "seq:half" else (6 << 20)
                 bench.runs.append(bench._record(workload, backend, mode, pc, repeat, result, limit))
     return bench
 
@@ -481,13 +483,18 @@ def test_equal_memory_columns_from_saved_json(tmp_path):
     from uswap.bench.report import markdown
     from uswap.bench.runner import Bench
     bench = _pool_bench(tmp_path, equal_memory=True)
-    bench.limits = {"seq:half zram/pc3": {"limit": 6 << 20, "note": None, "tried": [[8 << 20, 3.0], [6 << 20, 2.5]]},
+    bench.limits = {"seq:half zram/pc3": {"limit": 3 << 20, "note": None, "tried": [[8 << 20, 5.0], [3 << 20, 5.0]]},
+                    "hog zram/pc3": {"limit": 6 << 20, "note": None, "tried": [[8 << 20, 3.0], [6 << 20, 2.5]]},
                     "seq:half uswap/sync": {"limit": 8 << 20, "note": "not arrangeable: ...", "tried": [[8 << 20, 40.0]]}}
     md = markdown(Bench.from_json(json.loads(json.dumps(bench.to_json()))))
     assert "| wall s | outside budget MiB | total MiB | limit MiB | fault p50 µs |" in md.splitlines()[0]
     assert md.splitlines()[0].endswith("| mismatches | failed | equal memory |")
-    assert "| seq:half | zram pc=3 | 1.50 | 5.0 | 11.0 | 6.0 |" in md and md.count("| yes |") == 1, md
+    assert "| seq:half | zram pc=3 | 1.50 | 5.0 | 8.0 | 3.0 |" in md and md.count("| yes |") == 1, md
     assert "| seq:half | uswap/sync | 2.00 | 40.0 | 48.0 | 8.0 |" in md and "| not arrangeable: ... |" in md
+    # calibration found 6 MiB, but the timed runs used 5 MiB outside it: 11 MiB, over 8 + 1; the row says so
+    assert "| hog | zram pc=3 | 1.50 | 5.0 | 11.0 | 6.0 |" in md and ("| not in the timed runs: their total 11.0 MiB "
+                                                                     "is over 9.0 MiB (the calibration runs': 8.0 + "
+                                                                     "3.0, 6.0 + 2.5) |") in md, md
 
 
 def test_equal_memory_calibration_lowers_limits_or_says_why():
@@ -573,3 +580,4 @@ def test_bench_equal_memory_calibrates_on_the_real_kernel(tmp_path):
         assert run["limit_mib"] == round(limits[f"seq:half {label}"]["limit"] / (1 << 20), 1), run
         assert run["total_mib"] == round(run["limit_mib"] + run["outside_budget_mib"], 1), run
     assert "| equal memory |" in md.read_text() and "not arrangeable" in md.read_text()
+
