@@ -145,3 +145,44 @@ def test_update_hands_every_client_its_share_lowered_hard_lines_first_and_sums_k
     assert st["shares"]["runs"]["clients"] == 2 and st["shares"]["runs"]["resident_pages"] == 9100
     assert st["shares"]["regions"]["line_pages"] == reg.share.line
     assert st["shares"]["regions"]["fair_pages"] + st["shares"]["runs"]["fair_pages"] == B
+
+
+# -- the compressed pool (uswap.daemon.pool): paid for out of the budget, off the top ---------------------------
+
+def test_the_pools_pages_come_off_the_top():
+    pool = 3000
+    [s] = share_out(B, [regions(0)], pool)
+    assert s == Share(B - pool, B - pool, H - pool)
+    reg, r = share_out(B, [regions(4000), run(9000)], pool)
+    assert reg.fair + r.fair == B - pool
+    assert reg.line == reg.fair == (B - pool) // 2      # its fair share of what the pool leaves
+    assert r.line == B - pool - 4000                    # over its fair share: what the pool and the regions leave
+    assert max(4000, reg.hard) + max(9000, r.hard) + pool <= H
+
+
+def test_invariant_with_the_pool_nothing_grows_past_the_daemons_hard_line():
+    """sum(max(resident, hard)) + pool <= max(H, sum(resident) + pool), the pool holding up to half the budget."""
+    rnd = random.Random(11)
+    for _ in range(3000):
+        n = rnd.randint(1, 6)
+        pool = rnd.randint(0, B // 2)
+        demands = [(regions if i == 0 and rnd.random() < 0.7 else run)(
+            rnd.randint(0, 2 * B // n + 500), **({} if i == 0 else {"limit": rnd.randint(1, B)}))
+            for i in range(n)]
+        shares = share_out(B, demands, pool)
+        total = sum(d.resident for d in demands)
+        assert sum(max(d.resident, s.hard) for d, s in zip(demands, shares)) + pool <= max(H, total + pool), \
+            (pool, demands, shares)
+        assert sum(s.fair for s in shares) <= max(B - pool, n * MIN_LINE)
+
+
+def test_update_reads_the_pools_charge_every_time_and_shows_it():
+    charge = [0]
+    reg = FakeClient("regions", regions(8000, hard=H), [])
+    budget = DaemonBudget(B, lambda: [reg], pool_pages=lambda: charge[0])
+    budget.update()
+    assert (reg.share.line, reg.share.hard) == (B, H) and budget.status()["pool_pages"] == 0
+    charge[0] = 2048                          # pages evicted into the pool: the regions' line falls by as much
+    budget.update()
+    assert (reg.share.line, reg.share.hard) == (B - 2048, H - 2048)
+    assert budget.status()["pool_pages"] == 2048

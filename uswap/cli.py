@@ -120,6 +120,7 @@ def cmd_daemon(args) -> int:
     import trio
 
     from uswap.daemon.main import harden_process, lock_memory, run_daemon
+    from uswap.daemon.pool import NEEDS_LOCAL_STORE, PoolOptions
     from uswap.daemon.server import check_socket_path, writeback_batch
     from uswap.protocol import daemon_socket_path
     from uswap.daemon.runpolicy import parse_run_users
@@ -127,6 +128,9 @@ def cmd_daemon(args) -> int:
     # store, socket, lock or log behind (tests/test_cli.py).
     batch = writeback_batch(args.writeback_batch)
     options.resident(args.resident)
+    pool = PoolOptions(options.pool(args.pool, args.resident), options.pool_compressor(args.pool_compressor))
+    if pool.max_bytes and is_nfs_url(args.store):
+        raise ValueError(NEEDS_LOCAL_STORE)
     options.readahead(args.readahead)
     fault_threads = options.fault_threads(args.fault_threads)
     options.timeout("--nfs-timeout", args.nfs_timeout)
@@ -151,7 +155,8 @@ def cmd_daemon(args) -> int:
                                user_max_size=args.user_max_size, user_max_regions=args.user_max_regions,
                                user_max_connections=args.user_max_connections, map_timeout=args.map_timeout,
                                encrypt=args.encrypt == "on", writeback_batch=batch, run_users=run_users,
-                               user_max_runs=args.user_max_runs, max_run_processes=args.max_run_processes))
+                               user_max_runs=args.user_max_runs, max_run_processes=args.max_run_processes,
+                               pool=pool if pool.max_bytes else None))
     return 0
 
 
@@ -462,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pages per writeback batch, 1 to 256 (default 64: measured; "
                         "docs/BENCHMARKS.md)")
     p.add_argument("--encrypt", choices=ENCRYPT_MODES, default=ENCRYPT_MODES[0], help=ENCRYPT_HELP)
+    p.add_argument("--pool", type=_size, default=DEFAULTS.pool, metavar="SIZE",
+                   help="a compressed pool in front of the store, like zswap: evicted pages that compress are kept "
+                        "in memory, compressed, up to SIZE, paid for out of --resident (at most half of it); 0: "
+                        "off (the default: docs/DESIGN.md \"Compressed pool\")")
+    p.add_argument("--pool-compressor", default=DEFAULTS.pool_compressor, metavar="NAME",
+                   help=f"the pool's compressor: {' or '.join(options.POOL_COMPRESSORS)} (default "
+                        f"{DEFAULTS.pool_compressor}: the fastest)")
     _nfs_options(p, stable=True)
     access = p.add_argument_group("who may use the daemon (docs/SECURITY.md)")
     access.add_argument("--group", default=None, metavar="GROUP",

@@ -34,6 +34,12 @@ class Defaults:
     # the bounded look at a thread's readahead ring (AHEAD_LOOK_MS in uswap_engine.c) ended a hang of 2 hog runs
     # in 8 at 4 threads on 2026-12-07, which 16 runs since have not shown again
     fault_threads: int = 1
+    # the compressed pool (`uswap daemon --pool`): off, as zswap is until a user turns it on.  A store's pages
+    # then go where they always went (an existing store and its users see the same I/O, counters and budget)
+    # and one who wants it opts in, sizing it out of --resident (docs/DESIGN.md "Compressed pool").  lz4: the
+    # fastest of the two the pool is built with (zstd compresses more, slower)
+    pool: int = 0
+    pool_compressor: str = "lz4"
     # the group whose members may use the daemon, when it exists (docs/SECURITY.md)
     group: str = "uswap"
     # launchers: how long a daemon may take to say READY=1, and to stop after SIGTERM

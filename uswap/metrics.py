@@ -84,6 +84,21 @@ SHARE = [   # one kind of client of the daemon's budget (uswap.daemon.budget): r
     ("fair_pages", "share_fair_bytes", "gauge", "This kind's fair share of the budget.", "pages"),
     ("line_pages", "share_line_bytes", "gauge", "This kind's line: above it, its pages are reclaimed.", "pages"),
 ]
+POOL = [   # the compressed pool (uswap.daemon.pool), when the daemon runs one
+    ("stored_pages", "pool_stored_pages", "gauge", "Pages the compressed pool holds, same-filled ones included.", ""),
+    ("same_filled_pages", "pool_same_filled_pages", "gauge", "Pages the pool holds as one repeated word (no data).",
+     ""),
+    ("compressed_bytes", "pool_compressed_bytes", "gauge", "Compressed data the pool holds.", ""),
+    ("charged_bytes", "pool_charged_bytes", "gauge", "Memory the pool takes, paid for out of the budget.", ""),
+    ("max_bytes", "pool_max_bytes", "gauge", "The pool's size (uswap daemon --pool).", ""),
+    ("ratio", "pool_compression_ratio", "gauge", "Pages the pool holds over the compressed bytes they take.", ""),
+    ("stores", "pool_stores", "counter", "Pages taken into the pool.", ""),
+    ("loads", "pool_loads", "counter", "Pages read back from the pool.", ""),
+    ("rejected", "pool_rejected", "counter", "Pages offered that did not compress enough (written to the store).",
+     ""),
+    ("written_back", "pool_written_back", "counter", "Pages the pool wrote to the store to make room.", ""),
+    ("corrupted", "pool_corrupted", "counter", "Pool loads that failed their check (never handed back).", ""),
+]
 NFS = [
     ("timeout_s", "nfs_timeout_seconds", "gauge", "How long a request waits for a server that is down.", ""),
     ("since", "nfs_state_change_time_seconds", "gauge", "Unix time the server's state last changed.", ""),
@@ -163,6 +178,12 @@ def prometheus(status: dict | None, mounts: dict[str, dict], *, page_size: int) 
         out.add_table(DAEMON, d, {}, ps)
         for kind, share in d.get("shares", {}).items():
             out.add_table(SHARE, share, {"kind": kind}, ps)
+        if "pool" in status:
+            pool = status["pool"]
+            out.add("pool_enabled", "gauge", "1 if the daemon runs a compressed pool (label: its compressor).",
+                    0 if pool is None else 1, {} if pool is None else {"compressor": pool["compressor"]})
+            if pool is not None:
+                out.add_table(POOL, pool, {}, ps)
         if "uptime_s" in d:
             out.add("start_time_seconds", "gauge", "Unix time the daemon started.", round(time.time() - d["uptime_s"]))
         nfs = status.get("nfs")

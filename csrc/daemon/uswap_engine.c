@@ -31,6 +31,7 @@
 #define _GNU_SOURCE
 #include "uswap_engine.h"
 #include "uswap_core.h"
+#include "uswap_pool.h"
 #include "uswap_slots.h"
 
 #include <errno.h>
@@ -255,6 +256,7 @@ struct ahead_window {
 	int err;                      /* the first error among them */
 	void *buf;                    /* MAX_WINDOW pages, aligned for O_DIRECT */
 	int64_t slots[MAX_WINDOW];
+	uint8_t pooled[MAX_WINDOW];   /* pages taken from the compressed pool at the start, not read */
 };
 
 /* One fault thread: what only it touches (its buffers, its io_uring rings, liburing's
@@ -529,24 +531,46 @@ static uint64_t claim_window(struct uswap_engine *e, uint64_t page, int64_t slot
 	return n;
 }
 
-/* How many slots from slots[i] on continue it (at least 1): what one read covers. */
-static uint64_t slot_run(const int64_t *slots, uint64_t i, uint64_t n)
+/* The window's pooled pages into buf (zswap_load before swap_read_folio): pooled[i] = 1 for
+ * each page i taken from the codec's compressed pool, which is then not read.  0, or -errno:
+ * a pooled page failed its check (P2), an error of that page's read like a failed crc. */
+static int load_pooled(struct uswap_engine *e, void *buf, const int64_t *slots, uint64_t n, uint8_t *pooled)
+{
+	memset(pooled, 0, n);
+	if (!e->codec.pool)
+		return 0;
+	for (uint64_t i = 0; i < n; i++) {
+		int r = uswap_pool_load(e->codec.pool, (uint64_t)slots[i], (char *)buf + i * e->page_size);
+		if (r < 0)
+			return r;
+		pooled[i] = (uint8_t)r;
+	}
+	return 0;
+}
+
+/* How many slots from slots[i] on (not pooled) continue it, none pooled (at least 1): what
+ * one read covers. */
+static uint64_t slot_run(const int64_t *slots, const uint8_t *pooled, uint64_t i, uint64_t n)
 {
 	uint64_t k = 1;
-	while (i + k < n && slots[i + k] == slots[i] + (int64_t)k)
+	while (i + k < n && !pooled[i + k] && slots[i + k] == slots[i] + (int64_t)k)
 		k++;
 	return k;
 }
 
-/* Queue one read per run of contiguous slots into buf (page i of the window at page i of
- * buf); user_data is tag << 32 | the run's bytes.  How many were queued, or -EBUSY (the
- * rings have an entry for every page they can be asked for: it cannot happen). */
-static int queue_reads(struct io_uring *ring, int fd, void *buf, size_t ps, const int64_t *slots, uint64_t n,
-		       uint64_t tag)
+/* Queue one read per run of contiguous slots not pooled into buf (page i of the window at
+ * page i of buf); user_data is tag << 32 | the run's bytes.  How many were queued, or -EBUSY
+ * (the rings have an entry for every page they can be asked for: it cannot happen). */
+static int queue_reads(struct io_uring *ring, int fd, void *buf, size_t ps, const int64_t *slots,
+		       const uint8_t *pooled, uint64_t n, uint64_t tag)
 {
 	int queued = 0;
 	for (uint64_t i = 0, k; i < n; i += k) {
-		k = slot_run(slots, i, n);
+		if (pooled[i]) {
+			k = 1;
+			continue;
+		}
+		k = slot_run(slots, pooled, i, n);
 		struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
 		if (!sqe)
 			return -EBUSY;
@@ -557,19 +581,25 @@ static int queue_reads(struct io_uring *ring, int fd, void *buf, size_t ps, cons
 	return queued;
 }
 
-/* Read the window's slots into the thread's buffer: one read per run of contiguous slots,
- * all in flight at once through io_uring when there are several (the kernel's swap
- * readahead plugs its reads the same way).  0, or -errno. */
-static int read_slots(struct fault_thread *t, const int64_t *slots, uint64_t n)
+/* Read the window's slots not pooled into the thread's buffer: one read per run of
+ * contiguous slots, all in flight at once through io_uring when there are several (the
+ * kernel's swap readahead plugs its reads the same way).  0, or -errno. */
+static int read_slots(struct fault_thread *t, const int64_t *slots, const uint8_t *pooled, uint64_t n)
 {
 	struct uswap_engine *e = t->e;
 	size_t ps = e->page_size;
 	uint64_t runs = 0;
 	for (uint64_t i = 0; i < n; i++)
-		runs += i == 0 || slots[i] != slots[i - 1] + 1;
+		runs += !pooled[i] && (i == 0 || pooled[i - 1] || slots[i] != slots[i - 1] + 1);
+	if (runs == 0)
+		return 0;
 	if (runs == 1 || !t->uring_ok) {
 		for (uint64_t i = 0, k; i < n; i += k) {
-			k = slot_run(slots, i, n);
+			if (pooled[i]) {
+				k = 1;
+				continue;
+			}
+			k = slot_run(slots, pooled, i, n);
 			int64_t got = uswap_pread_full(e->store_fd, (char *)t->buf + i * ps, k * ps, (slots[i] + 1) * (int64_t)ps);
 			count(&e->stats.read_ios, 1);
 			if (got != (int64_t)(k * ps))
@@ -577,7 +607,7 @@ static int read_slots(struct fault_thread *t, const int64_t *slots, uint64_t n)
 		}
 		return 0;
 	}
-	int queued = queue_reads(&t->uring, e->store_fd, t->buf, ps, slots, n, 0);
+	int queued = queue_reads(&t->uring, e->store_fd, t->buf, ps, slots, pooled, n, 0);
 	if (queued < 0) {
 		t->uring_ok = 0;   /* what was queued is never submitted: the ring is not used again */
 		return queued;
@@ -601,11 +631,16 @@ static int read_slots(struct fault_thread *t, const int64_t *slots, uint64_t n)
 	return err;
 }
 
-/* Check (and decrypt) the window, one codec call per run of contiguous slots. */
-static int decode_slots(struct uswap_engine *e, void *buf, const int64_t *slots, uint64_t n)
+/* Check (and decrypt) the window's pages read from the store (the pooled ones were checked
+ * by the pool: P2), one codec call per run of contiguous slots. */
+static int decode_slots(struct uswap_engine *e, void *buf, const int64_t *slots, const uint8_t *pooled, uint64_t n)
 {
 	for (uint64_t i = 0, k; i < n; i += k) {
-		k = slot_run(slots, i, n);
+		if (pooled[i]) {
+			k = 1;
+			continue;
+		}
+		k = slot_run(slots, pooled, i, n);
 		int bad = 0;
 		int ret = uswap_codec_decode(&e->codec, (char *)buf + i * e->page_size, (uint64_t)slots[i], k, &bad);
 		if (ret < 0)
@@ -681,7 +716,7 @@ static void finish_window(struct fault_thread *t, int i, int install)
 	struct ahead_window *w = &t->ahead[i];
 	take_completions(t, i);
 	int all_dirty = __atomic_load_n(&e->install_dirty, __ATOMIC_RELAXED);
-	if (!install || w->err || decode_slots(e, w->buf, w->slots, w->n) < 0
+	if (!install || w->err || decode_slots(e, w->buf, w->slots, w->pooled, w->n) < 0
 	    || fill(e, w->buf, w->first, w->n, 0, !all_dirty) < 0) {
 		unclaim(e->map, w->first, w->n);
 	} else {
@@ -709,8 +744,13 @@ static int start_window(struct fault_thread *t, int i)
 	}
 	if (n == 0 || fit_budget(e, &first, &n, 0) < 0)
 		return 0;
-	int queued = queue_reads(&t->ahead_ring, e->store_fd, w->buf, e->page_size, w->slots, n, (uint64_t)i);
-	int submitted = queued < 0 ? queued : io_uring_submit(&t->ahead_ring);
+	if (load_pooled(e, w->buf, w->slots, n, w->pooled) < 0) {   /* its fault reads it and reports */
+		unclaim(e->map, first, n);
+		return 0;
+	}
+	int queued = queue_reads(&t->ahead_ring, e->store_fd, w->buf, e->page_size, w->slots, w->pooled, n,
+				 (uint64_t)i);
+	int submitted = queued <= 0 ? queued : io_uring_submit(&t->ahead_ring);
 	__atomic_store_n(&w->first, first, __ATOMIC_RELAXED);
 	__atomic_store_n(&w->n, n, __ATOMIC_RELAXED);
 	__atomic_store_n(&w->active, 1, __ATOMIC_RELEASE);
@@ -723,6 +763,8 @@ static int start_window(struct fault_thread *t, int i)
 		return 0;
 	}
 	t->stream_next = first + n;
+	if (queued == 0)   /* all of it from the pool: nothing to wait for */
+		finish_window(t, i, 1);
 	return 1;
 }
 
@@ -735,6 +777,8 @@ static void top_up(struct fault_thread *t)
 		if (t->stream_next >= __atomic_load_n(&t->stream_fault, __ATOMIC_RELAXED) + AHEAD_REACH
 		    || !start_window(t, i))
 			t->streaming = 0;
+		else if (!t->ahead[i].active)
+			i--;   /* installed at once (all from the pool): the window is free again, within the reach */
 	}
 }
 
@@ -871,9 +915,12 @@ static int swap_in(struct fault_thread *t, uint64_t page, uint64_t entry, int wr
 		memmove(slots, slots + (first - was), n * sizeof(slots[0]));
 	hold_run(t, first, n);
 	int all_dirty = __atomic_load_n(&e->install_dirty, __ATOMIC_RELAXED);
-	int ret = read_slots(t, slots, n);
+	uint8_t pooled[MAX_WINDOW];
+	int ret = load_pooled(e, t->buf, slots, n, pooled);
 	if (ret == 0)
-		ret = decode_slots(e, t->buf, slots, n);
+		ret = read_slots(t, slots, pooled, n);
+	if (ret == 0)
+		ret = decode_slots(e, t->buf, slots, pooled, n);
 	if (ret == 0 && write && !all_dirty) {
 		uint64_t k = page - first;
 		ret = fill(e, t->buf, first, k, 0, 1);
@@ -1271,9 +1318,11 @@ int uswap_wb_prepare(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr
 	return 0;
 }
 
-/* Encode (crc or seal, in place) and write the buffer's pages to their slots
- * (-1: an all-zero page, not written), one pwrite per run of contiguous slots.
- * Slots are trusted (valid) only once their write completed. */
+/* Write the buffer's pages to their slots (-1: an all-zero page, not written), each
+ * run of contiguous slots through uswap_pool_write_slots: each page offered to the
+ * codec's pool first (zswap_store), the rejected ones encoded (crc or seal, in place)
+ * and written, one pwrite per run of contiguous rejected slots.  Slots are trusted
+ * (valid) only once their write completed. */
 int uswap_wb_write(int store_fd, const struct uswap_codec *c, void *buf, const int64_t *slots, uint64_t count,
 		   uint64_t *write_ios)
 {
@@ -1286,17 +1335,10 @@ int uswap_wb_write(int store_fd, const struct uswap_codec *c, void *buf, const i
 		uint64_t n = 1;
 		while (i + n < count && slots[i + n] == slots[i] + (int64_t)n)
 			n++;
-		memset(c->valid + slots[i], 0, n);
-		char *p = (char *)buf + i * c->page_size;
-		int ret = uswap_codec_encode(c, p, (uint64_t)slots[i], n);
+		int ret = uswap_pool_write_slots(c, store_fd, (char *)buf + i * c->page_size, (uint64_t)slots[i], n,
+						 write_ios);
 		if (ret < 0)
 			return ret;
-		int64_t done = uswap_pwrite_full(store_fd, p, n * c->page_size, (slots[i] + 1) * (int64_t)c->page_size);
-		if (write_ios)
-			(*write_ios)++;
-		if (done != (int64_t)(n * c->page_size))
-			return done < 0 ? (int)done : -EIO;
-		memset(c->valid + slots[i], 1, n);
 		i += n;
 	}
 	return 0;

@@ -70,7 +70,13 @@ struct uswap_claimed {
 	uint64_t end;         /* the first page not looked at */
 };
 
-/* How slots are checked (and decrypted) on the way back; the arrays belong to the store's codec. */
+struct uswap_pool;    /* uswap_pool.h */
+
+/* How slots are checked (and decrypted) on the way back; the arrays belong to the store's codec.
+ * pool: the compressed pool in front of the store (NULL: none): every writer of a slot through this codec
+ * (uswap_wb_write, uswap_pool_write_slots) offers its page to the pool first and every reader (the engines,
+ * uswap_pool_read_slots) looks there first; a pooled slot's valid flag is 0 (its bytes in the store are
+ * stale) until the pool writes it back. */
 struct uswap_codec {
 	uint32_t page_size;
 	uint64_t slot_count;
@@ -79,6 +85,7 @@ struct uswap_codec {
 	struct uswap_sealer *sealer;    /* AES-256-GCM, else NULL */
 	uint64_t *gens;
 	uint8_t *tags;
+	struct uswap_pool *pool;        /* or NULL */
 };
 
 /* What the engine tells Python, in order, through a ring and an eventfd. */

@@ -35,6 +35,7 @@
 #include "uswap_runeng.h"
 #include "uswap_core.h"
 #include "uswap_engine.h"
+#include "uswap_pool.h"
 #include "uswap_pt.h"
 
 #include <errno.h>
@@ -174,16 +175,14 @@ static void wake(struct uswap_runeng *e, uint64_t a)
 	uswap_uffd_wake(e->uffd, a, e->page_size);
 }
 
-/* Read and check slot..slot+n-1 into buf.  0, or -errno. */
+/* Read and check slot..slot+n-1 into buf: the pooled ones from the codec's compressed pool (checked
+ * there: P2), the rest from the store, one read per run of them.  0, or -errno. */
 static int read_slots(struct uswap_runeng *e, int64_t slot, uint64_t n)
 {
-	size_t len = n * e->page_size;
-	int64_t got = uswap_pread_full(e->store_fd, e->buf, len, (slot + 1) * (int64_t)e->page_size);
-	count(&e->stats.read_ios, 1);
-	if (got != (int64_t)len)
-		return got < 0 ? (int)got : -EIO;
-	int bad = 0;
-	return uswap_codec_decode(&e->codec, e->buf, (uint64_t)slot, n, &bad);
+	uint64_t ios = 0;
+	int ret = uswap_pool_read_slots(&e->codec, e->store_fd, e->buf, (uint64_t)slot, n, &ios, NULL);
+	count(&e->stats.read_ios, ios);
+	return ret;
 }
 
 /* Give back the claims on pages a..a+n-1 (entries as claimed: BUSY set). */

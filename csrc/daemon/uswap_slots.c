@@ -1,5 +1,6 @@
 /* The slot allocator (uswap_slots.h): a bitmap, next-fit clusters, atomic frees. */
 #include "uswap_slots.h"
+#include "uswap_pool.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -96,14 +97,18 @@ found:
 	return (int64_t)best_len;
 }
 
-/* Free slots first..first+count-1: the codec forgets them first (reading one is an
- * error from now on), then the bit clears (release: the allocator sees both).
+/* Free slots first..first+count-1: their pool entries go first (P1: drop also waits
+ * for a write-back of their old data in flight, and whatever it recorded in the codec
+ * is final), then the codec forgets them (reading one is an error from now on), then
+ * the bit clears (release: the allocator sees all three).
  * -EINVAL if one was free already (a double free: a bug, reported, the rest freed). */
 int uswap_slots_release(struct uswap_slots *s, uint64_t first, uint64_t count)
 {
 	int ret = 0;
 	if (first + count > s->count || first + count < first)
 		return -ERANGE;
+	if (s->pool)
+		uswap_pool_drop(s->pool, first, count);
 	for (uint64_t i = first; i < first + count; i++) {
 		if (s->valid)
 			__atomic_store_n(&s->valid[i], 0, __ATOMIC_RELAXED);

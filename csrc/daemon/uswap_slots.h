@@ -17,12 +17,15 @@
 
 /* CDEF-BEGIN */
 
+struct uswap_pool;   /* uswap_pool.h */
+
 struct uswap_slots {
 	uint64_t count;
 	uint64_t *bits;       /* atomic; 1 = in use */
 	int64_t in_use;       /* atomic */
 	uint64_t next;        /* next-fit: where the next search starts (the allocator's own) */
 	uint8_t *valid;       /* the codec's per-slot "written" flags (or NULL): a freed slot is forgotten */
+	struct uswap_pool *pool;   /* the compressed pool (or NULL): a freed slot's entry is dropped (P1) */
 };
 
 int uswap_slots_new(uint64_t count, uint8_t *valid, struct uswap_slots **out);

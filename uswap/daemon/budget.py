@@ -32,6 +32,21 @@ registered count only from its next pagemap count; a run's fault at its hard lin
 serves it (uswap_runeng.c: throttled, not refused).  A run's count also runs ahead of the kernel's by the pages
 its fault threads fill during a pagemap count (counted twice until the next count): the policy sees more than
 is there, never less.
+
+**The compressed pool** (``uswap daemon --pool``, uswap.daemon.pool) is paid for out of the same budget, but it
+is no client: nothing reclaims it by a line (it writes its oldest entries back to the store itself when it
+reaches its own size, at most B/2), so its charge P (pages, a counter the pool keeps in C) comes off the top:
+the clients share ``B - P`` (fair shares, lines) and ``H - P`` (the room under the hard lines).
+
+Invariant (the pool's): ``sum(resident_c) + P <= H`` as above, with P read at every update.  P does not need
+the engines' immediacy because between two updates it grows only when a page is evicted into it (a region's
+writeback, a run's eviction), and a page is stored only if it compresses to at most 3/4 of a page: each store
+takes less than the page it frees, so the total only falls.  It falls when a fault takes a page out (counted
+by that fault's client, under its hard line) or a slot is freed.  The update after every reclaim batch and
+run count moves the lines to the new P.  Not bounded, until that update: a batch in flight (its pages are in
+the pool before they leave their client: up to 3/4 of a batch more, 48 pages for a region batch of 64, 768 for
+a run's of 1,024), what the pool allocates for itself during a store (an index chunk, one page per 512 slots;
+zstd's contexts), and a write-back of its oldest entries (its I/O buffer, up to 64 pages, while it lives).
 """
 
 from __future__ import annotations
@@ -91,11 +106,13 @@ def waterfill(total: int, caps: list[int]) -> list[int]:
     return out
 
 
-def share_out(budget: int, demands: list[Demand]) -> list[Share]:
-    """Every client's share of ``budget`` pages (the module's policy), in the order of ``demands``."""
+def share_out(budget: int, demands: list[Demand], pool_pages: int = 0) -> list[Share]:
+    """Every client's share of ``budget`` pages (the module's policy), in the order of ``demands``; the
+    compressed pool's ``pool_pages`` come off the top (the module's pool invariant)."""
     if not demands:
         return []
-    hard_total = hard_line(budget)
+    hard_total = hard_line(budget) - pool_pages
+    budget -= pool_pages
     limits = [min(d.limit, budget) for d in demands]
     floors = [min(d.floor, lim) for d, lim in zip(demands, limits)]
     fair = [max(f, e) for f, e in zip(floors, waterfill(budget, limits))]
@@ -112,19 +129,24 @@ def share_out(budget: int, demands: list[Demand]) -> list[Share]:
 
 
 class DaemonBudget:
-    """The daemon's budget over its clients (``clients``: those active now).  ``update`` shares it out and
-    hands every client its share, lowered hard lines first; the one writer of every client's lines."""
+    """The daemon's budget over its clients (``clients``: those active now) and the compressed pool
+    (``pool_pages``: its charge now; none: no pool).  ``update`` shares it out and hands every client its
+    share, lowered hard lines first; the one writer of every client's lines."""
 
-    def __init__(self, pages: int, clients: Callable[[], Iterable[BudgetClient]]):
+    def __init__(self, pages: int, clients: Callable[[], Iterable[BudgetClient]],
+                 pool_pages: Callable[[], int] = lambda: 0):
         self.pages = pages
         self.hard = hard_line(pages)
         self._clients = clients
+        self._pool_pages = pool_pages
         self._last: list[tuple[str, Demand, Share]] = []
+        self._last_pool = 0
 
     def update(self) -> None:
         clients = list(self._clients())
         demands = [c.budget_demand() for c in clients]
-        shares = share_out(self.pages, demands)
+        self._last_pool = self._pool_pages()
+        shares = share_out(self.pages, demands, self._last_pool)
         order = sorted(range(len(clients)), key=lambda i: shares[i].hard - demands[i].hard)
         for i in order:
             clients[i].set_share(shares[i])
@@ -140,4 +162,4 @@ class DaemonBudget:
             k["fair_pages"] += share.fair
             k["line_pages"] += share.line
         return {"hard_pages": self.hard, "total_resident_pages": sum(d.resident for _, d, _ in self._last),
-                "shares": kinds}
+                "pool_pages": self._last_pool, "shares": kinds}

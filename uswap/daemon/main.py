@@ -13,6 +13,7 @@ from uswap.config import DEFAULTS
 from uswap.core import PAGE_SIZE
 from uswap.daemon import notify
 from uswap.daemon.limits import UserLimits
+from uswap.daemon.pool import PoolOptions
 from uswap.daemon.runpolicy import DEFAULT_MAX_RUN_PROCESSES, DEFAULT_MAX_RUNS, RunPolicy, max_run_processes
 from uswap.daemon.server import Daemon, default_limits
 from uswap.store.base import StoreOptions
@@ -72,8 +73,9 @@ async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode:
                      user_max_regions: int = 64, user_max_connections: int = 64, map_timeout: float = 10.0,
                      encrypt: bool = True, writeback_batch: int | None = None,
                      run_users: frozenset[int] | None = None, user_max_runs: int = DEFAULT_MAX_RUNS,
-                     max_run_processes: int = DEFAULT_MAX_RUN_PROCESSES) -> None:
-    """Open the store (a path or an nfs:// URL), serve until signalled, close the store."""
+                     max_run_processes: int = DEFAULT_MAX_RUN_PROCESSES, pool: PoolOptions | None = None) -> None:
+    """Open the store (a path or an nfs:// URL), serve until signalled, close the store.  With ``pool``, the
+    compressed pool lives from after the store opened until everything that used it stopped."""
     options = StoreOptions(encrypt=encrypt, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable)
     async with opened_store(store_spec, options) as store:
         limits = user_limits(store.slot_count, max_size=user_max_size, max_regions=user_max_regions,
@@ -81,8 +83,11 @@ async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode:
         daemon = Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead,
                         fault_threads=fault_threads, group=group,
                         limits=limits, map_timeout=map_timeout, batch=writeback_batch,
-                        run_policy=run_policy(run_users, user_max_runs, max_run_processes))
-        await serve_until_signalled(daemon)
+                        run_policy=run_policy(run_users, user_max_runs, max_run_processes), pool=pool)
+        try:
+            await serve_until_signalled(daemon)
+        finally:
+            daemon.close_pool()     # serve returned: no region, run or writeback uses it any more
 
 
 async def serve_until_signalled(daemon: Daemon) -> None:

@@ -12,7 +12,10 @@ ranges are what the daemon can serve, not taste:
 - timeouts: from 0.1 s to a day;
 - per-uid counts: 0 or 1 (as the option's meaning needs) to fs.nr_open, the most fds a process may hold (each
   connection, region and run holds at least one of the daemon's);
-- ``--user-max-size``: a page to the largest user address space.
+- ``--user-max-size``: a page to the largest user address space;
+- ``--pool``: 0 (off) or a page to half of ``--resident``: the compressed pool is paid for out of the budget
+  (uswap.daemon.pool), so at most half of it, and the other half keeps room for the clients' pages;
+- ``--pool-compressor``: one of the compressors the pool is built with (csrc/daemon/uswap_pool.h).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ MAX_FAULT_THREADS = lib.USWAP_MAX_FAULT_THREADS
 MIN_BUDGET = MAX_READAHEAD * PAGE_SIZE
 TIMEOUT_S = (0.1, 86400.0)
 MAX_USER_ADDRESS = 1 << 57  # above any x86-64/arm64 user address space (5-level paging included)
+POOL_COMPRESSORS = ("lz4", "zstd")   # what the pool is built with (uswap.daemon.pool maps them to the C enum)
 
 
 def max_budget() -> int:
@@ -70,3 +74,21 @@ def count(option: str, n: int, low: int) -> int:
 def user_max_size(nbytes: int) -> int:
     return check_range("--user-max-size", nbytes, PAGE_SIZE, MAX_USER_ADDRESS, show=format_size_exact,
                        why="a page to the largest user address space")
+
+
+def pool(nbytes: int, budget: int) -> int:
+    """``--pool``: 0 (off), or from a page to half of ``--resident`` (``budget``, checked first)."""
+    if nbytes == 0:
+        return 0
+    if not PAGE_SIZE <= nbytes <= budget // 2:
+        raise ValueError(f"--pool {format_size_exact(nbytes)} is out of range: give 0 (off) or "
+                         f"{format_size_exact(PAGE_SIZE)} to {format_size_exact(budget // 2)} (at most half of "
+                         f"--resident {format_size_exact(budget)}: the pool is paid for out of the budget, and the "
+                         f"rest keeps room for pages)")
+    return nbytes
+
+
+def pool_compressor(name: str) -> str:
+    if name not in POOL_COMPRESSORS:
+        raise ValueError(f"--pool-compressor {name!r}: give {' or '.join(POOL_COMPRESSORS)}")
+    return name

@@ -47,6 +47,7 @@ from uswap.daemon.budget import DaemonBudget
 from uswap.daemon.limits import UserLedger, UserLimits
 from uswap.daemon.mapcheck import check_mapping, check_memfd, check_uffd, close_received
 from uswap.daemon.options import MAX_USER_ADDRESS
+from uswap.daemon.pool import CompressedPool, PoolOptions
 from uswap.daemon.reclaim import Reclaimer
 from uswap.daemon.region import CORRUPT_ERRNOS, Region
 from uswap.daemon.runpolicy import RunPolicy
@@ -148,7 +149,8 @@ class Daemon:
     def __init__(self, store: Store, socket_path: str, *, budget: int, io_mode: str = DEFAULTS.io,
                  readahead: int = DEFAULTS.readahead, fault_threads: int = DEFAULTS.fault_threads, batch: int | None = None,
                  group: int | None = None,
-                 limits: UserLimits | None = None, map_timeout: float = 10.0, run_policy: RunPolicy | None = None):
+                 limits: UserLimits | None = None, map_timeout: float = 10.0, run_policy: RunPolicy | None = None,
+                 pool: PoolOptions | None = None):
         budget = options.resident(budget)     # the command line checked them first (uswap.daemon.options)
         readahead = options.readahead(readahead)
         fault_threads = options.fault_threads(fault_threads)
@@ -165,9 +167,20 @@ class Daemon:
         self.store_fd = store.local_fd     # the engines read slots here; -1: every fault goes to Python
         self.codec_c = self.io.codec_c if self.store_fd >= 0 else None
         self.slots = SlotAllocator(store.slot_count, store.codec)
+        # The compressed pool (uswap.daemon.pool), in front of the store for every path that reads or writes a
+        # slot: they all look at the store's codec view (the engines, writeback, Python's slot I/O) or free
+        # through the slot allocator (P1).  Freed by close_pool, after everything that used it stopped.
+        self.pool: CompressedPool | None = None
+        if pool is not None and pool.max_bytes:
+            options.pool(pool.max_bytes, budget)
+            self.pool = CompressedPool(pool, slot_count=store.slot_count, page_size=PAGE_SIZE,
+                                       store_fd=self.store_fd, codec_c=self.codec_c)
+            self.codec_c.pool = self.pool.c
+            self.slots.c.pool = self.pool.c
         # One budget for regions and runs (uswap.daemon.budget): its clients are the regions together (the
-        # reclaimer holds their share) while there are any, and each run.
-        self.shares = DaemonBudget(budget // PAGE_SIZE, self._budget_clients)
+        # reclaimer holds their share) while there are any, and each run; the pool's charge comes off the top.
+        self.shares = DaemonBudget(budget // PAGE_SIZE, self._budget_clients,
+                                   pool_pages=self._pool_pages)
         # Writeback batches in flight: one with sync I/O (each write completes before the
         # next batch is chosen); with async I/O, writes overlap the choice of the next ones.
         self.reclaimer = Reclaimer(self, budget // PAGE_SIZE, batch=batch,
@@ -195,6 +208,19 @@ class Daemon:
 
     def _budget_clients(self) -> list:
         return ([self.reclaimer] if self.regions else []) + list(self.run_trees.values())
+
+    def _pool_pages(self) -> int:
+        return self.pool.charged_pages if self.pool is not None else 0
+
+    def close_pool(self) -> None:
+        """Free the pool once nothing can use it (after ``serve`` returned: every region's and run's engine
+        stopped, every writeback ended); the C paths forget it first."""
+        if self.pool is None:
+            return
+        self.codec_c.pool = ffi.NULL
+        self.slots.c.pool = ffi.NULL
+        self.pool.close()
+        self.pool = None
 
     # -- services for regions -----------------------------------------------
 
@@ -266,10 +292,12 @@ class Daemon:
         """Serve until :meth:`request_stop`, then detach every region and return."""
         listener = self.bind()
         who = f"uid {os.geteuid()} and group {self.group}" if self.group is not None else f"uid {os.geteuid()} only"
+        pool = (f"a {self.pool.options.compressor} pool of {self.pool.options.max_bytes // PAGE_SIZE} pages"
+                if self.pool is not None else "no pool")
         log.info("serving %s on %s (%s): budget %d pages, %s I/O, readahead %d, %d fault threads per region, "
-                 "writeback batch %d",
+                 "writeback batch %d, %s",
                  self.store.path, self.socket_path, who, self.budget // PAGE_SIZE, self.io.mode, self.readahead,
-                 self.fault_threads, self.reclaimer.batch)
+                 self.fault_threads, self.reclaimer.batch, pool)
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -690,6 +718,7 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started, 1),
             },
             **self.store.status(),
+            "pool": self.pool.stats() if self.pool is not None else None,
             "regions": [{
                 "id": reg.id, "pid": reg.pid, "uid": reg.uid, "address": reg.addr, "size_pages": reg.pages,
                 "resident_pages": reg.resident, "swapped_pages": reg.swapped_pages(), **asdict(reg.stats),

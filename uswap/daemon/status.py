@@ -62,7 +62,10 @@ def render_status(status: dict) -> str:
         parts = " + ".join(f"{kind} {_pages(k['resident_pages'], ps)} (line {_pages(k['line_pages'], ps)}, fair "
                            f"{_pages(k['fair_pages'], ps)})" for kind, k in shares.items() if k["clients"])
         lines.append(f"BUDGET {_pages(d['budget_pages'], ps)} (hard {_pages(d['hard_pages'], ps)}): resident "
-                     f"{_pages(d['total_resident_pages'], ps)}" + (f" = {parts}" if parts else ""))
+                     f"{_pages(d['total_resident_pages'], ps)}" + (f" = {parts}" if parts else "")
+                     + (f"; pool {_pages(d['pool_pages'], ps)}" if d.get("pool_pages") else ""))
+    if "pool" in status:        # the compressed pool (uswap.daemon.pool); null: off
+        lines.append(render_pool(status["pool"], ps))
     nfs = status.get("nfs")
     if nfs:
         since = time.strftime("%H:%M:%S", time.localtime(nfs["since"]))
@@ -89,6 +92,17 @@ def render_status(status: dict) -> str:
                          f"{r['pswpin']:>8} {r['pswpout']:>8} {r['faults']:>8} {r['registered_ranges']:>6} "
                          f"{r['poisoned']:>8}")
     return "\n".join(lines)
+
+
+def render_pool(pool: dict | None, page_size: int) -> str:
+    """The POOL line: what the compressed pool holds, in what, and what it did."""
+    if pool is None:
+        return "POOL off"
+    ratio = f"{pool['ratio']:.2f}" if pool["ratio"] is not None else "-"
+    return (f"POOL {pool['compressor']} {format_size(pool['charged_bytes'])} of {format_size(pool['max_bytes'])}: "
+            f"{pool['stored_pages']} pages ({pool['same_filled_pages']} same-filled) in "
+            f"{format_size(pool['compressed_bytes'])}, ratio {ratio}; stores {pool['stores']}, loads {pool['loads']}, "
+            f"rejected {pool['rejected']}, written back {pool['written_back']}, corrupted {pool['corrupted']}")
 
 
 def render_mounts(mounts: dict) -> str:

@@ -28,7 +28,7 @@ class SyncSlotIO(SlotIO):
 
     def __init__(self, store):      # a uswap.store.swapfile.SwapStore
         self.store = store
-        self.codec_c = store.codec.c_view()   # the same codec, for C (engine and writeback)
+        self.codec_c = store.codec_c          # the store's codec, for C (engines and writeback)
         self.write_ios = 0
         self._ios = ffi.new("uint64_t *")
 

@@ -8,6 +8,11 @@ blocks are allocated and written).
 Each slot goes through the store's slot codec (uswap.store.checksums): sealed
 with AES-256-GCM under a key only this process holds (uswap.store.sealing), or
 crc32c only; either way wrong data is never handed back.
+
+The store has one C view of its codec (``codec_c``), which the daemon's
+engines and writeback use too; a daemon with a compressed pool
+(uswap.daemon.pool) sets its ``pool``, and from then on every slot path,
+these included, goes through the pool first (csrc/daemon/uswap_pool.h).
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from __future__ import annotations
 import errno
 import os
 
-from uswap._core import lib
+from uswap._core import ffi, lib
 from uswap.core import AlignedBuffer, check
 from uswap.store.base import SlotIO, Store, StoreOptions
 from uswap.store.checks import CheckReport, check_fd
 from uswap.store.lock import StoreError, StoreUnusable, take_lock
 from uswap.store.header import StoreHeader
+from uswap.store.checksums import ChecksumError
 from uswap.store.sealing import slot_codec
 
 
@@ -44,6 +50,7 @@ class SwapStore(Store):
         self.page_size = header.page_size
         self.slot_count = header.slot_count
         self.codec = slot_codec(path, self.slot_count, self.page_size, encrypt=encrypt)
+        self.codec_c = self.codec.c_view()   # the one C view of it: engines, writeback, the pool
 
     @classmethod
     def open(cls, path: str, *, encrypt: bool = True) -> "SwapStore":
@@ -102,6 +109,10 @@ class SwapStore(Store):
         The pages are the store's from then on: sealed in place when encryption is on."""
         offset, length = slot_span(self.header, first, count, buf, buf_page)
         ptr = buf.ptr + buf_page * self.page_size
+        if self.codec_c.pool != ffi.NULL:
+            # The pool keeps the pages that compress; the rest are encoded and written as below, in C.
+            check(lib.uswap_pool_write_slots(self.codec_c, self.fd, ptr, first, count, ffi.NULL), self.path)
+            return
         self.codec.encode(first, count, ptr)
         n = check(lib.uswap_pwrite_full(self.fd, ptr, length, offset), self.path)
         if n != length:
@@ -111,10 +122,27 @@ class SwapStore(Store):
     def read_slots(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
         """Read contiguous slots into ``buf``; each must have been written since open, and verify."""
         offset, length = slot_span(self.header, first, count, buf, buf_page)
-        self.codec.require_written(first, count)
         ptr = buf.ptr + buf_page * self.page_size
+        if self.codec_c.pool != ffi.NULL:
+            self._read_pooled(first, count, ptr)
+            return
+        self.codec.require_written(first, count)
         n = check(lib.uswap_pread_full(self.fd, ptr, length, offset), self.path)
         if n != length:
             raise OSError(errno.EIO, f"short read at offset {offset}: {n} of {length} bytes", self.path)
         self.codec.decode(first, count, ptr)
 
+    def _read_pooled(self, first: int, count: int, ptr) -> None:
+        """read_slots with the compressed pool in front: pooled pages decompressed and checked (P2), the rest
+        read and decoded, in C; a page that fails its check raises ChecksumError (EBADMSG) as a store read's
+        does, one never written raises ENODATA."""
+        bad = ffi.new("int *", -1)
+        ret = lib.uswap_pool_read_slots(self.codec_c, self.fd, ptr, first, count, ffi.NULL, bad)
+        slot = first + max(bad[0], 0)
+        if ret == -errno.EBADMSG:
+            check_name = "crc32c" if self.codec.encryption == "off" else self.codec.encryption
+            raise ChecksumError(self.path, slot, f"slot {slot} failed its check (the pool's crc32c, or the "
+                                                 f"store's {check_name}): its data is corrupted, stale or replayed")
+        if ret == -errno.ENODATA:
+            raise OSError(errno.ENODATA, f"slot {slot} holds nothing written since the store was opened", self.path)
+        check(ret, self.path)
