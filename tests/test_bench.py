@@ -581,3 +581,46 @@ def test_bench_equal_memory_calibrates_on_the_real_kernel(tmp_path):
         assert run["total_mib"] == round(run["limit_mib"] + run["outside_budget_mib"], 1), run
     assert "| equal memory |" in md.read_text() and "not arrangeable" in md.read_text()
 
+
+
+def test_bench_pool_rows_against_a_real_daemon(tmp_path):
+    """--pool 4M: each round runs uswap/sync, uswap+pool/sync, run/sync, run+pool/sync in that order, the pooled
+    ones against a daemon started with --pool 4M --pool-compressor lz4.  Pages zeros past a header fill the pool
+    at a high ratio; half-random ones at about 2:1; the hog's random pages are rejected.  Outside budget is the
+    daemon's RSS without the pool's charge (inside the budget), never more than the RSS nor less than RSS minus
+    the largest charge; the plain rows' is their RSS, as before."""
+    need_bench_kernel()
+    need(os.path.exists("/dev/userfaultfd"), "no /dev/userfaultfd")
+    from uswap.run import LIBRUN
+    need(os.path.exists(LIBRUN), "libuswaprun.so not built (python3 setup.py build_ext --inplace)")
+    before = global_state()
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    workloads = ("seq:zeros", "random:half", "hog")
+    r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--size", "32M", "--resident", "8M", "--repeat", "1",
+                        "--workloads", ",".join(workloads), "--io", "sync", "--run", "sync", "--against", "",
+                        "--pool", "4M", "--pool-compressor", "lz4", "--workdir", str(tmp_path / "work"),
+                        "--json", str(out), "--markdown", str(md)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert global_state() == before
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["workload"], run["backend"]) for run in runs] == [
+        (w, b) for w in workloads for b in ("uswap", "uswap+pool", "run", "run+pool")]
+    for run in runs:
+        assert run["failed"] is None and run["mismatches"] == 0, run
+        assert run["total_mib"] == round(run["limit_mib"] + run["outside_budget_mib"], 1) and run["limit_mib"] == 8
+        if not run["backend"].endswith("+pool"):
+            assert "pool_stores" not in run and run["outside_budget_mib"] == run["daemon_rss_mib"], run
+            continue
+        assert run["pool_mib"] == 4.0 and run["pool_compressor"] == "lz4" and run["pool_corrupted"] == 0, run
+        assert run["daemon_rss_mib"] - run["pool_peak_charged_mib"] - 0.1 <= run["outside_budget_mib"] \
+            <= run["daemon_rss_mib"], run
+        assert run["pool_peak_compressed_mib"] <= 4.0, run
+        if run["workload"] == "hog":     # random pages: offered, refused, written to the store
+            assert run["pool_rejected"] > 0 and run["pool_rejected"] >= run["pool_stores"], run
+        else:
+            assert run["pool_stores"] > 0 and run["pool_peak_pages"] > 0 and run["pool_loads"] > 0, run
+            assert run["pool_peak_charged_mib"] > 0 and run["outside_budget_mib"] < run["daemon_rss_mib"], run
+            assert run["pool_ratio"] > (10 if run["workload"] == "seq:zeros" else 1.4), run
+    text = md.read_text()
+    assert "| pool pages at peak | pool MiB at peak | pool ratio | pool written back | pool rejected |" in text
+    assert "| seq:zeros | uswap+pool/sync |" in text and "| hog | run+pool/sync |" in text

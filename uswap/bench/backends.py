@@ -338,10 +338,10 @@ class DaemonSampler(PeakSampler):
         except OSError:   # the daemon died: its run fails and says so; nothing to sample
             return {}
         if pool is None:
-            return {"rss_outside": rss}
+            return {"rss": rss, "rss_outside": rss}
         if pool["stored_pages"] >= self.at_peak.get("stored_pages", -1):
             self.at_peak = pool
-        return {"charged": pool["charged_bytes"], "rss_outside": max(0, rss - pool["charged_bytes"])}
+        return {"rss": rss, "charged": pool["charged_bytes"], "rss_outside": max(0, rss - pool["charged_bytes"])}
 
 
 def _status_kib(pid: int, key: str) -> int:
@@ -420,6 +420,10 @@ class UswapDaemon(DaemonProcess):
                  "write_errors": after["write_errors"] - before["write_errors"],
                  "read_errors": after["read_errors"] - before["read_errors"]}
         if self.pool:
+            # VmHWM is the kernel's high-water mark, updated lazily (when RSS is about to drop): a sample can
+            # have seen more
+            peak_rss = max(peak_rss, sampler.peak.get("rss", 0))
+            extra["daemon_rss_mib"] = _mib(peak_rss)
             extra.update(self._pool_columns(sampler, peak_rss, pool_before, pool_status(last)))
         return RunResult(proc.returncode, proc.stdout, proc.stderr, wall, after["pswpin"] - before["pswpin"],
                          after["pswpout"] - before["pswpout"], extra)
@@ -427,8 +431,8 @@ class UswapDaemon(DaemonProcess):
     def _pool_columns(self, sampler: DaemonSampler, peak_rss: int, before: dict, after: dict) -> dict:
         """The pool's part of a run's record.  Outside the budget: the pool's charged memory is part of both the
         daemon's RSS and the budget, so it is taken out of the RSS, at the same instant: the largest sampled
-        RSS - charged, or peak RSS (VmHWM, which sampling can miss) - the largest charge, whichever is larger
-        (both are lower bounds of the true peak; with no pool they are the peak RSS)."""
+        RSS - charged, or peak RSS (VmHWM or a larger sample; sampling can miss a peak) - the largest charge,
+        whichever is larger (both are lower bounds of the true peak; with no pool they are the peak RSS)."""
         peak = sampler.peak
         outside = max(peak.get("rss_outside", 0), peak_rss - peak.get("charged", 0))
         at_peak = sampler.at_peak or after
