@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` (the main job) and `make test`; `make bench` (root, an idle machine,
-# a few minutes; never part of `make test`) regenerates the main comparison of docs/BENCHMARKS.md into bench/results/.
+# a few minutes; never part of `make test`) regenerates the main comparison of docs/BENCHMARKS.md into bench/results/;
+# `make bench-pool` (the same conditions) the compressed pool against zram and zswap at equal total memory (issue 21).
 #
 # PYTHON: the interpreter the suite runs on.  Unset, it is python3 with this checkout installed
 # into it (scripts/install-deps: pip install -e .[test]), run from here.  Set, as .ci/run does
@@ -9,7 +10,7 @@
 PYTHON =
 BENCH_WORKDIR ?= /var/tmp/uswap-bench
 
-.PHONY: deps demo test bench
+.PHONY: deps demo test bench bench-pool
 
 deps:
 	./scripts/install-deps $(PYTHON)
@@ -30,3 +31,10 @@ bench:
 	python3 -m uswap bench --size 256M --resident 64M --repeat 3 --workloads seq,random,zipf,hog --io sync \
 	    --run sync --against native --workdir $(BENCH_WORKDIR) \
 	    --json bench/results/bench.json --plot bench/results/bench.png --markdown bench/results/bench.md
+
+bench-pool:
+	python3 -m uswap bench --size 256M --resident 64M --repeat 3 \
+	    --workloads seq:zeros,random:zeros,zipf:zeros,seq:half,random:half,zipf:half,hog \
+	    --io sync --pool 32M --pool-compressor lz4 --against native,zram,zswap --equal-memory \
+	    --workdir $(BENCH_WORKDIR) \
+	    --json bench/results/pool.json --plot bench/results/pool.png --markdown bench/results/pool.md

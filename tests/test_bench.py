@@ -364,3 +364,263 @@ def test_fill_half_is_half_compressible(tmp_path):
     assert global_state() == before
     assert 0.4 < ratio["half"] < 0.75, ratio
     assert ratio["zeros"] < 0.1, ratio
+
+
+# -- the compressed pool's rows and equal total memory (issue 21) ----------------------------------------------------
+
+def test_bench_refuses_pool_options_it_cannot_honour(tmp_path):
+    def bench(*args):
+        return subprocess.run([sys.executable, "-m", "uswap", "bench", "--workdir", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=60)
+    r = bench("--resident", "8M", "--pool", "5M")
+    assert r.returncode == 1 and "--pool 5M is over half of --resident 8M" in r.stderr, r.stderr
+    r = bench("--pool-compressor", "zstd")
+    assert r.returncode == 1 and "--pool-compressor without --pool" in r.stderr, r.stderr
+    r = bench("--resident", "8M", "--pool", "2M", "--io", "", "--run", "")
+    assert r.returncode == 1 and "--pool adds rows next to the uswap rows" in r.stderr, r.stderr
+    r = bench("--resident", "8M", "--pool", "2M", "--io", "sync,nfs")
+    assert r.returncode == 1 and "the daemon's pool needs a local store" in r.stderr, r.stderr
+    r = bench("--pool", "2M", "--pool-compressor", "lzo")
+    assert r.returncode == 2 and "invalid choice: 'lzo'" in r.stderr, r.stderr
+    r = bench("--workloads", "seq:half,random:lots")
+    assert r.returncode == 1 and "--workloads random:lots: after the colon say zeros" in r.stderr, r.stderr
+    r = bench("--workloads", "seq:half,bogus:zeros")
+    assert r.returncode == 1 and "unknown workloads ['bogus']" in r.stderr, r.stderr
+
+
+def test_pool_rows_interleave_after_their_plain_rows(tmp_path):
+    from uswap.bench.runner import Bench, BenchConfig
+    config = BenchConfig(workloads=["seq:half", "hog"], size=16 << 20, resident=8 << 20, against=["native", "zram"],
+                         io=["sync"], run=["sync"], repeat=1, workdir=str(tmp_path), pool=2 << 20)
+    assert config.backends() == [("uswap", "sync", None), ("uswap+pool", "sync", None), ("run", "sync", None),
+                                 ("run+pool", "sync", None), ("native", None, 3), ("native", None, 0),
+                                 ("zram", None, 3)]
+    bench = Bench(config)
+    binaries = {"workload": "W", "hog": "H"}
+    assert bench.command(binaries, "seq:half", False, None)[-2:] == ["-f", "0.5"]   # its own fill
+    assert "-f" not in bench.command(binaries, "hog", True, None)                 # hog's own: random
+    assert bench.command(binaries, "hog", True, None)[-1] == "-a"
+    config.pool = 0
+    assert [b for b, _, _ in config.backends()] == ["uswap", "run", "native", "native", "zram"]
+
+
+def _pool_bench(tmp_path, equal_memory=False):
+    """Made-up RunResults through the real recording path: uswap, uswap+pool, zram and zswap on seq (zswap
+    killed in both rounds, zram completing) and uswap+pool killed once on hog."""
+    from uswap.bench.backends import RunResult
+    from uswap.bench.runner import Bench, BenchConfig
+    bench = Bench(BenchConfig(workloads=["seq:half", "hog"], size=16 << 20, resident=8 << 20,
+                              against=["zram", "zswap"], io=["sync"], repeat=2, workdir=str(tmp_path),
+                              pool=2 << 20, pool_compressor="lz4", equal_memory=equal_memory))
+    ok = "mode=x faults=10 fault_p50_us=5.0 fault_p99_us=9.0 mismatches=0"
+    hog_ok = "\n".join(f"hog[{i}] pid 1, 4 MiB, 3 rounds, 0 mismatches" for i in range(4))
+    pool = {"pool_peak_pages": 1500, "pool_peak_compressed_mib": 3.1, "pool_ratio": 1.9, "pool_written_back": 700,
+            "pool_rejected": 12, "pool_stores": 4000, "pool_loads": 3900, "pool_corrupted": 0, "pool_mib": 2.0}
+    for repeat in range(2):
+        for workload in ("seq:half", "hog"):
+            for backend, mode, pc in bench.config.backends():
+                wall = {"uswap": 2.0, "uswap+pool": 1.5, "zram": 1.0 + repeat, "zswap": 0.5}[backend]
+                extra = {"outside_budget_mib": {"uswap": 40.0, "uswap+pool": 41.0, "zram": 5.0, "zswap": 3.0}[backend]}
+                if backend == "uswap+pool":
+                    extra.update(pool)
+                killed = backend == "zswap" or (backend == "uswap+pool" and workload == "hog" and repeat == 1)
+                out = hog_ok if workload == "hog" else ok
+                result = (RunResult(-9, "", "", 99.0, 5, 5, {"outside_budget_mib": 77.0}, oom_kills=1) if killed
+                          else RunResult(0, out, "", wall, 5, 5, extra))
+                limit = None
+                if equal_memory and backend == "zram":
+                    limit = (3 << 20) if workload == "seq:half" else (6 << 20)
+                bench.runs.append(bench._record(workload, backend, mode, pc, repeat, result, limit))
+    return bench
+
+
+def test_pool_columns_and_peer_ratios_from_saved_json(tmp_path):
+    """The report side of the +pool rows, from a saved --json: pool columns (medians over completed runs) for
+    the uswap+pool rows and '-' elsewhere; the total column = limit + outside; each uswap row over the faster
+    completed peer, with both totals; killed runs still FAILED and out of every median (99 s, 77 MiB nowhere)."""
+    from uswap.bench.report import markdown, plot, table
+    from uswap.bench.runner import Bench
+    result = json.loads(json.dumps(_pool_bench(tmp_path).to_json()))
+    bench = Bench.from_json(result)
+    md = markdown(bench)
+    header = md.splitlines()[0]
+    assert ("| wall s | outside budget MiB | total MiB | fault p50 µs |" in header
+            and "| pool pages at peak | pool MiB at peak | pool ratio | pool written back | pool rejected | "
+                "mismatches | failed |" in header), header
+    assert "limit MiB" not in header and "equal memory" not in header
+    assert ("| seq:half | uswap+pool/sync | 1.50 | 41.0 | 49.0 | 5.0 | 9.0 | 5 | 5 | 0 | - | - | 1500 | 3.1 | 1.90 "
+            "| 700 | 12 | 0 | - |") in md, md
+    assert "| seq:half | uswap/sync | 2.00 | 40.0 | 48.0 | 5.0 | 9.0 | 5 | 5 | 0 | - | - | - | - | - | - | - | 0 | - |" in md
+    rows = [line.split(" | ")[1] for line in md.splitlines() if line.startswith("| seq:half |")]
+    assert rows[:2] == ["uswap/sync", "uswap+pool/sync"], rows    # the pool row right after its plain row
+    why = "killed by SIGKILL (memcg OOM: 1 kill)"
+    assert f"| hog | uswap+pool/sync | 1.50 | 41.0 | 49.0 |" in md and f"1 of 2 rounds failed: {why}" in md
+    assert "| seq:half | zswap pc=3 | FAILED | - | - |" in md
+    peers = {(r["workload"], r["row"]): r for r in result["peer_ratios"]}
+    # zswap failed every round: the faster completed peer is zram (median of 1.0 and 2.0 = 1.5)
+    assert peers["seq:half", "uswap+pool/sync"] == {
+        "workload": "seq:half", "row": "uswap+pool/sync", "wall_s": 1.5, "total_mib": 49.0, "peer": "zram",
+        "peer_wall_s": 1.5, "peer_total_mib": 13.0, "over_peer_wall": 1.0, "failed": f"zswap: 2 of 2 rounds failed: {why}"}
+    assert peers["hog", "uswap+pool/sync"]["failed"].startswith(f"1 of 2 rounds failed: {why}; zswap: ")
+    assert peers["hog", "uswap/sync"]["over_peer_wall"] == round(2.0 / 1.5, 3)
+    assert "| seq:half | uswap+pool/sync | 1.50 | 49.0 | zram | 1.50 | 13.0 | 1.00 |" in md
+    assert "99.00" not in md and "77.0" not in md
+    assert result["ratios"] == []      # no native row: nothing to be over
+    from rich.console import Console
+    console = Console(file=io.StringIO(), width=400)
+    for t in table(bench):
+        console.print(t)
+    shown = console.file.getvalue()
+    assert "uswap+pool/sync" in shown and "faster peer" in shown and "99.00" not in shown
+    png = tmp_path / "p.png"
+    plot(bench, str(png))
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_equal_memory_columns_from_saved_json(tmp_path):
+    """With --equal-memory each row shows the limit its runs had, its total, and whether calibration found equal
+    memory for it (or why not)."""
+    from uswap.bench.report import markdown
+    from uswap.bench.runner import Bench
+    bench = _pool_bench(tmp_path, equal_memory=True)
+    bench.limits = {"seq:half zram/pc3": {"limit": 3 << 20, "note": None, "tried": [[8 << 20, 5.0], [3 << 20, 5.0]]},
+                    "hog zram/pc3": {"limit": 6 << 20, "note": None, "tried": [[8 << 20, 3.0], [6 << 20, 2.5]]},
+                    "seq:half uswap/sync": {"limit": 8 << 20, "note": "not arrangeable: ...", "tried": [[8 << 20, 40.0]]}}
+    md = markdown(Bench.from_json(json.loads(json.dumps(bench.to_json()))))
+    assert "| wall s | outside budget MiB | total MiB | limit MiB | fault p50 µs |" in md.splitlines()[0]
+    assert md.splitlines()[0].endswith("| mismatches | failed | equal memory |")
+    assert "| seq:half | zram pc=3 | 1.50 | 5.0 | 8.0 | 3.0 |" in md and md.count("| yes |") == 1, md
+    assert "| seq:half | uswap/sync | 2.00 | 40.0 | 48.0 | 8.0 |" in md and "| not arrangeable: ... |" in md
+    # calibration found 6 MiB, but the timed runs used 5 MiB outside it: 11 MiB, over 8 + 1; the row says so
+    assert "| hog | zram pc=3 | 1.50 | 5.0 | 11.0 | 6.0 |" in md and ("| not in the timed runs: their total 11.0 MiB "
+                                                                     "is over 9.0 MiB (the calibration runs': 8.0 + "
+                                                                     "3.0, 6.0 + 2.5) |") in md, md
+
+
+def test_equal_memory_calibration_lowers_limits_or_says_why():
+    """uswap.bench.equal.calibrate against outside-use curves of the backends' shapes (MiB outside at a limit)."""
+    from uswap.bench.equal import calibrate, floor, tolerance
+    MiB = 1 << 20
+    total = 64 * MiB
+    assert tolerance(total) == total // 20 and floor(total) == 16 * MiB and tolerance(8 * MiB) == MiB
+
+    def curve(f):
+        tried = []
+
+        def measure(limit):
+            tried.append(limit)
+            return f(limit / MiB)
+        return measure, tried
+
+    # uswap: the daemon's RSS hardly depends on its budget: one lowering
+    measure, tried = curve(lambda limit: (40.0, None))
+    found = calibrate(total, measure)
+    assert found.limit == 24 * MiB and found.note is None and tried == [64 * MiB, 24 * MiB]
+    assert found.tried == [[64 * MiB, 40.0], [24 * MiB, 40.0]]
+    # zram with well-compressing pages: a small pool, growing a little as the limit drops
+    measure, tried = curve(lambda limit: ((256 - limit) / 60 + 1, None))
+    found = calibrate(total, measure)
+    assert found.note is None and 56 * MiB < found.limit < 60 * MiB and len(tried) == 2
+    assert found.limit + ((256 - found.limit / MiB) / 60 + 1) * MiB <= total + tolerance(total)
+    # zram with pages that compress to half: no limit gives equal memory; the row runs at T and says why
+    measure, tried = curve(lambda limit: ((256 - limit) * 0.55, None))
+    found = calibrate(total, measure)
+    assert found.limit == total and tried == [total] and found.note.startswith(
+        "not arrangeable: it used 105.6 MiB outside a 64.0 MiB limit; equal memory would need a limit of -41.6 MiB"), \
+        found.note
+    # a backend that fails once lowered: its timed runs are at the lowered limit, to show the failure
+    measure, tried = curve(lambda limit: (10.0, None if limit == 64 else "killed by SIGKILL (memcg OOM: 1 kill)"))
+    found = calibrate(total, measure)
+    assert found.limit == 54 * MiB and found.note == ("failed at the lowered limit 54.0 MiB "
+                                                      "(killed by SIGKILL (memcg OOM: 1 kill))")
+    # failed at T, or nothing measured: not lowered
+    measure, _ = curve(lambda limit: (None, "exit 1: x"))
+    assert calibrate(total, measure).limit == total and "failed at 64.0 MiB: exit 1: x" in calibrate(total, measure).note
+    measure, _ = curve(lambda limit: (None, None))
+    assert calibrate(total, measure).note == "what it uses outside its limit is not measured: not lowered"
+    # each lowering costs as much outside as it gives: after 3 runs the last estimate, with a note
+    measure, tried = curve(lambda limit: (10.0 if limit == 64 else 74 - limit, None))
+    found = calibrate(total, measure)
+    assert tried == [64 * MiB, 54 * MiB, 44 * MiB] and found.limit == 34 * MiB
+    assert found.note == ("not within 3.2 MiB of 64.0 MiB after 3 calibration runs "
+                          "(last: 30.0 MiB outside 44.0 MiB)"), found.note
+
+
+def test_bench_equal_memory_calibrates_on_the_real_kernel(tmp_path):
+    """--equal-memory, real runs: zram's memcg limit is lowered by its pool (pages half random: well over the
+    1 MiB tolerance), uswap's daemon RSS (tens of MiB) cannot fit under a 12 MiB total and its row says so and
+    runs at 12 MiB; native is not calibrated (nothing outside).  Every timed run's limit is the one calibration
+    found, and its total is its limit + what it used outside."""
+    need_bench_kernel()
+    need(os.path.exists("/sys/block/zram0"), "no zram0")
+    before = global_state()
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--size", "16M", "--resident", "12M", "--repeat", "1",
+                        "--workloads", "seq:half", "--io", "sync", "--against", "native,zram", "--equal-memory",
+                        "--workdir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(md)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert global_state() == before
+    result = json.loads(out.read_text())
+    limits = result["limits"]
+    total = 12 << 20
+    assert set(limits) == {"seq:half uswap/sync", "seq:half zram/pc3", "seq:half native/pc3", "seq:half native/pc0"}
+    assert limits["seq:half native/pc3"] == {"limit": total, "note": None, "tried": []}
+    uswap = limits["seq:half uswap/sync"]
+    assert uswap["limit"] == total and uswap["note"].startswith("not arrangeable: it used "), uswap
+    assert len(uswap["tried"]) == 1 and uswap["tried"][0][1] > 12, uswap
+    zram = limits["seq:half zram/pc3"]
+    assert zram["tried"][0][0] == total and zram["tried"][0][1] > 1, zram   # over the tolerance at T
+    assert zram["tried"][1][0] < total and zram["limit"] < total, zram        # so lowered
+    assert len(result["calibration"]) == 1 + len(zram["tried"])
+    assert all(c["repeat"] == -1 and c["failed"] is None for c in result["calibration"])
+    for run in result["runs"]:
+        label = f"{run['backend']}/" + (run["io"] or f"pc{run['page_cluster']}")
+        assert run["failed"] is None and run["mismatches"] == 0, run
+        assert run["limit_mib"] == round(limits[f"seq:half {label}"]["limit"] / (1 << 20), 1), run
+        assert run["total_mib"] == round(run["limit_mib"] + run["outside_budget_mib"], 1), run
+    assert "| equal memory |" in md.read_text() and "not arrangeable" in md.read_text()
+
+
+
+def test_bench_pool_rows_against_a_real_daemon(tmp_path):
+    """--pool 4M: each round runs uswap/sync, uswap+pool/sync, run/sync, run+pool/sync in that order, the pooled
+    ones against a daemon started with --pool 4M --pool-compressor lz4.  Pages zeros past a header fill the pool
+    at a high ratio; half-random ones at about 2:1; the hog's random pages are rejected.  Outside budget is the
+    daemon's RSS without the pool's charge (inside the budget), never more than the RSS nor less than RSS minus
+    the largest charge; the plain rows' is their RSS, as before."""
+    need_bench_kernel()
+    need(os.path.exists("/dev/userfaultfd"), "no /dev/userfaultfd")
+    from uswap.run import LIBRUN
+    need(os.path.exists(LIBRUN), "libuswaprun.so not built (python3 setup.py build_ext --inplace)")
+    before = global_state()
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    workloads = ("seq:zeros", "random:half", "hog")
+    r = subprocess.run([sys.executable, "-m", "uswap", "bench", "--size", "32M", "--resident", "8M", "--repeat", "1",
+                        "--workloads", ",".join(workloads), "--io", "sync", "--run", "sync", "--against", "",
+                        "--pool", "4M", "--pool-compressor", "lz4", "--workdir", str(tmp_path / "work"),
+                        "--json", str(out), "--markdown", str(md)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert global_state() == before
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["workload"], run["backend"]) for run in runs] == [
+        (w, b) for w in workloads for b in ("uswap", "uswap+pool", "run", "run+pool")]
+    for run in runs:
+        assert run["failed"] is None and run["mismatches"] == 0, run
+        assert run["total_mib"] == round(run["limit_mib"] + run["outside_budget_mib"], 1) and run["limit_mib"] == 8
+        if not run["backend"].endswith("+pool"):
+            assert "pool_stores" not in run and run["outside_budget_mib"] == run["daemon_rss_mib"], run
+            continue
+        assert run["pool_mib"] == 4.0 and run["pool_compressor"] == "lz4" and run["pool_corrupted"] == 0, run
+        assert run["daemon_rss_mib"] - run["pool_peak_charged_mib"] - 0.1 <= run["outside_budget_mib"] \
+            <= run["daemon_rss_mib"], run
+        assert run["pool_peak_compressed_mib"] <= 4.0, run
+        if run["workload"] == "hog":     # random pages: offered, refused, written to the store
+            assert run["pool_rejected"] > 0 and run["pool_rejected"] >= run["pool_stores"], run
+        else:
+            assert run["pool_stores"] > 0 and run["pool_peak_pages"] > 0 and run["pool_loads"] > 0, run
+            assert run["pool_peak_charged_mib"] > 0 and run["outside_budget_mib"] < run["daemon_rss_mib"], run
+            assert run["pool_ratio"] > (10 if run["workload"] == "seq:zeros" else 1.4), run
+    text = md.read_text()
+    assert "| pool pages at peak | pool MiB at peak | pool ratio | pool written back | pool rejected |" in text
+    assert "| seq:zeros | uswap+pool/sync |" in text and "| hog | run+pool/sync |" in text

@@ -280,10 +280,10 @@ def cmd_bench(args) -> int:
     from rich.progress import Progress
 
     from uswap.bench.report import breakdown_table, markdown, plot, table
-    from uswap.bench.runner import WORKLOADS, Bench, BenchConfig, failed, parse_fill
+    from uswap.bench.runner import WORKLOADS, Bench, BenchConfig, failed, parse_fill, split_workload
 
     workloads = args.workloads.split(",")
-    unknown = set(workloads) - set(WORKLOADS)
+    unknown = {split_workload(w)[0] for w in workloads} - set(WORKLOADS)
     if unknown:
         raise ValueError(f"unknown workloads {sorted(unknown)} (choose from {', '.join(WORKLOADS)})")
     against = [a for a in args.against.split(",") if a]
@@ -296,6 +296,15 @@ def cmd_bench(args) -> int:
     unknown = set(run) - set(IO_MODES)
     if unknown:
         raise ValueError(f"unknown --run io modes {sorted(unknown)} (choose from {', '.join(IO_MODES)})")
+    io_modes = args.io.split(",")
+    if args.pool and not any(io_modes) and not run:
+        raise ValueError("--pool adds rows next to the uswap rows: say --io or --run modes too")
+    if args.pool * 2 > args.resident:    # the daemon's own rule: the pool is charged to the budget
+        raise ValueError(f"--pool {format_size(args.pool)} is over half of --resident {format_size(args.resident)}")
+    if args.pool and any(io.startswith("nfs") for io in io_modes + run):
+        raise ValueError("--pool with an nfs io mode: the daemon's pool needs a local store")
+    if args.pool_compressor and not args.pool:
+        raise ValueError("--pool-compressor without --pool: say the pool's size")
     if not args.report:   # built once, into the cache; its errors come before any progress display
         from uswap.bench.build import workload_binaries
         workload_binaries()
@@ -309,9 +318,10 @@ def cmd_bench(args) -> int:
     fill = None if args.fill is None else parse_fill(args.fill)
     pin = [int(c) for c in args.pin.split(",")] if args.pin else [None, None]
     config = BenchConfig(fill=fill, workloads=workloads, size=args.size, resident=args.resident, against=against,
-                         io=args.io.split(","), repeat=args.repeat, workdir=args.workdir,
+                         io=io_modes, repeat=args.repeat, workdir=args.workdir,
                          readahead=args.readahead, accesses=args.accesses, daemon_cpu=pin[0], workload_cpu=pin[1],
-                         run=run)
+                         run=run, pool=args.pool, pool_compressor=args.pool_compressor,
+                         equal_memory=args.equal_memory)
     if args.report:
         with open(args.report) as f:
             bench = Bench.from_json(json.load(f))
@@ -342,9 +352,8 @@ def cmd_bench(args) -> int:
     if bench.breakdown:
         out.print(breakdown_table(bench))
     if bench.runs:
-        main_table, ratio_table = table(bench)
-        out.print(main_table)
-        out.print(ratio_table)
+        for t in table(bench):
+            out.print(t)
     for line in bench.not_run():
         out.print(f"not run under `uswap run`: {line}")
     bad = [r for r in bench.runs if failed(r) or r["mismatches"]]
@@ -519,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bench", help="measure uswap against kernel swap on the same disk")
-    p.add_argument("--workloads", default="seq,random,zipf,hog", help="comma-separated: seq,random,zipf,hog,threads (8 threads random on one region)")
+    p.add_argument("--workloads", default="seq,random,zipf,hog",
+                   help="comma-separated: seq,random,zipf,hog,threads (8 threads random on one region); "
+                        "WORKLOAD:FILL gives one its own page contents (as --fill), e.g. seq:zeros,seq:half,hog")
     p.add_argument("--size", type=_size, default=1 << 30, help="working set (default 1G)")
     p.add_argument("--resident", type=_size, default=256 << 20, help="budget and memcg limit (default 256M)")
     p.add_argument("--against", default="native", help="kernel rows: native,fuse,zram,zswap (default native)")
@@ -535,6 +546,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="page contents: zeros (past a 16-byte header), half (half of each page random), random "
                         "(incompressible) or the random fraction, e.g. 0.25 (default: zeros for seq/random/zipf, "
                         "random for hog)")
+    p.add_argument("--pool", type=_size, default=0, metavar="SIZE",
+                   help="add uswap+pool/IO (and run+pool/IO) rows: the same daemon with a compressed pool of SIZE "
+                        "inside its budget (daemon --pool; at most half of --resident), right after each plain row "
+                        "(default 0: none)")
+    p.add_argument("--pool-compressor", default=None, choices=("lz4", "zstd"),
+                   help="the +pool rows' daemon --pool-compressor (default: the daemon's)")
+    p.add_argument("--equal-memory", action="store_true",
+                   help="give every backend the same total memory, --resident = its limit + what it uses outside: "
+                        "calibration runs first lower uswap's budget by its daemon RSS outside the budget and "
+                        "zram's/zswap's memcg limit by their pools; where that cannot be arranged the row runs at "
+                        "--resident and says so (docs/BENCHMARKS.md)")
     p.add_argument("--accesses", type=int, default=None, help="random/zipf accesses (default 200k per GiB)")
     p.add_argument("--readahead", type=int, default=DEFAULTS.readahead)
     p.add_argument("--pin", default=None, help="DAEMON_CPU,WORKLOAD_CPU (default: unpinned)")

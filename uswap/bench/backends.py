@@ -311,16 +311,61 @@ class KernelSwap:
                          after["pswpout"] - before["pswpout"], extra, self._oom_kills() - oom_before)
 
 
+POOL_COUNTERS = ("stores", "loads", "rejected", "written_back", "corrupted")   # cumulative: taken as a run's delta
+
+
+def pool_status(status: dict) -> dict | None:
+    """The daemon's compressed pool from its status (None: the pool is off)."""
+    return status.get("pool")
+
+
+class DaemonSampler(PeakSampler):
+    """A uswap daemon with a compressed pool, sampled while a run goes on: the pool at the sample where it held
+    the most pages (it empties when the workload exits and frees its slots), the largest pool charge, and the
+    largest daemon RSS less the pool's charge at the same instant (the daemon's memory outside its budget: the
+    pool's is inside).  One status request per sample: 10 a second, a few hundred µs of the daemon's time each."""
+
+    def __init__(self, socket_path: str, pid: int, interval: float = 0.1):
+        super().__init__(self._read, interval)
+        self.socket = socket_path
+        self.pid = pid
+        self.at_peak: dict = {}
+
+    def _read(self) -> dict[str, int]:
+        try:
+            pool = pool_status(fetch_status(self.socket, timeout=2.0))
+            rss = _status_kib(self.pid, "VmRSS:") * 1024
+        except OSError:   # the daemon died: its run fails and says so; nothing to sample
+            return {}
+        if pool is None:
+            return {"rss": rss, "rss_outside": rss}
+        if pool["stored_pages"] >= self.at_peak.get("stored_pages", -1):
+            self.at_peak = pool
+        return {"rss": rss, "charged": pool["charged_bytes"], "rss_outside": max(0, rss - pool["charged_bytes"])}
+
+
+def _status_kib(pid: int, key: str) -> int:
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    return 0
+
+
 class UswapDaemon(DaemonProcess):
-    """A `uswap daemon` on a store in the bench directory, for one run, measured."""
+    """A `uswap daemon` on a store in the bench directory, for one run, measured; with ``pool`` bytes of
+    compressed pool (--pool, --pool-compressor) when pool is non-zero."""
 
     def __init__(self, workdir: str, store: str, *, budget: int, io: str, readahead: int,
-                 daemon_cpu: int | None = None, workload_cpu: int | None = None):
+                 daemon_cpu: int | None = None, workload_cpu: int | None = None, pool: int = 0,
+                 pool_compressor: str | None = None):
         self.workload_cpu = workload_cpu
         self.nfs = None
+        self.pool = pool
         extra: tuple[str, ...] = ()
+        if pool:
+            extra = ("--pool", str(pool), *(("--pool-compressor", pool_compressor) if pool_compressor else ()))
         if io.startswith("nfs"):   # nfs (FILE_SYNC writes) or nfs-commit (UNSTABLE + COMMIT)
-            extra = ("--nfs-stable", "commit" if io == "nfs-commit" else "file_sync")
+            extra += ("--nfs-stable", "commit" if io == "nfs-commit" else "file_sync")
             self.nfs = NfsServer(os.path.join(workdir, "nfs"))
             export = self.nfs.export_dir
             os.makedirs(export, exist_ok=True)
@@ -354,24 +399,52 @@ class UswapDaemon(DaemonProcess):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _peak_rss(self) -> int:
-        for line in _read(f"/proc/{self.proc.pid}/status").splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return _status_kib(self.proc.pid, "VmHWM:") * 1024
 
     def run(self, cmd: list[str], timeout: float) -> RunResult:
-        before = fetch_status(self.socket)["daemon"]
+        first = fetch_status(self.socket)
+        before = first["daemon"]
+        pool_before = pool_status(first)
+        if self.pool and pool_before is None:
+            raise OSError(f"uswap daemon started with --pool {self.pool} reports no pool in its status")
         cpu0 = self._cpu_seconds()
+        sampler = DaemonSampler(self.socket, self.proc.pid) if self.pool else contextlib.nullcontext()
         proc, wall = run_to_end(cmd, timeout, env=dict(os.environ, USWAP_SOCKET=self.socket),
-                                preexec_fn=_pin(self.workload_cpu))
-        after = fetch_status(self.socket)["daemon"]
-        rss = round(self._peak_rss() / (1 << 20), 1)
+                                preexec_fn=_pin(self.workload_cpu), during=lambda: sampler)
+        last = fetch_status(self.socket)
+        after = last["daemon"]
+        peak_rss = self._peak_rss()
+        rss = _mib(peak_rss)
         extra = {"daemon_cpu_s": round(self._cpu_seconds() - cpu0, 2), "daemon_rss_mib": rss,
                  "outside_budget_mib": rss,    # the daemon's memory (mlocked) is on top of the budget
                  "write_errors": after["write_errors"] - before["write_errors"],
                  "read_errors": after["read_errors"] - before["read_errors"]}
+        if self.pool:
+            # VmHWM is the kernel's high-water mark, updated lazily (when RSS is about to drop): a sample can
+            # have seen more
+            peak_rss = max(peak_rss, sampler.peak.get("rss", 0))
+            extra["daemon_rss_mib"] = _mib(peak_rss)
+            extra.update(self._pool_columns(sampler, peak_rss, pool_before, pool_status(last)))
         return RunResult(proc.returncode, proc.stdout, proc.stderr, wall, after["pswpin"] - before["pswpin"],
                          after["pswpout"] - before["pswpout"], extra)
+
+    def _pool_columns(self, sampler: DaemonSampler, peak_rss: int, before: dict, after: dict) -> dict:
+        """The pool's part of a run's record.  Outside the budget: the pool's charged memory is part of both the
+        daemon's RSS and the budget, so it is taken out of the RSS, at the same instant: the largest sampled
+        RSS - charged, or peak RSS (VmHWM or a larger sample; sampling can miss a peak) - the largest charge,
+        whichever is larger (both are lower bounds of the true peak; with no pool they are the peak RSS)."""
+        peak = sampler.peak
+        outside = max(peak.get("rss_outside", 0), peak_rss - peak.get("charged", 0))
+        at_peak = sampler.at_peak or after
+        out = {"outside_budget_mib": _mib(outside), "pool_mib": _mib(self.pool),
+               "pool_compressor": after.get("compressor"),
+               "pool_peak_pages": at_peak["stored_pages"],
+               "pool_peak_same_filled_pages": at_peak["same_filled_pages"],
+               "pool_peak_compressed_mib": _mib(at_peak["compressed_bytes"]),
+               "pool_peak_charged_mib": _mib(peak.get("charged", at_peak["charged_bytes"])),
+               "pool_ratio": at_peak.get("ratio")}
+        out.update({f"pool_{k}": after[k] - before[k] for k in POOL_COUNTERS})
+        return out
 
 
 RUN_RELEASED = re.compile(r"run \d+ released \(pid \d+\): (.*)")
