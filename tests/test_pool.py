@@ -175,6 +175,31 @@ def test_pages_round_trip_and_incompressible_ones_are_rejected(store_path, compr
         assert pool.load(0)[0] == 0
 
 
+def test_an_incompressible_run_skips_the_attempt_until_a_probe_compresses(store_path):
+    """After USWAP_POOL_REJECT_RUN pages in a row that did not compress, only one store in
+    USWAP_POOL_PROBE_EVERY tries: the others are rejected at once (counted as rejected and skipped), compressible
+    pages among them too; the first probe that compresses ends the run, and every page is tried again."""
+    run, every = lib.USWAP_POOL_REJECT_RUN, lib.USWAP_POOL_PROBE_EVERY
+    with opened(store_path) as (store, pool):
+        for i in range(run):
+            assert pool.store(i, random_page(i)) == 0
+        st = pool.stats()
+        assert (st.rejected, st.skipped) == (run, 0)     # the run's own pages were all tried
+        assert pool.store(run, random_page(run)) == 0    # the run's first probe: tried, and it fails
+        base = run + 1
+        taken = [pool.store(base + k, text_page(k)) for k in range(every)]
+        assert taken == [0] * (every - 1) + [1], taken   # skipped until the next probe, which compresses
+        st = pool.stats()
+        assert (st.rejected, st.skipped) == (run + every, every - 1)
+        for k in range(every - 1):                        # rejected at once: not pooled, nothing kept
+            assert pool.load(base + k) == (0, bytes(PAGE_SIZE))
+        assert pool.load(base + every - 1) == (1, text_page(every - 1))
+        # the run has ended: every page is tried again
+        assert all(pool.store(base + every + k, text_page(k)) == 1 for k in range(8))
+        assert pool.stats().skipped == every - 1
+        pool.check_charge()
+
+
 def test_a_store_replaces_the_slots_entry_and_a_rejected_one_drops_it(store_path):
     with opened(store_path) as (store, pool):
         assert pool.store(7, text_page(1)) == 1

@@ -96,6 +96,8 @@ POOL = [   # the compressed pool (uswap.daemon.pool), when the daemon runs one
     ("loads", "pool_loads", "counter", "Pages read back from the pool.", ""),
     ("rejected", "pool_rejected", "counter", "Pages offered that did not compress enough (written to the store).",
      ""),
+    ("skipped", "pool_skipped", "counter", "Rejected pages not even tried: an incompressible run (1 in 16 is tried).",
+     ""),
     ("written_back", "pool_written_back", "counter", "Pages the pool wrote to the store to make room.", ""),
     ("corrupted", "pool_corrupted", "counter", "Pool loads that failed their check (never handed back).", ""),
 ]

@@ -107,6 +107,8 @@ struct uswap_pool {
 	uint64_t bytes;                /* allocated now (charged) */
 	uint64_t charged;              /* pages added to *charge: ceil(bytes / page_size) */
 	int writing_back;              /* a batch is in flight */
+	uint32_t reject_run;           /* pages in a row that did not compress, up to USWAP_POOL_REJECT_RUN (atomic) */
+	uint32_t probe;                /* stores during an incompressible run (atomic): every PROBE_EVERY-th tries */
 	struct ctx_cache cctx, dctx;   /* zstd's (ZSTD_CCtx, ZSTD_DCtx) */
 	struct uswap_pool_stats st;    /* gauges and counters (charged_pages, pool_bytes filled in by get_stats) */
 };
@@ -612,14 +614,23 @@ int uswap_pool_store(struct uswap_pool *p, uint64_t slot, const void *page)
 		return -ERANGE;
 	uint64_t word = 0;
 	int same = same_filled(page, p->page_size, &word);
-	struct pool_entry *e = malloc(offsetof(struct pool_entry, data) + (same ? 0 : p->cap));
+	/* An incompressible run: most pages skip the attempt (USWAP_POOL_REJECT_RUN).  The counters are a
+	 * heuristic shared by every storing thread: relaxed atomics, a lost update only moves a probe. */
+	uint32_t run = __atomic_load_n(&p->reject_run, __ATOMIC_RELAXED);
+	int skip = !same && run >= USWAP_POOL_REJECT_RUN &&
+		   __atomic_fetch_add(&p->probe, 1, __ATOMIC_RELAXED) % USWAP_POOL_PROBE_EVERY != 0;
+	struct pool_entry *e = skip ? NULL : malloc(offsetof(struct pool_entry, data) + (same ? 0 : p->cap));
 	int len = 0;
 	if (e && !same) {
 		len = compress_page(p, page, e->data);
 		if (len <= 0) {   /* incompressible (or no zstd context): the caller writes it */
 			free(e);
 			e = NULL;
+			if (run < USWAP_POOL_REJECT_RUN)
+				__atomic_store_n(&p->reject_run, run + 1, __ATOMIC_RELAXED);
 		} else {
+			if (run)
+				__atomic_store_n(&p->reject_run, 0, __ATOMIC_RELAXED);
 			struct pool_entry *shrunk = realloc(e, offsetof(struct pool_entry, data) + (size_t)len);
 			if (shrunk)
 				e = shrunk;
@@ -657,6 +668,7 @@ int uswap_pool_store(struct uswap_pool *p, uint64_t slot, const void *page)
 		__atomic_store_n(&p->codec->valid[slot], 0, __ATOMIC_RELAXED);   /* the store's copy is stale */
 	} else if (ret == 0) {
 		p->st.rejected++;
+		p->st.skipped += skip;
 	}
 	pthread_mutex_unlock(&p->lock);
 	if (ret != 1)

@@ -42,6 +42,14 @@ enum {
 	USWAP_POOL_ZSTD = 2
 };
 
+/* Incompressible runs (a heap of random or already compressed pages): after USWAP_POOL_REJECT_RUN pages in a
+ * row that did not compress, a store tries to compress only one page in USWAP_POOL_PROBE_EVERY (the others are
+ * rejected at once, counted as rejected and as skipped) until a page compresses again. */
+enum {
+	USWAP_POOL_REJECT_RUN = 64,
+	USWAP_POOL_PROBE_EVERY = 16
+};
+
 struct uswap_pool_stats {
 	uint64_t stored_pages;      /* entries now */
 	uint64_t same_filled_pages; /* of which same-filled (no data) */
@@ -51,6 +59,7 @@ struct uswap_pool_stats {
 	uint64_t stores;            /* pages taken in */
 	uint64_t loads;             /* pages read back */
 	uint64_t rejected;          /* pages offered that did not compress enough (written to the store) */
+	uint64_t skipped;           /* of which rejected with no attempt (an incompressible run) */
 	uint64_t written_back;      /* pages written from the pool to the store to make room */
 	uint64_t corrupted;         /* loads that failed their check (P2) */
 	uint64_t pool_bytes;        /* memory allocated now (what max_bytes bounds; charged_pages is it in pages) */

@@ -85,6 +85,7 @@ class CompressedPool:
             "stores": s.stores,
             "loads": s.loads,
             "rejected": s.rejected,
+            "skipped": s.skipped,
             "written_back": s.written_back,
             "corrupted": s.corrupted,
             "write_ios": s.write_ios,               # the write-backs' pwrites (contiguous slots go in one)
