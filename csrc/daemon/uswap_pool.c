@@ -559,7 +559,7 @@ static int make_room(struct uswap_pool *p, uint64_t need)
 int uswap_pool_new(uint64_t slot_count, uint32_t page_size, int compressor, int level, uint64_t max_bytes,
 		   int store_fd, const struct uswap_codec *codec, int64_t *charge, struct uswap_pool **out)
 {
-	if (page_size < 64 || page_size % 8 || !codec || codec->page_size != page_size || slot_count == 0
+	if (page_size < 64 || page_size > 65536 || page_size % 8 || !codec || codec->page_size != page_size || slot_count == 0
 	    || slot_count > codec->slot_count)
 		return -EINVAL;
 	if (compressor == USWAP_POOL_ZSTD) {
@@ -619,22 +619,23 @@ int uswap_pool_store(struct uswap_pool *p, uint64_t slot, const void *page)
 	uint32_t run = __atomic_load_n(&p->reject_run, __ATOMIC_RELAXED);
 	int skip = !same && run >= USWAP_POOL_REJECT_RUN &&
 		   __atomic_fetch_add(&p->probe, 1, __ATOMIC_RELAXED) % USWAP_POOL_PROBE_EVERY != 0;
-	struct pool_entry *e = skip ? NULL : malloc(offsetof(struct pool_entry, data) + (same ? 0 : p->cap));
+	/* Compressed on the stack (at most 48 KiB: page_size <= 64 KiB), then allocated at its length: an entry
+	 * allocated at the cap and shrunk by realloc would leave a hole behind every entry, memory the charge
+	 * does not see. */
+	char tmp[skip || same ? 1 : p->cap];
 	int len = 0;
-	if (e && !same) {
-		len = compress_page(p, page, e->data);
-		if (len <= 0) {   /* incompressible (or no zstd context): the caller writes it */
-			free(e);
-			e = NULL;
-			if (run < USWAP_POOL_REJECT_RUN)
-				__atomic_store_n(&p->reject_run, run + 1, __ATOMIC_RELAXED);
-		} else {
-			if (run)
-				__atomic_store_n(&p->reject_run, 0, __ATOMIC_RELAXED);
-			struct pool_entry *shrunk = realloc(e, offsetof(struct pool_entry, data) + (size_t)len);
-			if (shrunk)
-				e = shrunk;
-		}
+	if (!skip && !same) {
+		len = compress_page(p, page, tmp);
+		if (len > 0 && run)
+			__atomic_store_n(&p->reject_run, 0, __ATOMIC_RELAXED);
+		else if (len <= 0 && run < USWAP_POOL_REJECT_RUN)   /* incompressible (or no zstd context) */
+			__atomic_store_n(&p->reject_run, run + 1, __ATOMIC_RELAXED);
+	}
+	struct pool_entry *e = NULL;
+	if (same || len > 0) {
+		e = malloc(offsetof(struct pool_entry, data) + (size_t)len);
+		if (e && len > 0)
+			memcpy(e->data, tmp, (size_t)len);
 	}
 	if (e) {   /* field by field: data may begin inside sizeof(*e) (its tail padding) */
 		e->prev = e->next = NULL;
