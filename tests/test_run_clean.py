@@ -91,12 +91,15 @@ def test_daemon_stop_with_clean_pages(daemon, tmp_path, run_clean):
         assert p.stdout.readline() == "ok clean\n"
         deadline = time.monotonic() + 10
         while True:             # the last pass's pages: clean, counted in the run's slots
-            runs = daemon.status()["runs"]
-            if runs and runs[0]["clean_pages"] > 0:
+            # one snapshot: the table's counts and the slot references move between two status calls (an
+            # eviction in progress assigns slots before its references are counted)
+            status = daemon.status()
+            runs = status["runs"]
+            if runs and runs[0]["clean_pages"] > 0 and \
+                    status["daemon"]["run_slots"] >= runs[0]["clean_pages"] + runs[0]["swapped_pages"]:
                 break
-            assert time.monotonic() < deadline, runs
+            assert time.monotonic() < deadline, status
             time.sleep(0.05)
-        assert daemon.status()["daemon"]["run_slots"] >= runs[0]["clean_pages"] + runs[0]["swapped_pages"]
         assert daemon.stop() == 0
         out, err = p.communicate("go\n", timeout=60)
     finally:
