@@ -380,6 +380,24 @@ static void lru_add_head(struct uswap_pool *p, struct pool_entry *e)
 	e->in_lru = 1;
 }
 
+/* Encode (crc or seal, in place) and write pages to contiguous slots first..first+n-1, one pwrite; the
+ * slots are trusted (valid) only once the write completed.  0, or -errno.  *ios (if not NULL) counts it. */
+static int write_span(const struct uswap_codec *c, int fd, char *at, uint64_t first, uint64_t n, uint64_t *ios)
+{
+	size_t ps = c->page_size;
+	memset(c->valid + first, 0, n);
+	int ret = uswap_codec_encode(c, at, first, n);
+	if (ret < 0)
+		return ret;
+	int64_t done = uswap_pwrite_full(fd, at, n * ps, (int64_t)((first + 1) * ps));
+	if (ios)
+		(*ios)++;
+	if (done != (int64_t)(n * ps))
+		return done < 0 ? (int)done : -EIO;
+	memset(c->valid + first, 1, n);
+	return 0;
+}
+
 static void free_entry(struct uswap_pool *p, struct pool_entry *e)
 {
 	account(p, -(int64_t)e->size);
@@ -451,17 +469,9 @@ static int write_batch(struct uswap_pool *p, struct pool_entry **b, int n, char 
 			continue;
 		while (i + k < n && done[i + k] != WB_CORRUPT && b[i + k]->slot == b[i]->slot + (uint64_t)k)
 			k++;
-		uint64_t slot = b[i]->slot;
-		memset(c->valid + slot, 0, (size_t)k);
-		int ret = uswap_codec_encode(c, buf + (size_t)i * ps, slot, (uint64_t)k);
+		int ret = write_span(c, p->store_fd, buf + (size_t)i * ps, b[i]->slot, (uint64_t)k, ios);
 		if (ret < 0)
 			return ret;
-		int64_t w = uswap_pwrite_full(p->store_fd, buf + (size_t)i * ps, (size_t)k * ps,
-					      (int64_t)((slot + 1) * ps));
-		(*ios)++;
-		if (w != (int64_t)((size_t)k * ps))
-			return w < 0 ? (int)w : -EIO;
-		memset(c->valid + slot, 1, (size_t)k);
 		memset(done + i, WB_WRITTEN, (size_t)k);
 	}
 	return 0;
@@ -779,17 +789,9 @@ int uswap_pool_write_slots(const struct uswap_codec *c, int fd, void *buf, uint6
 			n += !kept;
 		}
 		if (n) {
-			char *at = (char *)buf + i * ps;
-			memset(c->valid + first + i, 0, n);
-			int ret = uswap_codec_encode(c, at, first + i, n);
+			int ret = write_span(c, fd, (char *)buf + i * ps, first + i, n, ios);
 			if (ret < 0)
 				return ret;
-			int64_t done = uswap_pwrite_full(fd, at, n * ps, (int64_t)((first + i + 1) * ps));
-			if (ios)
-				(*ios)++;
-			if (done != (int64_t)(n * ps))
-				return done < 0 ? (int)done : -EIO;
-			memset(c->valid + first + i, 1, n);   /* trusted once written */
 		}
 		i += n + (uint64_t)kept;
 	}
