@@ -378,8 +378,6 @@ def test_bench_refuses_pool_options_it_cannot_honour(tmp_path):
     assert r.returncode == 1 and "--pool-compressor without --pool" in r.stderr, r.stderr
     r = bench("--resident", "8M", "--pool", "2M", "--io", "", "--run", "")
     assert r.returncode == 1 and "--pool adds rows next to the uswap rows" in r.stderr, r.stderr
-    r = bench("--resident", "8M", "--pool", "2M", "--io", "sync,nfs")
-    assert r.returncode == 1 and "the daemon's pool needs a local store" in r.stderr, r.stderr
     r = bench("--pool", "2M", "--pool-compressor", "lzo")
     assert r.returncode == 2 and "invalid choice: 'lzo'" in r.stderr, r.stderr
     r = bench("--workloads", "seq:half,random:lots")

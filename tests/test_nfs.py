@@ -189,6 +189,7 @@ def test_integrity_hog_4x_budget_on_nfs(nfs, uswapd, hog, stable):
     status = daemon.status()
     d = status["daemon"]
     assert d["io"] == "nfs" and d["pswpout"] > 0 and d["pswpin"] > 0
+    assert d["engine_faults"] > d["slow_path_faults"], d      # the engines read the server (csrc/nfs/uswap_nfs_io.h)
     assert d["read_errors"] == d["write_errors"] == 0
     assert d["slots_used"] == 0
     assert status["nfs"]["state"] == "up" and status["nfs"]["stable"] == stable
@@ -198,8 +199,8 @@ def test_integrity_hog_4x_budget_on_nfs(nfs, uswapd, hog, stable):
 
 
 def test_uswap_run_on_an_nfs_store(nfs, uswapd, hog):
-    """`uswap run` with an nfs:// store: the fault threads read no NFS, so every fault of the run, its fork
-    children's included, is handed to Python, which reads through the userspace client; every word verified."""
+    """`uswap run` with an nfs:// store: the run's fault threads read the store through the C NFS connection
+    (the codec view's remote store), for its fork children too; every word verified."""
     from test_run_probes import released
     from uswap.child import uswap_argv
     url = mkswap(nfs)
@@ -215,10 +216,27 @@ def test_uswap_run_on_an_nfs_store(nfs, uswapd, hog):
         time.sleep(0.05)
     runs = released(daemon)[before:]
     assert len(runs) == 3, runs                                  # the parent and its 2 fork children
-    assert sum(x["engine_faults"] for x in runs) == 0 and sum(x["slow_path_faults"] for x in runs) > 0, runs
+    assert sum(x["engine_faults"] for x in runs) > 0, runs     # served in C, not forwarded to Python
     assert sum(x["pswpout"] for x in runs) > 0 and sum(x["pswpin"] for x in runs) > 0, runs
     d = daemon.status()["daemon"]
     assert d["io"] == "nfs" and d["read_errors"] == d["write_errors"] == 0 and d["slots_used"] == 0, d
+
+
+def test_compressed_pool_in_front_of_an_nfs_store(nfs, uswapd, workload):
+    """`--pool` on an nfs:// store: pages that compress stay in the daemon, the pool writes its oldest back to
+    the server through the C connection when full, and every word of a region's random workload (half of each
+    page random, so the 4 MiB pool overflows) verifies."""
+    url = mkswap(nfs)
+    daemon = uswapd(store=url, resident="8M", prefix=nfs.netns_cmd([]), extra=("--pool", "4M"))
+    r = subprocess.run([workload, "random", "-s", "32", "-n", "30000", "-f", "0.5"], capture_output=True,
+                       text=True, env=daemon.env(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr + daemon.log()[-3000:]
+    assert "mismatches=0" in r.stdout, r.stdout
+    status = daemon.status()
+    pool, d = status["pool"], status["daemon"]
+    assert pool["stores"] > 0 and pool["loads"] > 0 and pool["written_back"] > 0, pool   # both tiers used
+    assert pool["corrupted"] == 0 and d["read_errors"] == d["write_errors"] == 0, (pool, d)
+    assert status["nfs"]["writes"] > 0 and status["nfs"]["reads"] > 0, status["nfs"]
 
 
 def test_slot_corrupted_on_the_server_is_caught(nfs, uswapd):
@@ -365,7 +383,7 @@ async def main(url):
                       else "other" if isinstance(got[3], bytes) else got[3]] += 1
         print(json.dumps({"pairs": pairs, "same_slot": same_slot,
                           "io_buffers": json.loads(ops.status_json()).get("io_buffers"),
-                          "most_in_flight": store.conn.server.most_in_flight}))
+                          "most_in_flight": store.nfs_status()["most_in_flight"]}))
     finally:
         await store.aclose()
 

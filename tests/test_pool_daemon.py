@@ -257,10 +257,7 @@ def test_incompressible_pages_are_rejected_and_still_correct(uswapd, hog):
                                            "--resident 4M: the pool is paid for out of the budget, and the rest "
                                            "keeps room for pages)"),
     (["--pool-compressor", "bogus"], "--pool-compressor 'bogus': give lz4 or zstd"),
-    (["--pool", "16M", "--store", "nfs://127.0.0.1/export/store?version=3"],
-     "--pool needs a local store: an nfs:// store has no file descriptor the pool could write its pages back "
-     "through"),
-], ids=["above-half", "below-a-page", "compressor", "nfs"])
+], ids=["above-half", "below-a-page", "compressor"])
 def test_daemon_refuses_a_pool_it_cannot_serve_before_making_anything(capsys, tmp_path, args, message):
     assert refused_daemon(capsys, tmp_path, *args) == f"uswap daemon: error: {message}"
     assert os.listdir(tmp_path) == []

@@ -120,7 +120,7 @@ def cmd_daemon(args) -> int:
     import trio
 
     from uswap.daemon.main import harden_process, lock_memory, run_daemon
-    from uswap.daemon.pool import NEEDS_LOCAL_STORE, PoolOptions
+    from uswap.daemon.pool import PoolOptions
     from uswap.daemon.server import check_socket_path, writeback_batch
     from uswap.protocol import daemon_socket_path
     from uswap.daemon.runpolicy import parse_run_users
@@ -129,8 +129,6 @@ def cmd_daemon(args) -> int:
     batch = writeback_batch(args.writeback_batch)
     options.resident(args.resident)
     pool = PoolOptions(options.pool(args.pool, args.resident), options.pool_compressor(args.pool_compressor))
-    if pool.max_bytes and is_nfs_url(args.store):
-        raise ValueError(NEEDS_LOCAL_STORE)
     options.readahead(args.readahead)
     fault_threads = options.fault_threads(args.fault_threads)
     options.timeout("--nfs-timeout", args.nfs_timeout)
@@ -301,8 +299,6 @@ def cmd_bench(args) -> int:
         raise ValueError("--pool adds rows next to the uswap rows: say --io or --run modes too")
     if args.pool * 2 > args.resident:    # the daemon's own rule: the pool is charged to the budget
         raise ValueError(f"--pool {format_size(args.pool)} is over half of --resident {format_size(args.resident)}")
-    if args.pool and any(io.startswith("nfs") for io in io_modes + run):
-        raise ValueError("--pool with an nfs io mode: the daemon's pool needs a local store")
     if args.pool_compressor and not args.pool:
         raise ValueError("--pool-compressor without --pool: say the pool's size")
     if not args.report:   # built once, into the cache; its errors come before any progress display

@@ -242,6 +242,17 @@ int uswap_codec_decode(const struct uswap_codec *c, void *buf, uint64_t first_sl
 	return 0;
 }
 
+int64_t uswap_store_pread(const struct uswap_codec *c, int fd, void *buf, uint64_t len, int64_t off)
+{
+	return c->remote_pread ? c->remote_pread(c->remote, buf, len, (uint64_t)off) : uswap_pread_full(fd, buf, len, off);
+}
+
+int64_t uswap_store_pwrite(const struct uswap_codec *c, int fd, const void *buf, uint64_t len, int64_t off)
+{
+	return c->remote_pwrite ? c->remote_pwrite(c->remote, buf, len, (uint64_t)off)
+				: uswap_pwrite_full(fd, buf, len, off);
+}
+
 /* ------------------------------------------------------------------ */
 /* the fault threads                                                   */
 /* ------------------------------------------------------------------ */
@@ -600,7 +611,8 @@ static int read_slots(struct fault_thread *t, const int64_t *slots, const uint8_
 				continue;
 			}
 			k = slot_run(slots, pooled, i, n);
-			int64_t got = uswap_pread_full(e->store_fd, (char *)t->buf + i * ps, k * ps, (slots[i] + 1) * (int64_t)ps);
+			int64_t got = uswap_store_pread(&e->codec, e->store_fd, (char *)t->buf + i * ps, k * ps,
+							(slots[i] + 1) * (int64_t)ps);
 			count(&e->stats.read_ios, 1);
 			if (got != (int64_t)(k * ps))
 				return got < 0 ? (int)got : -EIO;
@@ -1014,7 +1026,7 @@ static void handle_fault(struct fault_thread *t, const struct uffd_msg *m)
 {
 	struct uswap_engine *e = t->e;
 	uint64_t address = m->arg.pagefault.address, flags = m->arg.pagefault.flags;
-	if (e->store_fd < 0 || address < e->addr || address >= e->addr + e->map->pages * e->page_size)
+	if ((e->store_fd < 0 && !e->codec.remote_pread) || address < e->addr || address >= e->addr + e->map->pages * e->page_size)
 		return forward(e, m, -ENODEV);
 	uint64_t page = (address - e->addr) / e->page_size, entry;
 	stream_reached(t, page);
@@ -1132,8 +1144,10 @@ static int fault_thread_init(struct uswap_engine *e, struct fault_thread *t)
 	t->buf = uswap_map_buffer(e->page_size, (size_t)e->ra_max * e->page_size);
 	if (!t->buf)
 		return -ENOMEM;
-	t->uring_init = t->uring_ok = io_uring_queue_init(MAX_WINDOW, &t->uring, 0) == 0;   /* else: one pread per run */
-	t->ahead_ring_init = t->ahead_ring_ok = io_uring_queue_init(AHEAD_DEPTH * MAX_WINDOW, &t->ahead_ring, 0) == 0;
+	/* The rings read the store's fd; a remote store has none: one read per run, no async readahead. */
+	int local = e->store_fd >= 0;
+	t->uring_init = t->uring_ok = local && io_uring_queue_init(MAX_WINDOW, &t->uring, 0) == 0;   /* else: one pread per run */
+	t->ahead_ring_init = t->ahead_ring_ok = local && io_uring_queue_init(AHEAD_DEPTH * MAX_WINDOW, &t->ahead_ring, 0) == 0;
 	for (int i = 0; i < AHEAD_DEPTH; i++) {
 		t->ahead[i].buf = uswap_map_buffer(e->page_size, (size_t)MAX_WINDOW * e->page_size);
 		if (!t->ahead[i].buf)

@@ -86,6 +86,12 @@ struct uswap_codec {
 	uint64_t *gens;
 	uint8_t *tags;
 	struct uswap_pool *pool;        /* or NULL */
+	/* A store with no file descriptor (nfs://): its slots are read and written through these, and the fd
+	 * the engines and writeback are given is -1.  Python sets them from uswap._nfs (uswap_nfs_io_pread and
+	 * _pwrite on a struct uswap_nfs_io): the core does not link libnfs.  Both NULL: the fd. */
+	int64_t (*remote_pread)(void *remote, void *buf, uint64_t len, uint64_t off);
+	int64_t (*remote_pwrite)(void *remote, const void *buf, uint64_t len, uint64_t off);
+	void *remote;
 };
 
 /* What the engine tells Python, in order, through a ring and an eventfd. */
@@ -140,9 +146,13 @@ uint64_t uswap_map_count(struct uswap_swapmap *m, uint32_t state);
 /* The codec, for the engine and writeback. */
 int uswap_codec_encode(const struct uswap_codec *c, void *buf, uint64_t first_slot, uint64_t count);
 int uswap_codec_decode(const struct uswap_codec *c, void *buf, uint64_t first_slot, uint64_t count, int *bad);
+/* len bytes of the store at byte off: through the codec's remote store if it has one, else fd.  len, or
+ * fewer (end of file), or -errno. */
+int64_t uswap_store_pread(const struct uswap_codec *c, int fd, void *buf, uint64_t len, int64_t off);
+int64_t uswap_store_pwrite(const struct uswap_codec *c, int fd, const void *buf, uint64_t len, int64_t off);
 
 /* The engine: threads (1 to USWAP_MAX_FAULT_THREADS) fault threads reading the region's uffd.
- * store_fd < 0: forward every fault (a store Python serves, e.g. NFS).
+ * store_fd < 0 and no remote store in the codec: forward every fault (Python serves them).
  * slots: the daemon's allocator; the engine frees the slots of pages it makes writable. */
 int uswap_engine_start(struct uswap_swapmap *m, int uffd, int memfd, uint64_t addr, uint32_t page_size,
 		       int store_fd, const struct uswap_codec *codec, struct uswap_slots *slots,

@@ -389,7 +389,7 @@ static int write_span(const struct uswap_codec *c, int fd, char *at, uint64_t fi
 	int ret = uswap_codec_encode(c, at, first, n);
 	if (ret < 0)
 		return ret;
-	int64_t done = uswap_pwrite_full(fd, at, n * ps, (int64_t)((first + 1) * ps));
+	int64_t done = uswap_store_pwrite(c, fd, at, n * ps, (int64_t)((first + 1) * ps));
 	if (ios)
 		(*ios)++;
 	if (done != (int64_t)(n * ps))
@@ -821,7 +821,7 @@ int uswap_pool_read_slots(const struct uswap_codec *c, int fd, void *buf, uint64
 		}
 		if (n) {
 			char *at = (char *)buf + i * ps;
-			int64_t got = uswap_pread_full(fd, at, n * ps, (int64_t)((first + i + 1) * ps));
+			int64_t got = uswap_store_pread(c, fd, at, n * ps, (int64_t)((first + i + 1) * ps));
 			if (ios)
 				(*ios)++;
 			if (got != (int64_t)(n * ps))

@@ -355,7 +355,7 @@ static void handle_fault(struct uswap_runeng *e, const struct uffd_msg *m)
 {
 	uint64_t a = m->arg.pagefault.address & ~(uint64_t)(e->page_size - 1);
 	int ret;
-	if (e->store_fd < 0 || __atomic_load_n(&e->forward_all, __ATOMIC_RELAXED))
+	if ((e->store_fd < 0 && !e->codec.remote_pread) || __atomic_load_n(&e->forward_all, __ATOMIC_RELAXED))
 		return forward(e, m, 0);
 	if (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
 		ret = unprotect(e, a);

@@ -2,8 +2,9 @@
 
 The pool sits at the slot level, in front of the store: whatever writes a slot (a region's writeback, a run's
 eviction, Python's own slot writes) offers the page to the pool first, whatever reads a slot looks there first.
-The daemon makes one when ``uswap daemon --pool SIZE`` is not 0 and the store is local (the pool writes its
-oldest entries back through the store's fd: an nfs:// store has none), and hands it to every C path through
+The daemon makes one when ``uswap daemon --pool SIZE`` is not 0 (the pool writes its oldest entries back
+through the store's fd, or an nfs:// store's C connection: the codec view's remote store), and hands it to
+every C path through
 the two places they all look: the store's codec view (``store.codec_c``: the engines, writeback, Python's slot
 I/O) and the slot allocator (a freed slot's entry is dropped before the slot can be taken again: P1).
 
@@ -16,7 +17,7 @@ resident count would hold the pool's), and be read by nobody while no region is 
 faster view: see the invariant at ``pool_pages`` in budget.py.
 
 Lifetime: made after the store opens, before any region or run; freed (``close``) after every region, run and
-writeback that could use it has stopped, before the store closes (its write-backs use the store's fd).
+writeback that could use it has stopped, before the store closes (its write-backs use the store's fd or connection).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from uswap.config import DEFAULTS
 from uswap.core import check
 from uswap.daemon.options import POOL_COMPRESSORS
 
-NEEDS_LOCAL_STORE = ("--pool needs a local store: an nfs:// store has no file descriptor the pool could write its "
-                     "pages back through")
 # The compressors' C names, and the level each runs at (0: lz4's only one, LZ4_compress_default; zstd's default
 # level, 3).
 COMPRESSOR_IDS = {"lz4": "USWAP_POOL_LZ4", "zstd": "USWAP_POOL_ZSTD"}
@@ -48,8 +47,6 @@ class CompressedPool:
     """One pool over a store's slots.  ``c`` is the ``struct uswap_pool *`` the C paths are given."""
 
     def __init__(self, options: PoolOptions, *, slot_count: int, page_size: int, store_fd: int, codec_c):
-        if store_fd < 0:
-            raise ValueError(NEEDS_LOCAL_STORE)
         self.options = options
         self.page_size = page_size
         # Pages the pool's memory takes now (atomic in C; read here as one aligned 64-bit load).

@@ -98,9 +98,8 @@ class Region:
         self._dirtied = 0
         self._last_fault = -(1 << 40)   # readahead state of the Python path: previous fault, window size
         self._ra_size = 1
-        local = daemon.store_fd
-        self.engine = Engine(self.map, uffd=uffd.fd, memfd=memfd, addr=addr, store_fd=local,
-                             codec=daemon.codec_c if local >= 0 else None, slots=daemon.slots,
+        self.engine = Engine(self.map, uffd=uffd.fd, memfd=memfd, addr=addr, store_fd=daemon.store_fd,
+                             codec=daemon.codec_c, slots=daemon.slots,
                              readahead=daemon.readahead, threads=daemon.fault_threads)
 
     # -- accounting -------------------------------------------------------
@@ -241,17 +240,20 @@ class Region:
                     self.stats.throttled += 1
                     self.daemon.stats.throttled += 1
                     return self._ioctl(self.uffd.wake, event.address & ~(PAGE_SIZE - 1), PAGE_SIZE)
-            if why in CORRUPT_ERRNOS:     # the engine's read did not verify: that was the first read
+            # The engine's read did not verify (that was the first read), or its store (nfs://) did not answer
+            # for all of its timeout (a second wait would double the faulting thread's).
+            failed = why if why in CORRUPT_ERRNOS or why == errno.ETIMEDOUT else 0
+            if failed:
                 self.stats.read_errors += 1
                 self.daemon.stats.read_errors += 1
-            await self.handle_fault(event, read_failed=why in CORRUPT_ERRNOS)
+            await self.handle_fault(event, read_failed=failed)
         except RegionGone:
             self.daemon.end_region(self, "its client's memory is gone", level=logging.INFO)
 
     # -- the faults Python serves -----------------------------------------------------
 
-    async def handle_fault(self, event: Pagefault, *, read_failed: bool = False) -> None:
-        """``read_failed``: the engine's read for this fault did not verify (swap_in reads the page once more)."""
+    async def handle_fault(self, event: Pagefault, *, read_failed: int = 0) -> None:
+        """``read_failed``: the errno of the engine's failed read for this fault, or 0 (swap_in)."""
         page = (event.address - self.addr) // PAGE_SIZE
         if not 0 <= page < self.pages:
             self.daemon.log_limited(f"outside {self.id}", logging.WARNING, "region %d: fault at %#x outside the "
@@ -263,7 +265,7 @@ class Region:
         else:
             await self._handle(event, page, read_failed)
 
-    async def _handle_when_unclaimed(self, event: Pagefault, page: int, read_failed: bool = False) -> None:
+    async def _handle_when_unclaimed(self, event: Pagefault, page: int, read_failed: int = 0) -> None:
         if event.is_wp and self.map.state(page) == WRITEBACK:
             await self.wait_for_writeback(page)
             if self.closed:
@@ -271,7 +273,7 @@ class Region:
         await self.wait_unclaimed(page)
         await self._handle(event, page, read_failed)
 
-    async def _handle(self, event: Pagefault, page: int, read_failed: bool = False) -> None:
+    async def _handle(self, event: Pagefault, page: int, read_failed: int = 0) -> None:
         if self.quiesced or self.closed:
             return   # swapoff: the pages go back into the memfd, the client unregisters
         state = self.map.state(page)
@@ -348,13 +350,14 @@ class Region:
         self._last_fault = page
         return self._ra_size
 
-    async def swap_in(self, page: int, *, write: bool = False, read_failed: bool = False) -> None:
+    async def swap_in(self, page: int, *, write: bool = False, read_failed: int = 0) -> None:
         """do_swap_page for a page the engine did not serve: claim the readahead
         run (SWAPPED pages whose slots continue the faulting page's), read it
         (with retries for I/O errors), else the faulting page alone, install it;
-        an unreadable faulting page is poisoned.  ``read_failed``: the engine's
-        read of its window did not verify, so the faulting page alone is read,
-        once (CORRUPT_ERRNOS)."""
+        an unreadable faulting page is poisoned.  ``read_failed``: the errno of
+        the engine's read of its window: one that did not verify (CORRUPT_ERRNOS)
+        means the faulting page alone is read, once; ETIMEDOUT (a remote store
+        that did not answer for its whole timeout) poisons it at once."""
         await self.daemon.reclaimer.throttle()
         if self.closed:
             return
@@ -364,6 +367,9 @@ class Region:
         if run is None:
             return self._ioctl(self.uffd.wake, self.address(page), PAGE_SIZE)
         first, count = run
+        if read_failed == errno.ETIMEDOUT:   # count is 1: the faulting page alone was claimed
+            return self._poison(page, slot, OSError(errno.ETIMEDOUT, "the store did not answer the fault engine's "
+                                                                     "read within its timeout", self.daemon.store.path))
         # Invariant: a buffer belongs to one swap-in from here to the install; other
         # swap-ins of this region run while this one awaits its read.
         buf = self._bufs.pop() if self._bufs else AlignedBuffer(max(1, self.daemon.readahead) * PAGE_SIZE)

@@ -167,8 +167,8 @@ class Daemon:
         self.readahead = readahead
         self.fault_threads = fault_threads   # per region's engine
         self.io = store.slot_io(io_mode)
-        self.store_fd = store.local_fd     # the engines read slots here; -1: every fault goes to Python
-        self.codec_c = self.io.codec_c if self.store_fd >= 0 else None
+        self.store_fd = store.local_fd     # the engines read slots here, or through the codec's remote store
+        self.codec_c = store.codec_c
         self.slots = SlotAllocator(store.slot_count, store.codec)
         # The compressed pool (uswap.daemon.pool), in front of the store for every path that reads or writes a
         # slot: they all look at the store's codec view (the engines, writeback, Python's slot I/O) or free
@@ -187,7 +187,7 @@ class Daemon:
         # Writeback batches in flight: one with sync I/O (each write completes before the
         # next batch is chosen); with async I/O, writes overlap the choice of the next ones.
         self.reclaimer = Reclaimer(self, budget // PAGE_SIZE, batch=batch,
-                                   in_flight=ASYNC_BATCHES_IN_FLIGHT if self.io.mode == "async" else 1,
+                                   in_flight=ASYNC_BATCHES_IN_FLIGHT if self.io.overlapping else 1,
                                    shares=self.shares)
         self.stats = DaemonStats()
         self.regions: dict[int, Region] = {}

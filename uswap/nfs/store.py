@@ -7,10 +7,10 @@ the server holds only ciphertext and never hands back wrong data.
 
 Stable writes.  A slot counts as written only once the server has it on
 stable storage, as the kernel's swap-over-NFS writes do.  ``file_sync``
-(the default) sends every WRITE as FILE_SYNC; ``commit`` sends UNSTABLE
-WRITEs and a COMMIT after each batch.  libnfs 4.0 does not compare write
+(the default) sends every WRITE as FILE_SYNC; ``commit`` sends an UNSTABLE
+WRITE and a COMMIT for each run of slots.  libnfs 4.0 does not compare write
 verifiers, so with ``commit`` a failure anywhere in write + commit sends the
-write again, never only the commit.  docs/BENCHMARKS.md has both measured.
+write again, never only the commit (csrc/nfs/uswap_nfs_io.h).  docs/BENCHMARKS.md has both measured.
 
 One user at a time: a lock file next to the store (uswap.nfs.lock).
 """
@@ -20,7 +20,10 @@ from __future__ import annotations
 import errno
 import os
 
-from uswap.core import PAGE_SIZE, AlignedBuffer
+import trio
+
+from uswap._core import ffi as core_ffi, lib as core_lib
+from uswap.core import PAGE_SIZE, AlignedBuffer, check
 from uswap.nfs import DEFAULT_TIMEOUT, STABLE_MODES
 from uswap.nfs.connection import NfsConnection
 from uswap.nfs.lock import drop_lock, read_lock, take_lock
@@ -30,8 +33,8 @@ from uswap.store.header import StoreHeader
 from uswap.store.base import SlotIO, Store, StoreOptions
 from uswap.store.lock import StoreUnusable
 from uswap.store.sealing import slot_codec
-from uswap.store.swapfile import slot_span
-from uswap._nfs import lib
+from uswap.store.swapfile import read_slots_through_c, slot_span
+from uswap._nfs import ffi, lib
 
 
 async def stat(conn: NfsConnection, path: str):
@@ -78,16 +81,32 @@ async def check_nfs_store(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> Chec
 
 # -- the open store ----------------------------------------------------------------
 
-class NfsStore(Store, SlotIO):
+STATES = {lib.USWAP_NFS_DOWN: "down", lib.USWAP_NFS_UP: "up", lib.USWAP_NFS_CONNECTING: "connecting"}
+_PREAD = "int64_t (*)(void *, void *, uint64_t, uint64_t)"
+_PWRITE = "int64_t (*)(void *, const void *, uint64_t, uint64_t)"
+
+
+def _for_core(ctype: str, pointer):
+    """A pointer of uswap._nfs as the core's ffi types it (two cffi modules: one address, two types)."""
+    return core_ffi.cast(ctype, int(ffi.cast("uintptr_t", pointer)))
+
+
+class NfsStore(Store):
     """A checked, locked store on an NFS server.  Use :meth:`open`, then ``await aclose()``.
 
-    It is its own slot I/O, whatever the mode: its reads and writes are
-    asynchronous by nature (libnfs on the event loop, several in flight)."""
+    Two connections to the server, one per side:
+      - Python's (uswap.nfs.connection, trio): the lock file, the activation checks, and the unlock at close.
+      - C's (csrc/nfs/uswap_nfs_io.h, a service thread of its own): every slot read and write.  The store's
+        codec view (``codec_c``) names it as its remote store, so the fault engines, writeback, the pool and
+        the slot I/O here (uswap.store.slot_io.RemoteSlotIO: worker threads) all read and write through it,
+        with the same codec, error policy and reconnects.
+    The store file is opened on both; NFSv3 is stateless, so which connection wrote a slot does not matter
+    to a read on the other (no client cache: libnfs has none)."""
 
-    mode = "nfs"
+    fd = -1   # no local fd (uswap.store.swapfile.read_slots_through_c: the codec's remote store instead)
 
     def __init__(self, conn: NfsConnection, url: NfsUrl, header: StoreHeader, report: CheckReport, stable: str,
-                 *, encrypt: bool = True):
+                 io, *, encrypt: bool = True):
         self.conn = conn
         self.url = url
         self.path = url.url
@@ -97,7 +116,12 @@ class NfsStore(Store, SlotIO):
         self.page_size = header.page_size
         self.slot_count = header.slot_count
         self.codec = slot_codec(self.path, self.slot_count, self.page_size, encrypt=encrypt)
-        self.write_ios = 0
+        self.io = io                    # struct uswap_nfs_io *: closed by aclose, after everything using it
+        self.codec_c = self.codec.c_view()
+        self.codec_c.remote = _for_core("void *", io)
+        self.codec_c.remote_pread = _for_core(_PREAD, ffi.addressof(lib, "uswap_nfs_io_pread"))
+        self.codec_c.remote_pwrite = _for_core(_PWRITE, ffi.addressof(lib, "uswap_nfs_io_pwrite"))
+        self._stats = ffi.new("struct uswap_nfs_io_stats *")
 
     @classmethod
     async def open(cls, url: str, *, timeout: float = DEFAULT_TIMEOUT, stable: str = "file_sync",
@@ -105,7 +129,7 @@ class NfsStore(Store, SlotIO):
         if stable not in STABLE_MODES:
             raise ValueError(f"unknown stable-write mode {stable!r} ({' or '.join(STABLE_MODES)})")
         nfs_url = NfsUrl.parse(url)
-        flags = os.O_RDWR | (os.O_SYNC if stable == "file_sync" else 0)   # O_SYNC: libnfs sends FILE_SYNC
+        flags = os.O_RDWR | (os.O_SYNC if stable == "file_sync" else 0)   # what the C side opens: its errors here
         conn = await NfsConnection.connect(nfs_url, timeout=timeout, file_flags=flags)
         try:
             await take_lock(conn, nfs_url)
@@ -113,7 +137,8 @@ class NfsStore(Store, SlotIO):
                 report = await check_store_file(conn, nfs_url)
                 if not report.usable:
                     raise StoreUnusable(report)
-                return cls(conn, nfs_url, report.header, report, stable, encrypt=encrypt)
+                io = await trio.to_thread.run_sync(open_io, nfs_url, conn.address, stable, timeout)
+                return cls(conn, nfs_url, report.header, report, stable, io, encrypt=encrypt)
             except BaseException:
                 await drop_lock(conn, nfs_url)
                 raise
@@ -122,20 +147,14 @@ class NfsStore(Store, SlotIO):
             raise
 
     async def aclose(self) -> None:
+        io, self.io = self.io, None
+        if io is not None:
+            lib.uswap_nfs_io_close(io)
         self.codec.close()
         try:
             await drop_lock(self.conn, self.url)
         finally:
             self.conn.close()
-
-    async def write(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
-        offset, length = slot_span(self.header, first, count, buf, buf_page)
-        ptr = buf.ptr + buf_page * self.page_size
-        self.codec.encode(first, count, ptr)   # sealed in place: a resend or a second WRITE sends the same bytes
-        await self._write(offset, length, ptr)
-        if self.stable == "commit":
-            await self._commit(offset, length, ptr)
-        self.codec.written(first, count)
 
     @classmethod
     async def open_for_use(cls, spec: str, options: StoreOptions) -> "NfsStore":
@@ -143,49 +162,46 @@ class NfsStore(Store, SlotIO):
 
     @property
     def local_fd(self) -> int:
-        return -1   # no local fd: the fault engine forwards every fault to Python
+        return -1   # the engines read through the codec view's remote store
 
     def slot_io(self, mode: str) -> SlotIO:
-        return self
+        """Worker threads whatever the mode: every transfer waits on the network."""
+        from uswap.store.slot_io import RemoteSlotIO
+        return RemoteSlotIO(self)
 
-    async def write_batch(self, buf: AlignedBuffer, slots, count: int) -> None:
-        """A reclaim batch (the slot I/O interface, uswap.store.base.SlotIO): buffer page i to
-        slot ``slots[i]`` (-1: not written), one WRITE per run of contiguous slots."""
-        i = 0
-        while i < count:
-            n = 1
-            while slots[i] >= 0 and i + n < count and slots[i + n] == slots[i] + n:
-                n += 1
-            if slots[i] >= 0:
-                await self.write(slots[i], n, buf, i)
-                self.write_ios += 1
-            i += n
+    def write_slots(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
+        """As uswap.store.swapfile.SwapStore.write_slots, through the C connection (blocking: a worker thread's)."""
+        slot_span(self.header, first, count, buf, buf_page)
+        check(core_lib.uswap_pool_write_slots(self.codec_c, -1, buf.ptr + buf_page * self.page_size, first, count,
+                                              core_ffi.NULL), self.path)
 
-    async def _write(self, offset: int, length: int, ptr) -> None:
-        req = await self.conn.request(lambda ctx, fh, r: lib.uswap_nfs_pwrite(ctx, fh, offset, length, ptr, r),
-                                      f"write {length} bytes at {offset}")
-        if req.result != length:
-            raise OSError(errno.EIO, f"short write at offset {offset}: {req.result} of {length} bytes", self.path)
+    def read_slots(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
+        """As uswap.store.swapfile.SwapStore.read_slots, through the C connection (blocking: a worker thread's)."""
+        slot_span(self.header, first, count, buf, buf_page)
+        read_slots_through_c(self, first, count, buf.ptr + buf_page * self.page_size)
 
-    async def _commit(self, offset: int, length: int, ptr) -> None:
-        """COMMIT; a COMMIT answered on another connection than the WRITE (the server
-        may have restarted in between, losing the unstable data) sends the WRITE again."""
-        while True:
-            connection = self.conn.generation
-            await self.conn.request(lambda ctx, fh, r: lib.uswap_nfs_fsync(ctx, fh, r), "commit")
-            if self.conn.generation == connection:
-                return
-            self.conn.server.retries += 1
-            await self._write(offset, length, ptr)
-
-    async def read(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
-        offset, length = slot_span(self.header, first, count, buf, buf_page)
-        self.codec.require_written(first, count)
-        ptr = buf.ptr + buf_page * self.page_size
-        await read_at(self.conn, offset, length, ptr)
-        self.codec.decode(first, count, ptr)
+    def nfs_status(self) -> dict:
+        """The data connection's state and counters (uswap_nfs_io_stats)."""
+        s = self._stats
+        lib.uswap_nfs_io_stats(self.io, s)
+        return {"server": self.url.server, "state": STATES.get(s.state, "down"), "since": s.since,
+                "connects": s.connects, "retries": s.retries, "most_in_flight": s.most_in_flight,
+                "reads": s.reads, "writes": s.writes, "commits": s.commits, "read_bytes": s.read_bytes,
+                "write_bytes": s.write_bytes, "last_error": ffi.string(s.last_error).decode(errors="replace")}
 
     def status(self) -> dict:
         """Entries for `uswap status` (a daemon's, or a FUSE mount's .status)."""
         return {"encryption": self.codec.encryption,
-                "nfs": {"stable": self.stable, "timeout_s": self.conn.timeout, **vars(self.conn.server)}}
+                "nfs": {"stable": self.stable, "timeout_s": self.conn.timeout, **self.nfs_status()}}
+
+
+def open_io(url: NfsUrl, address: str, stable: str, timeout: float):
+    """The C data connection (blocking: connect, MOUNT, open).  OSError in one line if it cannot be made."""
+    out = ffi.new("struct uswap_nfs_io **")
+    err = ffi.new("char[200]")
+    ret = lib.uswap_nfs_io_open(url.libnfs_url(address).encode(), address.encode(), url.export.encode(),
+                                url.file.encode(), int(stable == "commit"), int(timeout * 1000), out, err,
+                                len(err))
+    if ret < 0:
+        raise OSError(-ret, ffi.string(err).decode(errors="replace") or os.strerror(-ret), url.url)
+    return out[0]

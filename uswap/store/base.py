@@ -28,6 +28,7 @@ class SlotIO(abc.ABC):
     """Moving slots between a store and aligned buffers, the way one I/O mode does it."""
 
     mode: str                       # what `uswap status` shows as "io"
+    overlapping: bool               # several writeback batches may be in flight at once
     write_ios: int                  # writes issued so far
 
     @abc.abstractmethod
@@ -50,6 +51,7 @@ class Store(abc.ABC):
     page_size: int
     slot_count: int
     codec: object                   # the slot codec (uswap.store.checksums.SlotCodec)
+    codec_c: object                 # its one C view (struct uswap_codec *): engines, writeback, the pool
 
     @classmethod
     @abc.abstractmethod
@@ -63,7 +65,8 @@ class Store(abc.ABC):
     @property
     @abc.abstractmethod
     def local_fd(self) -> int:
-        """An O_DIRECT fd on the slots for the fault engine's reads, or -1."""
+        """An O_DIRECT fd on the slots for the fault engine's reads, or -1 (a remote store: ``codec_c`` names
+        the functions that read and write its slots)."""
 
     @abc.abstractmethod
     def slot_io(self, mode: str) -> SlotIO:

@@ -9,6 +9,9 @@ batch to a bounded pool of threads running only C (uswap_wb_write: encode and
 pwrite, no GIL), so the event loop goes on with forwarded faults, messages and
 the next batch's choice while pages are written.
 
+A remote store (nfs://) has no fd: its transfers wait on the network, so
+``RemoteSlotIO`` hands reads and writes to the worker threads as well.
+
 ``write_batch(buf, slots, count)`` writes a reclaim batch: buffer page i to
 slot ``slots[i]`` (-1: an all-zero page, not written), one write per run of
 contiguous slots.
@@ -25,6 +28,7 @@ from uswap.store.base import SlotIO
 
 class SyncSlotIO(SlotIO):
     mode = "sync"
+    overlapping = False     # writes complete before the next batch is chosen
 
     def __init__(self, store):      # a uswap.store.swapfile.SwapStore
         self.store = store
@@ -54,6 +58,7 @@ class SyncSlotIO(SlotIO):
 
 class ThreadSlotIO(SyncSlotIO):
     mode = "async"
+    overlapping = True      # writes overlap the choice of the next batches
 
     def __init__(self, store, workers: int = 4):
         super().__init__(store)
@@ -66,3 +71,15 @@ class ThreadSlotIO(SyncSlotIO):
     async def write_batch(self, buf: AlignedBuffer, slots, count: int) -> None:
         # Not abandonable: the thread reads from a buffer we still own.
         await trio.to_thread.run_sync(self._write_batch, buf, slots, count, limiter=self.limiter)
+
+
+class RemoteSlotIO(ThreadSlotIO):
+    """A remote store's slot I/O (uswap.nfs.store.NfsStore): everything on worker threads, the event loop
+    never waits for the server (which may be down for the whole of --nfs-timeout)."""
+    mode = "nfs"
+
+    async def read(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
+        await trio.to_thread.run_sync(self.store.read_slots, first, count, buf, buf_page, limiter=self.limiter)
+
+    async def write(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
+        await trio.to_thread.run_sync(self.store.write_slots, first, count, buf, buf_page, limiter=self.limiter)

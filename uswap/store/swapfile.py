@@ -124,7 +124,7 @@ class SwapStore(Store):
         offset, length = slot_span(self.header, first, count, buf, buf_page)
         ptr = buf.ptr + buf_page * self.page_size
         if self.codec_c.pool != ffi.NULL:
-            self._read_pooled(first, count, ptr)
+            read_slots_through_c(self, first, count, ptr)
             return
         self.codec.require_written(first, count)
         n = check(lib.uswap_pread_full(self.fd, ptr, length, offset), self.path)
@@ -132,17 +132,19 @@ class SwapStore(Store):
             raise OSError(errno.EIO, f"short read at offset {offset}: {n} of {length} bytes", self.path)
         self.codec.decode(first, count, ptr)
 
-    def _read_pooled(self, first: int, count: int, ptr) -> None:
-        """read_slots with the compressed pool in front: pooled pages decompressed and checked (P2), the rest
-        read and decoded, in C; a page that fails its check raises ChecksumError (EBADMSG) as a store read's
-        does, one never written raises ENODATA."""
-        bad = ffi.new("int *", -1)
-        ret = lib.uswap_pool_read_slots(self.codec_c, self.fd, ptr, first, count, ffi.NULL, bad)
-        slot = first + max(bad[0], 0)
-        if ret == -errno.EBADMSG:
-            check_name = "crc32c" if self.codec.encryption == "off" else self.codec.encryption
-            raise ChecksumError(self.path, slot, f"slot {slot} failed its check (the pool's crc32c, or the "
-                                                 f"store's {check_name}): its data is corrupted, stale or replayed")
-        if ret == -errno.ENODATA:
-            raise OSError(errno.ENODATA, f"slot {slot} holds nothing written since the store was opened", self.path)
-        check(ret, self.path)
+
+def read_slots_through_c(store, first: int, count: int, ptr) -> None:
+    """read_slots in C (uswap_pool_read_slots): the pages in the codec's compressed pool (if any) decompressed
+    and checked (P2), the rest read from the store (its fd, or the codec's remote store) and decoded.  A page
+    that fails its check raises ChecksumError (EBADMSG) as a store read's does, one never written raises
+    ENODATA."""
+    bad = ffi.new("int *", -1)
+    ret = lib.uswap_pool_read_slots(store.codec_c, store.fd, ptr, first, count, ffi.NULL, bad)
+    slot = first + max(bad[0], 0)
+    if ret == -errno.EBADMSG:
+        check_name = "crc32c" if store.codec.encryption == "off" else store.codec.encryption
+        raise ChecksumError(store.path, slot, f"slot {slot} failed its check (the pool's crc32c, or the "
+                                              f"store's {check_name}): its data is corrupted, stale or replayed")
+    if ret == -errno.ENODATA:
+        raise OSError(errno.ENODATA, f"slot {slot} holds nothing written since the store was opened", store.path)
+    check(ret, store.path)
