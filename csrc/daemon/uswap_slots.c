@@ -1,4 +1,4 @@
-/* The slot allocator (uswap_slots.h): a bitmap, next-fit clusters, atomic frees. */
+/* The slot allocator (uswap_slots.h): a bitmap, next-fit clusters within priority groups, atomic frees. */
 #include "uswap_slots.h"
 #include "uswap_pool.h"
 
@@ -14,13 +14,36 @@ int uswap_slots_new(uint64_t count, uint8_t *valid, struct uswap_slots **out)
 	if (!s)
 		return -ENOMEM;
 	s->bits = calloc(WORD(count) + 1, sizeof(uint64_t));
-	if (!s->bits) {
-		free(s);
+	s->groups = calloc(1, sizeof(*s->groups));
+	if (!s->bits || !s->groups) {
+		uswap_slots_destroy(s);
 		return -ENOMEM;
 	}
 	s->count = count;
 	s->valid = valid;
+	s->ngroups = 1;
+	s->groups[0].end = count;
 	*out = s;
+	return 0;
+}
+
+int uswap_slots_set_groups(struct uswap_slots *s, const uint64_t *ends, uint32_t n)
+{
+	if (n == 0 || ends[n - 1] != s->count || __atomic_load_n(&s->in_use, __ATOMIC_RELAXED))
+		return -EINVAL;
+	for (uint32_t g = 0; g < n; g++)
+		if (ends[g] <= (g ? ends[g - 1] : 0))
+			return -EINVAL;
+	struct uswap_slot_group *groups = calloc(n, sizeof(*groups));
+	if (!groups)
+		return -ENOMEM;
+	for (uint32_t g = 0; g < n; g++) {
+		groups[g].start = groups[g].next = g ? ends[g - 1] : 0;
+		groups[g].end = ends[g];
+	}
+	free(s->groups);
+	s->groups = groups;
+	s->ngroups = n;
 	return 0;
 }
 
@@ -28,8 +51,18 @@ void uswap_slots_destroy(struct uswap_slots *s)
 {
 	if (s) {
 		free(s->bits);
+		free(s->groups);
 		free(s);
 	}
+}
+
+/* The group holding slot i (few groups: a look along them). */
+static struct uswap_slot_group *group_of(const struct uswap_slots *s, uint64_t i)
+{
+	uint32_t g = 0;
+	while (g + 1 < s->ngroups && i >= s->groups[g].end)
+		g++;
+	return &s->groups[g];
 }
 
 /* The first bit in [i, end) that is set in the bitmap XOR flip (flip 0: the first used
@@ -47,7 +80,7 @@ static uint64_t next_bit(struct uswap_slots *s, uint64_t i, uint64_t end, uint64
 	return end;
 }
 
-static void mark_used(struct uswap_slots *s, uint64_t first, uint64_t n)
+static void mark_used(struct uswap_slots *s, struct uswap_slot_group *grp, uint64_t first, uint64_t n)
 {
 	for (uint64_t i = first; i < first + n;) {
 		uint64_t k = 64 - (i & 63) < first + n - i ? 64 - (i & 63) : first + n - i;
@@ -55,24 +88,35 @@ static void mark_used(struct uswap_slots *s, uint64_t first, uint64_t n)
 		__atomic_fetch_or(&s->bits[WORD(i)], mask, __ATOMIC_RELAXED);
 		i += k;
 	}
+	__atomic_add_fetch(&grp->in_use, (int64_t)n, __ATOMIC_RELAXED);
 	__atomic_add_fetch(&s->in_use, (int64_t)n, __ATOMIC_RELAXED);
+}
+
+uint64_t uswap_slots_used_in(const struct uswap_slots *s, uint64_t first, uint64_t count)
+{
+	uint64_t used = 0, end = first + count < s->count ? first + count : s->count;
+	for (uint64_t i = first; i < end;) {
+		uint64_t k = 64 - (i & 63) < end - i ? 64 - (i & 63) : end - i;
+		uint64_t mask = (k == 64 ? UINT64_MAX : (BIT(k) - 1)) << (i & 63);
+		used += (uint64_t)__builtin_popcountll(__atomic_load_n(&s->bits[WORD(i)], __ATOMIC_RELAXED) & mask);
+		i += k;
+	}
+	return used;
 }
 
 /* How far a search looks for a whole cluster before it settles for the longest run
  * it has seen: bounded, so a fragmented store costs a short scan, not a full one. */
 #define SCAN_LIMIT 8192
 
-/* A run of free slots from the next-fit position on (wrapping once): the first of
- * length want, else the longest seen in the first SCAN_LIMIT slots looked at (the
- * kernel's cluster allocator likewise settles for a fragment of a free cluster).
- * Its length, or -ENOSPC. */
-int64_t uswap_slots_alloc(struct uswap_slots *s, uint64_t want, uint64_t *first)
+/* A run of free slots in group grp from its next-fit position on (wrapping once): the
+ * first of length want, else the longest seen in the first SCAN_LIMIT slots looked at
+ * (the kernel's cluster allocator likewise settles for a fragment of a free cluster).
+ * Its length, or 0: the group has no free slot. */
+static uint64_t alloc_in(struct uswap_slots *s, struct uswap_slot_group *grp, uint64_t want, uint64_t *first)
 {
 	uint64_t best = 0, best_len = 0, scanned = 0;
-	if (want == 0)
-		return -EINVAL;
 	for (int pass = 0; pass < 2; pass++) {
-		uint64_t i = pass ? 0 : s->next, end = pass ? s->next : s->count;
+		uint64_t i = pass ? grp->start : grp->next, end = pass ? grp->next : grp->end;
 		while (i < end) {
 			uint64_t j = next_bit(s, i, end, UINT64_MAX);   /* a free slot */
 			if (j >= end)
@@ -89,12 +133,32 @@ int64_t uswap_slots_alloc(struct uswap_slots *s, uint64_t want, uint64_t *first)
 		}
 	}
 	if (best_len == 0)
-		return -ENOSPC;
+		return 0;
 found:
-	mark_used(s, best, best_len);
-	s->next = best + best_len < s->count ? best + best_len : 0;
+	mark_used(s, grp, best, best_len);
+	grp->next = best + best_len < grp->end ? best + best_len : grp->start;
 	*first = best;
-	return (int64_t)best_len;
+	return best_len;
+}
+
+/* A run of free slots in the first group (highest priority) that has one: its length
+ * (1 to want), or -ENOSPC. */
+int64_t uswap_slots_alloc(struct uswap_slots *s, uint64_t want, uint64_t *first)
+{
+	if (want == 0)
+		return -EINVAL;
+	for (uint32_t g = 0; g < s->ngroups; g++) {
+		struct uswap_slot_group *grp = &s->groups[g];
+		/* Only this thread sets bits (and counts them after); a free counts a slot
+		 * out after clearing its bit: in_use is never below the bits set, so below the
+		 * group's size the group has a free slot. */
+		if (__atomic_load_n(&grp->in_use, __ATOMIC_RELAXED) >= (int64_t)(grp->end - grp->start))
+			continue;
+		uint64_t got = alloc_in(s, grp, want, first);
+		if (got)
+			return (int64_t)got;
+	}
+	return -ENOSPC;
 }
 
 /* Free slots first..first+count-1: their pool entries go first (P1: drop also waits
@@ -113,8 +177,10 @@ int uswap_slots_release(struct uswap_slots *s, uint64_t first, uint64_t count)
 		if (s->valid)
 			__atomic_store_n(&s->valid[i], 0, __ATOMIC_RELAXED);
 		uint64_t old = __atomic_fetch_and(&s->bits[WORD(i)], ~BIT(i), __ATOMIC_RELEASE);
-		if (old & BIT(i))
+		if (old & BIT(i)) {
+			__atomic_sub_fetch(&group_of(s, i)->in_use, 1, __ATOMIC_RELAXED);
 			__atomic_sub_fetch(&s->in_use, 1, __ATOMIC_RELAXED);
+		}
 		else
 			ret = -EINVAL;
 	}

@@ -7,6 +7,10 @@ because the engines free slots from their own threads (a swapped-in page that
 goes in writable: its slot is stale at once); only the event loop allocates.
 A freed slot is forgotten by the store's codec in the same call, before it
 can be handed out again: reading it back is an error from then on.
+
+A store set (uswap.store.storeset) splits the slots into priority groups,
+highest first: a slot is taken from the first group with a free one, as the
+kernel fills its highest-priority swap area first.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ class NoSlots(OSError):
 
 
 class SlotAllocator:
-    def __init__(self, count: int, codec=None):
+    def __init__(self, count: int, codec=None, groups: tuple[int, ...] = ()):
+        """``groups``: the priority groups' ends, highest priority first (the last is ``count``); none: one."""
         out = ffi.new("struct uswap_slots **")
         self._valid = codec.valid_array() if codec is not None else ffi.NULL   # kept alive with us
         check(lib.uswap_slots_new(count, self._valid, out))
         self.c = ffi.gc(out[0], lib.uswap_slots_destroy)
+        if groups:
+            check(lib.uswap_slots_set_groups(self.c, ffi.new("uint64_t[]", list(groups)), len(groups)))
         self.count = count
         self._first = ffi.new("uint64_t *")
 
