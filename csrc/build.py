@@ -23,15 +23,17 @@ def declarations(header: str) -> str:
 
 ffi = cffi.FFI()
 ffi.cdef((HERE / "cdef.h").read_text() + declarations("uswap_core.h") + declarations("uswap_slots.h")
+          + declarations("uswap_storeset.h")
           + declarations("uswap_engine.h") + declarations("uswap_pool.h") + declarations("uswap_pt.h")
           + declarations("uswap_runeng.h")
           # the run protocol's struct: array lengths from the compiler, like the constants
           + declarations("uswap_run.h").replace("[USWAP_RUN_MAX_SPANS]", "[...]"))
 ffi.set_source(
     "uswap._core",
-    '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap_slots.h"\n#include "uswap_engine.h"\n#include "uswap_pool.h"\n#include "uswap_pt.h"\n#include "uswap_runeng.h"\n#include "uswap_run.h"\n#include "uswap.h"\n',
+    '#include <fcntl.h>\n#include "uswap_core.h"\n#include "uswap_slots.h"\n#include "uswap_storeset.h"\n#include "uswap_engine.h"\n#include "uswap_pool.h"\n#include "uswap_pt.h"\n#include "uswap_runeng.h"\n#include "uswap_run.h"\n#include "uswap.h"\n',
     sources=["csrc/common/uswap_core.c", "csrc/client/uswap_client.c", "csrc/common/uswap_daemon_peer.c",
-             "csrc/daemon/uswap_seal.c", "csrc/daemon/uswap_slots.c", "csrc/daemon/uswap_engine.c",
+             "csrc/daemon/uswap_seal.c", "csrc/daemon/uswap_slots.c", "csrc/daemon/uswap_storeset.c",
+             "csrc/daemon/uswap_engine.c",
              "csrc/daemon/uswap_pool.c", "csrc/daemon/uswap_pt.c", "csrc/daemon/uswap_runeng.c",
              "csrc/daemon/uswap_probe.c"],
     include_dirs=["csrc/common", "csrc/daemon", "csrc/preload", "uswap/include"],

@@ -124,6 +124,7 @@ def cmd_daemon(args) -> int:
     from uswap.daemon.server import check_socket_path, writeback_batch
     from uswap.protocol import daemon_socket_path
     from uswap.daemon.runpolicy import parse_run_users
+    from uswap.store.storeset import store_specs
     # Every option is checked before anything is made or started: a refused one leaves no directory,
     # store, socket, lock or log behind (tests/test_cli.py).
     batch = writeback_batch(args.writeback_batch)
@@ -139,15 +140,17 @@ def cmd_daemon(args) -> int:
     options.count("--user-max-connections", args.user_max_connections, 1)
     options.count("--user-max-runs", args.user_max_runs, 0)              # 0: runs for the daemon's uid only
     run_users = parse_run_users(args.run_users)
+    stores = store_specs(args.store or [DEFAULT_STORE])
     group = socket_group(args.group)
     socket_path = args.socket or daemon_socket_path()  # may ask for --socket
     check_socket_path(socket_path)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="uswap daemon[%(process)d]: %(levelname)s %(message)s")
-    ensure_store(args.store)
+    for spec in stores:
+        ensure_store(spec.url)
     lock_memory()
     harden_process()
-    trio.run(functools.partial(run_daemon, store_spec=args.store, socket_path=socket_path,
+    trio.run(functools.partial(run_daemon, store_specs=stores, socket_path=socket_path,
                                budget=args.resident, io_mode=args.io, readahead=args.readahead,
                                fault_threads=fault_threads, nfs_timeout=args.nfs_timeout, nfs_stable=args.nfs_stable, group=group,
                                user_max_size=args.user_max_size, user_max_regions=args.user_max_regions,
@@ -446,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("daemon", help="serve client regions (foreground; SIGTERM/SIGINT stop it)")
-    p.add_argument("--store", default=DEFAULT_STORE, help=f"store path (default {DEFAULT_STORE}, created if missing)")
+    p.add_argument("--store", action="append", default=None, metavar="PATH|URL[,prio=N]",
+                   help=f"store path or nfs:// URL (default {DEFAULT_STORE}; a missing local one is created, 1 GiB); "
+                        "given several times, a store set: a higher prio (0 to 32767, default 0) fills first, "
+                        "stores of equal prio are striped (docs/DESIGN.md \"Store sets\")")
     p.add_argument("--socket", default=None, help="socket path (default: /run/uswap/uswap.sock for root, "
                                                   "$XDG_RUNTIME_DIR/uswap.sock otherwise)")
     p.add_argument("--resident", type=_size, default=DEFAULT_BUDGET,

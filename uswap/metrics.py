@@ -108,6 +108,17 @@ NFS = [
     ("retries", "nfs_retries", "counter", "Requests sent again after a failure.", ""),
     ("most_in_flight", "nfs_most_in_flight_requests", "gauge", "Most requests awaiting an answer at once.", ""),
 ]
+SET_STORE = [      # each member of a store set (label store: its path or URL)
+    ("prio", "set_store_priority", "gauge", "The store's priority in the set (higher fills first).", ""),
+    ("slots", "set_store_size_bytes", "gauge", "What the store gives the set (its whole stripe clusters).", "pages"),
+    ("used_slots", "set_store_used_bytes", "gauge", "The store's slots holding a page.", "pages"),
+    ("reads", "set_store_reads", "counter", "Reads from the store (a transfer split across stores counts in "
+     "each).", ""),
+    ("writes", "set_store_writes", "counter", "Writes to the store.", ""),
+    ("read_bytes", "set_store_read_bytes", "counter", "Bytes read from the store.", ""),
+    ("write_bytes", "set_store_written_bytes", "counter", "Bytes written to the store.", ""),
+    ("errors", "set_store_errors", "counter", "Transfers to or from the store that failed.", ""),
+]
 MOUNT = [
     ("files", "mount_files", "gauge", "Swap files the mount serves.", ""),
     ("file_bytes", "mount_file_size_bytes", "gauge", "Size of each swap file.", ""),
@@ -193,6 +204,16 @@ def prometheus(status: dict | None, mounts: dict[str, dict], *, page_size: int) 
             server = {"server": nfs["server"]}
             out.add("nfs_up", "gauge", "1 if the NFS server is connected.", 1 if nfs["state"] == "up" else 0, server)
             out.add_table(NFS, nfs, server, ps)
+        for store in status.get("stores", []):
+            labels = {"store": store["url"]}
+            out.add("set_store_healthy", "gauge", "1 if the store's last transfer succeeded.",
+                    1 if store["health"] == "ok" else 0, labels)
+            out.add_table(SET_STORE, store, labels, ps)
+            if store.get("nfs") and not nfs:        # several on NFS: each with its store
+                server = {"server": store["nfs"]["server"], **labels}
+                out.add("nfs_up", "gauge", "1 if the NFS server is connected.",
+                        1 if store["nfs"]["state"] == "up" else 0, server)
+                out.add_table(NFS, store["nfs"], server, ps)
         for region in status.get("regions", []):
             labels = {"region": region["id"], "pid": region["pid"], "uid": region.get("uid", "")}
             out.add_table(REGION, region, labels, ps)

@@ -17,7 +17,8 @@ from uswap.daemon.pool import PoolOptions
 from uswap.daemon.runpolicy import DEFAULT_MAX_RUN_PROCESSES, DEFAULT_MAX_RUNS, RunPolicy, max_run_processes
 from uswap.daemon.server import Daemon, default_limits
 from uswap.store.base import StoreOptions
-from uswap.store.opening import opened_store
+from uswap.store.opening import opened_stores
+from uswap.store.storeset import StoreSpec
 
 log = logging.getLogger("uswap.daemon")
 
@@ -67,17 +68,18 @@ def run_policy(users: frozenset[int] | None, max_runs: int,
                      max_processes=processes)
 
 
-async def run_daemon(*, store_spec: str, socket_path: str, budget: int, io_mode: str, readahead: int,
+async def run_daemon(*, store_specs: list[StoreSpec], socket_path: str, budget: int, io_mode: str, readahead: int,
                      fault_threads: int = DEFAULTS.fault_threads,
                      nfs_timeout: float, nfs_stable: str, group: int | None = None, user_max_size: int | None = None,
                      user_max_regions: int = 64, user_max_connections: int = 64, map_timeout: float = 10.0,
                      encrypt: bool = True, writeback_batch: int | None = None,
                      run_users: frozenset[int] | None = None, user_max_runs: int = DEFAULT_MAX_RUNS,
                      max_run_processes: int = DEFAULT_MAX_RUN_PROCESSES, pool: PoolOptions | None = None) -> None:
-    """Open the store (a path or an nfs:// URL), serve until signalled, close the store.  With ``pool``, the
-    compressed pool lives from after the store opened until everything that used it stopped."""
+    """Open the store (a path or an nfs:// URL; several: a store set), serve until signalled, close the store.
+    With ``pool``, the compressed pool lives from after the store opened until everything that used it
+    stopped."""
     options = StoreOptions(encrypt=encrypt, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable)
-    async with opened_store(store_spec, options) as store:
+    async with opened_stores(store_specs, options) as store:
         limits = user_limits(store.slot_count, max_size=user_max_size, max_regions=user_max_regions,
                              max_connections=user_max_connections)
         daemon = Daemon(store, socket_path, budget=budget, io_mode=io_mode, readahead=readahead,

@@ -169,7 +169,7 @@ class Daemon:
         self.io = store.slot_io(io_mode)
         self.store_fd = store.local_fd     # the engines read slots here, or through the codec's remote store
         self.codec_c = store.codec_c
-        self.slots = SlotAllocator(store.slot_count, store.codec)
+        self.slots = SlotAllocator(store.slot_count, store.codec, groups=store.slot_groups)
         # The compressed pool (uswap.daemon.pool), in front of the store for every path that reads or writes a
         # slot: they all look at the store's codec view (the engines, writeback, Python's slot I/O) or free
         # through the slot allocator (P1).  Freed by close_pool, after everything that used it stopped.
@@ -720,7 +720,7 @@ class Daemon:
                 "punches": r.punches,
                 "uptime_s": round(time.time() - self.started, 1),
             },
-            **self.store.status(),
+            **self.store.status(slots=self.slots),
             "pool": self.pool.stats() if self.pool is not None else None,
             "regions": [{
                 "id": reg.id, "pid": reg.pid, "uid": reg.uid, "address": reg.addr, "size_pages": reg.pages,

@@ -189,7 +189,7 @@ class NfsStore(Store):
                 "reads": s.reads, "writes": s.writes, "commits": s.commits, "read_bytes": s.read_bytes,
                 "write_bytes": s.write_bytes, "last_error": ffi.string(s.last_error).decode(errors="replace")}
 
-    def status(self) -> dict:
+    def status(self, slots=None) -> dict:
         """Entries for `uswap status` (a daemon's, or a FUSE mount's .status)."""
         return {"encryption": self.codec.encryption,
                 "nfs": {"stable": self.stable, "timeout_s": self.conn.timeout, **self.nfs_status()}}

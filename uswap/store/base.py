@@ -52,6 +52,7 @@ class Store(abc.ABC):
     slot_count: int
     codec: object                   # the slot codec (uswap.store.checksums.SlotCodec)
     codec_c: object                 # its one C view (struct uswap_codec *): engines, writeback, the pool
+    slot_groups: tuple[int, ...] = ()   # a store set's priority groups' ends, highest first (none: one group)
 
     @classmethod
     @abc.abstractmethod
@@ -72,6 +73,7 @@ class Store(abc.ABC):
     def slot_io(self, mode: str) -> SlotIO:
         """The slot I/O for ``mode`` (sync or async; a store may have one way only)."""
 
-    def status(self) -> dict:
-        """Entries for `uswap status` (top level): at least ``encryption``."""
+    def status(self, slots=None) -> dict:
+        """Entries for `uswap status` (top level): at least ``encryption``.  ``slots``: the daemon's slot
+        allocator (uswap.daemon.slots), for a store set's use per member."""
         return {"encryption": self.codec.encryption}

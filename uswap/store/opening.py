@@ -31,6 +31,23 @@ def store_class(spec: str) -> type[Store]:
 
 
 @contextlib.asynccontextmanager
+async def opened_stores(specs: list, options: StoreOptions) -> AsyncIterator[Store]:
+    """The stores ``specs`` names (uswap.store.storeset.StoreSpec): one is opened as it is, several as a
+    store set (uswap.store.storeset), each locked for us while the block runs."""
+    if len(specs) == 1:
+        async with opened_store(specs[0].url, options) as store:
+            yield store
+        return
+    from uswap.store.storeset import StoreSet
+    store = await StoreSet.open_for_use(specs, options)
+    try:
+        yield store
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+
+
+@contextlib.asynccontextmanager
 async def opened_store(spec: str, options: StoreOptions) -> AsyncIterator[Store]:
     """The store ``spec`` names, locked for us while the block runs."""
     store = await store_class(spec).open_for_use(spec, options)
