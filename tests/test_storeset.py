@@ -14,6 +14,7 @@ import pytest
 
 from conftest import uswap
 from test_install import parse_exposition, sample
+from test_nfs import mkswap as nfs_mkswap, nfs  # noqa: F401 (nfs: the fixture)
 from test_region_daemon import corrupt_slots, finish_holder, run_hog, start_holder
 from uswap._core import ffi, lib
 from uswap.core import PAGE_SIZE, AlignedBuffer
@@ -217,6 +218,31 @@ def test_a_corrupted_slot_in_one_member_poisons_its_page(uswapd, hog, tmp_path):
     assert code == -signal.SIGBUS, (code, out, err)
     assert "CORRUPT" not in out and "intact" not in out
     assert f"slot {CLUSTER} failed its check" in daemon.log() and "poisoned" in daemon.log()   # b's first
+
+
+def test_a_set_of_a_store_on_nfs_and_a_local_one(nfs, uswapd, hog, tmp_path):
+    """An nfs:// store and a local one of one priority: both take slots, every word comes back, and status
+    shows the NFS server under its store (and at the top: it is the only one)."""
+    url = nfs_mkswap(nfs, size="24M")
+    local = make_stores(tmp_path, {"local": "24M"})["local"]
+    daemon = uswapd(store=url, resident="4M", prefix=nfs.netns_cmd([]), extra=("--store", local))
+    holder = start_holder(daemon, 16 * MiB)
+    try:
+        status = daemon.status()
+        stores = {s["url"]: s for s in status["stores"]}
+        assert stores[url]["used_slots"] > 0 and stores[local]["used_slots"] > 0, stores
+        assert stores[url]["nfs"]["state"] == "up" and "nfs" not in stores[local]
+        assert status["nfs"]["server"] == "127.0.0.1" and status["daemon"]["io"] == "nfs"
+        r = run_hog(hog, daemon, "-s", "8", "-p", "2", "-r", "2")
+        assert r.returncode == 0 and r.stdout.count(" 0 mismatches") == 2, r.stdout + r.stderr
+    finally:
+        code, out, err = finish_holder(holder)
+    assert (code, out) == (0, "intact\n"), err
+    status = daemon.status()
+    d = status["daemon"]
+    assert d["read_errors"] == d["write_errors"] == 0 and d["pswpin"] > 0 and d["slots_used"] == 0
+    assert all(s["reads"] > 0 and s["writes"] > 0 and s["errors"] == 0 and s["health"] == "ok"
+               for s in status["stores"]), status["stores"]
 
 
 @pytest.mark.parametrize("stores,message", [
