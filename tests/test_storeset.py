@@ -107,6 +107,12 @@ def test_a_transfer_across_cluster_boundaries_lands_in_each_member_and_reads_bac
         assert member_page(paths[0], CLUSTER - 3) == expect[:PAGE_SIZE]
         assert member_page(paths[1], 0) == expect[3 * PAGE_SIZE:4 * PAGE_SIZE]
         assert member_page(paths[0], CLUSTER) == expect[(CLUSTER + 3) * PAGE_SIZE:(CLUSTER + 4) * PAGE_SIZE]
+        # where the engine's io_uring rings read it: the first piece's file and offset
+        fd, at = ffi.new("int *"), ffi.new("uint64_t *")
+        assert lib.uswap_storeset_local(s.c, (first + 1) * PAGE_SIZE, count * PAGE_SIZE, fd, at) == 3 * PAGE_SIZE
+        assert (fd[0], at[0]) == (s.fds[0], (CLUSTER - 3 + 1) * PAGE_SIZE)
+        assert lib.uswap_storeset_local(s.c, (H + CLUSTER + 1) * PAGE_SIZE, 2 * PAGE_SIZE, fd, at) == 2 * PAGE_SIZE
+        assert (fd[0], at[0]) == (s.fds[1], PAGE_SIZE)
         # not whole slots, the header page, past the end: refused before any I/O
         for length, offset in ((100, PAGE_SIZE), (PAGE_SIZE, 0), (2 * PAGE_SIZE, 6 * CLUSTER * PAGE_SIZE)):
             assert lib.uswap_storeset_pread(s.c, back.ptr, length, offset) == -22
@@ -165,9 +171,9 @@ def test_equal_priorities_stripe_and_every_word_comes_back(uswapd, hog, tmp_path
         for path in paths.values():
             assert sum(line.startswith(f"  {path} ") for line in text.splitlines()) == 1, text
         families = parse_exposition(uswap("status", "--format", "prometheus", "--socket", daemon.socket).stdout)
-        for path, n in zip(paths.values(), used):
-            assert sample(families, "uswap_set_store_used_bytes", store=path) == n * PAGE_SIZE
-            assert sample(families, "uswap_set_store_healthy", store=path) == 1
+        assert sum(sample(families, "uswap_set_store_used_bytes", store=path) for path in paths.values()) == \
+            sample(families, "uswap_store_used_bytes") > 0           # one snapshot: reclaim may go on
+        assert all(sample(families, "uswap_set_store_healthy", store=path) == 1 for path in paths.values())
         r = run_hog(hog, daemon, "-s", "8", "-p", "2", "-r", "2")
         assert r.returncode == 0 and r.stdout.count(" 0 mismatches") == 2, r.stdout + r.stderr
     finally:
@@ -175,6 +181,7 @@ def test_equal_priorities_stripe_and_every_word_comes_back(uswapd, hog, tmp_path
     assert (code, out) == (0, "intact\n"), err
     d = daemon.status()["daemon"]
     assert d["read_errors"] == d["write_errors"] == 0 and d["pswpin"] > 0
+    assert d["readahead_pages"] > 0        # the engine's io_uring rings read the member files (remote_local)
     stores = stores_of(daemon)
     assert all(stores[p]["reads"] > 0 and stores[p]["errors"] == 0 for p in paths.values())
 

@@ -538,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", default="native", help="kernel rows: native,fuse,zram,zswap (default native)")
     p.add_argument("--io", default="sync,async",
                    help="uswap rows, comma-separated (default sync,async); nfs, nfs-commit: the store on nfs-ganesha "
-                        "in a network namespace, FILE_SYNC or UNSTABLE+COMMIT writes")
+                        "in a network namespace, FILE_SYNC or UNSTABLE+COMMIT writes; set: the store and a second "
+                        "one like it, equal priority (a store set), sync I/O")
     p.add_argument("--run", default="", metavar="IO",
                    help="`uswap run` rows: the native (plain anonymous memory) binaries unmodified under `uswap run "
                         "--resident` against a daemon with these --io modes, comma-separated (e.g. sync; default "

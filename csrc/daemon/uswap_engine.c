@@ -572,8 +572,8 @@ static uint64_t slot_run(const int64_t *slots, const uint8_t *pooled, uint64_t i
 /* Queue one read per run of contiguous slots not pooled into buf (page i of the window at
  * page i of buf); user_data is tag << 32 | the run's bytes.  How many were queued, or -EBUSY
  * (the rings have an entry for every page they can be asked for: it cannot happen). */
-static int queue_reads(struct io_uring *ring, int fd, void *buf, size_t ps, const int64_t *slots,
-		       const uint8_t *pooled, uint64_t n, uint64_t tag)
+static int queue_reads(struct io_uring *ring, const struct uswap_engine *e, void *buf, size_t ps,
+		       const int64_t *slots, const uint8_t *pooled, uint64_t n, uint64_t tag)
 {
 	int queued = 0;
 	for (uint64_t i = 0, k; i < n; i += k) {
@@ -582,12 +582,25 @@ static int queue_reads(struct io_uring *ring, int fd, void *buf, size_t ps, cons
 			continue;
 		}
 		k = slot_run(slots, pooled, i, n);
-		struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
-		if (!sqe)
-			return -EBUSY;
-		io_uring_prep_read(sqe, fd, (char *)buf + i * ps, (unsigned)(k * ps), (uint64_t)(slots[i] + 1) * ps);
-		sqe->user_data = (tag << 32) | (k * ps);
-		queued++;
+		/* A run is one read from the store's fd; on a store set of local files, one per piece of it
+		 * in one file (at least a page each: the rings still have an entry per page). */
+		uint64_t off = (uint64_t)(slots[i] + 1) * ps, len = k * ps;
+		for (uint64_t done = 0, piece; done < len; done += piece) {
+			int fd = e->store_fd;
+			uint64_t at = off + done;
+			int64_t got = e->codec.remote_local ? e->codec.remote_local(e->codec.remote, off + done, len - done,
+										     &fd, &at)
+							    : (int64_t)(len - done);
+			if (got <= 0)
+				return got < 0 ? (int)got : -EIO;
+			piece = (uint64_t)got;
+			struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+			if (!sqe)
+				return -EBUSY;
+			io_uring_prep_read(sqe, fd, (char *)buf + i * ps + done, (unsigned)piece, at);
+			sqe->user_data = (tag << 32) | piece;
+			queued++;
+		}
 	}
 	return queued;
 }
@@ -619,7 +632,7 @@ static int read_slots(struct fault_thread *t, const int64_t *slots, const uint8_
 		}
 		return 0;
 	}
-	int queued = queue_reads(&t->uring, e->store_fd, t->buf, ps, slots, pooled, n, 0);
+	int queued = queue_reads(&t->uring, e, t->buf, ps, slots, pooled, n, 0);
 	if (queued < 0) {
 		t->uring_ok = 0;   /* what was queued is never submitted: the ring is not used again */
 		return queued;
@@ -760,7 +773,7 @@ static int start_window(struct fault_thread *t, int i)
 		unclaim(e->map, first, n);
 		return 0;
 	}
-	int queued = queue_reads(&t->ahead_ring, e->store_fd, w->buf, e->page_size, w->slots, w->pooled, n,
+	int queued = queue_reads(&t->ahead_ring, e, w->buf, e->page_size, w->slots, w->pooled, n,
 				 (uint64_t)i);
 	int submitted = queued <= 0 ? queued : io_uring_submit(&t->ahead_ring);
 	__atomic_store_n(&w->first, first, __ATOMIC_RELAXED);
@@ -1144,8 +1157,9 @@ static int fault_thread_init(struct uswap_engine *e, struct fault_thread *t)
 	t->buf = uswap_map_buffer(e->page_size, (size_t)e->ra_max * e->page_size);
 	if (!t->buf)
 		return -ENOMEM;
-	/* The rings read the store's fd; a remote store has none: one read per run, no async readahead. */
-	int local = e->store_fd >= 0;
+	/* The rings read the store's fd, or a store set's local files; any other remote store has none: one
+	 * read per run, no async readahead. */
+	int local = e->store_fd >= 0 || e->codec.remote_local;
 	t->uring_init = t->uring_ok = local && io_uring_queue_init(MAX_WINDOW, &t->uring, 0) == 0;   /* else: one pread per run */
 	t->ahead_ring_init = t->ahead_ring_ok = local && io_uring_queue_init(AHEAD_DEPTH * MAX_WINDOW, &t->ahead_ring, 0) == 0;
 	for (int i = 0; i < AHEAD_DEPTH; i++) {

@@ -92,6 +92,11 @@ struct uswap_codec {
 	int64_t (*remote_pread)(void *remote, void *buf, uint64_t len, uint64_t off);
 	int64_t (*remote_pwrite)(void *remote, const void *buf, uint64_t len, uint64_t off);
 	void *remote;
+	/* A remote store whose slots all lie in local files (a store set of local stores, uswap_storeset.h):
+	 * the fd and offset of the bytes at off, and how many of len are contiguous there (> 0), or -errno.
+	 * The engine's io_uring rings read through it (readahead in flight as on a local store).  NULL: the
+	 * rings are not used on a remote store. */
+	int64_t (*remote_local)(void *remote, uint64_t off, uint64_t len, int *fd, uint64_t *local_off);
 };
 
 /* What the engine tells Python, in order, through a ring and an eventfd. */

@@ -189,6 +189,26 @@ int64_t uswap_storeset_pwrite(void *set, const void *buf, uint64_t len, uint64_t
 	return transfer(set, (void *)buf, len, off, 1);
 }
 
+int64_t uswap_storeset_local(void *setp, uint64_t off, uint64_t len, int *fd, uint64_t *local_off)
+{
+	struct uswap_storeset *set = setp;
+	uint64_t ps = set->page_size;
+	if (off % ps || len % ps || len == 0 || off < ps || (off / ps - 1) + len / ps > set->slot_count)
+		return -EINVAL;
+	uint32_t m;
+	uint64_t mslot, run;
+	uswap_storeset_locate(set, off / ps - 1, &m, &mslot, &run);
+	struct member *mb = &set->members[m];
+	if (mb->spec.fd < 0)
+		return -ENXIO;
+	uint64_t bytes = (run < len / ps ? run : len / ps) * ps;
+	count(&mb->stats.reads, 1);
+	count(&mb->stats.read_bytes, bytes);
+	*fd = mb->spec.fd;
+	*local_off = (mslot + 1) * ps;
+	return (int64_t)bytes;
+}
+
 void uswap_storeset_stats(const struct uswap_storeset *set, uint32_t member, struct uswap_set_member_stats *out)
 {
 	memset(out, 0, sizeof(*out));

@@ -75,6 +75,11 @@ int uswap_storeset_locate(const struct uswap_storeset *set, uint64_t v, uint32_t
  * len, fewer (a member came up short), or -errno (-EINVAL: not whole slots). */
 int64_t uswap_storeset_pread(void *set, void *buf, uint64_t len, uint64_t off);
 int64_t uswap_storeset_pwrite(void *set, const void *buf, uint64_t len, uint64_t off);
+/* struct uswap_codec's remote_local, for a set whose members are all local files: the member's fd and offset
+ * of the bytes at off, and how many of len are contiguous there; -EINVAL (not whole slots, or past the
+ * end), -ENXIO (the member there has no fd).  Counted as a read of that member, as a transfer would be;
+ * a failure of the read itself is the engine's to report. */
+int64_t uswap_storeset_local(void *set, uint64_t off, uint64_t len, int *fd, uint64_t *local_off);
 void uswap_storeset_stats(const struct uswap_storeset *set, uint32_t member, struct uswap_set_member_stats *out);
 /* Slots in use per member (used[member], given order), from the allocator's bitmap over the set's slots. */
 int uswap_storeset_used(const struct uswap_storeset *set, const struct uswap_slots *slots, uint64_t *used);

@@ -24,6 +24,7 @@ from uswap.daemon.process import DaemonProcess
 from uswap.daemon.runprocess import RunStats
 from uswap.daemon.status import fetch_status
 from uswap.nfs.ganesha import NfsServer
+from uswap.store.mkswap import mkswap
 
 MEMCG_ROOT = "/sys/fs/cgroup/memory"
 PAGE_CLUSTER = "/proc/sys/vm/page-cluster"
@@ -372,6 +373,12 @@ class UswapDaemon(DaemonProcess):
             if not os.path.exists(os.path.join(export, "bench.store")):   # before ganesha starts: see NfsServer
                 os.link(store, os.path.join(export, "bench.store"))
             store = self.nfs.url("bench.store")
+            io = "sync"
+        elif io == "set":   # a store set: the bench store and a second one like it, equal priority, sync I/O
+            second = os.path.join(workdir, "bench-b.store")
+            if not os.path.exists(second) or os.path.getsize(second) != os.path.getsize(store):
+                mkswap(second, os.path.getsize(store), force=True)
+            extra += ("--store", second)
             io = "sync"
         super().__init__(store, os.path.join(workdir, "uswap.sock"), os.path.join(workdir, "daemon.log"),
                          budget=budget, io=io, readahead=readahead, cpu=daemon_cpu, extra=extra)

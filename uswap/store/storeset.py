@@ -121,6 +121,8 @@ class StoreSet(Store):
         self.codec_c.remote = self.c
         self.codec_c.remote_pread = ffi.addressof(lib, "uswap_storeset_pread")
         self.codec_c.remote_pwrite = ffi.addressof(lib, "uswap_storeset_pwrite")
+        if all(store.local_fd >= 0 for _, store in members):   # the engines' io_uring rings read the files
+            self.codec_c.remote_local = ffi.addressof(lib, "uswap_storeset_local")
         self._stats = ffi.new("struct uswap_set_member_stats *")
         self._used = ffi.new("uint64_t[]", len(members))
 
