@@ -180,7 +180,7 @@ def test_a_broken_module_is_not_called_a_missing_extra(tmp_path):
 def test_the_command_line_defaults_are_the_shared_ones():
     from uswap.cli import build_parser
     daemon = build_parser().parse_args(["daemon"])
-    assert (daemon.store, daemon.resident, daemon.io, daemon.readahead, daemon.fault_threads, daemon.pool,
+    assert (daemon.store[0], daemon.resident, daemon.io, daemon.readahead, daemon.fault_threads, daemon.pool,
             daemon.pool_compressor) == (DEFAULTS.store, DEFAULTS.budget, DEFAULTS.io, DEFAULTS.readahead,
                                         DEFAULTS.fault_threads, DEFAULTS.pool, DEFAULTS.pool_compressor)
     assert DEFAULTS.pool == 0          # off unless asked for (uswap.config says why)

@@ -41,6 +41,15 @@ class UsageError(Exception):
     pass
 
 
+class _Stores(argparse.Action):
+    """``--store`` given once or more: the list of them, which replaces the default's (argparse's append
+    would add to it)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        stores = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [value] if stores is self.default else [*stores, value])
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -140,7 +149,7 @@ def cmd_daemon(args) -> int:
     options.count("--user-max-connections", args.user_max_connections, 1)
     options.count("--user-max-runs", args.user_max_runs, 0)              # 0: runs for the daemon's uid only
     run_users = parse_run_users(args.run_users)
-    stores = store_specs(args.store or [DEFAULT_STORE])
+    stores = store_specs(args.store)
     group = socket_group(args.group)
     socket_path = args.socket or daemon_socket_path()  # may ask for --socket
     check_socket_path(socket_path)
@@ -449,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("daemon", help="serve client regions (foreground; SIGTERM/SIGINT stop it)")
-    p.add_argument("--store", action="append", default=None, metavar="PATH|URL[,prio=N]",
+    p.add_argument("--store", action=_Stores, default=[DEFAULT_STORE], metavar="PATH|URL[,prio=N]",
                    help=f"store path or nfs:// URL (default {DEFAULT_STORE}; a missing local one is created, 1 GiB); "
                         "given several times, a store set: a higher prio (0 to 32767, default 0) fills first, "
                         "stores of equal prio are striped (docs/DESIGN.md \"Store sets\")")
