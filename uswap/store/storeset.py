@@ -25,6 +25,7 @@ import trio
 from uswap._core import ffi, lib
 from uswap.core import AlignedBuffer, check
 from uswap.store.base import SlotIO, Store, StoreOptions
+from uswap.store.checksums import ChecksumError
 from uswap.store.lock import StoreError
 from uswap.store.sealing import slot_codec
 from uswap.store.swapfile import read_slots_through_c
@@ -179,8 +180,20 @@ class StoreSet(Store):
         check(lib.uswap_pool_write_slots(self.codec_c, -1, ptr, first, count, ffi.NULL), self.path)
 
     def read_slots(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:
-        """As uswap.store.swapfile.SwapStore.read_slots, through the set (blocking)."""
-        read_slots_through_c(self, first, count, self._span(first, count, buf, buf_page))
+        """As uswap.store.swapfile.SwapStore.read_slots, through the set (blocking); a slot that fails its
+        check is named in its member too."""
+        try:
+            read_slots_through_c(self, first, count, self._span(first, count, buf, buf_page))
+        except ChecksumError as e:
+            member, slot = self.locate(e.slot)
+            raise ChecksumError(member.path, e.slot, f"{e.strerror} (the set's slot {e.slot} is slot {slot} of "
+                                                     f"{member.path})") from None
+
+    def locate(self, slot: int) -> tuple[Store, int]:
+        """The member holding the set's ``slot``, and its slot there."""
+        m, member_slot, run = ffi.new("uint32_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        check(lib.uswap_storeset_locate(self.c, slot, m, member_slot, run), self.path)
+        return self.members[m[0]][1], member_slot[0]
 
     def status(self, slots=None) -> dict:
         """The codec's encryption and a ``stores`` list (per member: url, prio, slots, used_slots from the
