@@ -97,9 +97,9 @@ def round_trip(url: str, commit: str) -> None:
         io.close()
 
 
-def concurrent(url: str, threads: str, rounds: str) -> None:
+def concurrent(url: str, threads: str, rounds: str, commit: str) -> None:
     """Threads on disjoint ranges, each writing then reading back 8-page runs, round after round."""
-    io = NfsIO(url)
+    io = NfsIO(url, commit=commit == "1")
     errors = []
 
     def worker(t: int) -> None:

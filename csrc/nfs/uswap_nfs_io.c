@@ -58,6 +58,7 @@ struct io_req {
     uint64_t sent;                   /* ns: when the current attempt was sent */
     uint64_t sent_generation;        /* the context the current attempt went out on */
     uint64_t write_generation;       /* commit mode: the context that answered the WRITE */
+    struct io_req *commit_next;      /* commit mode: the other requests the same COMMIT is for */
     int cb_err;                      /* what the callback reported: bytes, 0, or -errno */
     char cb_error[120];              /* libnfs's message when cb_err < 0 */
     int done;                        /* under lock; set last */
@@ -97,7 +98,7 @@ struct uswap_nfs_io {
     struct req_list inflight;         /* sent on ctx, callback pending; oldest first */
     struct req_list completed;        /* callback ran, not yet looked at */
     uint64_t in_flight, most_in_flight;
-    uint64_t retries, connects;
+    uint64_t retries, connects, commits;
     /* connecting: MOUNT, then open the file; each step's callback sets step_done */
     int step;                         /* STEP_MOUNT or STEP_OPEN */
     int step_done, step_err;
@@ -224,6 +225,17 @@ static void transfer_cb(int err, struct nfs_context *nfs, void *data, void *priv
 {
     struct io_req *r = private_data;
     record(r->io, nfs, r, err);
+}
+
+/* One COMMIT for every request in the chain (see send_request) */
+static void commit_cb(int err, struct nfs_context *nfs, void *data, void *private_data)
+{
+    struct io_req *r = private_data;
+    struct uswap_nfs_io *io = r->io;
+    if (err == 0)
+        io->commits++;
+    for (; r; r = r->commit_next)
+        record(io, nfs, r, err);
 }
 
 static void step_cb(int err, struct nfs_context *nfs, void *data, void *private_data)
@@ -419,15 +431,34 @@ static void advance_connect(struct uswap_nfs_io *io)
 
 /* -- requests ------------------------------------------------------------------------------------- */
 
-/* Send one request on the current context; 0, or -1 when libnfs could not queue it (the context is then
- * treated as broken). */
-static int send_request(struct uswap_nfs_io *io, struct io_req *r)
+/* Send the request at the head of `waiting` on the current context; 0, or -1 when libnfs could not queue
+ * it (the context is then treated as broken).
+ * Commit mode: every request waiting for its COMMIT goes with one COMMIT (of the whole file, as libnfs
+ * sends it), which covers each of their WRITEs: all were answered before it is sent. */
+static int send_request(struct uswap_nfs_io *io)
 {
-    r->sent = now_ns();
-    r->sent_generation = io->generation;
+    struct io_req *r = io->waiting.head, *x, *next, **tail = &r->commit_next;
+    uint64_t now = now_ns();
+    list_unlink(&io->waiting, r);
+    r->commit_next = NULL;
+    if (r->phase == PHASE_COMMIT) {
+        for (x = io->waiting.head; x; x = next) {
+            next = x->next;
+            if (x->phase == PHASE_COMMIT) {
+                list_unlink(&io->waiting, x);
+                x->commit_next = NULL;
+                *tail = x;
+                tail = &x->commit_next;
+            }
+        }
+    }
     /* in `inflight` before the call: a callback may run inside it */
-    list_append(&io->inflight, r);
-    io->in_flight++;
+    for (x = r; x; x = x->commit_next) {
+        x->sent = now;
+        x->sent_generation = io->generation;
+        list_append(&io->inflight, x);
+        io->in_flight++;
+    }
     if (io->in_flight > io->most_in_flight)
         io->most_in_flight = io->in_flight;
     int rc;
@@ -436,12 +467,14 @@ static int send_request(struct uswap_nfs_io *io, struct io_req *r)
     else if (r->phase == PHASE_TRANSFER)
         rc = nfs_pwrite_async(io->ctx, io->fh, r->off, r->len, r->buf, transfer_cb, r);
     else
-        rc = nfs_fsync_async(io->ctx, io->fh, transfer_cb, r);   /* a COMMIT of the whole file */
+        rc = nfs_fsync_async(io->ctx, io->fh, commit_cb, r);
     if (rc == 0)
         return 0;
-    list_unlink(&io->inflight, r);
-    io->in_flight--;
-    list_append(&io->waiting, r);   /* sent again on the next context */
+    for (x = r; x; x = x->commit_next) {   /* sent again on the next context */
+        list_unlink(&io->inflight, x);
+        io->in_flight--;
+        list_append(&io->waiting, x);
+    }
     snprintf(io->reset_reason, sizeof(io->reset_reason), "cannot queue a request: %s", nfs_get_error(io->ctx));
     return -1;
 }
@@ -456,8 +489,6 @@ static void finish(struct uswap_nfs_io *io, struct io_req *r, int64_t result)
         } else {
             io->st.writes++;
             io->st.write_bytes += r->len;
-            if (r->phase == PHASE_COMMIT)
-                io->st.commits++;
         }
     } else if (result != -ESHUTDOWN && result != -ETIMEDOUT) {
         /* the server's answer (a timeout's reason is the connection's, already in last_error) */
@@ -589,6 +620,7 @@ static void *service(void *arg)
         expire_waiting(io, now);
         io->st.retries = io->retries;
         io->st.most_in_flight = io->most_in_flight;
+        io->st.commits = io->commits;
         pthread_mutex_unlock(&io->lock);
         if (closing || (!opened && io->open_done))
             break;   /* closing; or the open's connect failed (its error is with uswap_nfs_io_open) */
@@ -606,11 +638,8 @@ static void *service(void *arg)
         if (io->first_connect && io->open_done)
             continue;   /* the open's connect failed: the top of the loop ends the thread */
         if (io->state == USWAP_NFS_UP) {
-            while (io->waiting.head && !io->reset_reason[0]) {
-                struct io_req *r = io->waiting.head;
-                list_unlink(&io->waiting, r);
-                send_request(io, r);
-            }
+            while (io->waiting.head && !io->reset_reason[0])
+                send_request(io);
             /* send now what was queued, rather than after a poll() (as connection.py's _send_now) */
             if (!io->reset_reason[0] && (nfs_which_events(io->ctx) & POLLOUT) &&
                 nfs_service(io->ctx, POLLOUT) < 0)

@@ -37,7 +37,8 @@ struct uswap_nfs_io_stats {
     uint64_t connects;         /* successful connects, the first included */
     uint64_t retries;          /* requests sent again after a failure */
     uint64_t most_in_flight;   /* the most requests waiting for an answer at once */
-    uint64_t reads, writes, commits;   /* requests completed (successfully) */
+    uint64_t reads, writes;    /* callers' requests completed (successfully) */
+    uint64_t commits;          /* COMMITs answered (commit mode; one covers the WRITEs answered before it) */
     uint64_t read_bytes, write_bytes;
     char last_error[200];
 };
