@@ -25,6 +25,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,7 +107,8 @@ struct uswap_nfs_io {
     struct nfsfh *step_fh;
     uint64_t connect_deadline;        /* ns: give up this connect attempt */
     uint64_t next_connect;            /* ns: DOWN: not before this */
-    uint64_t backoff_ms;
+    uint64_t backoff_ms;              /* the next wait; back to the first once a connection has served */
+    int served;                       /* a request succeeded on the current context */
     int first_connect;                /* the open's connect: any failure is final */
     int shutting;                     /* closing: a failed attempt is not retried but -ESHUTDOWN */
     char reset_reason[200];           /* a request failure that ends the context (set by process_completed) */
@@ -252,6 +254,15 @@ static void step_cb(int err, struct nfs_context *nfs, void *data, void *private_
     }
 }
 
+/* Under lock: the request's final outcome; its caller may return (and its stack go) once lock is
+ * dropped, so the service thread does not touch it afterwards. */
+static void complete(struct io_req *r, int64_t result)
+{
+    r->result = result;
+    r->done = 1;
+    pthread_cond_signal(&r->cond);
+}
+
 /* -- the connection ------------------------------------------------------------------------------- */
 
 static void set_state(struct uswap_nfs_io *io, int state, const char *error)
@@ -315,13 +326,19 @@ static void open_error(struct uswap_nfs_io *io, int code, const char *text, char
         snprintf(out, n, "open %s: %s", io->file, text);
 }
 
+/* The next connect after a wait, each twice as long as the last up to BACKOFF_MAX_MS: a server that is
+ * down, or a connection that breaks before serving anything, is not hammered. */
+static void back_off(struct uswap_nfs_io *io)
+{
+    io->next_connect = now_ns() + io->backoff_ms * 1000000u;
+    io->backoff_ms = io->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : io->backoff_ms * 2;
+}
+
 /* A connect attempt failed: -errno and its one-line message. */
 static void connect_failed(struct uswap_nfs_io *io, int err, const char *msg)
 {
     reset_context(io, msg);
-    uint64_t now = now_ns();
-    io->next_connect = now + io->backoff_ms * 1000000u;
-    io->backoff_ms = io->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : io->backoff_ms * 2;
+    back_off(io);
     pthread_mutex_lock(&io->lock);
     if (io->first_connect) {   /* the open's: no retry, the error goes to uswap_nfs_io_open */
         io->open_result = err;
@@ -334,9 +351,7 @@ static void connect_failed(struct uswap_nfs_io *io, int err, const char *msg)
         while (io->waiting.head) {
             struct io_req *r = io->waiting.head;
             list_unlink(&io->waiting, r);
-            r->result = err;
-            r->done = 1;
-            pthread_cond_signal(&r->cond);
+            complete(r, err);   /* last_error keeps msg, the reason */
         }
     }
     pthread_mutex_unlock(&io->lock);
@@ -416,7 +431,7 @@ static void advance_connect(struct uswap_nfs_io *io)
     }
     io->fh = io->step_fh;
     io->connects++;
-    io->backoff_ms = BACKOFF_FIRST_MS;
+    io->served = 0;
     set_state(io, USWAP_NFS_UP, NULL);
     pthread_mutex_lock(&io->lock);
     io->st.connects = io->connects;
@@ -479,7 +494,7 @@ static int send_request(struct uswap_nfs_io *io)
     return -1;
 }
 
-/* Under lock: the request's final outcome; the caller may return (and its stack go) once lock is dropped. */
+/* Under lock: complete, with the counters and last_error. */
 static void finish(struct uswap_nfs_io *io, struct io_req *r, int64_t result)
 {
     if (result >= 0) {
@@ -496,9 +511,7 @@ static void finish(struct uswap_nfs_io *io, struct io_req *r, int64_t result)
                  r->op == OP_READ ? "read" : "write", r->len, r->off,
                  r->cb_err >= 0 ? "short transfer" : r->cb_error[0] ? r->cb_error : strerror((int)-result));
     }
-    r->result = result;
-    r->done = 1;
-    pthread_cond_signal(&r->cond);
+    complete(r, result);
 }
 
 /* Under lock: a failed attempt that may be sent again, until the request's deadline. */
@@ -525,6 +538,10 @@ static void process_completed(struct uswap_nfs_io *io, uint64_t now)
         list_unlink(&io->completed, r);
         int err = r->cb_err;
         if (err >= 0) {
+            if (r->sent_generation == io->generation && !io->served) {
+                io->served = 1;
+                io->backoff_ms = BACKOFF_FIRST_MS;
+            }
             if (r->phase == PHASE_COMMIT) {
                 /* the server may have lost the unstable data if the COMMIT went to another connection
                  * than the one that acknowledged the WRITE: both are sent again */
@@ -626,8 +643,14 @@ static void *service(void *arg)
             break;   /* closing; or the open's connect failed (its error is with uswap_nfs_io_open) */
 
         if (io->reset_reason[0]) {
-            if (io->state == USWAP_NFS_UP)
+            if (io->state == USWAP_NFS_UP) {
                 reset_context(io, io->reset_reason);
+                if (io->served)
+                    io->next_connect = now;   /* at once: it worked until now (a server restart) */
+                else
+                    back_off(io);             /* it broke before serving anything (or a server error
+                                               * libnfs reported as a transport error) */
+            }
             io->reset_reason[0] = 0;
             continue;   /* what the reset failed is decided about first */
         }
@@ -732,7 +755,12 @@ int uswap_nfs_io_open(const char *libnfs_url, const char *server, const char *ex
         free_io(io);
         return -e;
     }
+    /* the service thread takes no signals (it inherits this mask): they go to the process's other threads */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     int e = pthread_create(&io->thread, NULL, service, io);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (e) {
         snprintf(err, errlen, "cannot start the NFS service thread: %s", strerror(e));
         free_io(io);
