@@ -97,9 +97,25 @@ def round_trip(url: str, commit: str) -> None:
         io.close()
 
 
-def concurrent(url: str, threads: str, rounds: str) -> None:
+def server_errors(url: str) -> None:
+    """Requests the server refuses, or answers short: what each returned, how long it took."""
+    io = NfsIO(url, timeout_ms=3000)
+    buf = ffi.from_buffer(bytearray(2 * PAGE))
+    try:
+        out = {}
+        for name, call in (("read_past_eof", lambda: lib.uswap_nfs_io_pread(io.io, buf, 2 * PAGE, 1 << 40)),
+                           ("write_too_far", lambda: lib.uswap_nfs_io_pwrite(io.io, buf, PAGE, 1 << 62))):
+            t0 = time.monotonic()
+            rc = call()
+            out[name] = {"rc": rc, "s": time.monotonic() - t0, "last_error": io.stats()["last_error"]}
+        say(**out, **io.stats())
+    finally:
+        io.close()
+
+
+def concurrent(url: str, threads: str, rounds: str, commit: str) -> None:
     """Threads on disjoint ranges, each writing then reading back 8-page runs, round after round."""
-    io = NfsIO(url)
+    io = NfsIO(url, commit=commit == "1")
     errors = []
 
     def worker(t: int) -> None:
@@ -272,7 +288,7 @@ def bench(url: str, n: str) -> None:
         python_p50_us=pct(py_times, 0.5), python_p90_us=pct(py_times, 0.9))
 
 
-MODES = {"round_trip": round_trip, "concurrent": concurrent, "stream": stream, "timeout": timeout,
+MODES = {"round_trip": round_trip, "server_errors": server_errors, "concurrent": concurrent, "stream": stream, "timeout": timeout,
          "close_while_waiting": close_while_waiting, "open_error": open_error, "bench": bench}
 
 if __name__ == "__main__":

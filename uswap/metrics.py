@@ -107,6 +107,10 @@ NFS = [
     ("connects", "nfs_connects", "counter", "Successful connects to the server, the first included.", ""),
     ("retries", "nfs_retries", "counter", "Requests sent again after a failure.", ""),
     ("most_in_flight", "nfs_most_in_flight_requests", "gauge", "Most requests awaiting an answer at once.", ""),
+    ("reads", "nfs_reads", "counter", "READ requests the data connection completed.", ""),
+    ("writes", "nfs_writes", "counter", "WRITE requests the data connection completed.", ""),
+    ("read_bytes", "nfs_read_bytes", "counter", "Bytes read from the server.", ""),
+    ("write_bytes", "nfs_written_bytes", "counter", "Bytes written to the server.", ""),
 ]
 SET_STORE = [      # each member of a store set (label store: its path or URL)
     ("prio", "set_store_priority", "gauge", "The store's priority in the set (higher fills first).", ""),

@@ -25,6 +25,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,6 +59,7 @@ struct io_req {
     uint64_t sent;                   /* ns: when the current attempt was sent */
     uint64_t sent_generation;        /* the context the current attempt went out on */
     uint64_t write_generation;       /* commit mode: the context that answered the WRITE */
+    struct io_req *commit_next;      /* commit mode: the other requests the same COMMIT is for */
     int cb_err;                      /* what the callback reported: bytes, 0, or -errno */
     char cb_error[120];              /* libnfs's message when cb_err < 0 */
     int done;                        /* under lock; set last */
@@ -97,7 +99,7 @@ struct uswap_nfs_io {
     struct req_list inflight;         /* sent on ctx, callback pending; oldest first */
     struct req_list completed;        /* callback ran, not yet looked at */
     uint64_t in_flight, most_in_flight;
-    uint64_t retries, connects;
+    uint64_t retries, connects, commits;
     /* connecting: MOUNT, then open the file; each step's callback sets step_done */
     int step;                         /* STEP_MOUNT or STEP_OPEN */
     int step_done, step_err;
@@ -105,7 +107,8 @@ struct uswap_nfs_io {
     struct nfsfh *step_fh;
     uint64_t connect_deadline;        /* ns: give up this connect attempt */
     uint64_t next_connect;            /* ns: DOWN: not before this */
-    uint64_t backoff_ms;
+    uint64_t backoff_ms;              /* the next wait; back to the first once a connection has served */
+    int served;                       /* a request succeeded on the current context */
     int first_connect;                /* the open's connect: any failure is final */
     int shutting;                     /* closing: a failed attempt is not retried but -ESHUTDOWN */
     char reset_reason[200];           /* a request failure that ends the context (set by process_completed) */
@@ -226,6 +229,17 @@ static void transfer_cb(int err, struct nfs_context *nfs, void *data, void *priv
     record(r->io, nfs, r, err);
 }
 
+/* One COMMIT for every request in the chain (see send_request) */
+static void commit_cb(int err, struct nfs_context *nfs, void *data, void *private_data)
+{
+    struct io_req *r = private_data;
+    struct uswap_nfs_io *io = r->io;
+    if (err == 0)
+        io->commits++;
+    for (; r; r = r->commit_next)
+        record(io, nfs, r, err);
+}
+
 static void step_cb(int err, struct nfs_context *nfs, void *data, void *private_data)
 {
     struct uswap_nfs_io *io = private_data;
@@ -238,6 +252,15 @@ static void step_cb(int err, struct nfs_context *nfs, void *data, void *private_
     } else if (io->step == STEP_OPEN) {
         io->step_fh = data;
     }
+}
+
+/* Under lock: the request's final outcome; its caller may return (and its stack go) once lock is
+ * dropped, so the service thread does not touch it afterwards. */
+static void complete(struct io_req *r, int64_t result)
+{
+    r->result = result;
+    r->done = 1;
+    pthread_cond_signal(&r->cond);
 }
 
 /* -- the connection ------------------------------------------------------------------------------- */
@@ -303,13 +326,19 @@ static void open_error(struct uswap_nfs_io *io, int code, const char *text, char
         snprintf(out, n, "open %s: %s", io->file, text);
 }
 
+/* The next connect after a wait, each twice as long as the last up to BACKOFF_MAX_MS: a server that is
+ * down, or a connection that breaks before serving anything, is not hammered. */
+static void back_off(struct uswap_nfs_io *io)
+{
+    io->next_connect = now_ns() + io->backoff_ms * 1000000u;
+    io->backoff_ms = io->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : io->backoff_ms * 2;
+}
+
 /* A connect attempt failed: -errno and its one-line message. */
 static void connect_failed(struct uswap_nfs_io *io, int err, const char *msg)
 {
     reset_context(io, msg);
-    uint64_t now = now_ns();
-    io->next_connect = now + io->backoff_ms * 1000000u;
-    io->backoff_ms = io->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : io->backoff_ms * 2;
+    back_off(io);
     pthread_mutex_lock(&io->lock);
     if (io->first_connect) {   /* the open's: no retry, the error goes to uswap_nfs_io_open */
         io->open_result = err;
@@ -322,9 +351,7 @@ static void connect_failed(struct uswap_nfs_io *io, int err, const char *msg)
         while (io->waiting.head) {
             struct io_req *r = io->waiting.head;
             list_unlink(&io->waiting, r);
-            r->result = err;
-            r->done = 1;
-            pthread_cond_signal(&r->cond);
+            complete(r, err);   /* last_error keeps msg, the reason */
         }
     }
     pthread_mutex_unlock(&io->lock);
@@ -404,7 +431,7 @@ static void advance_connect(struct uswap_nfs_io *io)
     }
     io->fh = io->step_fh;
     io->connects++;
-    io->backoff_ms = BACKOFF_FIRST_MS;
+    io->served = 0;
     set_state(io, USWAP_NFS_UP, NULL);
     pthread_mutex_lock(&io->lock);
     io->st.connects = io->connects;
@@ -419,15 +446,34 @@ static void advance_connect(struct uswap_nfs_io *io)
 
 /* -- requests ------------------------------------------------------------------------------------- */
 
-/* Send one request on the current context; 0, or -1 when libnfs could not queue it (the context is then
- * treated as broken). */
-static int send_request(struct uswap_nfs_io *io, struct io_req *r)
+/* Send the request at the head of `waiting` on the current context; 0, or -1 when libnfs could not queue
+ * it (the context is then treated as broken).
+ * Commit mode: every request waiting for its COMMIT goes with one COMMIT (of the whole file, as libnfs
+ * sends it), which covers each of their WRITEs: all were answered before it is sent. */
+static int send_request(struct uswap_nfs_io *io)
 {
-    r->sent = now_ns();
-    r->sent_generation = io->generation;
+    struct io_req *r = io->waiting.head, *x, *next, **tail = &r->commit_next;
+    uint64_t now = now_ns();
+    list_unlink(&io->waiting, r);
+    r->commit_next = NULL;
+    if (r->phase == PHASE_COMMIT) {
+        for (x = io->waiting.head; x; x = next) {
+            next = x->next;
+            if (x->phase == PHASE_COMMIT) {
+                list_unlink(&io->waiting, x);
+                x->commit_next = NULL;
+                *tail = x;
+                tail = &x->commit_next;
+            }
+        }
+    }
     /* in `inflight` before the call: a callback may run inside it */
-    list_append(&io->inflight, r);
-    io->in_flight++;
+    for (x = r; x; x = x->commit_next) {
+        x->sent = now;
+        x->sent_generation = io->generation;
+        list_append(&io->inflight, x);
+        io->in_flight++;
+    }
     if (io->in_flight > io->most_in_flight)
         io->most_in_flight = io->in_flight;
     int rc;
@@ -436,17 +482,19 @@ static int send_request(struct uswap_nfs_io *io, struct io_req *r)
     else if (r->phase == PHASE_TRANSFER)
         rc = nfs_pwrite_async(io->ctx, io->fh, r->off, r->len, r->buf, transfer_cb, r);
     else
-        rc = nfs_fsync_async(io->ctx, io->fh, transfer_cb, r);   /* a COMMIT of the whole file */
+        rc = nfs_fsync_async(io->ctx, io->fh, commit_cb, r);
     if (rc == 0)
         return 0;
-    list_unlink(&io->inflight, r);
-    io->in_flight--;
-    list_append(&io->waiting, r);   /* sent again on the next context */
+    for (x = r; x; x = x->commit_next) {   /* sent again on the next context */
+        list_unlink(&io->inflight, x);
+        io->in_flight--;
+        list_append(&io->waiting, x);
+    }
     snprintf(io->reset_reason, sizeof(io->reset_reason), "cannot queue a request: %s", nfs_get_error(io->ctx));
     return -1;
 }
 
-/* Under lock: the request's final outcome; the caller may return (and its stack go) once lock is dropped. */
+/* Under lock: complete, with the counters and last_error. */
 static void finish(struct uswap_nfs_io *io, struct io_req *r, int64_t result)
 {
     if (result >= 0) {
@@ -456,8 +504,6 @@ static void finish(struct uswap_nfs_io *io, struct io_req *r, int64_t result)
         } else {
             io->st.writes++;
             io->st.write_bytes += r->len;
-            if (r->phase == PHASE_COMMIT)
-                io->st.commits++;
         }
     } else if (result != -ESHUTDOWN && result != -ETIMEDOUT) {
         /* the server's answer (a timeout's reason is the connection's, already in last_error) */
@@ -465,9 +511,7 @@ static void finish(struct uswap_nfs_io *io, struct io_req *r, int64_t result)
                  r->op == OP_READ ? "read" : "write", r->len, r->off,
                  r->cb_err >= 0 ? "short transfer" : r->cb_error[0] ? r->cb_error : strerror((int)-result));
     }
-    r->result = result;
-    r->done = 1;
-    pthread_cond_signal(&r->cond);
+    complete(r, result);
 }
 
 /* Under lock: a failed attempt that may be sent again, until the request's deadline. */
@@ -494,6 +538,10 @@ static void process_completed(struct uswap_nfs_io *io, uint64_t now)
         list_unlink(&io->completed, r);
         int err = r->cb_err;
         if (err >= 0) {
+            if (r->sent_generation == io->generation && !io->served) {
+                io->served = 1;
+                io->backoff_ms = BACKOFF_FIRST_MS;
+            }
             if (r->phase == PHASE_COMMIT) {
                 /* the server may have lost the unstable data if the COMMIT went to another connection
                  * than the one that acknowledged the WRITE: both are sent again */
@@ -589,13 +637,20 @@ static void *service(void *arg)
         expire_waiting(io, now);
         io->st.retries = io->retries;
         io->st.most_in_flight = io->most_in_flight;
+        io->st.commits = io->commits;
         pthread_mutex_unlock(&io->lock);
         if (closing || (!opened && io->open_done))
             break;   /* closing; or the open's connect failed (its error is with uswap_nfs_io_open) */
 
         if (io->reset_reason[0]) {
-            if (io->state == USWAP_NFS_UP)
+            if (io->state == USWAP_NFS_UP) {
                 reset_context(io, io->reset_reason);
+                if (io->served)
+                    io->next_connect = now;   /* at once: it worked until now (a server restart) */
+                else
+                    back_off(io);             /* it broke before serving anything (or a server error
+                                               * libnfs reported as a transport error) */
+            }
             io->reset_reason[0] = 0;
             continue;   /* what the reset failed is decided about first */
         }
@@ -606,11 +661,8 @@ static void *service(void *arg)
         if (io->first_connect && io->open_done)
             continue;   /* the open's connect failed: the top of the loop ends the thread */
         if (io->state == USWAP_NFS_UP) {
-            while (io->waiting.head && !io->reset_reason[0]) {
-                struct io_req *r = io->waiting.head;
-                list_unlink(&io->waiting, r);
-                send_request(io, r);
-            }
+            while (io->waiting.head && !io->reset_reason[0])
+                send_request(io);
             /* send now what was queued, rather than after a poll() (as connection.py's _send_now) */
             if (!io->reset_reason[0] && (nfs_which_events(io->ctx) & POLLOUT) &&
                 nfs_service(io->ctx, POLLOUT) < 0)
@@ -703,7 +755,12 @@ int uswap_nfs_io_open(const char *libnfs_url, const char *server, const char *ex
         free_io(io);
         return -e;
     }
+    /* the service thread takes no signals (it inherits this mask): they go to the process's other threads */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     int e = pthread_create(&io->thread, NULL, service, io);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (e) {
         snprintf(err, errlen, "cannot start the NFS service thread: %s", strerror(e));
         free_io(io);

@@ -12,12 +12,16 @@
  *     request in flight; the service thread builds a new context (parse URL options, MOUNT, open the
  *     file) with backoff 50 ms doubling to 1 s, and sends the retryable requests again.
  *   - A request that neither succeeds nor fails for good within timeout_ms of its start returns
- *     -ETIMEDOUT.  An error the server gave (EROFS, EACCES, ENOSPC, ...) is returned at once.
+ *     -ETIMEDOUT (a request in flight then is failed when its attempt ends: within timeout_ms +
+ *     USWAP_NFS_ATTEMPT_MS).  An error the server gave (EROFS, EACCES, ENOSPC, EFBIG, ...) is returned
+ *     at once: libnfs 4.0 reports a READ or WRITE the server refused as -EFAULT, and the NFS3ERR_* in
+ *     its message gives the errno.  A short transfer is -EIO.
  *   - Retryable: EFAULT, EINTR (libnfs's transport errors and cancelled requests), EAGAIN,
  *     ECONNREFUSED, ECONNRESET, ECONNABORTED, EPIPE, ENOTCONN, ETIMEDOUT, EHOSTUNREACH, ENETUNREACH.
  *   - Stable writes: with commit == 0 the file is opened O_SYNC (libnfs sends FILE_SYNC WRITEs); with
  *     commit == 1 a pwrite is an UNSTABLE WRITE then a COMMIT, and both are sent again when the COMMIT
  *     was answered on another connection than the WRITE (the server may have lost the unstable data).
+ *     The writes waiting for their COMMIT at one time share one.
  */
 #ifndef USWAP_NFS_IO_H
 #define USWAP_NFS_IO_H
@@ -37,7 +41,8 @@ struct uswap_nfs_io_stats {
     uint64_t connects;         /* successful connects, the first included */
     uint64_t retries;          /* requests sent again after a failure */
     uint64_t most_in_flight;   /* the most requests waiting for an answer at once */
-    uint64_t reads, writes, commits;   /* requests completed (successfully) */
+    uint64_t reads, writes;    /* callers' requests completed (successfully) */
+    uint64_t commits;          /* COMMITs answered (commit mode; one covers the WRITEs answered before it) */
     uint64_t read_bytes, write_bytes;
     char last_error[200];
 };

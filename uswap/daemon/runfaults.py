@@ -44,7 +44,7 @@ class RunFaults:
                 elif kind == EVENT:        # the thread waits for us: the table must change first (R2)
                     await self.handle(ev)
                     self.engine.resume()
-                elif not await self.fault(ev):
+                elif not await self.fault(ev, timed_out=slot == -errno.ETIMEDOUT):   # slot: the thread's -errno
                     deferred.append(ev)
             if msgs:
                 if to_line and not deferred and self.tree.resident > self.tree.line():
@@ -56,7 +56,7 @@ class RunFaults:
             rounds += 1
             await trio.sleep(0 if rounds < 10 else 0.0005)   # a program thread is finishing its event
 
-    async def fault(self, ev: Pagefault) -> bool:
+    async def fault(self, ev: Pagefault, *, timed_out: bool = False) -> bool:
         """A fault the thread did not serve (read error, a page eviction holds, EAGAIN, above the hard line,
         a store Python reads, a fork child's first); False if it must be retried after the ring is read."""
         a = ev.address & ~(PS - 1)
@@ -95,11 +95,15 @@ class RunFaults:
         while n < SLOW_READAHEAD and t.swap(a + n * PS, entry(SWAPPED, slot + n), entry(SWAPPED, slot + n) | BUSY):
             n += 1
         try:
+            if timed_out:   # the thread's read waited all of the store's timeout (nfs://): no second wait
+                raise OSError(errno.ETIMEDOUT, "the store did not answer the fault thread's read within its timeout")
             await self.daemon.io.read(slot, n, self.ra)
         except OSError as err:
             self._unclaim(a + PS, slot + 1, n - 1)
             n = 1
             try:
+                if timed_out:
+                    raise
                 await self.daemon.io.read(slot, 1, self.ra)
             except OSError:
                 self.daemon.stats.read_errors += 1

@@ -143,8 +143,11 @@ def read_slots_through_c(store, first: int, count: int, ptr) -> None:
     slot = first + max(bad[0], 0)
     if ret == -errno.EBADMSG:
         check_name = "crc32c" if store.codec.encryption == "off" else store.codec.encryption
-        raise ChecksumError(store.path, slot, f"slot {slot} failed its check (the pool's crc32c, or the "
-                                              f"store's {check_name}): its data is corrupted, stale or replayed")
+        if store.codec_c.pool != ffi.NULL:
+            failed = f"failed its check (the pool's crc32c, or the store's {check_name})"
+        else:   # as the Python codecs say it (uswap.store.checksums, uswap.store.sealing)
+            failed = f"failed authentication ({check_name})" if check_name != "crc32c" else "failed its crc32c check"
+        raise ChecksumError(store.path, slot, f"slot {slot} {failed}: its data is corrupted, stale or replayed")
     if ret == -errno.ENODATA:
         raise OSError(errno.ENODATA, f"slot {slot} holds nothing written since the store was opened", store.path)
     check(ret, store.path)
