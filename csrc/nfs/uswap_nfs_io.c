@@ -44,6 +44,7 @@
 #define TICK_MS 100                  /* longest poll(): deadlines are checked at least this often */
 #define BACKOFF_FIRST_MS 50
 #define BACKOFF_MAX_MS 1000
+#define SERVICE_STACK (256u << 10)   /* bytes: libnfs's frames need a few KiB (as uswap_start_thread's) */
 #define MAX_TRANSFER (1u << 30)      /* libnfs passes counts as 32-bit and answers with an int */
 
 enum { OP_READ, OP_WRITE };
@@ -759,7 +760,12 @@ int uswap_nfs_io_open(const char *libnfs_url, const char *server, const char *ex
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int e = pthread_create(&io->thread, NULL, service, io);
+    /* A small stack: the daemon is mlockall'd, and glibc's default (8 MiB) would all be resident. */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, SERVICE_STACK);
+    int e = pthread_create(&io->thread, &attr, service, io);
+    pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (e) {
         snprintf(err, errlen, "cannot start the NFS service thread: %s", strerror(e));

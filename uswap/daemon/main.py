@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import signal
+import threading
 
 import trio
 
@@ -21,6 +22,7 @@ from uswap.store.opening import opened_stores
 from uswap.store.storeset import StoreSpec
 
 log = logging.getLogger("uswap.daemon")
+WORKER_STACK = 1 << 20   # bytes: a Python worker thread's stack (Python frames live on the heap)
 
 
 def lock_memory() -> None:
@@ -78,6 +80,9 @@ async def run_daemon(*, store_specs: list[StoreSpec], socket_path: str, budget: 
     """Open the store (a path or an nfs:// URL; several: a store set), serve until signalled, close the store.
     With ``pool``, the compressed pool lives from after the store opened until everything that used it
     stopped."""
+    # Worker threads (trio.to_thread: async and remote slot I/O, blocking opens) run C calls only; the daemon is
+    # mlockall'd, so each thread's stack would be resident whole at the default size (8 MiB).
+    threading.stack_size(WORKER_STACK)
     options = StoreOptions(encrypt=encrypt, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable)
     async with opened_stores(store_specs, options) as store:
         limits = user_limits(store.slot_count, max_size=user_max_size, max_regions=user_max_regions,
