@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` (the main job) and `make test`; `make bench` (root, an idle machine,
 # a few minutes; never part of `make test`) regenerates the main comparison of docs/BENCHMARKS.md into bench/results/;
-# `make bench-pool` (the same conditions) the compressed pool against zram and zswap at equal total memory (issue 21).
+# `make bench-pool` (the same conditions) the compressed pool against zram and zswap at equal total memory (issue 21);
+# `make bench-nfs` an nfs:// store on nfs-ganesha (FILE_SYNC and COMMIT) and `make bench-set` a store set of two.
 #
 # PYTHON: the interpreter the suite runs on.  Unset, it is python3 with this checkout installed
 # into it (scripts/install-deps: pip install -e .[test]), run from here.  Set, as .ci/run does
@@ -10,7 +11,7 @@
 PYTHON =
 BENCH_WORKDIR ?= /var/tmp/uswap-bench
 
-.PHONY: deps demo test bench bench-pool
+.PHONY: deps demo test bench bench-pool bench-nfs bench-set
 
 deps:
 	./scripts/install-deps $(PYTHON)
@@ -38,3 +39,11 @@ bench-pool:
 	    --io sync --pool 32M --pool-compressor lz4 --against native,zram,zswap --equal-memory \
 	    --workdir $(BENCH_WORKDIR) \
 	    --json bench/results/pool.json --plot bench/results/pool.png --markdown bench/results/pool.md
+
+bench-nfs:
+	python3 -m uswap bench --size 256M --resident 64M --repeat 3 --workloads seq,random,zipf,hog \
+	    --io sync,nfs,nfs-commit --against native --workdir $(BENCH_WORKDIR)-nfs --json bench/results/nfs.json
+
+bench-set:
+	python3 -m uswap bench --size 256M --resident 64M --repeat 3 --workloads seq,random,zipf,hog \
+	    --io sync,set --against native --workdir $(BENCH_WORKDIR)-set --json bench/results/storeset.json
