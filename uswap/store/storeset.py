@@ -28,7 +28,7 @@ from uswap.store.base import SlotIO, Store, StoreOptions
 from uswap.store.checksums import ChecksumError
 from uswap.store.lock import StoreError
 from uswap.store.sealing import slot_codec
-from uswap.store.swapfile import read_slots_through_c
+from uswap.store.swapfile import local_slot_io, read_slots_through_c, slot_span
 
 MAX_PRIO = 32767                        # as swapon's --priority
 MAX_MEMBERS = lib.USWAP_SET_MAX_MEMBERS
@@ -159,19 +159,13 @@ class StoreSet(Store):
 
     def slot_io(self, mode: str) -> SlotIO:
         """All members local: ``sync`` or ``async`` as for one local store; any remote member: worker threads."""
-        from uswap.store.slot_io import RemoteSlotIO, SyncSlotIO, ThreadSlotIO
+        from uswap.store.slot_io import RemoteSlotIO
         if any(store.local_fd < 0 for _, store in self.members):
             return RemoteSlotIO(self)
-        modes = {"sync": SyncSlotIO, "async": ThreadSlotIO}
-        if mode not in modes:
-            raise ValueError(f"unknown I/O mode {mode!r} (sync or async)")
-        return modes[mode](self)
+        return local_slot_io(self, mode)
 
     def _span(self, first: int, count: int, buf: AlignedBuffer, buf_page: int):
-        if count <= 0 or first < 0 or first + count > self.slot_count:
-            raise ValueError(f"slots {first}..{first + count - 1} are outside the set's {self.slot_count} slots")
-        if buf_page < 0 or (buf_page + count) * self.page_size > buf.size:
-            raise ValueError(f"buffer of {buf.size} bytes cannot hold {count} pages at page {buf_page}")
+        slot_span(self, first, count, buf, buf_page)   # the set has a store's slot_count and page_size
         return buf.ptr + buf_page * self.page_size
 
     def write_slots(self, first: int, count: int, buf: AlignedBuffer, buf_page: int = 0) -> None:

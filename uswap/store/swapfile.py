@@ -30,13 +30,24 @@ from uswap.store.checksums import ChecksumError
 from uswap.store.sealing import slot_codec
 
 
-def slot_span(header: StoreHeader, first: int, count: int, buf: AlignedBuffer, buf_page: int) -> tuple[int, int]:
-    """(offset, length) of slots first..first+count-1 in the store; ValueError outside it or the buffer."""
+def slot_span(header, first: int, count: int, buf: AlignedBuffer, buf_page: int) -> tuple[int, int]:
+    """(offset, length) of slots first..first+count-1 in the store; ValueError outside it or the buffer.
+    ``header``: anything with the store's ``slot_count`` and ``page_size`` (a StoreHeader, a store set)."""
     if count <= 0 or first < 0 or first + count > header.slot_count:
         raise ValueError(f"slots {first}..{first + count - 1} are outside the store's {header.slot_count} slots")
     if (buf_page + count) * header.page_size > buf.size or buf_page < 0:
         raise ValueError(f"buffer of {buf.size} bytes cannot hold {count} pages at page {buf_page}")
     return (first + 1) * header.page_size, count * header.page_size
+
+
+def local_slot_io(store, mode: str) -> SlotIO:
+    """A store with local fds: ``sync`` in the event loop, ``async`` writeback on worker threads
+    (uswap.store.slot_io)."""
+    from uswap.store.slot_io import SyncSlotIO, ThreadSlotIO
+    modes = {"sync": SyncSlotIO, "async": ThreadSlotIO}
+    if mode not in modes:
+        raise ValueError(f"unknown I/O mode {mode!r} (sync or async)")
+    return modes[mode](store)
 
 
 class SwapStore(Store):
@@ -85,11 +96,7 @@ class SwapStore(Store):
 
     def slot_io(self, mode: str) -> SlotIO:
         """``sync``: in the event loop; ``async``: writeback on worker threads (uswap.store.slot_io)."""
-        from uswap.store.slot_io import SyncSlotIO, ThreadSlotIO
-        modes = {"sync": SyncSlotIO, "async": ThreadSlotIO}
-        if mode not in modes:
-            raise ValueError(f"unknown I/O mode {mode!r} (sync or async)")
-        return modes[mode](self)
+        return local_slot_io(self, mode)
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
