@@ -6,8 +6,10 @@ layer 4: real daemons on two or three real stores, real userfaultfd clients, eve
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import time
 import subprocess
 
 import pytest
@@ -30,19 +32,26 @@ CLUSTER = lib.USWAP_SET_CLUSTER
 class CSet:
     """A uswap_storeset over real store files, by fd (O_DIRECT, as the daemon opens them)."""
 
-    def __init__(self, paths_prios: list[tuple[str, int]]):
+    def __init__(self, paths_prios: list[tuple[str, int]], copies: int = 1):
         self.fds = [os.open(p, os.O_RDWR | os.O_DIRECT) for p, _ in paths_prios]
         members = ffi.new("struct uswap_set_member[]", len(self.fds))
         for m, fd, (path, prio) in zip(members, self.fds, paths_prios):
             m.prio, m.fd, m.slots = prio, fd, os.path.getsize(path) // PAGE_SIZE - 1
         out = ffi.new("struct uswap_storeset **")
-        assert lib.uswap_storeset_new(PAGE_SIZE, members, len(self.fds), out) == 0
+        assert lib.uswap_storeset_new(PAGE_SIZE, members, len(self.fds), copies, out) == 0
         self.c = out[0]
 
-    def locate(self, v: int) -> tuple[int, int, int]:
+    def locate(self, v: int, copy: int = 0) -> tuple[int, int, int]:
         m, slot, run = ffi.new("uint32_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        assert lib.uswap_storeset_locate(self.c, v, m, slot, run) == 0
+        assert lib.uswap_storeset_locate(self.c, v, copy, m, slot, run) == 0
         return m[0], slot[0], run[0]
+
+    def write(self, first: int, buf: AlignedBuffer) -> int:
+        return lib.uswap_storeset_pwrite(self.c, buf.ptr, buf.size, (first + 1) * PAGE_SIZE)
+
+    def read(self, first: int, count: int) -> tuple[int, bytes]:
+        back = AlignedBuffer(count * PAGE_SIZE)
+        return lib.uswap_storeset_pread(self.c, back.ptr, back.size, (first + 1) * PAGE_SIZE), bytes(back.view)
 
     def stats(self, member: int):
         s = ffi.new("struct uswap_set_member_stats *")
@@ -119,6 +128,109 @@ def test_a_transfer_across_cluster_boundaries_lands_in_each_member_and_reads_bac
         assert sum(s.stats(i).errors for i in range(3)) == 0
     finally:
         s.close()
+
+
+class BrokenMember:
+    """Member ``i``'s fd made to fail every transfer (a directory's fd in its place: reads EISDIR, writes
+    EBADF) while the block runs; the real file is put back afterwards."""
+
+    def __init__(self, s: CSet, i: int, tmp_path):
+        self.s, self.i, self.tmp_path = s, i, tmp_path
+
+    def __enter__(self):
+        self.saved = os.dup(self.s.fds[self.i])
+        directory = os.open(str(self.tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+        os.dup2(directory, self.s.fds[self.i])
+        os.close(directory)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, self.s.fds[self.i])
+        os.close(self.saved)
+
+
+def test_two_copies_fall_back_to_the_other_and_resync_copies_back_what_a_member_missed(tmp_path):
+    """--copies 2 over two files of one priority: each slot is at two members (never both at one), a write
+    lands at both; with one member failing, reads come from the other (a fallback counted at the one that
+    failed) and writes keep one copy, marking the missed cluster stale; resync copies it back, after which
+    the other member can fail and the new data still reads back."""
+    paths = [str(tmp_path / n) for n in ("a", "b")]
+    for path in paths:
+        mkswap(path, (4 * CLUSTER + 1) * PAGE_SIZE)
+    s = CSet([(paths[0], 0), (paths[1], 0)], copies=2)
+    try:
+        assert lib.uswap_storeset_copies(s.c) == 2
+        assert lib.uswap_storeset_slot_count(s.c) == 4 * CLUSTER        # 8 clusters of room, two copies each
+        assert s.stats(0).slots == s.stats(1).slots == 4 * CLUSTER
+        assert s.locate(5, 0) == (0, 5, CLUSTER - 5) and s.locate(5, 1) == (1, CLUSTER + 5, CLUSTER - 5)
+        assert s.locate(CLUSTER, 0) == (1, 0, CLUSTER) and s.locate(CLUSTER, 1) == (0, CLUSTER, CLUSTER)
+        assert s.locate(2 * CLUSTER + 1, 0) == (0, 2 * CLUSTER + 1, CLUSTER - 1)
+        assert s.locate(2 * CLUSTER + 1, 1) == (1, 3 * CLUSTER + 1, CLUSTER - 1)
+        places = {(s.locate(v, c)[0], s.locate(v, c)[1]) for v in range(4 * CLUSTER) for c in (0, 1)}
+        assert len(places) == 8 * CLUSTER                                  # every place holds one copy
+        assert all(s.locate(v, 0)[0] != s.locate(v, 1)[0] for v in range(4 * CLUSTER))
+
+        old = pattern(0, 2 * CLUSTER)
+        assert s.write(0, old) == old.size
+        assert member_page(paths[0], 7) == member_page(paths[1], CLUSTER + 7) == bytes(old.view[7 * PAGE_SIZE:
+                                                                                            8 * PAGE_SIZE])
+        assert (s.stats(0).writes, s.stats(1).writes) == (2, 2)
+        fd, at = ffi.new("int *"), ffi.new("uint64_t *")
+        assert lib.uswap_storeset_local(s.c, PAGE_SIZE, PAGE_SIZE, fd, at) == -errno.ENXIO   # reads choose
+
+        new = pattern(1000, 3)
+        with BrokenMember(s, 0, tmp_path):
+            assert s.read(3, 2) == (2 * PAGE_SIZE, bytes(old.view[3 * PAGE_SIZE:5 * PAGE_SIZE]))   # from b
+            a = s.stats(0)
+            assert (a.down, a.fallbacks, a.errors, a.last_error) == (1, 1, 1, -errno.EISDIR)
+            assert s.write(10, new) == new.size                             # b only: a is down
+            assert s.read(10, 3) == (new.size, bytes(new.view))
+            assert (s.stats(0).stale_slots, s.stats(1).stale_slots) == (CLUSTER, 0)
+            assert s.stats(0).writes == 2                                   # not tried while down
+            assert lib.uswap_storeset_resync(s.c, 100) == 1                 # a's probe fails: still behind
+            assert s.stats(0).down == 1
+        assert member_page(paths[0], 10) == bytes(old.view[10 * PAGE_SIZE:11 * PAGE_SIZE])    # a missed it
+        assert lib.uswap_storeset_resync(s.c, 100) == 0
+        a = s.stats(0)
+        assert (a.down, a.stale_slots, a.resynced_slots) == (0, 0, CLUSTER)
+        assert member_page(paths[0], 10) == bytes(new.view[:PAGE_SIZE])
+        with BrokenMember(s, 1, tmp_path):
+            assert s.read(10, 3) == (new.size, bytes(new.view))            # from a, resynchronised
+            assert s.read(CLUSTER + 1, 1) == (PAGE_SIZE, bytes(old.view[(CLUSTER + 1) * PAGE_SIZE:
+                                                                        (CLUSTER + 2) * PAGE_SIZE]))
+            assert s.stats(1).fallbacks == 1
+    finally:
+        s.close()
+
+
+def test_a_write_that_fails_at_every_copy_fails_and_marks_nothing(tmp_path):
+    """Both members failing: the write fails (the caller keeps its pages), no copy is marked stale (the
+    cluster's other slots are still good at both), and a read fails with the member's error."""
+    paths = [str(tmp_path / n) for n in ("a", "b")]
+    for path in paths:
+        mkswap(path, (2 * CLUSTER + 1) * PAGE_SIZE)
+    s = CSet([(paths[0], 0), (paths[1], 0)], copies=2)
+    try:
+        with BrokenMember(s, 0, tmp_path), BrokenMember(s, 1, tmp_path):
+            buf = pattern(0, 4)
+            assert s.write(0, buf) == -errno.EBADF
+            assert s.read(0, 1)[0] == -errno.EISDIR
+        assert (s.stats(0).stale_slots, s.stats(1).stale_slots) == (0, 0)
+        assert (s.stats(0).down, s.stats(1).down) == (1, 1)
+        assert lib.uswap_storeset_resync(s.c, 100) == 0
+        assert (s.stats(0).down, s.stats(1).down) == (0, 0)               # both answer again
+    finally:
+        s.close()
+
+
+def test_copies_need_two_stores_of_each_priority_in_c():
+    members = ffi.new("struct uswap_set_member[]", 3)
+    for m, prio in zip(members, (0, 0, 1)):
+        m.prio, m.fd, m.slots = prio, 0, 4 * CLUSTER
+    out = ffi.new("struct uswap_storeset **")
+    assert lib.uswap_storeset_new(PAGE_SIZE, members, 3, 2, out) == -errno.EINVAL    # prio 1 has one
+    assert lib.uswap_storeset_new(PAGE_SIZE, members, 2, 3, out) == -errno.EINVAL    # at most 2 copies
+    members[1].slots = CLUSTER                                                       # less than a unit
+    assert lib.uswap_storeset_new(PAGE_SIZE, members, 2, 2, out) == -errno.EINVAL
 
 
 def test_the_allocator_fills_the_first_group_before_the_next():
@@ -282,3 +394,65 @@ def test_a_store_smaller_than_a_stripe_cluster_is_refused(tmp_path):
     assert r.stderr.splitlines()[-1] == (f"uswap daemon: error: {b}: 31 slots: a store of a set needs at least "
                                          f"{CLUSTER} (one stripe cluster)")
     assert not os.path.exists(str(tmp_path / "d.sock"))
+
+
+def test_two_copies_keep_every_page_through_the_loss_of_a_server_and_resync_when_it_is_back(nfs, uswapd, hog,
+                                                                                             tmp_path):
+    """--copies 2 over an nfs:// store and a local one: each slot is at both.  The server killed, a holder's
+    pages all come back (the NFS copies are read from the local store), a hog writes and verifies through
+    it (one copy each), and status shows the store down with its fallbacks; the server restarted, the
+    background resync copies back what it missed until it is whole again."""
+    url = nfs_mkswap(nfs, size="40M")       # 40 MiB each, two copies: room for 40 MiB of pages
+    local = make_stores(tmp_path, {"local": "40M"})["local"]
+    daemon = uswapd(store=url, resident="4M", prefix=nfs.netns_cmd([]),
+                    extra=("--store", local, "--copies", "2", "--nfs-timeout", "5"))
+    holder = start_holder(daemon, 12 * MiB)
+    try:
+        status = daemon.status()
+        assert status["copies"] == 2
+        stores = stores_of(daemon)
+        assert stores[url]["used_slots"] == stores[local]["used_slots"] > 0      # one bitmap, each slot at both
+        nfs.kill()
+        r = run_hog(hog, daemon, "-s", "8", "-p", "2", "-r", "2")
+        assert r.returncode == 0 and r.stdout.count(" 0 mismatches") == 2, r.stdout + r.stderr
+    finally:
+        code, out, err = finish_holder(holder)
+    assert (code, out) == (0, "intact\n"), err
+    d = daemon.status()["daemon"]
+    assert d["read_errors"] == d["write_errors"] == 0 and d["pswpin"] > 0
+    gone = stores_of(daemon)[url]
+    assert gone["down"] and gone["fallbacks"] > 0 and gone["stale_slots"] > 0, gone
+    assert gone["health"].startswith("down"), gone
+    assert stores_of(daemon)[local]["fallbacks"] == 0
+    assert daemon.log().count(f"store {url} failed") == 1, daemon.log()
+    text = uswap("status", "--socket", daemon.socket).stdout
+    assert "  every slot on 2 of these stores (--copies)" in text, text
+    assert f"{gone['fallbacks']} read from the other copy  down" in text, text
+    families = parse_exposition(uswap("status", "--format", "prometheus", "--socket", daemon.socket).stdout)
+    assert sample(families, "uswap_set_store_healthy", store=url) == 0
+    assert sample(families, "uswap_set_store_healthy", store=local) == 1
+    assert sample(families, "uswap_set_store_stale_bytes", store=url) == gone["stale_slots"] * PAGE_SIZE
+
+    nfs.restart()
+    deadline = time.monotonic() + 60
+    while (back := stores_of(daemon)[url])["down"] or back["stale_slots"]:
+        assert time.monotonic() < deadline, back
+        time.sleep(0.2)
+    assert back["resynced_slots"] >= gone["stale_slots"] and back["health"] == "ok", back
+    assert f"store {url} holds every copy again" in daemon.log()
+    r = run_hog(hog, daemon, "-s", "8", "-r", "2")
+    assert r.returncode == 0 and " 0 mismatches" in r.stdout, r.stdout + r.stderr
+    assert stores_of(daemon)[url]["reads"] > back["reads"]         # the NFS copies are read again
+
+
+@pytest.mark.parametrize("stores,message", [
+    (["{a}"], "--copies 2 keeps each slot on 2 stores of one priority: priority 0 has 1 ({a})"),
+    (["{a}", "{b}", "{c},prio=3"], "--copies 2 keeps each slot on 2 stores of one priority: priority 3 has 1 ({c})"),
+])
+def test_copies_without_two_stores_of_a_priority_are_refused_in_one_line(tmp_path, stores, message):
+    names = {n: str(tmp_path / f"{n}.store") for n in "abc"}
+    args = [arg for s in stores for arg in ("--store", s.format(**names))]
+    r = uswap("daemon", *args, "--copies", "2", "--socket", str(tmp_path / "d.sock"), timeout=60)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.splitlines() == [f"uswap daemon: error: {message.format(**names)}"]
+    assert os.listdir(tmp_path) == []                                 # nothing made

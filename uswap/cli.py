@@ -149,7 +149,7 @@ def cmd_daemon(args) -> int:
     options.count("--user-max-connections", args.user_max_connections, 1)
     options.count("--user-max-runs", args.user_max_runs, 0)              # 0: runs for the daemon's uid only
     run_users = parse_run_users(args.run_users)
-    stores = store_specs(args.store)
+    stores = store_specs(args.store, args.copies)
     group = socket_group(args.group)
     socket_path = args.socket or daemon_socket_path()  # may ask for --socket
     check_socket_path(socket_path)
@@ -166,7 +166,7 @@ def cmd_daemon(args) -> int:
                                user_max_connections=args.user_max_connections, map_timeout=args.map_timeout,
                                encrypt=args.encrypt == "on", writeback_batch=batch, run_users=run_users,
                                user_max_runs=args.user_max_runs, max_run_processes=args.max_run_processes,
-                               pool=pool if pool.max_bytes else None))
+                               pool=pool if pool.max_bytes else None, copies=args.copies))
     return 0
 
 
@@ -462,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"store path or nfs:// URL (default {DEFAULT_STORE}; a missing local one is created, 1 GiB); "
                         "given several times, a store set: a higher prio (0 to 32767, default 0) fills first, "
                         "stores of equal prio are striped (docs/DESIGN.md \"Store sets\")")
+    p.add_argument("--copies", type=int, default=1, choices=(1, 2),
+                   help="stores of one priority holding each slot (default 1); with 2, a read falls back to the "
+                        "other copy when a store fails, and a store that comes back is resynchronised")
     p.add_argument("--socket", default=None, help="socket path (default: /run/uswap/uswap.sock for root, "
                                                   "$XDG_RUNTIME_DIR/uswap.sock otherwise)")
     p.add_argument("--resident", type=_size, default=DEFAULT_BUDGET,

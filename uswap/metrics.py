@@ -122,6 +122,13 @@ SET_STORE = [      # each member of a store set (label store: its path or URL)
     ("read_bytes", "set_store_read_bytes", "counter", "Bytes read from the store.", ""),
     ("write_bytes", "set_store_written_bytes", "counter", "Bytes written to the store.", ""),
     ("errors", "set_store_errors", "counter", "Transfers to or from the store that failed.", ""),
+    # with --copies 2 only (absent otherwise: add_table skips them)
+    ("stale_slots", "set_store_stale_bytes", "gauge", "Slots of the store that missed a write while it was down "
+     "(copied back by the resync).", "pages"),
+    ("fallbacks", "set_store_fallbacks", "counter", "Reads the store failed or skipped that another copy "
+     "served.", ""),
+    ("resynced_slots", "set_store_resynced_bytes", "counter", "Slots copied back to the store by the resync.",
+     "pages"),
 ]
 MOUNT = [
     ("files", "mount_files", "gauge", "Swap files the mount serves.", ""),
@@ -210,8 +217,8 @@ def prometheus(status: dict | None, mounts: dict[str, dict], *, page_size: int) 
             out.add_table(NFS, nfs, server, ps)
         for store in status.get("stores", []):
             labels = {"store": store["url"]}
-            out.add("set_store_healthy", "gauge", "1 if the store's last transfer succeeded.",
-                    1 if store["health"] == "ok" else 0, labels)
+            out.add("set_store_healthy", "gauge", "1 if the store's last transfer succeeded (with --copies 2: and it "
+                    "is neither down nor behind).", 1 if store["health"] == "ok" else 0, labels)
             out.add_table(SET_STORE, store, labels, ps)
             if store.get("nfs") and not nfs:        # several on NFS: each with its store
                 server = {"server": store["nfs"]["server"], **labels}

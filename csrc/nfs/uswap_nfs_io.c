@@ -270,7 +270,7 @@ static void set_state(struct uswap_nfs_io *io, int state, const char *error)
 {
     pthread_mutex_lock(&io->lock);
     if (state != io->st.state) {
-        io->st.state = state;
+        __atomic_store_n(&io->st.state, state, __ATOMIC_RELAXED);   /* read without the lock: uswap_nfs_io_up */
         io->st.since = wall_time();
     }
     if (error && *error)
@@ -836,6 +836,12 @@ int64_t uswap_nfs_io_pwrite(void *ctx, const void *buf, uint64_t len, uint64_t o
 {
     /* the buffer is only read (libnfs copies it into the WRITE, and re-reads it for a short write's rest) */
     return run(ctx, OP_WRITE, (void *)buf, len, off);
+}
+
+int uswap_nfs_io_up(void *ctx)
+{
+    struct uswap_nfs_io *io = ctx;
+    return __atomic_load_n(&io->st.state, __ATOMIC_RELAXED) == USWAP_NFS_UP;
 }
 
 void uswap_nfs_io_stats(struct uswap_nfs_io *io, struct uswap_nfs_io_stats *out)

@@ -60,6 +60,9 @@ int64_t uswap_nfs_io_pread(void *ctx, void *buf, uint64_t len, uint64_t off);
 int64_t uswap_nfs_io_pwrite(void *ctx, const void *buf, uint64_t len, uint64_t off);
 
 void uswap_nfs_io_stats(struct uswap_nfs_io *io, struct uswap_nfs_io_stats *out);
+/* 1 if the connection is up (a request goes out at once), else 0 (it would wait for a reconnect): for a
+ * store set with copies, which reads another copy instead.  Lock-free. */
+int uswap_nfs_io_up(void *ctx);
 
 /* Fail what is queued or in flight (-ESHUTDOWN), wait for every caller inside pread/pwrite to return, stop
  * the service thread, free everything.  No call on io may start afterwards. */

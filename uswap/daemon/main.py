@@ -76,14 +76,15 @@ async def run_daemon(*, store_specs: list[StoreSpec], socket_path: str, budget: 
                      user_max_regions: int = 64, user_max_connections: int = 64, map_timeout: float = 10.0,
                      encrypt: bool = True, writeback_batch: int | None = None,
                      run_users: frozenset[int] | None = None, user_max_runs: int = DEFAULT_MAX_RUNS,
-                     max_run_processes: int = DEFAULT_MAX_RUN_PROCESSES, pool: PoolOptions | None = None) -> None:
+                     max_run_processes: int = DEFAULT_MAX_RUN_PROCESSES, pool: PoolOptions | None = None,
+                     copies: int = 1) -> None:
     """Open the store (a path or an nfs:// URL; several: a store set), serve until signalled, close the store.
     With ``pool``, the compressed pool lives from after the store opened until everything that used it
     stopped."""
     # Worker threads (trio.to_thread: async and remote slot I/O, blocking opens) run C calls only; the daemon is
     # mlockall'd, so each thread's stack would be resident whole at the default size (8 MiB).
     threading.stack_size(WORKER_STACK)
-    options = StoreOptions(encrypt=encrypt, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable)
+    options = StoreOptions(encrypt=encrypt, nfs_timeout=nfs_timeout, nfs_stable=nfs_stable, copies=copies)
     async with opened_stores(store_specs, options) as store:
         limits = user_limits(store.slot_count, max_size=user_max_size, max_regions=user_max_regions,
                              max_connections=user_max_connections)

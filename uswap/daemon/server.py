@@ -305,6 +305,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._reclaim)
+                nursery.start_soon(self.store.maintain)
                 nursery.start_soon(self._accept, listener, nursery)
                 task_status.started()
                 await self._stopping.wait()

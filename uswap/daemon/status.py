@@ -57,11 +57,14 @@ def render_status(status: dict) -> str:
         f"{d['pswpout']:>8} {d['writeback_pages']:>4} {d['read_errors']:>5} {d['write_errors']:>5}  "
         f"{d['store_health']}",
     ]
+    if status.get("copies", 1) > 1:
+        lines.append(f"  every slot on {status['copies']} of these stores (--copies)")
     for store in status.get("stores", []):      # the members of a store set (uswap.store.storeset)
         used = "-" if store["used_slots"] is None else _pages(store["used_slots"], ps)
         lines.append(f"  {store['url']:<26} {_pages(store['slots'], ps):>7} {used:>7}  prio {store['prio']}, "
-                     f"{store['reads']} reads, {store['writes']} writes, {store['errors']} errors  "
-                     f"{store['health']}")
+                     f"{store['reads']} reads, {store['writes']} writes, {store['errors']} errors"
+                     + (f", {store['fallbacks']} read from the other copy" if "fallbacks" in store else "")
+                     + f"  {store['health']}")
     shares = d.get("shares")
     if shares:      # one budget for regions and runs (uswap.daemon.budget)
         parts = " + ".join(f"{kind} {_pages(k['resident_pages'], ps)} (line {_pages(k['line_pages'], ps)}, fair "

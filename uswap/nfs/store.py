@@ -84,6 +84,7 @@ async def check_nfs_store(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> Chec
 STATES = {lib.USWAP_NFS_DOWN: "down", lib.USWAP_NFS_UP: "up", lib.USWAP_NFS_CONNECTING: "connecting"}
 _PREAD = "int64_t (*)(void *, void *, uint64_t, uint64_t)"
 _PWRITE = "int64_t (*)(void *, const void *, uint64_t, uint64_t)"
+_UP = "int (*)(void *)"
 
 
 def _for_core(ctype: str, pointer):
@@ -121,6 +122,7 @@ class NfsStore(Store):
         self.codec_c.remote = _for_core("void *", io)
         self.codec_c.remote_pread = _for_core(_PREAD, ffi.addressof(lib, "uswap_nfs_io_pread"))
         self.codec_c.remote_pwrite = _for_core(_PWRITE, ffi.addressof(lib, "uswap_nfs_io_pwrite"))
+        self.remote_up = _for_core(_UP, ffi.addressof(lib, "uswap_nfs_io_up"))
         self._stats = ffi.new("struct uswap_nfs_io_stats *")
 
     @classmethod

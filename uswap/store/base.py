@@ -22,6 +22,7 @@ class StoreOptions:
     encrypt: bool = True            # slots sealed with AES-256-GCM (uswap.store.sealing), else crc32c
     nfs_timeout: float = 60.0       # nfs://: how long a request waits for a server that is down
     nfs_stable: str = "file_sync"   # nfs://: FILE_SYNC writes, or UNSTABLE + COMMIT
+    copies: int = 1                 # a store set: how many of its stores hold each slot (uswap.store.storeset)
 
 
 class SlotIO(abc.ABC):
@@ -53,6 +54,7 @@ class Store(abc.ABC):
     codec: object                   # the slot codec (uswap.store.checksums.SlotCodec)
     codec_c: object                 # its one C view (struct uswap_codec *): engines, writeback, the pool
     slot_groups: tuple[int, ...] = ()   # a store set's priority groups' ends, highest first (none: one group)
+    remote_up = None                # a remote store: int (*)(void *remote), 1 while its server is reachable
 
     @classmethod
     @abc.abstractmethod
@@ -72,6 +74,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def slot_io(self, mode: str) -> SlotIO:
         """The slot I/O for ``mode`` (sync or async; a store may have one way only)."""
+
+    async def maintain(self) -> None:
+        """Background work the store needs while the daemon serves (run in its nursery, cancelled at stop);
+        none by default."""
 
     def status(self, slots=None) -> dict:
         """Entries for `uswap status` (top level): at least ``encryption``.  ``slots``: the daemon's slot

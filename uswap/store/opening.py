@@ -34,7 +34,7 @@ def store_class(spec: str) -> type[Store]:
 async def opened_stores(specs: list, options: StoreOptions) -> AsyncIterator[Store]:
     """The stores ``specs`` names (uswap.store.storeset.StoreSpec): one is opened as it is, several as a
     store set (uswap.store.storeset), each locked for us while the block runs."""
-    if len(specs) == 1:
+    if len(specs) == 1 and options.copies == 1:
         async with opened_store(specs[0].url, options) as store:
             yield store
         return

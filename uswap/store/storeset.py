@@ -9,6 +9,12 @@ here) goes through the set to the member that holds the slot.  Members of
 equal priority are striped by clusters of USWAP_SET_CLUSTER slots; a higher
 priority group fills first (the slot allocator's groups, uswap.daemon.slots).
 
+With ``--copies 2`` every slot is kept on two members of its group (like
+RAID 1; the layout and the rules for writes, reads and resync are in
+csrc/daemon/uswap_storeset.h): a read falls back to the other copy when a
+member fails, and :meth:`StoreSet.maintain` brings a member back in the
+background once it answers again.
+
 The members' own codecs are not used (the set's covers every slot): they are
 made with crc32c only, the smaller of the two (5 bytes per slot).
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import re
 
@@ -32,7 +39,12 @@ from uswap.store.swapfile import local_slot_io, read_slots_through_c, slot_span
 
 MAX_PRIO = 32767                        # as swapon's --priority
 MAX_MEMBERS = lib.USWAP_SET_MAX_MEMBERS
+MAX_COPIES = lib.USWAP_SET_MAX_COPIES
 CLUSTER = lib.USWAP_SET_CLUSTER
+RESYNC_INTERVAL = 1.0                   # seconds between passes of StoreSet.maintain
+RESYNC_CLUSTERS = 256                   # clusters copied back per pass at most (64 MiB of 4 KiB pages)
+
+log = logging.getLogger("uswap.store")
 _PRIO = re.compile(r"(?P<url>.+),prio=(?P<prio>[^,]*)")
 
 
@@ -54,6 +66,16 @@ class StoreSpec:
             raise ValueError(f"bad priority {prio!r} in --store {text!r}: a whole number from 0 to {MAX_PRIO}")
         return cls(m["url"], int(prio))
 
+    def failure_domain(self) -> tuple:
+        """What a copy on this store is lost with: its NFS server, or for a local path its filesystem."""
+        if self.url.startswith("nfs:"):
+            from uswap.nfs.url import NfsUrl
+            return ("nfs", NfsUrl.parse(self.url).server.lower())
+        try:
+            return ("dev", os.stat(self.url).st_dev)
+        except FileNotFoundError:
+            return ("dev", os.stat(os.path.dirname(os.path.abspath(self.url)) or "/").st_dev)
+
     def identity(self) -> tuple:
         """What names the same store however it is spelt: the file (its inode if it exists), or the NFS
         server, export and file."""
@@ -68,9 +90,11 @@ class StoreSpec:
             return ("path", os.path.realpath(self.url))
 
 
-def store_specs(texts: list[str]) -> list[StoreSpec]:
+def store_specs(texts: list[str], copies: int = 1) -> list[StoreSpec]:
     """The ``--store`` options, checked before anything is opened or made: priorities, the same store
-    twice, too many.  ValueError in one line."""
+    twice, too many, enough stores of each priority for ``copies``.  ValueError in one line."""
+    if not 1 <= copies <= MAX_COPIES:
+        raise ValueError(f"--copies {copies}: 1 to {MAX_COPIES}")
     specs = [StoreSpec.parse(text) for text in texts]
     if len(specs) > MAX_MEMBERS:
         raise ValueError(f"{len(specs)} stores given: at most {MAX_MEMBERS}")
@@ -81,6 +105,16 @@ def store_specs(texts: list[str]) -> list[StoreSpec]:
             same = "" if seen[key] == spec.url else f" (as {seen[key]!r} and {spec.url!r})"
             raise ValueError(f"the store {spec.url} is given twice{same}: each --store must be another store")
         seen[key] = spec.url
+    if copies > 1:
+        for prio in sorted({spec.prio for spec in specs}, reverse=True):
+            group = [spec for spec in specs if spec.prio == prio]
+            if len(group) < copies:
+                raise ValueError(f"--copies {copies} keeps each slot on {copies} stores of one priority: "
+                                 f"priority {prio} has {len(group)} ({', '.join(s.url for s in group)})")
+            domains = {spec.failure_domain() for spec in group}
+            if len(domains) < len(group):
+                log.warning("--copies %d: some stores of priority %d are on the same server or filesystem, "
+                            "so one failure can lose both copies of a slot", copies, prio)
     return specs
 
 
@@ -89,15 +123,17 @@ class StoreSet(Store):
 
     fd = -1   # no local fd: the codec's remote store (the set) instead
 
-    def __init__(self, members: list[tuple[StoreSpec, Store]], *, encrypt: bool, close_timeout: float = 60.0):
+    def __init__(self, members: list[tuple[StoreSpec, Store]], *, encrypt: bool, close_timeout: float = 60.0,
+                 copies: int = 1):
         sizes = {store.page_size for _, store in members}
         if len(sizes) != 1:
             raise StoreError(errno.EINVAL, f"the stores have different page sizes ({sorted(sizes)})",
                              members[0][1].path)
         for spec, store in members:
-            if store.slot_count < CLUSTER:
+            if store.slot_count < CLUSTER * copies:
                 raise StoreError(errno.ENOSPC, f"{store.slot_count} slots: a store of a set needs at least "
-                                               f"{CLUSTER} (one stripe cluster)", store.path)
+                                               f"{CLUSTER * copies} (one stripe cluster{' per copy' * (copies > 1)})",
+                                 store.path)
         self.members = members
         self.close_timeout = close_timeout     # each member's close (an NFS server may be down)
         self.page_size = sizes.pop()
@@ -111,8 +147,10 @@ class StoreSet(Store):
                 spec_c.remote_pread = store.codec_c.remote_pread
                 spec_c.remote_pwrite = store.codec_c.remote_pwrite
                 spec_c.remote = store.codec_c.remote
+                spec_c.remote_up = store.remote_up or ffi.NULL
         out = ffi.new("struct uswap_storeset **")
-        check(lib.uswap_storeset_new(self.page_size, specs, len(members), out), self.path)
+        check(lib.uswap_storeset_new(self.page_size, specs, len(members), copies, out), self.path)
+        self.copies = copies
         self.c = out[0]                     # freed by aclose, after everything using it stopped
         self.slot_count = lib.uswap_storeset_slot_count(self.c)
         ends = ffi.new("uint64_t[]", MAX_MEMBERS)
@@ -122,10 +160,11 @@ class StoreSet(Store):
         self.codec_c.remote = self.c
         self.codec_c.remote_pread = ffi.addressof(lib, "uswap_storeset_pread")
         self.codec_c.remote_pwrite = ffi.addressof(lib, "uswap_storeset_pwrite")
-        if all(store.local_fd >= 0 for _, store in members):   # the engines' io_uring rings read the files
+        if copies == 1 and all(store.local_fd >= 0 for _, store in members):   # io_uring reads the files
             self.codec_c.remote_local = ffi.addressof(lib, "uswap_storeset_local")
         self._stats = ffi.new("struct uswap_set_member_stats *")
         self._used = ffi.new("uint64_t[]", len(members))
+        self._state = ["ok"] * len(members)         # each member's as last logged: ok, down, stale
 
     @classmethod
     async def open_for_use(cls, spec, options: StoreOptions) -> "StoreSet":
@@ -137,7 +176,7 @@ class StoreSet(Store):
             for member in spec:
                 store = await store_class(member.url).open_for_use(member.url, member_options)
                 members.append((member, store))
-            return cls(members, encrypt=options.encrypt, close_timeout=options.nfs_timeout)
+            return cls(members, encrypt=options.encrypt, close_timeout=options.nfs_timeout, copies=options.copies)
         except BaseException:
             await _close_members(members, options.nfs_timeout)
             raise
@@ -152,6 +191,40 @@ class StoreSet(Store):
         finally:
             lib.uswap_storeset_free(self.c)
             self.c = ffi.NULL
+
+    async def maintain(self) -> None:
+        """With copies: every RESYNC_INTERVAL, probe the members that are down and copy their stale clusters
+        back (uswap_storeset_resync, on a worker thread: a probe of a server that is down waits as a read
+        does, and a stop waits for that one pass); log each member once as it fails and as it is whole again."""
+        if self.copies == 1:
+            return
+        while True:
+            if self._log_changes():
+                await trio.to_thread.run_sync(lib.uswap_storeset_resync, self.c, RESYNC_CLUSTERS)
+                self._log_changes()
+            await trio.sleep(RESYNC_INTERVAL)
+
+    def _log_changes(self) -> bool:
+        """Log the members whose state changed since the last call; whether any is down or stale."""
+        behind = False
+        for i, (_, store) in enumerate(self.members):
+            s = self._stats
+            lib.uswap_storeset_stats(self.c, i, s)
+            state = "down" if s.down else "stale" if s.stale_slots else "ok"
+            behind = behind or state != "ok"
+            if state == self._state[i]:
+                continue
+            if state == "down":
+                error = os.strerror(-s.last_error) if s.last_error else "its server is unreachable"
+                log.warning("store %s failed (%s): its slots are read from their other copy, and written to "
+                            "one copy only until it is back", store.path, error)
+            elif state == "stale":
+                log.info("store %s answers again: copying back the %d slots it missed", store.path, s.stale_slots)
+            elif self._state[i] != "ok":
+                log.info("store %s holds every copy again (%d slots copied back so far)", store.path,
+                         s.resynced_slots)
+            self._state[i] = state
+        return behind
 
     @property
     def local_fd(self) -> int:
@@ -183,10 +256,10 @@ class StoreSet(Store):
             raise ChecksumError(member.path, e.slot, f"{e.strerror} (the set's slot {e.slot} is slot {slot} of "
                                                      f"{member.path})") from None
 
-    def locate(self, slot: int) -> tuple[Store, int]:
-        """The member holding the set's ``slot``, and its slot there."""
+    def locate(self, slot: int, copy: int = 0) -> tuple[Store, int]:
+        """The member holding copy ``copy`` of the set's ``slot``, and its slot there."""
         m, member_slot, run = ffi.new("uint32_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        check(lib.uswap_storeset_locate(self.c, slot, m, member_slot, run), self.path)
+        check(lib.uswap_storeset_locate(self.c, slot, copy, m, member_slot, run), self.path)
         return self.members[m[0]][1], member_slot[0]
 
     def status(self, slots=None) -> dict:
@@ -199,9 +272,16 @@ class StoreSet(Store):
             s = self._stats
             lib.uswap_storeset_stats(self.c, i, s)
             health = "ok" if s.last_error == 0 else os.strerror(-s.last_error)
+            if s.down:
+                health = f"down ({health})" if s.last_error else "down"
+            elif s.stale_slots:
+                health = f"resyncing ({s.stale_slots} slots behind)"
             entry = {"url": store.path, "prio": spec.prio, "slots": s.slots,
                      "used_slots": self._used[i] if have_used else None, "reads": s.reads, "writes": s.writes,
                      "read_bytes": s.read_bytes, "write_bytes": s.write_bytes, "errors": s.errors}
+            if self.copies > 1:
+                entry.update(down=bool(s.down), stale_slots=s.stale_slots, fallbacks=s.fallbacks,
+                             resynced_slots=s.resynced_slots)
             nfs = store.status().get("nfs")
             if nfs is not None:
                 entry["nfs"] = nfs
@@ -209,7 +289,7 @@ class StoreSet(Store):
                     health = f"server {nfs['state']}"
             entry["health"] = health
             stores.append(entry)
-        out = {"encryption": self.codec.encryption, "stores": stores}
+        out = {"encryption": self.codec.encryption, "stores": stores, "copies": self.copies}
         on_nfs = [entry["nfs"] for entry in stores if "nfs" in entry]
         if len(on_nfs) == 1:
             out["nfs"] = on_nfs[0]
