@@ -4,6 +4,7 @@
 #include "uswap_slots.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -234,34 +235,71 @@ static struct member *place(struct uswap_storeset *set, uint64_t v, uint32_t c, 
 	return &set->members[m];
 }
 
+struct copy_write {
+	struct member *mb;
+	void *p;
+	uint64_t bytes, moff;
+	int64_t r;
+};
+
+static void *copy_write_thread(void *arg)
+{
+	struct copy_write *w = arg;
+	w->r = member_io(w->mb, w->p, w->bytes, w->moff, 1);
+	return NULL;
+}
+
+/* The writes at once: the first on this thread, the others each on a thread of its own (the members are
+ * different stores, often different servers: a write costs the slowest, not the sum); inline if a thread
+ * cannot be made. */
+static void write_at_once(struct copy_write *w, uint32_t n)
+{
+	pthread_t threads[USWAP_SET_MAX_COPIES];
+	int started[USWAP_SET_MAX_COPIES] = {0};
+	for (uint32_t i = 1; i < n; i++)
+		started[i] = pthread_create(&threads[i], NULL, copy_write_thread, &w[i]) == 0;
+	copy_write_thread(&w[0]);
+	for (uint32_t i = 1; i < n; i++) {
+		if (started[i])
+			pthread_join(threads[i], NULL);
+		else
+			copy_write_thread(&w[i]);
+	}
+}
+
 /* k slots from virtual slot v, all in one cluster, to every copy that is not down (see the header); if every
  * copy is down, to each anyway, as a set of one copy would (the member may be back: a write that fails keeps
  * its pages). */
 static int64_t write_copies(struct uswap_storeset *set, const void *p, uint64_t v, uint64_t k)
 {
-	uint64_t bytes = k * set->page_size;
 	uint32_t *word = &set->cluster_words[v / C], failed = 0, skipped = 0, written = 0;
 	int64_t err = -EIO;
 	__atomic_add_fetch(word, WRITE_BEGUN, __ATOMIC_ACQ_REL);
-	for (uint32_t pass = 0; pass < 2 && !written; pass++)
+	for (uint32_t pass = 0; pass < 2 && !written; pass++) {
+		struct copy_write w[USWAP_SET_MAX_COPIES];
+		uint32_t copy[USWAP_SET_MAX_COPIES], n = 0;
 		for (uint32_t c = 0; c < set->copies; c++) {
-			uint64_t moff;
-			struct member *mb = place(set, v, c, &moff);
-			if (pass == 0 && member_down(mb)) {
+			struct copy_write *wc = &w[n];
+			wc->mb = place(set, v, c, &wc->moff);
+			if (pass == 0 && member_down(wc->mb))
 				skipped |= STALE(c);
-				continue;
+			else if (pass == 0 || (skipped & STALE(c))) {
+				wc->p = (void *)p;
+				wc->bytes = k * set->page_size;
+				copy[n++] = c;
 			}
-			if (pass == 1 && !(skipped & STALE(c)))
-				continue;
-			int64_t r = member_io(mb, (void *)p, bytes, moff, 1);
-			if (r == (int64_t)bytes) {
+		}
+		write_at_once(w, n);
+		for (uint32_t i = 0; i < n; i++) {
+			if (w[i].r == (int64_t)w[i].bytes) {
 				written++;
 				continue;
 			}
-			failed |= STALE(c);
-			err = r;
-			mark_down(mb);
+			failed |= STALE(copy[i]);
+			err = w[i].r;
+			mark_down(w[i].mb);
 		}
+	}
 	/* End the write, marking the copies it missed if it is a write at all (one copy or more). */
 	uint32_t missed = written ? (failed | skipped) : 0, old = __atomic_load_n(word, __ATOMIC_ACQUIRE), new;
 	do
@@ -272,7 +310,7 @@ static int64_t write_copies(struct uswap_storeset *set, const void *p, uint64_t 
 			uint64_t moff;
 			count(&place(set, v, c, &moff)->stats.stale_slots, C);
 		}
-	return written ? (int64_t)bytes : err;
+	return written ? (int64_t)k * set->page_size : err;
 }
 
 /* k slots from virtual slot v, all in one cluster, from the first copy that is neither stale nor down; if

@@ -345,6 +345,13 @@ class DaemonSampler(PeakSampler):
         return {"rss": rss, "charged": pool["charged_bytes"], "rss_outside": max(0, rss - pool["charged_bytes"])}
 
 
+def _store_like(path: str, size: int) -> str:
+    """A store of ``size`` bytes at ``path``, made unless one of that size is there."""
+    if not os.path.exists(path) or os.path.getsize(path) != size:
+        mkswap(path, size, force=True)
+    return path
+
+
 def _status_kib(pid: int, key: str) -> int:
     for line in _read(f"/proc/{pid}/status").splitlines():
         if line.startswith(key):
@@ -375,10 +382,12 @@ class UswapDaemon(DaemonProcess):
             store = self.nfs.url("bench.store")
             io = "sync"
         elif io == "set":   # a store set: the bench store and a second one like it, equal priority, sync I/O
-            second = os.path.join(workdir, "bench-b.store")
-            if not os.path.exists(second) or os.path.getsize(second) != os.path.getsize(store):
-                mkswap(second, os.path.getsize(store), force=True)
-            extra += ("--store", second)
+            extra += ("--store", _store_like(os.path.join(workdir, "bench-b.store"), os.path.getsize(store)))
+            io = "sync"
+        elif io == "copies":   # --copies 2 over two stores each as big as the bench store's: the same room
+            size = os.path.getsize(store)
+            store = _store_like(os.path.join(workdir, "bench-copy-a.store"), 2 * size)
+            extra += ("--store", _store_like(os.path.join(workdir, "bench-copy-b.store"), 2 * size), "--copies", "2")
             io = "sync"
         super().__init__(store, os.path.join(workdir, "uswap.sock"), os.path.join(workdir, "daemon.log"),
                          budget=budget, io=io, readahead=readahead, cpu=daemon_cpu, extra=extra)
