@@ -396,7 +396,7 @@ class Reclaimer:
             self.spans.append((region, first, count))
             for page in range(first, first + count):
                 event = region.wp_waiters.pop(page, None)
-                if event:
+                if event is not None:      # a trio.Event has no truth value
                     event.set()
 
 

@@ -357,17 +357,24 @@ class Region:
         an unreadable faulting page is poisoned.  ``read_failed``: the errno of
         the engine's read of its window: one that did not verify (CORRUPT_ERRNOS)
         means the faulting page alone is read, once; ETIMEDOUT (a remote store
-        that did not answer for its whole timeout) poisons it at once."""
+        that did not answer for its whole timeout) poisons it at once, unless the
+        window may have waited for another server than the page's (a store set:
+        ``timeout_fails_every_slot``): then the window's slots on the page's
+        server are read, and only a timeout of that read poisons it at once."""
         await self.daemon.reclaimer.throttle()
         if self.closed:
             return
         slot = slot_of(self.map.entry(page))
-        run = self._claim_run(page, 1 if read_failed else self._window(page),
-                              lambda e, k: state_of(e) == SWAPPED and slot_of(e) == slot + k)
+        store = self.daemon.store
+        # A store set's window that timed out may have waited for another server: this slot's part of it is read.
+        elsewhere = read_failed == errno.ETIMEDOUT and not store.timeout_fails_every_slot
+        window = store.slots_on_one_server(slot, self._window(page)) if elsewhere else \
+            1 if read_failed else self._window(page)
+        run = self._claim_run(page, window, lambda e, k: state_of(e) == SWAPPED and slot_of(e) == slot + k)
         if run is None:
             return self._ioctl(self.uffd.wake, self.address(page), PAGE_SIZE)
         first, count = run
-        if read_failed == errno.ETIMEDOUT:   # count is 1: the faulting page alone was claimed
+        if read_failed == errno.ETIMEDOUT and not elsewhere:   # count is 1: the faulting page alone was claimed
             return self._poison(page, slot, OSError(errno.ETIMEDOUT, "the store did not answer the fault engine's "
                                                                      "read within its timeout", self.daemon.store.path))
         # Invariant: a buffer belongs to one swap-in from here to the install; other
@@ -384,6 +391,14 @@ class Region:
                 error = await self._read_with_retries(slot, 1, buf)
                 if self.closed:
                     return
+            elif error and count > 1:     # elsewhere: this server's part of the window failed too
+                for p in range(first + 1, first + count):
+                    self.unclaim(p)
+                count = 1
+                if error.errno != errno.ETIMEDOUT:      # a timeout is the page's own server's: no second wait
+                    error = await self._read_with_retries(slot, 1, buf)
+                    if self.closed:
+                        return
             if error:
                 return self._poison(page, slot, error)
             self._install(first, count, page, slot, buf, dirty=write)

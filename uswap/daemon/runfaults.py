@@ -91,8 +91,12 @@ class RunFaults:
         if e < 0:                          # not swapped: a zero page (R2: nothing holds a slot for it)
             return self._fill(a, lambda: self.uffd.zeropage(a, PS), "zero_fills")
         slot = slot_of(e)
+        # A set of several servers: the thread's window may have waited for another server than this slot's;
+        # the page is read alone, once, then (it is its own server) poisoned without another read.
+        alone = timed_out and not self.daemon.store.timeout_fails_every_slot
+        timed_out = timed_out and not alone
         n = 1                              # readahead: the swapped pages after it whose slots follow its slot
-        while n < SLOW_READAHEAD and t.swap(a + n * PS, entry(SWAPPED, slot + n), entry(SWAPPED, slot + n) | BUSY):
+        while not alone and n < SLOW_READAHEAD and t.swap(a + n * PS, entry(SWAPPED, slot + n), entry(SWAPPED, slot + n) | BUSY):
             n += 1
         try:
             if timed_out:   # the thread's read waited all of the store's timeout (nfs://): no second wait
@@ -102,7 +106,7 @@ class RunFaults:
             self._unclaim(a + PS, slot + 1, n - 1)
             n = 1
             try:
-                if timed_out:
+                if timed_out or alone:
                     raise
                 await self.daemon.io.read(slot, 1, self.ra)
             except OSError:

@@ -21,6 +21,9 @@ Clients are run with :meth:`NfsServer.netns_cmd`, which enters the network
 namespace only: they keep the test's mount namespace and filesystem (and so
 its pathname Unix sockets), and reach the server at 127.0.0.1.  A client still
 running at :meth:`NfsServer.stop` keeps the namespace alive until it exits.
+Several servers that one client reaches: :class:`uswap.nfs.network.NfsNetwork`,
+which links each server's namespace to a client namespace and gives the server
+an ``address`` of its own there.
 
 Populate ``export_dir`` and ``export_ro_dir`` (or mount a filesystem on them)
 only before :meth:`NfsServer.start`; afterwards change them through NFS.
@@ -30,6 +33,7 @@ errors.
 
 from __future__ import annotations
 
+import collections.abc
 import os
 import re
 import shutil
@@ -37,7 +41,7 @@ import subprocess
 import time
 import urllib.parse
 
-ADDRESS = "127.0.0.1"  # as seen from inside the namespace
+ADDRESS = "127.0.0.1"  # as seen from inside the namespace (a server's default address)
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
@@ -58,15 +62,24 @@ _ENTER_NAMESPACES_AND_RUN_RPCBIND = 'ip link set lo up && mount --bind "$0" /run
 
 class NfsServer:
     """ganesha exporting ``export_dir`` read-write as /export and ``export_ro_dir``
-    read-only as /export-ro.  ``extra_config`` is appended to ganesha's config."""
+    read-only as /export-ro.  ``extra_config`` is appended to ganesha's config.
 
-    def __init__(self, base_dir: str, *, extra_config: str = ""):
+    ``address`` is where clients reach it (:meth:`url`); ganesha and rpcbind listen on every address of the
+    namespace.  ``network_setup``, if given, is called with the path of the server's network namespace
+    (``/proc/PID/ns/net``) once rpcbind serves there and before ganesha starts: it gives the namespace the link
+    that carries ``address`` (:class:`uswap.nfs.network.NfsNetwork`).  What it makes must vanish with the
+    namespace, and it must raise if it fails (the server is then stopped)."""
+
+    def __init__(self, base_dir: str, *, extra_config: str = "", address: str = ADDRESS,
+                 network_setup: collections.abc.Callable[[str], None] | None = None):
         self.base_dir = os.path.realpath(base_dir)
         if (self.base_dir + "/").startswith("/run/"):
             raise ValueError(f"{base_dir}: the server's own /run would hide it")
         self.export_dir = os.path.join(self.base_dir, "export")
         self.export_ro_dir = os.path.join(self.base_dir, "export-ro")
         self.log_path = os.path.join(self.base_dir, "ganesha.log")
+        self.address = address
+        self._network_setup = network_setup
         self._run_dir = os.path.join(self.base_dir, "run")
         self._config_path = os.path.join(self.base_dir, "ganesha.conf")
         self._config = _CONFIG.format(recovery_dir=os.path.join(self.base_dir, "recovery"),
@@ -95,6 +108,8 @@ class NfsServer:
                     ["unshare", "--net", "--mount", "sh", "-c", _ENTER_NAMESPACES_AND_RUN_RPCBIND, self._run_dir],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             self._wait_for_rpcbind()
+            if self._network_setup is not None:
+                self._network_setup(self.netns_path())
             self._start_ganesha()
         except BaseException:
             self.stop()
@@ -135,9 +150,13 @@ class NfsServer:
 
     def netns_cmd(self, cmd: list[str]) -> list[str]:
         """``cmd`` prefixed to run in the server's network namespace (and only that one)."""
+        return ["nsenter", f"--net={self.netns_path()}", "--", *cmd]
+
+    def netns_path(self) -> str:
+        """The server's network namespace, as a path nsenter and ``ip ... netns`` take."""
         if self._rpcbind is None:
             raise RuntimeError("the NFS server is not started")
-        return ["nsenter", f"--net=/proc/{self._rpcbind.pid}/ns/net", "--", *cmd]
+        return f"/proc/{self._rpcbind.pid}/ns/net"
 
     def log_excerpt(self, tail: int = 10) -> str:
         """ganesha's warnings and errors, then its last lines; TIRPC's per-connection chatter left out."""
@@ -151,7 +170,7 @@ class NfsServer:
 
     def _url(self, export: str, path: str, params: dict) -> str:
         query = urllib.parse.urlencode({"version": 3, **params})
-        return f"nfs://{ADDRESS}/{export}/{path.lstrip('/')}?{query}"
+        return f"nfs://{self.address}/{export}/{path.lstrip('/')}?{query}"
 
     def _running_ganesha(self) -> subprocess.Popen:
         if self._ganesha is None or self._ganesha.poll() is not None:

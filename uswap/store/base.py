@@ -55,6 +55,10 @@ class Store(abc.ABC):
     codec_c: object                 # its one C view (struct uswap_codec *): engines, writeback, the pool
     slot_groups: tuple[int, ...] = ()   # a store set's priority groups' ends, highest first (none: one group)
     remote_up = None                # a remote store: int (*)(void *remote), 1 while its server is reachable
+    # A read that waited the store's whole timeout (nfs://: the server did not answer) means a read of any of
+    # its slots would: true of one server.  A set of several says False: a window that timed out may have
+    # waited for another member than the faulting page's, whose slot is then read alone before it is poisoned.
+    timeout_fails_every_slot: bool = True
 
     @classmethod
     @abc.abstractmethod
@@ -78,6 +82,11 @@ class Store(abc.ABC):
     async def maintain(self) -> None:
         """Background work the store needs while the daemon serves (run in its nursery, cancelled at stop);
         none by default."""
+
+    def slots_on_one_server(self, slot: int, count: int) -> int:
+        """How many of the ``count`` slots from ``slot`` are where ``slot`` is (one server or file): all of
+        them, but in a store set."""
+        return count
 
     def status(self, slots=None) -> dict:
         """Entries for `uswap status` (top level): at least ``encryption``.  ``slots``: the daemon's slot

@@ -135,6 +135,7 @@ class StoreSet(Store):
                                                f"{CLUSTER * copies} (one stripe cluster{' per copy' * (copies > 1)})",
                                  store.path)
         self.members = members
+        self.timeout_fails_every_slot = len(members) == 1
         self.close_timeout = close_timeout     # each member's close (an NFS server may be down)
         self.page_size = sizes.pop()
         self.path = " + ".join(store.path for _, store in members)
@@ -261,6 +262,11 @@ class StoreSet(Store):
         m, member_slot, run = ffi.new("uint32_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
         check(lib.uswap_storeset_locate(self.c, slot, copy, m, member_slot, run), self.path)
         return self.members[m[0]][1], member_slot[0]
+
+    def slots_on_one_server(self, slot: int, count: int) -> int:
+        m, member_slot, run = ffi.new("uint32_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        check(lib.uswap_storeset_locate(self.c, slot, 0, m, member_slot, run), self.path)
+        return min(count, run[0])      # a cluster's copies are whole clusters too
 
     def status(self, slots=None) -> dict:
         """The codec's encryption and a ``stores`` list (per member: url, prio, slots, used_slots from the
