@@ -268,3 +268,40 @@ def test_a_restarted_server_serves_its_pages_again(servers, uswapd):
     assert all(s["health"] == "ok" for s in stores.values()), stores
     d = daemon.status()["daemon"]
     assert d["read_errors"] == 0 and d["pswpin"] > 0
+
+
+# -- copies ------------------------------------------------------------------------------------------------
+
+def test_two_copies_lose_nothing_when_a_server_is_gone_for_good(servers, uswapd, hog, pagecheck):
+    """--copies 2 over the three: every page out is in exactly two servers' stores.  The third server's
+    namespace ends; then the client touches every page, which also pushes others out (written to one copy
+    where the dead server held the other): every page comes back intact, none gives SIGBUS, and a hog run
+    afterwards verifies every word.  Status shows the dead store down, with the reads its copies served."""
+    urls = mkswap_all(servers)
+    daemon = start_striped(uswapd, servers, urls, timeout=2, extra=("--encrypt", "off", "--copies", "2"))
+    pages, budget = 3072, 1024
+    client = PageCheck(pagecheck, daemon, pages, spare=budget + 64)
+    try:
+        wait_evicted(daemon, pages - 64)
+        where = [pages_in_store(export_file(servers, n), client.seed, pages) for n in range(3)]
+        held = [sum(page in w for w in where) for page in range(pages)]
+        assert held.count(2) >= pages - 64 and set(held) <= {0, 2}, {n: held.count(n) for n in set(held)}
+        assert all(len(w) >= 64 * 15 for w in where), [len(w) for w in where]      # copies on all three
+        servers.servers[2].stop()                    # for good: the namespace and its link are gone
+        outcomes = client.touch(list(range(pages)), timeout=240)
+    finally:
+        client.end()
+    wrong = {p: what for p, what in outcomes.items() if what != "ok"}
+    assert not wrong, f"{len(wrong)} pages not intact: {sorted(wrong.items())[:10]}"
+    assert len(outcomes) == pages
+
+    r = run_hog(hog, daemon, "-s", "8", "-r", "2", timeout=300)      # both copies on the two left
+    assert r.returncode == 0 and " 0 mismatches" in r.stdout, r.stdout + r.stderr
+    stores = stores_of(daemon)
+    dead = stores[urls[2]]
+    assert dead["down"] and dead["fallbacks"] > 0 and dead["health"].startswith("down"), dead
+    assert all(not stores[u]["down"] and stores[u]["fallbacks"] == 0 for u in urls[:2]), stores
+    d = daemon.status()["daemon"]
+    assert d["read_errors"] == d["write_errors"] == 0 and d["pswpin"] >= pages - 64
+    assert "poisoned" not in daemon.log()
+    assert daemon.log().count(f"store {urls[2]} failed") == 1
