@@ -551,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io", default="sync,async",
                    help="uswap rows, comma-separated (default sync,async); nfs, nfs-commit: the store on nfs-ganesha "
                         "in a network namespace, FILE_SYNC or UNSTABLE+COMMIT writes; set: the store and a second "
-                        "one like it, equal priority (a store set), sync I/O; copies: two such stores with --copies 2")
+                        "one like it, equal priority (a store set), sync I/O; copies: two such stores with --copies 2; "
+                        "nfs-set, nfs-copies: the same over two nfs-ganesha servers on one private network")
     p.add_argument("--run", default="", metavar="IO",
                    help="`uswap run` rows: the native (plain anonymous memory) binaries unmodified under `uswap run "
                         "--resident` against a daemon with these --io modes, comma-separated (e.g. sync; default "

@@ -24,6 +24,7 @@ from uswap.daemon.process import DaemonProcess
 from uswap.daemon.runprocess import RunStats
 from uswap.daemon.status import fetch_status
 from uswap.nfs.ganesha import NfsServer
+from uswap.nfs.network import NfsNetwork
 from uswap.store.mkswap import mkswap
 
 MEMCG_ROOT = "/sys/fs/cgroup/memory"
@@ -345,6 +346,40 @@ class DaemonSampler(PeakSampler):
         return {"rss": rss, "charged": pool["charged_bytes"], "rss_outside": max(0, rss - pool["charged_bytes"])}
 
 
+class _NfsServers:
+    """NFS servers on one private network (uswap.nfs.network), server i exporting ``stores[i]`` (a hard link
+    made before it starts) as bench.store; ``urls`` in that order.  start/stop/netns_cmd as one NfsServer's."""
+
+    def __init__(self, workdir: str, stores: list[str]):
+        self.network = NfsNetwork()
+        self.urls = []
+        for i, store in enumerate(stores):
+            server = self.network.server(os.path.join(workdir, f"nfs-{i}"))
+            os.makedirs(server.export_dir, exist_ok=True)
+            link = os.path.join(server.export_dir, "bench.store")
+            if os.path.exists(link) and not os.path.samefile(link, store):
+                os.unlink(link)
+            if not os.path.exists(link):
+                os.link(store, link)
+            self.urls.append(server.url("bench.store"))
+
+    def start(self) -> None:
+        servers = list(self.network.servers)
+        self.network.start()
+        try:
+            for server in servers:
+                server.start()
+        except BaseException:
+            self.network.stop()
+            raise
+
+    def stop(self) -> None:
+        self.network.stop()
+
+    def netns_cmd(self, cmd: list[str]) -> list[str]:
+        return self.network.netns_cmd(cmd)
+
+
 def _store_like(path: str, size: int) -> str:
     """A store of ``size`` bytes at ``path``, made unless one of that size is there."""
     if not os.path.exists(path) or os.path.getsize(path) != size:
@@ -372,7 +407,15 @@ class UswapDaemon(DaemonProcess):
         extra: tuple[str, ...] = ()
         if pool:
             extra = ("--pool", str(pool), *(("--pool-compressor", pool_compressor) if pool_compressor else ()))
-        if io.startswith("nfs"):   # nfs (FILE_SYNC writes) or nfs-commit (UNSTABLE + COMMIT)
+        if io in ("nfs-set", "nfs-copies"):   # two servers on one network: striped, or --copies 2 (each twice as big)
+            size = os.path.getsize(store) * (2 if io == "nfs-copies" else 1)
+            stores = [store if io == "nfs-set" else _store_like(os.path.join(workdir, "bench-copy-a.store"), size),
+                      _store_like(os.path.join(workdir, f"bench-{io}-b.store"), size)]
+            self.nfs = _NfsServers(workdir, stores)
+            store = self.nfs.urls[0]
+            extra += ("--store", self.nfs.urls[1], *(("--copies", "2") if io == "nfs-copies" else ()))
+            io = "sync"
+        elif io.startswith("nfs"):   # nfs (FILE_SYNC writes) or nfs-commit (UNSTABLE + COMMIT)
             extra += ("--nfs-stable", "commit" if io == "nfs-commit" else "file_sync")
             self.nfs = NfsServer(os.path.join(workdir, "nfs"))
             export = self.nfs.export_dir

@@ -93,8 +93,8 @@ class NfsNetwork:
 
     def server(self, base_dir: str, *, rate: str | None = None, extra_config: str = "") -> NfsServer:
         """A server linked to this network, not started yet (populate its export directories first, then
-        ``start()`` it); :meth:`stop` stops it.  ``rate``: a tc rate for both directions of its link."""
-        self.netns_path()            # started
+        ``start()`` it, once the network is started); :meth:`stop` stops it.  ``rate``: a tc rate for both
+        directions of its link."""
         n = len(self.servers) + 1
         if n > MAX_SERVERS:
             raise RuntimeError(f"an NFS network links at most {MAX_SERVERS} servers")
