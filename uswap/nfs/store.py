@@ -107,7 +107,7 @@ class NfsStore(Store):
     fd = -1   # no local fd (uswap.store.swapfile.read_slots_through_c: the codec's remote store instead)
 
     def __init__(self, conn: NfsConnection, url: NfsUrl, header: StoreHeader, report: CheckReport, stable: str,
-                 io, *, encrypt: bool = True):
+                 io, *, encrypt: bool = True, own_codec: bool = True):
         self.conn = conn
         self.url = url
         self.path = url.url
@@ -116,7 +116,7 @@ class NfsStore(Store):
         self.stable = stable
         self.page_size = header.page_size
         self.slot_count = header.slot_count
-        self.codec = slot_codec(self.path, self.slot_count, self.page_size, encrypt=encrypt)
+        self.codec = slot_codec(self.path, self.slot_count if own_codec else 0, self.page_size, encrypt=encrypt)
         self.io = io                    # struct uswap_nfs_io *: closed by aclose, after everything using it
         self.codec_c = self.codec.c_view()
         self.codec_c.remote = _for_core("void *", io)
@@ -127,7 +127,7 @@ class NfsStore(Store):
 
     @classmethod
     async def open(cls, url: str, *, timeout: float = DEFAULT_TIMEOUT, stable: str = "file_sync",
-                   encrypt: bool = True) -> "NfsStore":
+                   encrypt: bool = True, own_codec: bool = True) -> "NfsStore":
         if stable not in STABLE_MODES:
             raise ValueError(f"unknown stable-write mode {stable!r} ({' or '.join(STABLE_MODES)})")
         nfs_url = NfsUrl.parse(url)
@@ -140,7 +140,7 @@ class NfsStore(Store):
                 if not report.usable:
                     raise StoreUnusable(report)
                 io = await trio.to_thread.run_sync(open_io, nfs_url, conn.address, stable, timeout)
-                return cls(conn, nfs_url, report.header, report, stable, io, encrypt=encrypt)
+                return cls(conn, nfs_url, report.header, report, stable, io, encrypt=encrypt, own_codec=own_codec)
             except BaseException:
                 await drop_lock(conn, nfs_url)
                 raise
@@ -160,7 +160,8 @@ class NfsStore(Store):
 
     @classmethod
     async def open_for_use(cls, spec: str, options: StoreOptions) -> "NfsStore":
-        return await cls.open(spec, timeout=options.nfs_timeout, stable=options.nfs_stable, encrypt=options.encrypt)
+        return await cls.open(spec, timeout=options.nfs_timeout, stable=options.nfs_stable, encrypt=options.encrypt,
+                              own_codec=options.own_codec)
 
     @property
     def local_fd(self) -> int:

@@ -23,6 +23,7 @@ class StoreOptions:
     nfs_timeout: float = 60.0       # nfs://: how long a request waits for a server that is down
     nfs_stable: str = "file_sync"   # nfs://: FILE_SYNC writes, or UNSTABLE + COMMIT
     copies: int = 1                 # a store set: how many of its stores hold each slot (uswap.store.storeset)
+    own_codec: bool = True          # False: a member of a store set, whose codec covers the slots (its own none)
 
 
 class SlotIO(abc.ABC):

@@ -15,8 +15,8 @@ csrc/daemon/uswap_storeset.h): a read falls back to the other copy when a
 member fails, and :meth:`StoreSet.maintain` brings a member back in the
 background once it answers again.
 
-The members' own codecs are not used (the set's covers every slot): they are
-made with crc32c only, the smaller of the two (5 bytes per slot).
+The members have no codec of their own (``own_codec=False``: one over no
+slots): the set's covers every slot.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class StoreSet(Store):
     async def open_for_use(cls, spec, options: StoreOptions) -> "StoreSet":
         """``spec``: the members (a list of StoreSpec, from :func:`store_specs`)."""
         from uswap.store.opening import store_class
-        member_options = dataclasses.replace(options, encrypt=False)   # the set's codec seals, not theirs
+        member_options = dataclasses.replace(options, encrypt=False, own_codec=False)   # the set's codec seals
         members: list[tuple[StoreSpec, Store]] = []
         try:
             for member in spec:

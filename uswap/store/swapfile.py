@@ -53,18 +53,19 @@ def local_slot_io(store, mode: str) -> SlotIO:
 class SwapStore(Store):
     """A checked, locked store file.  Use :meth:`open`; close when done."""
 
-    def __init__(self, path: str, fd: int, header: StoreHeader, report: CheckReport, *, encrypt: bool = True):
+    def __init__(self, path: str, fd: int, header: StoreHeader, report: CheckReport, *, encrypt: bool = True,
+                 own_codec: bool = True):
         self.path = path
         self.fd = fd
         self.header = header
         self.report = report
         self.page_size = header.page_size
         self.slot_count = header.slot_count
-        self.codec = slot_codec(path, self.slot_count, self.page_size, encrypt=encrypt)
+        self.codec = slot_codec(path, self.slot_count if own_codec else 0, self.page_size, encrypt=encrypt)
         self.codec_c = self.codec.c_view()   # the one C view of it: engines, writeback, the pool
 
     @classmethod
-    def open(cls, path: str, *, encrypt: bool = True) -> "SwapStore":
+    def open(cls, path: str, *, encrypt: bool = True, own_codec: bool = True) -> "SwapStore":
         path = os.path.abspath(path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
@@ -77,14 +78,14 @@ class SwapStore(Store):
             report = check_fd(fd, path, direct=True)
             if not report.usable:
                 raise StoreUnusable(report)
-            return cls(path, fd, report.header, report, encrypt=encrypt)
+            return cls(path, fd, report.header, report, encrypt=encrypt, own_codec=own_codec)
         except BaseException:
             os.close(fd)
             raise
 
     @classmethod
     async def open_for_use(cls, spec: str, options: StoreOptions) -> "SwapStore":
-        return cls.open(spec, encrypt=options.encrypt)
+        return cls.open(spec, encrypt=options.encrypt, own_codec=options.own_codec)
 
     async def aclose(self) -> None:
         self.close()
