@@ -42,7 +42,7 @@ def servers(tmp_path):
     """Three started NFS servers on one network (``network.servers``), an empty export each; all stopped at
     teardown, the network's namespace too, whatever the test did to them."""
     need_root()
-    tools = ("ganesha.nfsd", "rpcbind", "rpcinfo", "nfs-ls", "ip", "tc", "unshare", "nsenter")
+    tools = ("ganesha.nfsd", "rpcbind", "rpcinfo", "nfs-ls", "nfs-cp", "ip", "unshare", "nsenter")
     missing = [t for t in tools if not shutil.which(t)]
     need(not missing, f"{', '.join(missing)} not installed (scripts/install-deps: nfs-ganesha, rpcbind, "
                       f"libnfs-utils, iproute2)")
