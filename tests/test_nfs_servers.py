@@ -196,7 +196,7 @@ def test_equal_priorities_stripe_over_three_servers_within_ten_percent(servers, 
 # -- losing a server ---------------------------------------------------------------------------------------
 
 def test_a_server_gone_for_good_fails_only_its_pages(servers, uswapd, hog, pagecheck):
-    """--copies 1: the third server's namespace ends (its link with it) while a client's pages are spread over
+    """One copy of each slot (no --copies): the third server's namespace ends (its link with it) while a client's pages are spread over
     the three.  Every page the client touches comes back intact, except the pages in the dead server's store:
     those, and only those, give it SIGBUS; no page reads as zeros or wrong data.  The daemon goes on serving
     another client, and status shows the dead store's health as not ok."""
