@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,29 @@ def test_bench_nfs_rows(tmp_path):
     assert {run["io"] for run in nfs} == {"nfs", "nfs-commit"}
     for run in nfs:
         assert run["exit_code"] == 0 and run["mismatches"] == 0 and run["pswpout"] > 0
+
+
+def test_striping_bench_rows(tmp_path):
+    """The striping bench (uswap.bench.striping): its own servers on a private network, rate-limited links, a
+    row per configuration; every run wrote out what the client wrote past the budget; nothing left mounted."""
+    need_root()
+    need(all(shutil.which(t) for t in ("ganesha.nfsd", "rpcbind", "ip", "tc", "unshare", "nsenter")),
+         "nfs-ganesha, rpcbind or iproute2 not installed (scripts/install-deps)")
+    out = tmp_path / "striping.json"
+    work = tmp_path / "work"
+    r = subprocess.run([sys.executable, "-m", "uswap.bench.striping", "--servers", "1,2", "--rate", "64mbit",
+                        "--size", "24M", "--resident", "8M", "--repeat", "1", "--workdir", str(work),
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    configs = json.loads(out.read_text())["configs"]
+    assert set(configs) == {"1 server at 64mbit", "2 servers at 64mbit", "1 server, no limit"}, configs
+    for config in configs.values():
+        (run,) = config["runs"]
+        assert 24 - 8 - 1 <= run["written_mib"] <= 24 and run["mib_s"] > 0, run
+    assert configs["1 server at 64mbit"]["median_mib_s"] < 64 / 8, configs     # the link is the limit
+    assert "| 2 | 64mbit |" in r.stdout, r.stdout
+    with open("/proc/self/mountinfo") as f:
+        assert str(work) not in f.read()
 
 
 def _ganesha_running(tmp_path) -> bool:

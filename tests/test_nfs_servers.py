@@ -42,7 +42,7 @@ def servers(tmp_path):
     """Three started NFS servers on one network (``network.servers``), an empty export each; all stopped at
     teardown, the network's namespace too, whatever the test did to them."""
     need_root()
-    tools = ("ganesha.nfsd", "rpcbind", "rpcinfo", "nfs-ls", "ip", "tc", "unshare", "nsenter")
+    tools = ("ganesha.nfsd", "rpcbind", "rpcinfo", "nfs-ls", "nfs-cp", "ip", "unshare", "nsenter")
     missing = [t for t in tools if not shutil.which(t)]
     need(not missing, f"{', '.join(missing)} not installed (scripts/install-deps: nfs-ganesha, rpcbind, "
                       f"libnfs-utils, iproute2)")
@@ -196,7 +196,7 @@ def test_equal_priorities_stripe_over_three_servers_within_ten_percent(servers, 
 # -- losing a server ---------------------------------------------------------------------------------------
 
 def test_a_server_gone_for_good_fails_only_its_pages(servers, uswapd, hog, pagecheck):
-    """--copies 1: the third server's namespace ends (its link with it) while a client's pages are spread over
+    """One copy of each slot (no --copies): the third server's namespace ends (its link with it) while a client's pages are spread over
     the three.  Every page the client touches comes back intact, except the pages in the dead server's store:
     those, and only those, give it SIGBUS; no page reads as zeros or wrong data.  The daemon goes on serving
     another client, and status shows the dead store's health as not ok."""

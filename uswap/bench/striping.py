@@ -1,7 +1,7 @@
 """Striping over NFS servers: sequential swap-out throughput with 1, 2 and 3 servers, each behind a slow link.
 
-    python3 -m uswap.bench.striping [--servers 1,2,3] [--rate 200mbit] [--size 256M] [--resident 16M]
-                                    [--repeat 3] [--workdir DIR] [--json FILE]
+    python3 -m uswap.bench.striping [--servers 1,2,3] [--rate 64mbit] [--size 256M] [--resident 16M]
+                                    [--repeat 3] [--on-disk] [--workdir DIR] [--json FILE]
 
 What it measures: MiB/s of writeback through the daemon, while a client writes ``--size`` of a fresh region once,
 in order, through a ``--resident`` budget: the daemon must write out all but the budget, so the client runs at the
@@ -13,7 +13,9 @@ tbf on both ends), so that each server is the bottleneck, as a real server behin
 stripes over the first N of them (``--store`` each, one priority: 64-slot clusters in turn) and runs in the
 network's client namespace.  One server without a limit is measured too: what the machine itself allows.  The
 configurations are interleaved round by round; medians of ``--repeat`` rounds.  Server, daemon and client share
-the machine's CPUs.
+the machine's CPUs.  The servers' exports are on a tmpfs the bench mounts (and unmounts) in ``--workdir``: real
+servers have a disk each, and three servers syncing every WRITE to one shared disk would measure that disk, not
+the striping (``--on-disk`` keeps them on the workdir's filesystem).  Needs root.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import socket
 import time
+import uuid
 
 from uswap.core import PAGE_SIZE
 from uswap.daemon.process import DaemonProcess
 from uswap.daemon.status import fetch_status
 from uswap.nfs.network import NfsNetwork
-from uswap.store.mkswap import mkswap
+from uswap.store.header import StoreHeader
 from uswap.units import parse_size
 
 MiB = 1 << 20
@@ -53,6 +57,20 @@ sys.stdin.readline()
 del view
 region.close()
 """
+
+
+def make_store(path: str, size: int) -> None:
+    """A store file written in full (what mkswap makes), with plain writes: a tmpfs has no O_DIRECT.  Made before
+    its server starts (ganesha must not see files change behind its back)."""
+    header = StoreHeader(page_size=PAGE_SIZE, slot_count=size // PAGE_SIZE - 1, uuid=uuid.uuid4(),
+                         created=int(time.time()), host=socket.gethostname(), created_by="uswap.bench.striping")
+    zeros = bytes(MiB)
+    with open(path, "wb") as f:
+        f.write(header.pack())
+        for _ in range(header.slot_count * PAGE_SIZE // MiB):
+            f.write(zeros)
+        f.write(bytes(header.slot_count * PAGE_SIZE % MiB))
+    os.chmod(path, 0o600)
 
 
 def swap_out(daemon: DaemonProcess, size: int, timeout: float = 600) -> dict:
@@ -85,10 +103,11 @@ def swap_out(daemon: DaemonProcess, size: int, timeout: float = 600) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m uswap.bench.striping", description=__doc__.split("\n\n")[1])
     p.add_argument("--servers", default="1,2,3", help="how many servers to stripe over, each a configuration")
-    p.add_argument("--rate", default="200mbit", help="each server's link, both ways (a tc rate)")
+    p.add_argument("--rate", default="64mbit", help="each server's link, both ways (a tc rate)")
     p.add_argument("--size", default="256M", help="what the client writes")
     p.add_argument("--resident", default="16M", help="the daemon's budget")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--on-disk", action="store_true", help="exports on the workdir's filesystem, not a tmpfs")
     p.add_argument("--workdir", default=None, help="servers' directories (default: a temporary one, removed)")
     p.add_argument("--json", default=None, help="write every run's numbers here")
     args = p.parse_args(argv)
@@ -99,13 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(workdir, exist_ok=True)
     configs = [(n, args.rate) for n in counts] + [(1, None)]
     runs: dict[str, list[dict]] = {}
+    load_before = os.getloadavg()
+    exports = os.path.join(workdir, "exports")
+    os.makedirs(exports, exist_ok=True)
+    mounted = False
     try:
+        if not args.on_disk:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={(max(counts) + 1) * store_size + 64 * MiB}",
+                            "uswap-bench-striping", exports], check=True)
+            mounted = True
         with NfsNetwork() as network:
             limited, unlimited = [], None
             for i in range(max(counts) + 1):
-                server = network.server(os.path.join(workdir, f"server{i}"), rate=args.rate if i else None)
+                server = network.server(os.path.join(exports, f"server{i}"), rate=args.rate if i else None)
                 os.makedirs(server.export_dir, exist_ok=True)
-                mkswap(os.path.join(server.export_dir, "bench.store"), store_size, force=True)  # before start
+                make_store(os.path.join(server.export_dir, "bench.store"), store_size)
                 server.start()
                 if i:
                     limited.append(server)
@@ -126,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {round_ + 1}: {name}: {result['mib_s']} MiB/s ({result['written_mib']} MiB in "
                           f"{result['seconds']} s)", flush=True)
     finally:
+        if mounted:
+            subprocess.run(["umount", exports], check=True)
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     base = statistics.median(r["mib_s"] for r in runs[f"1 server at {args.rate}"])
@@ -142,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rate": args.rate, "size": args.size, "resident": args.resident,
-                       "load_before": os.getloadavg(), "configs": summary}, f, indent=1)
+                       "exports": "disk" if args.on_disk else "tmpfs",
+                       "load_before": load_before,
+                       "load_after": os.getloadavg(), "configs": summary}, f, indent=1)
     return 0
 
 
