@@ -2,7 +2,8 @@
 # a few minutes; never part of `make test`) regenerates the main comparison of docs/BENCHMARKS.md into bench/results/;
 # `make bench-pool` (the same conditions) the compressed pool against zram and zswap at equal total memory (issue 21);
 # `make bench-nfs` an nfs:// store on nfs-ganesha (FILE_SYNC and COMMIT), `make bench-set` a store set of two,
-# `make bench-stripe` swap-out striped over 1, 2 and 3 NFS servers behind rate-limited links.
+# `make bench-stripe` swap-out striped over 1, 2 and 3 NFS servers behind rate-limited links, `make bench-copies`
+# --copies 2 against one copy, on local files and on two NFS servers.
 #
 # PYTHON: the interpreter the suite runs on.  Unset, it is python3 with this checkout installed
 # into it (scripts/install-deps: pip install -e .[test]), run from here.  Set, as .ci/run does
@@ -12,7 +13,7 @@
 PYTHON =
 BENCH_WORKDIR ?= /var/tmp/uswap-bench
 
-.PHONY: deps demo test bench bench-pool bench-nfs bench-set bench-stripe
+.PHONY: deps demo test bench bench-pool bench-nfs bench-set bench-stripe bench-copies
 
 deps:
 	./scripts/install-deps $(PYTHON)
@@ -52,3 +53,8 @@ bench-set:
 bench-stripe:
 	python3 -m uswap.bench.striping --servers 1,2,3 --rate 64mbit --size 256M --resident 16M --repeat 3 \
 	    --workdir $(BENCH_WORKDIR)-stripe --json bench/results/striping.json
+
+bench-copies:
+	python3 -m uswap bench --size 256M --resident 64M --repeat 3 --workloads seq,hog \
+	    --io set,copies,nfs-set,nfs-copies --against native --workdir $(BENCH_WORKDIR)-copies \
+	    --json bench/results/copies.json
