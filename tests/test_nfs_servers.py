@@ -27,6 +27,7 @@ import pytest
 
 from conftest import HERE, build_c, need, need_root
 from test_region_daemon import finish_holder, run_hog, start_holder
+from test_storeset import stores_of
 from uswap.core import PAGE_SIZE
 from uswap.nfs.network import NfsNetwork
 
@@ -78,10 +79,6 @@ def start_striped(uswapd, network: NfsNetwork, urls: list[str], *, resident: str
     stores = tuple(arg for url in urls[1:] for arg in ("--store", url))
     return uswapd(store=urls[0], resident=resident, prefix=network.netns_cmd([]),
                   extra=(*stores, "--nfs-timeout", str(timeout), *extra))
-
-
-def stores_of(daemon) -> dict:
-    return {s["url"]: s for s in daemon.status()["stores"]}
 
 
 def export_file(network: NfsNetwork, n: int, name: str = "store") -> str:

@@ -356,16 +356,17 @@ static int64_t transfer(struct uswap_storeset *set, void *buf, uint64_t len, uin
 		return -EINVAL;
 	uint64_t first = off / ps - 1, n = len / ps, done = 0;
 	while (done < n) {
-		uint32_t m;
-		uint64_t mslot, run;
-		uswap_storeset_locate(set, first + done, 0, &m, &mslot, &run);
-		uint64_t k = run < n - done ? run : n - done, bytes = k * ps;
+		/* SS1: a cluster is one piece (groups start on cluster boundaries) */
+		uint64_t v = first + done, k = C - v % C < n - done ? C - v % C : n - done, bytes = k * ps;
 		char *p = (char *)buf + done * ps;
 		int64_t r;
-		if (set->copies > 1)
-			r = write ? write_copies(set, p, first + done, k) : read_copies(set, p, first + done, k);
-		else
-			r = member_io(&set->members[m], p, bytes, (mslot + 1) * ps, write);
+		if (set->copies > 1) {
+			r = write ? write_copies(set, p, v, k) : read_copies(set, p, v, k);
+		} else {
+			uint64_t moff;
+			struct member *mb = place(set, v, 0, &moff);
+			r = member_io(mb, p, bytes, moff, write);
+		}
 		if (r != (int64_t)bytes)
 			return done ? (int64_t)(done * ps) : r;
 		done += k;

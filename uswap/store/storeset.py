@@ -71,10 +71,14 @@ class StoreSpec:
         if self.url.startswith("nfs:"):
             from uswap.nfs.url import NfsUrl
             return ("nfs", NfsUrl.parse(self.url).server.lower())
-        try:
-            return ("dev", os.stat(self.url).st_dev)
-        except FileNotFoundError:
-            return ("dev", os.stat(os.path.dirname(os.path.abspath(self.url)) or "/").st_dev)
+        path = os.path.abspath(self.url)
+        while True:                 # the store, or the nearest directory that exists (it is made later)
+            try:
+                return ("dev", os.stat(path).st_dev)
+            except OSError:
+                if path == os.path.dirname(path):
+                    return ("path", path)
+                path = os.path.dirname(path)
 
     def identity(self) -> tuple:
         """What names the same store however it is spelt: the file (its inode if it exists), or the NFS
