@@ -745,3 +745,30 @@ def test_soak_hog_eight_times_the_budget(uswapd, hog, io):
     assert r.stdout.count(" 0 mismatches") == 4
     d = daemon.status()["daemon"]
     assert d["slots_used"] == 0 and d["read_errors"] == d["write_errors"] == 0
+
+
+def test_stopping_and_continuing_the_daemon_loses_no_read(uswapd, workload):
+    """SIGSTOP (a debugger or py-spy attaching, a cgroup freezer) interrupts a fault thread waiting on its
+    io_uring with EINTR while its reads are in flight.  Waiting again is the only correct answer: a thread
+    that gave up left reads landing in its buffer under the next fault's window, whose check then failed
+    (seen: thousands of EBADMSG from the engine while py-spy sampled the daemon)."""
+    daemon = uswapd(resident="4M", readahead=32)
+    proc = subprocess.Popen([workload, "random", "-s", "32", "-n", "40000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=daemon.env())
+    stops = 0
+    try:
+        while proc.poll() is None:
+            os.kill(daemon.proc.pid, signal.SIGSTOP)
+            time.sleep(0.0005)
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+            stops += 1
+            time.sleep(0.002)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    fields = dict(kv.split("=") for kv in out.split())
+    assert fields["mismatches"] == "0" and int(fields["faults"]) > 1000, out
+    d = daemon.status()["daemon"]
+    assert stops > 100 and d["pswpin"] > 4096, (stops, d)
+    assert d["read_errors"] == 0, d      # the engine's reads all verified: none was cut short by a stop

@@ -638,15 +638,29 @@ static int read_slots(struct fault_thread *t, const int64_t *slots, const uint8_
 		return queued;
 	}
 	count(&e->stats.read_ios, (uint64_t)queued);
-	int ret = io_uring_submit_and_wait(&t->uring, (unsigned)queued);
-	if (ret < 0)
+	/* EINTR: a stop (SIGSTOP, a debugger or profiler attaching, a cgroup freezer) interrupted the wait,
+	 * which signals being blocked does not prevent.  The reads are still in flight into t->buf: the
+	 * only correct answer is to wait again.  A thread that gave up here left completions in the ring
+	 * that the next window took for its own, and reads landing in the buffer under it (its check
+	 * failed: thousands of EBADMSG while py-spy sampled the daemon). */
+	int ret;
+	do
+		ret = io_uring_submit_and_wait(&t->uring, (unsigned)queued);   /* -EINTR: nothing was submitted */
+	while (ret == -EINTR);
+	if (ret < 0) {
+		t->uring_ok = 0;
 		return ret;
+	}
 	int err = 0;
 	for (int done = 0; done < queued; done++) {
 		struct io_uring_cqe *cqe;
-		ret = io_uring_wait_cqe(&t->uring, &cqe);
-		if (ret < 0)
-			return ret;   /* the ring is unusable from here; the reads all completed or failed */
+		do
+			ret = io_uring_wait_cqe(&t->uring, &cqe);
+		while (ret == -EINTR);
+		if (ret < 0) {
+			t->uring_ok = 0;   /* never again: its completions are not accounted for */
+			return ret;
+		}
 		if (cqe->res < 0 && !err)
 			err = cqe->res;
 		else if ((uint64_t)cqe->res != cqe->user_data && !err)
@@ -715,8 +729,10 @@ static void take_completions(struct fault_thread *t, int wait_for)
 			return;
 		struct io_uring_cqe *cqe;
 		int ret = wait_for >= 0 ? io_uring_wait_cqe(&t->ahead_ring, &cqe) : io_uring_peek_cqe(&t->ahead_ring, &cqe);
+		if (ret == -EINTR)
+			continue;   /* a stop interrupted the wait (see read_slots): the reads are still in flight */
 		if (ret < 0) {
-			if (wait_for >= 0) {   /* cannot happen (signals are blocked): no readahead from here on */
+			if (wait_for >= 0) {   /* cannot happen: no readahead from here on */
 				t->ahead_ring_ok = 0;
 				t->ahead[wait_for].err = ret;
 				t->ahead[wait_for].in_flight = 0;
