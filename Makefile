@@ -61,5 +61,5 @@ bench-copies:
 	    --json bench/results/copies.json
 
 bench-programs:
-	python3 -m uswap.bench.programs --budget 32M --repeat 3 --workdir $(BENCH_WORKDIR)-programs \
+	python3 -m uswap.bench.programs --budget 32M --repeat 3 --timeout-cap 120 --workdir $(BENCH_WORKDIR)-programs \
 	    --json bench/results/programs.json --markdown bench/results/programs.md

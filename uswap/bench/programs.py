@@ -120,7 +120,7 @@ public class UswapBenchHeap {
         System.out.println(n + " " + m.size() + " " + Long.toHexString(s));
     }
 }
-""" % {"mul": LCG_MUL - (1 << 64), "add": LCG_ADD}
+""" % {"mul": LCG_MUL, "add": LCG_ADD}
 
 ENV_PROBE = """\
 import os
