@@ -20,7 +20,8 @@ the plain run's of the same round has failed ("output differs").  A run killed b
 killer, or ended by a non-zero exit is FAILED; one killed at its timeout (``--timeout-factor`` x that round's plain
 wall, at least ``--timeout-floor``, at most ``--timeout-cap`` seconds) is UNFINISHED; neither has a time.  Medians
 over the rounds that completed.  pswpin/pswpout of native rows are /proc/vmstat's, system-wide (memcg v1 has no
-per-group swap counts); the run rows' are the daemon's.
+per-group swap counts); the table's swap-ins are the program's own: the memcg's major faults (memory.stat
+pgmajfault: swap-ins and input-file reads) and the daemon's slot reads (pswpin) for the run rows.
 
 Programs not in the default set: ``env-probe`` prints what differs between backends (its environment's USWAP
 variables, its memory cgroup): a negative control whose outputs must be reported as differing.  Needs root.
@@ -286,6 +287,18 @@ def _vm_hwm(pid: int) -> int:
     return 0
 
 
+def memcg_faults(group: str) -> dict:
+    """The group's own fault counts (memcg v1 memory.stat; the group is the run's alone, made for it): major
+    faults are its swap-ins and the reads of its input file, unlike /proc/vmstat's pswpin, which is the
+    machine's."""
+    stat = {}
+    with open(os.path.join(group, "memory.stat")) as f:
+        for line in f:
+            key, value = line.split()
+            stat[key] = int(value)
+    return {"memcg_pgmajfault": stat.get("pgmajfault"), "memcg_pgfault": stat.get("pgfault")}
+
+
 def output_hash(stdout: str, output: str | None) -> str:
     h = hashlib.sha256(stdout.encode())
     if output is not None:
@@ -336,6 +349,9 @@ def record(program: str, backend: str, round_: int, r: RunResult, digest: str, p
             "exit_code": r.returncode, "oom_kills": r.oom_kills, "failed": why, "unfinished": unfinished,
             "output_sha256": digest, "output_identical": identical,
             "timeout_s": round(timeout, 1), "pswpin": r.pswpin, "pswpout": r.pswpout, **r.extra,
+            # the program's own swap-ins: the memcg's major faults (native), the daemon's slot reads (run)
+            "swap_ins": r.extra.get("memcg_pgmajfault") if backend == "native" else
+            r.pswpin if backend == "run" else None,
             "stderr_tail": r.stderr.strip().splitlines()[-3:] if why else []}
 
 
@@ -363,6 +379,7 @@ def run_bench(cfg: Config, progress=print) -> dict:
                 elif backend == "native":
                     with KernelSwap(cfg.workdir, budget=cfg.budget, swap_size=cfg.swap_size, page_cluster=3) as swap:
                         result = swap.run(inv.argv, timeout)
+                        result.extra.update(memcg_faults(swap.group))
                 else:
                     with UswapRun(cfg.workdir, store, budget=cfg.budget, io="sync",
                                   readahead=DEFAULTS.readahead) as daemon:
@@ -419,8 +436,8 @@ def summarize(runs: list[dict], programs: list[str], budget: int, peak_rss: dict
                             "unfinished": sum(r["unfinished"] for r in bad),
                             "all": [r["wall_s"] if r["failed"] is None else None for r in mine],
                             "output_identical": _all_identical(mine) if backend != "plain" else None,
-                            "pswpin": _median([r["pswpin"] for r in mine if r["failed"] is None]),
-                            "pswpout": _median([r["pswpout"] for r in mine if r["failed"] is None])}
+                            "swap_ins": _median([r["swap_ins"] for r in mine
+                                                 if r["failed"] is None and r["swap_ins"] is not None])}
         n, u = row["native"]["median_s"], row["run"]["median_s"]
         row["run_over_native"] = round(u / n, 2) if n and u else None
         row["run_over_plain"] = round(u / row["plain"]["median_s"], 2) if u and row["plain"]["median_s"] else None
@@ -465,8 +482,7 @@ def markdown(result: dict) -> str:
         ratio = f"{row['run_over_native']:.2f}" if row["run_over_native"] else "-"
         over_plain = f"{row['run_over_plain']:.1f}" if row["run_over_plain"] else "-"
         ws = f"{row['peak_rss_mib']:.0f} MiB ({row['working_set_x_budget']:.1f}x)" if row["peak_rss_mib"] else "-"
-        swapins = f"{row['native']['pswpin'] if row['native']['pswpin'] is not None else '-'} / " \
-                  f"{row['run']['pswpin'] if row['run']['pswpin'] is not None else '-'}"
+        swapins = " / ".join("-" if row[b]["swap_ins"] is None else str(row[b]["swap_ins"]) for b in ("native", "run"))
         lines.append(f"| {row['program']} | {ws} | {_cell(row['plain'])} | {_cell(row['native'])} | "
                      f"{_cell(row['run'])} | {ratio} | {over_plain} | "
                      f"{_identical_cell(row)} | {swapins} |")
