@@ -75,7 +75,7 @@ def test_programs_bench_outputs_identical_and_a_mismatch_reported(tmp_path):
         assert probe[backend]["failed"] == ["output differs from the plain run's"], probe[backend]
         assert probe[backend]["output_identical"] is False
     line = next(line for line in md.splitlines() if line.startswith("| env-probe "))
-    assert "FAILED (output differs" in line and "NO: native, run" in line, line
+    assert line.count("FAILED: 1x output differs") == 2 and "NO: native, run" in line, line
     assert "| python-dict " in md and "| yes |" in md
 
 

@@ -363,7 +363,6 @@ def run_bench(cfg: Config, progress=print) -> dict:
     invocations = {name: PROGRAMS[name].invocation(cfg.workdir, cfg.budget, cfg.scale, cfg.seed)
                    for name in cfg.programs}
     runs: list[dict] = []
-    peak_rss: dict[str, list[int]] = {}
     load_before = os.getloadavg()
     started = time.time()
     for round_ in range(cfg.repeat):
@@ -372,10 +371,9 @@ def run_bench(cfg: Config, progress=print) -> dict:
             for backend in BACKENDS:
                 if inv.output and os.path.exists(inv.output):
                     os.unlink(inv.output)
-                timeout = timeout_for(cfg, plain_wall)
+                timeout = round(timeout_for(cfg, plain_wall), 1)
                 if backend == "plain":
                     result, rss = run_plain(inv.argv, timeout)
-                    peak_rss.setdefault(name, []).append(rss)
                 elif backend == "native":
                     with KernelSwap(cfg.workdir, budget=cfg.budget, swap_size=cfg.swap_size, page_cluster=3) as swap:
                         result = swap.run(inv.argv, timeout)
@@ -402,7 +400,7 @@ def run_bench(cfg: Config, progress=print) -> dict:
             "seconds": round(time.time() - started, 1), "commit": _commit(),
             "programs": {name: {"what": PROGRAMS[name].what, "argv": _shown(invocations[name].argv)}
                          for name in cfg.programs},
-            "summary": summarize(runs, cfg.programs, cfg.budget, peak_rss), "runs": runs}
+            "summary": summarize(runs, cfg.programs, cfg.budget), "runs": runs}
 
 
 def _shown(argv: list[str]) -> list[str]:
@@ -418,14 +416,15 @@ def _commit() -> str | None:
     return r.stdout.strip() or None
 
 
-def summarize(runs: list[dict], programs: list[str], budget: int, peak_rss: dict[str, list[int]]) -> list[dict]:
-    """Per program: each backend's median wall over its completed rounds, or why none completed."""
+def summarize(runs: list[dict], programs: list[str], budget: int) -> list[dict]:
+    """Per program: the working set (the largest plain peak RSS), each backend's median wall over its completed
+    rounds, or why none completed."""
     out = []
     for name in programs:
         row: dict = {"program": name}
-        rss = peak_rss.get(name)
-        row["peak_rss_mib"] = round(max(rss) / MiB, 1) if rss else None
-        row["working_set_x_budget"] = round(max(rss) / budget, 2) if rss else None
+        rss = [r["peak_rss_mib"] for r in runs if r["program"] == name and r["backend"] == "plain"]
+        row["peak_rss_mib"] = max(rss) if rss else None
+        row["working_set_x_budget"] = round(max(rss) * MiB / budget, 2) if rss else None
         for backend in BACKENDS:
             mine = [r for r in runs if r["program"] == name and r["backend"] == backend]
             done = [r["wall_s"] for r in mine if r["failed"] is None]
@@ -434,16 +433,24 @@ def summarize(runs: list[dict], programs: list[str], budget: int, peak_rss: dict
                             "completed": len(done), "rounds": len(mine),
                             "failed": sorted({r["failed"] for r in bad}),
                             "unfinished": sum(r["unfinished"] for r in bad),
+                            "unfinished_after_s": min((r["timeout_s"] for r in bad if r["unfinished"]), default=None),
+                            "oom_killed": sum(bool(r["oom_kills"]) for r in bad),
                             "all": [r["wall_s"] if r["failed"] is None else None for r in mine],
                             "output_identical": _all_identical(mine) if backend != "plain" else None,
-                            "swap_ins": _median([r["swap_ins"] for r in mine
-                                                 if r["failed"] is None and r["swap_ins"] is not None])}
+                            "swap_ins": _median([_swap_ins(r) for r in mine
+                                                 if r["failed"] is None and _swap_ins(r) is not None])}
         n, u = row["native"]["median_s"], row["run"]["median_s"]
         row["run_over_native"] = round(u / n, 2) if n and u else None
         row["run_over_plain"] = round(u / row["plain"]["median_s"], 2) if u and row["plain"]["median_s"] else None
         row["outputs_identical"] = _all_identical([r for r in runs if r["program"] == name])
         out.append(row)
     return out
+
+
+def _swap_ins(r: dict) -> int | None:
+    if "swap_ins" in r:
+        return r["swap_ins"]
+    return r["pswpin"] if r["backend"] == "run" else None   # a --json from before native rows counted their own
 
 
 def _all_identical(runs: list[dict]) -> bool | None:
@@ -456,13 +463,26 @@ def _median(xs: list[int]) -> int | None:
     return int(statistics.median(xs)) if xs else None
 
 
+def _failures(b: dict) -> str:
+    """The rounds that did not complete, by kind: memcg OOM kills, timeouts (the shortest), other failures."""
+    parts = []
+    if b["oom_killed"]:
+        parts.append(f"FAILED: {b['oom_killed']}x OOM-killed")
+    if b["unfinished"]:
+        parts.append(f"{UNFINISHED}: {b['unfinished']}x at > {b['unfinished_after_s']:g} s")
+    other = b["rounds"] - b["completed"] - b["oom_killed"] - b["unfinished"]
+    if other:
+        reasons = [f for f in b["failed"] if "memcg OOM" not in f and not f.startswith("timed out")]
+        parts.append(f"FAILED: {other}x {'; '.join(reasons)}")
+    return ", ".join(parts)
+
+
 def _cell(b: dict) -> str:
     if b["median_s"] is None:
-        word = UNFINISHED if b["unfinished"] == b["rounds"] else "FAILED"
-        return f"{word} ({'; '.join(b['failed'])})" if b["failed"] else word
+        return _failures(b) or "-"
     cell = f"{b['median_s']:.2f}"
     if b["completed"] < b["rounds"]:
-        cell += f" ({b['rounds'] - b['completed']} of {b['rounds']} failed: {'; '.join(b['failed'])})"
+        cell += f" ({b['completed']} of {b['rounds']}; {_failures(b)})"
     return cell
 
 
@@ -506,6 +526,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-workdir", action="store_true", help="keep the generated inputs and the store")
     p.add_argument("--json")
     p.add_argument("--markdown")
+    p.add_argument("--report", metavar="JSON", help="print the table of a saved --json again, run nothing")
     args = p.parse_args(argv)
     unknown = [n for n in args.programs.split(",") if n not in PROGRAMS]
     if unknown:
@@ -515,6 +536,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            saved = json.load(f)
+        saved["summary"] = summarize(saved["runs"], list(saved["programs"]), saved["budget"])
+        print(markdown(saved), end="")
+        return 0
     cfg = Config(budget=args.budget, programs=args.programs.split(","), repeat=args.repeat, scale=args.scale,
                  seed=args.seed, timeout_factor=args.timeout_factor, timeout_floor=args.timeout_floor,
                  timeout_cap=args.timeout_cap, workdir=os.path.abspath(args.workdir))
