@@ -3,7 +3,8 @@
 # `make bench-pool` (the same conditions) the compressed pool against zram and zswap at equal total memory (issue 21);
 # `make bench-nfs` an nfs:// store on nfs-ganesha (FILE_SYNC and COMMIT), `make bench-set` a store set of two,
 # `make bench-stripe` swap-out striped over 1, 2 and 3 NFS servers behind rate-limited links, `make bench-copies`
-# --copies 2 against one copy, on local files and on two NFS servers.
+# --copies 2 against one copy, on local files and on two NFS servers; `make bench-programs` real, unmodified
+# programs (python, sqlite, sort, xz, java) under `uswap run` against kernel swap under a memcg of the same limit.
 #
 # PYTHON: the interpreter the suite runs on.  Unset, it is python3 with this checkout installed
 # into it (scripts/install-deps: pip install -e .[test]), run from here.  Set, as .ci/run does
@@ -13,7 +14,7 @@
 PYTHON =
 BENCH_WORKDIR ?= /var/tmp/uswap-bench
 
-.PHONY: deps demo test bench bench-pool bench-nfs bench-set bench-stripe bench-copies
+.PHONY: deps demo test bench bench-pool bench-nfs bench-set bench-stripe bench-copies bench-programs
 
 deps:
 	./scripts/install-deps $(PYTHON)
@@ -58,3 +59,7 @@ bench-copies:
 	python3 -m uswap bench --size 256M --resident 64M --repeat 3 --workloads seq,hog \
 	    --io set,copies,nfs-set,nfs-copies --against native --workdir $(BENCH_WORKDIR)-copies \
 	    --json bench/results/copies.json
+
+bench-programs:
+	python3 -m uswap.bench.programs --budget 32M --repeat 3 --timeout-cap 120 --workdir $(BENCH_WORKDIR)-programs \
+	    --json bench/results/programs.json --markdown bench/results/programs.md
