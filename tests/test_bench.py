@@ -96,6 +96,7 @@ def test_bench_uswap_run_rows_beside_native(tmp_path):
     for run in (run for run in runs if run["backend"] == "run"):
         assert run["io"] == "sync" and run["pswpout"] > 0 and run["pswpin"] > 0, run   # the daemon swapped it
         assert 0 < run["run_max_resident_pages"] <= 2 * line, run     # the run's peak, near its budget line
+        assert run["run_engine_faults"] > 0, run                       # its fault threads served it
         if run["workload"] == "hog":   # the parent and its 4 fork children: one released line each, one tree
             assert run["run_processes"] == 5 and run["run_forks"] == 4, run
             assert run["run_zero_fills"] >= 4 * (8 << 20) // 4096, run  # every child's first touches, summed

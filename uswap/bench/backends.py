@@ -534,7 +534,7 @@ class UswapRun(UswapDaemon):
         deadline = time.monotonic() + wait
         while self.status()["runs"] and time.monotonic() < deadline:
             time.sleep(0.02)
-        keys = {f.name for f in dataclasses.fields(RunStats)}
+        keys = {f.name for f in dataclasses.fields(RunStats)} | {"engine_faults"}   # the fault thread's, on the same line
         totals: dict[str, int] = {}
         processes = 0
         for m in RUN_RELEASED.finditer(self.log()[log_from:]):   # the line server.py writes per process
@@ -548,5 +548,6 @@ class UswapRun(UswapDaemon):
         if ended:
             totals["max_resident_pages"] = max(int(n) for n in ended)
         return {"run_processes": processes, "run_readahead_pages": totals.get("readahead_pages"),
-                "run_zero_fills": totals.get("zero_fills"), "run_wp_faults": totals.get("wp_faults"), "run_forks": totals.get("fork"),
+                "run_zero_fills": totals.get("zero_fills"), "run_engine_faults": totals.get("engine_faults"),
+                "run_wp_faults": totals.get("wp_faults"), "run_forks": totals.get("fork"),
                 "run_max_resident_pages": totals.get("max_resident_pages"), "run_eagain": totals.get("eagain")}
