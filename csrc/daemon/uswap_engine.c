@@ -605,6 +605,20 @@ static int queue_reads(struct io_uring *ring, const struct uswap_engine *e, void
 	return queued;
 }
 
+/* The next completion, waited for.  A stop (SIGSTOP, a debugger or profiler attaching, a cgroup freezer)
+ * interrupts the wait with EINTR, which blocked signals do not prevent, while the ring's reads are still in
+ * flight into the thread's buffers: the only correct answer is to wait again.  (A thread that gave up left
+ * completions in the ring that its next window took for its own, and reads landing in the buffer under it:
+ * thousands of EBADMSG while py-spy sampled the daemon.) */
+static int wait_cqe(struct io_uring *ring, struct io_uring_cqe **cqe)
+{
+	int ret;
+	do
+		ret = io_uring_wait_cqe(ring, cqe);
+	while (ret == -EINTR);
+	return ret;
+}
+
 /* Read the window's slots not pooled into the thread's buffer: one read per run of
  * contiguous slots, all in flight at once through io_uring when there are several (the
  * kernel's swap readahead plugs its reads the same way).  0, or -errno. */
@@ -638,14 +652,9 @@ static int read_slots(struct fault_thread *t, const int64_t *slots, const uint8_
 		return queued;
 	}
 	count(&e->stats.read_ios, (uint64_t)queued);
-	/* EINTR: a stop (SIGSTOP, a debugger or profiler attaching, a cgroup freezer) interrupted the wait,
-	 * which signals being blocked does not prevent.  The reads are still in flight into t->buf: the
-	 * only correct answer is to wait again.  A thread that gave up here left completions in the ring
-	 * that the next window took for its own, and reads landing in the buffer under it (its check
-	 * failed: thousands of EBADMSG while py-spy sampled the daemon). */
 	int ret;
-	do
-		ret = io_uring_submit_and_wait(&t->uring, (unsigned)queued);   /* -EINTR: nothing was submitted */
+	do   /* -EINTR (a stop, as in wait_cqe): nothing was submitted */
+		ret = io_uring_submit_and_wait(&t->uring, (unsigned)queued);
 	while (ret == -EINTR);
 	if (ret < 0) {
 		t->uring_ok = 0;
@@ -654,9 +663,7 @@ static int read_slots(struct fault_thread *t, const int64_t *slots, const uint8_
 	int err = 0;
 	for (int done = 0; done < queued; done++) {
 		struct io_uring_cqe *cqe;
-		do
-			ret = io_uring_wait_cqe(&t->uring, &cqe);
-		while (ret == -EINTR);
+		ret = wait_cqe(&t->uring, &cqe);
 		if (ret < 0) {
 			t->uring_ok = 0;   /* never again: its completions are not accounted for */
 			return ret;
@@ -728,9 +735,7 @@ static void take_completions(struct fault_thread *t, int wait_for)
 		if (wait_for >= 0 && t->ahead[wait_for].in_flight == 0)
 			return;
 		struct io_uring_cqe *cqe;
-		int ret = wait_for >= 0 ? io_uring_wait_cqe(&t->ahead_ring, &cqe) : io_uring_peek_cqe(&t->ahead_ring, &cqe);
-		if (ret == -EINTR)
-			continue;   /* a stop interrupted the wait (see read_slots): the reads are still in flight */
+		int ret = wait_for >= 0 ? wait_cqe(&t->ahead_ring, &cqe) : io_uring_peek_cqe(&t->ahead_ring, &cqe);
 		if (ret < 0) {
 			if (wait_for >= 0) {   /* cannot happen: no readahead from here on */
 				t->ahead_ring_ok = 0;
