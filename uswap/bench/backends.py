@@ -53,17 +53,17 @@ def _read(path: str) -> str:
 TIMED_OUT = "bench: killed the workload: timed out"
 
 
-def run_to_end(cmd: list[str], timeout: float, during=contextlib.nullcontext,
+def run_to_end(cmd: list[str], timeout: float, during=lambda proc: contextlib.nullcontext(),
                **kw) -> tuple[subprocess.CompletedProcess, float]:
     """Run a workload; whatever happens (Ctrl-C, timeout), it has fully exited on return.
 
     subprocess.run gives a child only 0.25 s after Ctrl-C; a workload still
-    exiting keeps its memcg busy and its swap slots in use.  ``during()`` is
+    exiting keeps its memcg busy and its swap slots in use.  ``during(proc)`` is
     entered once the child has exec'd (a thread it starts is never forked with
     a lock held, into a preexec_fn) and left once it has exited.
     """
     t0 = time.perf_counter()
-    with running(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as proc, during():
+    with running(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw) as proc, during(proc):
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:   # a failed run (run_failure says why), not the end of the bench
@@ -300,7 +300,7 @@ class KernelSwap:
         usage = self._usage()
         sampler = PeakSampler(usage or dict)
         base = usage() if usage else {}
-        proc, wall = run_to_end(cmd, timeout, during=lambda: sampler, preexec_fn=self._enter_group)
+        proc, wall = run_to_end(cmd, timeout, during=lambda _: sampler, preexec_fn=self._enter_group)
         after = read_vmstat()
         extra: dict = {"outside_budget_mib": 0.0 if self.kind == "native" else None}
         peak = sampler.peak
@@ -469,7 +469,7 @@ class UswapDaemon(DaemonProcess):
         cpu0 = self._cpu_seconds()
         sampler = DaemonSampler(self.socket, self.proc.pid) if self.pool else contextlib.nullcontext()
         proc, wall = run_to_end(cmd, timeout, env=dict(os.environ, USWAP_SOCKET=self.socket),
-                                preexec_fn=_pin(self.workload_cpu), during=lambda: sampler)
+                                preexec_fn=_pin(self.workload_cpu), during=lambda _: sampler)
         last = fetch_status(self.socket)
         after = last["daemon"]
         peak_rss = self._peak_rss()

@@ -39,11 +39,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from uswap.bench.backends import TIMED_OUT, KernelSwap, RunResult, UswapRun, read_vmstat, run_failure
+from uswap.bench.backends import (KernelSwap, PeakSampler, RunResult, UswapRun, _status_kib, read_vmstat,
+                                  run_failure, run_to_end)
 from uswap.config import DEFAULTS
 from uswap.core import PAGE_SIZE
 from uswap.store.mkswap import mkswap
@@ -168,22 +168,26 @@ class Program:
         raise NotImplementedError
 
 
-class PythonDict(Program):
+class PythonScript(Program):
+    """A ``python3 -c`` program, given its size and the seed."""
+    script = ""
+
+    def invocation(self, workdir, budget, scale, seed):
+        return Invocation([sys.executable, "-c", self.script, str(self.size(budget, scale)), str(seed)])
+
+
+class PythonDict(PythonScript):
     name = "python-dict"
     what = "python3 -c: a dict of N str keys, every key read back and checked, a sample of sorted keys hashed"
     per_mib = 20_000
-
-    def invocation(self, workdir, budget, scale, seed):
-        return Invocation([sys.executable, "-c", PYTHON_DICT, str(self.size(budget, scale)), str(seed)])
+    script = PYTHON_DICT
 
 
-class Sqlite(Program):
+class Sqlite(PythonScript):
     name = "sqlite"
     what = "python3's sqlite3, :memory:: N rows inserted, an index built, GROUP BY and ORDER BY queries hashed"
     per_mib = 13_000
-
-    def invocation(self, workdir, budget, scale, seed):
-        return Invocation([sys.executable, "-c", PYTHON_SQLITE, str(self.size(budget, scale)), str(seed)])
+    script = PYTHON_SQLITE
 
 
 class Sort(Program):
@@ -228,12 +232,10 @@ class Java(Program):
                            "-cp", classes, "UswapBenchHeap", str(self.size(budget, scale)), str(seed)])
 
 
-class EnvProbe(Program):
+class EnvProbe(PythonScript):
     name = "env-probe"
     what = "negative control: prints its USWAP variables and memory cgroup, which differ between backends"
-
-    def invocation(self, workdir, budget, scale, seed):
-        return Invocation([sys.executable, "-c", ENV_PROBE])
+    script = ENV_PROBE     # its size and seed arguments unused
 
 
 PROGRAMS: dict[str, Program] = {p.name: p for p in (PythonDict(), Sqlite(), Sort(), Xz(), Java(), EnvProbe())}
@@ -242,49 +244,27 @@ PROGRAMS: dict[str, Program] = {p.name: p for p in (PythonDict(), Sqlite(), Sort
 
 
 def run_plain(cmd: list[str], timeout: float) -> tuple[RunResult, int]:
-    """The reference run, no limit: its result and peak RSS in bytes (VmHWM of the program's own process, read
-    until it exits: wait4's ru_maxrss would count the bench's RSS, which the child had before exec)."""
+    """The reference run, no limit: its result and peak RSS in bytes (VmHWM of the program's own process,
+    sampled until it exits: wait4's ru_maxrss would count the bench's RSS, which the child had before exec)."""
     before = read_vmstat()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        waited: list = []
-        waiter = threading.Thread(target=lambda: waited.append(os.wait4(proc.pid, 0)), daemon=True)
-        waiter.start()
-        hwm = 0
-        try:
-            deadline = time.monotonic() + timeout
-            while waiter.is_alive() and time.monotonic() < deadline:
-                hwm = max(hwm, _vm_hwm(proc.pid))
-                waiter.join(min(0.01, max(0.0, deadline - time.monotonic())))
-        finally:   # Ctrl-C too: the program is killed and reaped before the bench goes on or stops
-            timed_out = waiter.is_alive()
-            if timed_out:
-                proc.kill()
-                waiter.join()
-        wall = time.perf_counter() - t0
-        _, status, _ = waited[0]
-        proc.returncode = os.waitstatus_to_exitcode(status)   # reaped here: Popen must not wait for it again
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    if timed_out:
-        stderr += f"\n{TIMED_OUT} after {timeout:g} s"
+    sampler = PeakSampler(lambda: {}, interval=0.01)
+
+    def sampling(proc) -> PeakSampler:
+        sampler.read = lambda: {"hwm": _vm_hwm(proc.pid)}
+        return sampler
+
+    proc, wall = run_to_end(cmd, timeout, during=sampling, stdin=subprocess.DEVNULL)
     after = read_vmstat()
-    return RunResult(proc.returncode, stdout, stderr, wall, after["pswpin"] - before["pswpin"],
-                     after["pswpout"] - before["pswpout"]), hwm
+    return RunResult(proc.returncode, proc.stdout, proc.stderr, wall, after["pswpin"] - before["pswpin"],
+                     after["pswpout"] - before["pswpout"]), sampler.peak.get("hwm", 0)
 
 
 def _vm_hwm(pid: int) -> int:
-    """A process's peak RSS so far in bytes (0 once it has exited: its status no longer says)."""
+    """A process's peak RSS so far in bytes (0 once it has been reaped)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+        return _status_kib(pid, "VmHWM:") * 1024
+    except OSError:
+        return 0
 
 
 def memcg_faults(group: str) -> dict:
