@@ -180,10 +180,12 @@ def test_several_requests_in_flight_on_one_connection(nfs):
 # -- paging through it -------------------------------------------------------------------
 
 @pytest.mark.parametrize("stable", ["file_sync", "commit"])
-def test_integrity_hog_4x_budget_on_nfs(nfs, uswapd, hog, stable):
+def test_integrity_hog_6x_budget_on_nfs(nfs, uswapd, hog, stable):
     url = mkswap(nfs)
     daemon = start_daemon(uswapd, nfs, url, stable=stable)
-    r = run_hog(hog, daemon, "-s", "4", "-p", "4", "-r", "3")
+    # 6 MiB each: one process alone is over the 4M budget, so it swaps even if the four run one after
+    # another (at 4 MiB each, CI under heavy load once swapped nothing)
+    r = run_hog(hog, daemon, "-s", "6", "-p", "4", "-r", "3")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count(" 0 mismatches") == 4, r.stdout
     status = daemon.status()
