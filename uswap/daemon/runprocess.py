@@ -10,7 +10,7 @@ memfd regions is the store, its slot allocator and codec, the daemon's counters 
 
 ``RunProcess`` is one object (every concern reads its table, uffd, run and counters); its methods live in a
 module per concern:
-- here: its lifetime (made by the handshake or a fork, the serve loop with its rescans and counts, swapoff
+- here: its lifetime (made by the handshake or a fork, the serve loop with its tick's rescan and count, swapoff
   at a graceful stop, release) and its share of the run's budget;
 - uswap.daemon.runfaults (``RunFaults``): the fault thread's ring, the faults it hands over, slot references;
 - uswap.daemon.runevents (``RunEvents``): REMOVE, UNMAP, REMAP, FORK, and fork children nobody serves;
@@ -57,8 +57,8 @@ log = logging.getLogger("uswap.daemon")
 
 PS = PAGE_SIZE
 READAHEAD = 32                 # pages read per swap-in at most (the fault thread's window adapts up to it)
-TICK = 0.01                    # budget check
-COUNT_EVERY = 0.1              # a rescan and a whole pagemap count at least this often (between: the estimate)
+TICK = 0.01                    # rescan and budget check
+COUNT_EVERY = 0.1              # a whole pagemap count at least this often (between: the estimate, reclaim)
 RECOUNT = 0.002                # between two pagemap counts at least
 IDLE_POLLS = 10                # an idle process wakes every IDLE_POLLS * POLL (= TICK): its RSS, its EOF
 _MAPS = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+)[ \t]*(.*)$", re.M)
@@ -111,7 +111,7 @@ class RunProcess(RunFaults, RunEvents, RunReclaim):
         self.daemon = tree.daemon
         self.image: ProcessImage | None = None     # every read of the process goes through it (procimage)
         self.image_gone = False                    # its mm is gone or it may not be read any more: stop
-        self.watch: RssWatch | None = None         # growth behind our back: rescan and count now
+        self.watch: RssWatch | None = None         # growth behind our back: rescan before the tick
         # The pages that are not plainly resident (swapped, chosen by eviction, in flight, shared), and
         # the thread that serves the process's faults from it (uswap.daemon.runengine).  A fork child
         # (pid unknown) has its faults forwarded until its first one names it.
@@ -217,16 +217,15 @@ class RunProcess(RunFaults, RunEvents, RunReclaim):
             # each fault paid a whole pass (3 ms a fault while a child's process_vm_readv pinned pages).
             over = (self.tree.resident > self.tree.line() and now >= self.counted + RECOUNT
                     and now >= self.stuck_until)
-            # Memory filled unregistered (a fresh mmap) shows only in the RSS: rescan and count now (runwatch).
-            grew = (now >= self.counted + RECOUNT and self.watch is not None and self.watch.grew(self.filled))
+            # Memory filled unregistered (a fresh mmap) shows only in the RSS: count now (runwatch).
+            grew = (not over and now < next_tick and now >= self.counted + RECOUNT
+                    and self.watch is not None and self.watch.grew(self.filled))
             self.stats.growth_counts += grew
             if now >= next_tick or over or grew:
-                # The rescan and the whole count every COUNT_EVERY and on unexplained growth; other passes go
-                # from the estimate (reclaim).  The estimate is exact for what faults brought in and drops took
-                # out, and high by what the program freed itself: a count every 10 ms of a 256 MiB program was
-                # a fifth of the daemon's time.  A new VMA matters once it has pages, which is growth: a rescan
-                # on every 10 ms tick (reading /proc/PID/maps, under the program's mmap lock) was a third of
-                # the daemon's CPU under real programs (BENCHMARKS, "Real programs").
+                # The rescan each tick; the whole count every COUNT_EVERY and on unexplained growth; other
+                # passes go from the estimate (reclaim).  The estimate is exact for what faults brought in and
+                # drops took out, and high by what the program freed itself: a count every 10 ms of a 256 MiB
+                # program was a fifth of the daemon's time.
                 tick = now >= next_tick
                 full = grew or now >= next_count
                 if tick:
@@ -248,7 +247,7 @@ class RunProcess(RunFaults, RunEvents, RunReclaim):
                              and self.tree.resident <= self.tree.line())
                 if self.idle:
                     continue
-                if self.sock is not None and full:   # its HELLO said what is the agent's (a child's: later)
+                if self.sock is not None and (tick or full):   # its HELLO said what is the agent's (a child's: later)
                     full |= self.rescan()      # a new range's pages are in no count yet
                 if self.pid is not None:
                     self.evicted = 0
