@@ -497,6 +497,25 @@ def test_swapped_memory_behaves_like_memory(serve, tmp_path):
     assert c["pswpout"] > 0 and c["pswpin"] > 0 and c["remove"] > 0 and c["remap"] > 0
 
 
+def test_first_touches_come_in_windows_and_nothing_more(serve, tmp_path):
+    """tests/c/run_firsttouch.c: a program touching fresh memory in order has one fault round trip per window of
+    pages, not one a page; scattered first writes make only their own pages resident (the window maps the zero
+    page, which the program is charged for only when it writes it); a window never zero-fills over swapped
+    pages (writes through a MADV_DONTNEED hole right before them)."""
+    prog = tmp_path / "run_firsttouch"
+    run("cc", "-O2", "-Wall", "-Werror", os.path.join(HERE, "c", "run_firsttouch.c"), "-o", str(prog))
+    r, c = serve(tmp_path, 4096, str(prog), "64")
+    print(r.stdout, r.stderr, sorted(c.items()))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [line.split()[1] for line in r.stdout.splitlines()] == ["sparse", "stream", "hole"], r.stdout
+    assert c["pswpout"] > 0 and c["remove"] > 0
+    # 64 MiB streamed and 32 MiB more written in order: 24,576 pages of first touches at least, in windows of
+    # up to 32 pages (one fault a page without them: then the two counts below are equal).
+    first_touch_faults = c["engine_faults"] - (c["pswpin"] - c["readahead_pages"]) - c["wp_faults"]
+    assert c["zero_fills"] >= 24576, c
+    assert 0 < first_touch_faults < c["zero_fills"] // 8, c
+
+
 NUMPY = """
 import hashlib, numpy as np
 a = np.arange(2 << 20, dtype=np.int64)   # 16 MiB, madvise(MADV_HUGEPAGE)d by numpy
