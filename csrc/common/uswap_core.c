@@ -139,7 +139,25 @@ int uswap_pagemap_present(int fd, uint64_t start, uint64_t end, uint64_t *vec, u
 	return (int)n;
 }
 
-int uswap_pagemap_count(int fd, uint64_t start, uint64_t end, uint64_t max_pages, uint64_t *pages,
+/* Pages of [start, end) whose pagemap entry says present and exclusively mapped (bits 63 and 56). */
+static int64_t count_exclusive(int fd, uint64_t start, uint64_t end, uint64_t page_size)
+{
+	uint64_t entries[512], n = 0;
+	for (uint64_t a = start; a < end;) {
+		uint64_t k = (end - a) / page_size < 512 ? (end - a) / page_size : 512;
+		int64_t got = uswap_pread_full(fd, entries, k * 8, (int64_t)(a / page_size * 8));
+		if (got < 0)
+			return got;
+		for (uint64_t i = 0; i < (uint64_t)got / 8; i++)
+			n += (entries[i] >> 56 & 0x81) == 0x81;   /* bit 63 present, bit 56 exclusive */
+		if ((uint64_t)got < k * 8)
+			break;
+		a += k * page_size;
+	}
+	return (int64_t)n;
+}
+
+int uswap_pagemap_count(int fd, uint64_t start, uint64_t end, uint64_t max_pages, int exclusive, uint64_t *pages,
 			uint64_t *walk_end)
 {
 	struct page_region regions[64];
@@ -153,8 +171,13 @@ int uswap_pagemap_count(int fd, uint64_t start, uint64_t end, uint64_t max_pages
 		long n = ioctl(fd, PAGEMAP_SCAN, &arg);
 		if (n < 0)
 			return NEG_ERRNO();
-		for (long i = 0; i < n; i++)
-			counted += (regions[i].end - regions[i].start) / page_size;
+		for (long i = 0; i < n; i++) {
+			int64_t k = exclusive ? count_exclusive(fd, regions[i].start, regions[i].end, page_size)
+					      : (int64_t)((regions[i].end - regions[i].start) / page_size);
+			if (k < 0)
+				return (int)k;
+			counted += (uint64_t)k;
+		}
 		if (arg.walk_end <= pos)   /* no progress: the kernel said the walk is done */
 			break;
 		pos = arg.walk_end;

@@ -135,8 +135,10 @@ int uswap_uffd_poison_evicted(int fd, uint64_t start, uint64_t len, int64_t *don
 int uswap_pagemap_present(int fd, uint64_t start, uint64_t end, uint64_t *vec, uint64_t vec_len, uint64_t max_pages,
 			  uint64_t *walk_end);
 /* The same walk, counted in C: the present pages in [start, end) into *pages, at most max_pages of them (the
- * walk stops there), *walk_end where it stopped (end: the range is done).  0, or -errno as above. */
-int uswap_pagemap_count(int fd, uint64_t start, uint64_t end, uint64_t max_pages, uint64_t *pages,
+ * walk stops there), *walk_end where it stopped (end: the range is done).  exclusive: only those mapped by this
+ * process alone (pagemap's bit 56: a fork child's own pages), read from pagemap's entries of the present runs.
+ * 0, or -errno as above. */
+int uswap_pagemap_count(int fd, uint64_t start, uint64_t end, uint64_t max_pages, int exclusive, uint64_t *pages,
 			uint64_t *walk_end);
 int uswap_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *moved);
 int uswap_uffd_wake(int fd, uint64_t start, uint64_t len);

@@ -168,18 +168,22 @@ class ProcessImage:
         spans = [(a + m.start() * PAGE_SIZE, a + m.end() * PAGE_SIZE) for m in _PRESENT_SPAN.finditer(tops)]
         return spans, end if len(tops) == (end - a) // PAGE_SIZE else b
 
-    def count_present(self, a: int, b: int, max_pages: int) -> tuple[int, int]:
-        """Present pages in [a, b) from a on, at most ``max_pages`` of them, and where the count stopped (b when
-        it got to the end): one call into C, however fragmented the pages are."""
+    def count_present(self, a: int, b: int, max_pages: int, exclusive: bool = False) -> tuple[int, int]:
+        """Present pages in [a, b) from a on (``exclusive``: only those this process maps alone), at most
+        ``max_pages`` of them (present ones, for the walk), and where the count stopped (b when it got to the
+        end): one call into C, however fragmented the pages are."""
         if self.scan_ok:
             pages, walk_end = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-            rc = lib.uswap_pagemap_count(self.pagemap, a, b, max_pages, pages, walk_end)
+            rc = lib.uswap_pagemap_count(self.pagemap, a, b, max_pages, exclusive, pages, walk_end)
             if rc == 0:
                 return pages[0], walk_end[0] if walk_end[0] > a else b
             if rc not in (-errno.ENOTTY, -errno.EINVAL):
                 raise OSError(-rc, os.strerror(-rc))
             self.scan_ok = False
         spans, end = self.present(a, b, 1 << 16, max_pages)
+        if exclusive:
+            tops = b"".join(os.pread(self.pagemap, (e - s) // PAGE_SIZE * 8, s // PAGE_SIZE * 8)[7::8] for s, e in spans)
+            return sum((t & 0x81) == 0x81 for t in tops), end
         return sum(e - s for s, e in spans) // PAGE_SIZE, end
 
     def read_maps(self) -> bytes:

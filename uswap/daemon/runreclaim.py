@@ -35,8 +35,6 @@ SCAN_CAP = 1 << 18             # pages of pagemap one reclaim pass reads at most
 COUNT_CHUNK = 1 << 16          # present pages counted in one call into C (well under a millisecond); a checkpoint after
 DRAIN_ROUNDS = 100             # eviction: drains before a refused (EAGAIN) drop is given up
 # /proc/PID/pagemap, top byte of an entry: bit 7 present, bit 0 exclusively mapped (bit 56)
-_PRESENT = bytes(range(0x80))                                   # translate(None, _PRESENT): present bytes
-_NOT_EXCLUSIVE = bytes(b for b in range(256) if b & 0x81 != 0x81)  # translate(None, ...): present and exclusive
 _EVICTABLE = bytes(1 if b & 0x81 == 0x81 else 0 for b in range(256))
 
 
@@ -64,25 +62,22 @@ class RunReclaim:
         """Present pages of the registered ranges charged to this process (None: it may not be read any more).
         In chunks, a checkpoint between them: the trio loop serves every other client meanwhile.  The process
         the run started with is counted in C, up to COUNT_CHUNK present pages a call (PAGEMAP_SCAN skips holes;
-        the spans of a fragmented range cost no Python); a fork child reads the pagemap of at most SCAN_REGIONS
-        spans of SCAN_CHUNK pages a chunk (it needs each page's exclusive bit)."""
+        the spans of a fragmented range cost no Python); a fork child too, its pages' exclusive bits read in C
+        from pagemap's entries of the present runs (it was a Python walk of SCAN_REGIONS spans a chunk, a
+        checkpoint after each)."""
         # A page a fork shares is charged once, to the process the run started with (or the oldest one
         # still sharing it: a child counts only the pages it has alone).  Counting it in every process
         # (summed RSS) put a 2-worker pool permanently over its line with pages nobody can evict (a fork
         # shares them), and reclaim thrashed the rest.  Pages only siblings still share are charged to
         # none (a limit, RUN-DESIGN).
-        own = _PRESENT if self.parent is None else _NOT_EXCLUSIVE
+        exclusive = self.parent is not None
         present = 0
         for a, b in list(self.ranges):
             pos = a
             while pos < b:
                 try:
-                    if own is _PRESENT:
-                        pages, pos = self.image.count_present(pos, b, COUNT_CHUNK)
-                        present += pages
-                    else:
-                        spans, pos = self._present(pos, b)
-                        present += sum(len(self._tops(s, e).translate(None, own)) for s, e in spans)
+                    pages, pos = self.image.count_present(pos, b, COUNT_CHUNK, exclusive)
+                    present += pages
                 except OSError:
                     break                   # gone meanwhile
                 await trio.sleep(0)
