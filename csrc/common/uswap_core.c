@@ -167,7 +167,9 @@ int uswap_pagemap_count(int fd, uint64_t start, uint64_t end, uint64_t max_pages
 		struct pm_scan_arg arg = { .size = sizeof(arg), .start = pos, .end = end,
 					   .vec = (uint64_t)(uintptr_t)regions, .vec_len = 64,
 					   .max_pages = max_pages - counted,
-					   .category_mask = PAGE_IS_PRESENT, .return_mask = PAGE_IS_PRESENT };
+					   .category_inverted = PAGE_IS_PFNZERO,   /* present, not the zero page */
+					   .category_mask = PAGE_IS_PRESENT | PAGE_IS_PFNZERO,
+					   .return_mask = PAGE_IS_PRESENT };
 		long n = ioctl(fd, PAGEMAP_SCAN, &arg);
 		if (n < 0)
 			return NEG_ERRNO();

@@ -93,6 +93,9 @@ struct pm_scan_arg {
 };
 #define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
 #endif
+#ifndef PAGE_IS_PFNZERO
+#define PAGE_IS_PFNZERO (1 << 5)   /* mapped to the zero page (a read of fresh memory): PAGEMAP_SCAN has it from 6.7 on */
+#endif
 
 /*
  * Everything from here to CDEF-END is also read by build.py as cffi
@@ -135,9 +138,11 @@ int uswap_uffd_poison_evicted(int fd, uint64_t start, uint64_t len, int64_t *don
 int uswap_pagemap_present(int fd, uint64_t start, uint64_t end, uint64_t *vec, uint64_t vec_len, uint64_t max_pages,
 			  uint64_t *walk_end);
 /* The same walk, counted in C: the present pages in [start, end) into *pages, at most max_pages of them (the
- * walk stops there), *walk_end where it stopped (end: the range is done).  exclusive: only those mapped by this
- * process alone (pagemap's bit 56: a fork child's own pages), read from pagemap's entries of the present runs.
- * 0, or -errno as above. */
+ * walk stops there), *walk_end where it stopped (end: the range is done).  Pages mapped to the zero page are
+ * not counted (nor walked): they are nobody's memory (a memory cgroup charges nothing for them, reclaim cannot
+ * take them) until written, and a write replaces them.  exclusive: only those mapped by this process alone
+ * (pagemap's bit 56: a fork child's own pages), read from pagemap's entries of the present runs.  0, or -errno
+ * as above. */
 int uswap_pagemap_count(int fd, uint64_t start, uint64_t end, uint64_t max_pages, int exclusive, uint64_t *pages,
 			uint64_t *walk_end);
 int uswap_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *moved);

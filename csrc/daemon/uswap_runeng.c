@@ -308,8 +308,9 @@ static uint64_t fill_window(struct uswap_runeng *e, uint64_t page)
  * first touches (a round trip costs 12-60 us; 256 MiB of first writes took 65,697 of them).  The zero
  * page costs the program nothing until it writes a page (the kernel's own copy-on-write fault, no round
  * trip): a window's pages the program never writes are never charged to it, and a sparse program is
- * given no memory it does not use.  They are counted as filled all the same (the count is high, never
- * low, until the next pagemap count).  Pages mapped, or -errno (EAGAIN: events pending). */
+ * given no memory it does not use.  They are counted as filled all the same (their writes raise no
+ * message: the count is high, never low, until the next pagemap count, which counts no zero page).
+ * Pages mapped, or -errno (EAGAIN: events pending). */
 static int64_t first_touch(struct uswap_runeng *e, uint64_t a)
 {
 	uint64_t ps = e->page_size, n = 1, limit = fill_window(e, a / ps);

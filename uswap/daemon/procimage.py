@@ -171,7 +171,8 @@ class ProcessImage:
     def count_present(self, a: int, b: int, max_pages: int, exclusive: bool = False) -> tuple[int, int]:
         """Present pages in [a, b) from a on (``exclusive``: only those this process maps alone), at most
         ``max_pages`` of them (present ones, for the walk), and where the count stopped (b when it got to the
-        end): one call into C, however fragmented the pages are."""
+        end): one call into C, however fragmented the pages are.  Pages mapped to the zero page are not
+        counted (lib.uswap_pagemap_count), except by the fallback for kernels without PAGEMAP_SCAN."""
         if self.scan_ok:
             pages, walk_end = ffi.new("uint64_t *"), ffi.new("uint64_t *")
             rc = lib.uswap_pagemap_count(self.pagemap, a, b, max_pages, exclusive, pages, walk_end)
