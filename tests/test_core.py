@@ -1,6 +1,8 @@
 """Layer 1: the C core's page helpers and error convention."""
 
+import ctypes
 import errno
+import mmap
 import os
 
 import pytest
@@ -101,6 +103,56 @@ def test_pread_full_stops_at_end_of_file(tmp_path):
         assert bytes(buf.view[:5000]) == b"x" * 5000
     finally:
         os.close(fd)
+
+
+def _pagemap_count(pid: int, start: int, end: int, exclusive: bool) -> int:
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        pages, walk_end = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        check(lib.uswap_pagemap_count(fd, start, end, 1 << 20, exclusive, pages, walk_end))
+        assert walk_end[0] == end
+        return pages[0]
+    finally:
+        os.close(fd)
+
+
+def test_pagemap_count_leaves_out_the_zero_page_and_counts_exclusive_pages():
+    """uswap_pagemap_count (a run's count): written pages count, pages a read mapped to the zero page do not; in
+    exclusive mode (a fork child's count) only the pages the process maps alone."""
+    m = mmap.mmap(-1, 64 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = ctypes.c_char.from_buffer(m)
+    a = ctypes.addressof(view)
+    end = a + 64 * PAGE_SIZE
+    try:
+        for i in range(16):
+            m[i * PAGE_SIZE] = 1                      # written: pages 0-15
+        assert sum(m[i * PAGE_SIZE] for i in range(16, 32)) == 0   # read: the zero page at 16-31
+        assert _pagemap_count(os.getpid(), a, end, False) == 16
+        assert _pagemap_count(os.getpid(), a, end, True) == 16
+        ready_r, ready_w = os.pipe()
+        done_r, done_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                  # the child: 4 pages copied on write, 2 fresh ones
+            try:
+                for i in (0, 1, 2, 3, 40, 41):
+                    m[i * PAGE_SIZE] = 2
+                os.write(ready_w, b"x")
+                os.read(done_r, 1)
+            finally:
+                os._exit(0)
+        try:
+            assert os.read(ready_r, 1) == b"x"
+            assert _pagemap_count(pid, a, end, False) == 18      # 12 shared with the parent, 4 copied, 2 fresh
+            assert _pagemap_count(pid, a, end, True) == 6        # its own: the copies and the fresh ones
+            assert _pagemap_count(os.getpid(), a, end, True) == 4  # the parent's 0-3 are its alone again
+        finally:
+            os.write(done_w, b"x")
+            os.waitpid(pid, 0)
+            for fd in (ready_r, ready_w, done_r, done_w):
+                os.close(fd)
+    finally:
+        del view
+        m.close()
 
 
 # -- sealing (csrc/daemon/uswap_seal.c): AES-256-GCM per slot, slot number and generation bound in ----------
