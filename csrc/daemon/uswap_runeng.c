@@ -291,14 +291,16 @@ static int swap_in(struct uswap_runeng *e, uint64_t a, uint64_t entry, int write
 
 /* The first-touch window for a fault at page: it doubles while each first touch comes where the last
  * window ended (a program filling fresh memory in order) and is one page otherwise; it is cut to what
- * fits below the run's hard line, where faults wait for reclaim (throttled). */
+ * fits below the run's fill line: its hard line, where faults wait for reclaim (throttled), or its line
+ * while the hard line is lifted (nothing waits: windows there took a streaming run from 2,000 to 4,256
+ * pages resident in the 10 ms one reclaim pass that evicted nothing lifts it for). */
 static uint64_t fill_window(struct uswap_runeng *e, uint64_t page)
 {
 	if (page == e->fill_next)
 		e->fill_size = e->fill_size * 2 < MAX_FILL ? e->fill_size * 2 : MAX_FILL;
 	else
 		e->fill_size = 1;
-	int64_t room = __atomic_load_n(&e->budget->hard, __ATOMIC_RELAXED) - budget_total(e->budget);
+	int64_t room = __atomic_load_n(&e->budget->fill_line, __ATOMIC_RELAXED) - budget_total(e->budget);
 	return room < 2 ? 1 : (uint64_t)room < e->fill_size ? (uint64_t)room : e->fill_size;
 }
 

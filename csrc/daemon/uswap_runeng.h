@@ -26,6 +26,8 @@ struct uswap_run_budget {
 	int64_t filled;       /* atomic: pages faulted in since, by all members */
 	int64_t soft;
 	int64_t hard;
+	int64_t fill_line;    /* first-touch windows stop below it: the hard line, or the line while the hard line is
+			       * lifted (a run reclaim cannot bring down: runtree.Run.set_share) */
 };
 
 enum {

@@ -111,6 +111,9 @@ class Run:
         # throttled: waiting would only slow every fault (a run over its line for want of store room paid
         # 5 ms a fault).  Its next pass that evicts something brings the line back.
         self.budget.hard = (1 << 62) if self.stuck else share.hard
+        # First-touch windows (the fault thread) stop at the hard line, and at the line while it is lifted: a
+        # run that sits at its line gets windows, one that nothing throttles grows no faster than a page a fault.
+        self.budget.fill_line = share.line if self.stuck else share.hard
 
     def line(self) -> int:
         """Resident pages the run may hold: its own budget, within its share of the daemon's (floored at
