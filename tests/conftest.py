@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -19,6 +20,13 @@ from uswap.daemon.process import DaemonDidNotStop
 from uswap.daemon.process import DaemonProcess as Launcher
 
 REQUIRE_KERNEL = os.environ.get("USWAP_REQUIRE_KERNEL") == "1"
+
+# A suite started in the background by a shell without job control (`cmd &` in a script) inherits SIGINT
+# ignored, and so would every program it starts: a Python program then never sees KeyboardInterrupt, and the
+# Ctrl-C tests (mkswap, bench) fail for a reason that is not theirs.  A handled signal is reset to the default
+# at exec, an ignored one stays ignored: handling it here gives the programs the tests start a default SIGINT.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def need(condition: bool, what: str) -> None:
