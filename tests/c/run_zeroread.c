@@ -32,7 +32,7 @@ static char *fresh(size_t pages)
 static int zeros(const char *z, size_t pages)
 {
 	for (size_t i = 0; i < pages; i++)
-		for (size_t w = 0; w < PS / 8; w += 8)
+		for (size_t w = 0; w < PS / 8; w++)
 			if (((const volatile uint64_t *)(z + i * PS))[w] != 0) {
 				printf("FAIL: fresh page %zu is not zeros\n", i);
 				return 0;
